@@ -1,0 +1,218 @@
+"""Cross-attention map capture through diffusers attention processors (METHOD.md section 2).
+
+Only the `attn2` layers whose maps are needed compute explicit `attention_probs` (keeping their
+autograd graph); every other layer keeps its fast SDPA processor; processors are restored on
+exit. A MapRecorder turns each captured layer's probabilities into per-sample object maps at
+once, so no (batch * heads, H * W, tokens) tensor outlives its layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+
+from sepen_core.errors import ConfigError
+from sepen_core.models import TextConditioning
+
+CONTENT_EPS = 1e-12
+
+
+class StopForward(Exception):
+    """Raised by the last needed capture layer: the UNet's output is not used, so stop there."""
+
+
+def attn2_downsample_factors(unet: UNet2DConditionModel) -> dict[str, int]:
+    """Every cross-attention module path (`...attn2`) with its query grid's downsampling vs the latent."""
+    block_factor: dict[str, int] = {}
+    factor = 1
+    for i, block in enumerate(unet.down_blocks):
+        block_factor[f"down_blocks.{i}"] = factor
+        if getattr(block, "downsamplers", None):
+            factor *= 2
+    block_factor["mid_block"] = factor
+    for i, block in enumerate(unet.up_blocks):
+        block_factor[f"up_blocks.{i}"] = factor
+        if getattr(block, "upsamplers", None):
+            factor //= 2
+    layers = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and name.endswith(".attn2"):
+            prefix = name.split(".attentions.")[0]
+            layers[name] = block_factor[prefix]
+    return layers
+
+
+def map_layers(unet: UNet2DConditionModel, map_downsample: int) -> list[str]:
+    """The attn2 module paths read for maps (5 in SD 1.x at downsample 4)."""
+    layers = [name for name, f in attn2_downsample_factors(unet).items() if f == map_downsample]
+    if not layers:
+        available = sorted(set(attn2_downsample_factors(unet).values()))
+        raise ConfigError("map_downsample", f"no cross-attention layer of this model works at 1/{map_downsample} of the latent size; choose one of {available}")
+    return layers
+
+
+class MapRecorder:
+    """Accumulates per-sample object maps over captured layers (and, during sampling, timesteps).
+
+    concept_mask (B, K, T): 1 on each object's sub-tokens; content_mask (B, T): the prompt's
+    content tokens. `rows` picks the recorded rows of the UNet batch (the conditional half under
+    CFG). With `stop_after` set, the recorder raises StopForward once that many layers recorded.
+    """
+
+    def __init__(self, concept_mask: torch.Tensor, content_mask: torch.Tensor, grid: tuple[int, int], *,
+                 rows: slice | None = None, stop_after: int | None = None, local_gradients: bool = False):
+        self.concept_mask = concept_mask
+        self.content_mask = content_mask
+        self.grid = grid
+        self.rows = rows
+        self.stop_after = stop_after
+        self.local_gradients = local_gradients
+        self.object_sum: torch.Tensor | float = 0.0  # (B, K, H*W)
+        self.content_sum: torch.Tensor | float = 0.0  # (B, H*W)
+        self.count = 0
+
+    def add(self, attention_probs: torch.Tensor, heads: int) -> None:
+        """attention_probs: (B_unet * heads, H*W, T) softmax over tokens."""
+        n, t = attention_probs.shape[1:]
+        probs = attention_probs.float().view(-1, heads, n, t).mean(dim=1)  # (B_unet, H*W, T), heads averaged
+        if self.rows is not None:
+            probs = probs[self.rows]
+        concept_mask = self.concept_mask.to(probs)
+        self.object_sum = self.object_sum + torch.einsum("bnt,bkt->bkn", probs, concept_mask)
+        self.content_sum = self.content_sum + torch.einsum("bnt,bt->bn", probs, self.content_mask.to(probs))
+        self.count += 1
+        if self.stop_after is not None and self.count >= self.stop_after:
+            raise StopForward
+
+    def maps(self, normalization: str = "raw") -> torch.Tensor:
+        """(B, K, H, W) object maps averaged over everything recorded: raw probabilities, or
+        renormalised over the content tokens ("content")."""
+        if self.count == 0:
+            raise RuntimeError("no attention was recorded")
+        maps = self.object_sum / self.count  # (B, K, H*W)
+        if normalization == "content":
+            maps = maps / (self.content_sum / self.count).clamp_min(CONTENT_EPS)[:, None, :]
+        return maps.reshape(*maps.shape[:2], *self.grid)  # (B, K, H, W)
+
+
+class CrossAttentionProcessor:
+    """attn2 processor that can record explicit attention probabilities and/or use given key weights.
+
+    With a recorder it computes `attention_probs` explicitly (softmax(QK^T)), hands them to the
+    recorder, then finishes the layer; without one it runs SDPA. `key_weight` replaces the
+    module's own `to_k.weight` (the base keys, for the prior loss's eps_base).
+    """
+
+    def __init__(self, recorder: MapRecorder | None = None, key_weight: torch.Tensor | None = None):
+        self.recorder = recorder
+        self.key_weight = key_weight
+
+    def _key(self, attn: Attention, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.key_weight is None:
+            return attn.to_k(encoder_hidden_states)
+        return F.linear(encoder_hidden_states, self.key_weight.to(encoder_hidden_states.dtype))
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)  # (B, H*W, C)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        batch_size, seq_len, _ = encoder_hidden_states.shape
+
+        if self.recorder is None:
+            out = self._sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, batch_size, seq_len)
+        else:
+            out = self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask, batch_size, seq_len)
+
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _sdpa(self, attn, hidden_states, encoder_hidden_states, attention_mask, batch_size, seq_len):
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        query = attn.to_q(hidden_states)
+        key = self._key(attn, encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))  # (B, heads, N, d)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)  # (B, N, heads*d)
+
+    def _explicit(self, attn, hidden_states, encoder_hidden_states, attention_mask, batch_size, seq_len):
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch_size)
+        local = self.recorder.local_gradients
+        # "local" gradient mode: the whole forward runs without autograd; only this layer's key
+        # projection and softmax are recorded, so its to_k learns through its own maps alone.
+        with torch.enable_grad() if local else nullcontext():
+            query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*heads, N, d)
+            key = attn.head_to_batch_dim(self._key(attn, encoder_hidden_states))  # (B*heads, T, d)
+            attention_probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, N, T)
+            self.recorder.add(attention_probs, attn.heads)
+        if local:
+            attention_probs = attention_probs.detach()
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        return attn.batch_to_head_dim(torch.bmm(attention_probs, value))  # (B, N, heads*d)
+
+
+@contextmanager
+def installed_processors(unet: UNet2DConditionModel, processors: dict[str, object]):
+    """Install processors keyed by module path (e.g. 'up_blocks.1.attentions.0.transformer_blocks.0.attn2');
+    every other layer keeps its own; all are restored on exit."""
+    original = unet.attn_processors
+    unet.set_attn_processor({**original, **{f"{name}.processor": p for name, p in processors.items()}})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
+
+
+def unet_forward(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+    """One UNet call with the conditioning's hidden states and attention mask: (B, C, h, w) noise prediction."""
+    return unet(latents, timesteps, encoder_hidden_states=cond.encoder_hidden_states,
+                encoder_attention_mask=cond.encoder_attention_mask).sample
+
+
+def capture_maps(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
+                 concept_mask: torch.Tensor, content_mask: torch.Tensor, layers: list[str], map_downsample: int,
+                 *, local_gradients: bool = False) -> MapRecorder:
+    """Run the UNet only as far as the last layer in `layers` and return the recorded maps.
+
+    The UNet's output is not needed by the SepEn losses, so stopping early leaves every gradient
+    unchanged. local_gradients runs the forward without autograd except inside the capture layers.
+    """
+    h, w = latents.shape[-2] // map_downsample, latents.shape[-1] // map_downsample
+    recorder = MapRecorder(concept_mask, content_mask, (h, w), stop_after=len(layers), local_gradients=local_gradients)
+    with installed_processors(unet, {name: CrossAttentionProcessor(recorder) for name in layers}):
+        with torch.no_grad() if local_gradients else nullcontext():
+            try:
+                unet_forward(unet, latents, timesteps, cond)
+            except StopForward:
+                pass
+    return recorder
+
+
+def base_key_forward(unet: UNet2DConditionModel, base_keys: dict[str, torch.Tensor], latents: torch.Tensor,
+                     timesteps: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+    """The base model's noise prediction: the same UNet with its original attn2.to_k weights, no second copy."""
+    processors = {name.removesuffix(".to_k.weight"): CrossAttentionProcessor(key_weight=weight) for name, weight in base_keys.items()}
+    with installed_processors(unet, processors), torch.no_grad():
+        return unet_forward(unet, latents, timesteps, cond)

@@ -1,0 +1,124 @@
+"""Settings of every sepen_core operation as frozen dataclasses, validated on construction.
+
+Torch-free: the gateway validates requests with these same classes, and every artifact
+(adapter, checkpoint) stores the config that made it via `to_dict()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sepen_core.errors import ConfigError
+
+NORMALIZATIONS = ("raw", "content")
+GRAD_MODES = ("exact", "local")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(name, message)
+
+
+class _Serializable:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown setting; expected one of {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class MapConfig(_Serializable):
+    """Which cross-attention maps the SepEn losses and diagnostics read (METHOD.md section 2)."""
+
+    # Maps are read from every attn2 layer whose query grid is the latent grid divided by this
+    # (4: 16x16 maps for 64x64 latents, the 5 layers of SD 1.x down_blocks.2 and up_blocks.1).
+    map_downsample: int = 4
+    # "raw": softmax over all tokens (the paper); "content": renormalised over content tokens.
+    normalization: str = "raw"
+    smoothing_sigma: float = 0.5
+
+    def __post_init__(self):
+        _check(self.map_downsample in (1, 2, 4, 8, 16, 32), "map_downsample", "must be a power of two from 1 to 32")
+        _check(self.normalization in NORMALIZATIONS, "normalization", f"must be one of {NORMALIZATIONS}")
+        _check(0 < self.smoothing_sigma <= 10, "smoothing_sigma", "must be in (0, 10]")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_Serializable):
+    """A SepEn finetuning recipe. Defaults are the paper's single-pair recipe (METHOD.md section 5)."""
+
+    steps: int = 200
+    learning_rate: float = 8e-6
+    batch_size: int = 4
+    lambda_sep: float = 1.0
+    lambda_en: float = 0.5
+    prior_weight: float = 0.0
+    seed: int = 0
+    # "exact": gradients identical to a whole-UNet forward; "local": each layer's key gets
+    # gradient only through its own maps (faster, approximate; see docs/benchmarks.md).
+    grad_mode: str = "exact"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
+    # Side of the pseudo-latents in latent pixels; None uses the UNet's sample_size.
+    latent_size: int | None = None
+    maps: MapConfig = field(default_factory=MapConfig)
+
+    def __post_init__(self):
+        _check(isinstance(self.steps, int) and 1 <= self.steps <= 1_000_000, "steps", "must be an integer from 1 to 1,000,000")
+        _check(0 < self.learning_rate <= 1.0, "learning_rate", "must be in (0, 1]")
+        _check(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 256, "batch_size", "must be an integer from 1 to 256")
+        _check(0 <= self.lambda_sep <= 100, "lambda_sep", "must be in [0, 100]")
+        _check(0 <= self.lambda_en <= 100, "lambda_en", "must be in [0, 100]")
+        _check(self.lambda_sep + self.lambda_en > 0, "lambda_sep", "lambda_sep and lambda_en cannot both be 0")
+        _check(0 <= self.prior_weight <= 100, "prior_weight", "must be in [0, 100]")
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**31, "seed", "must be an integer in [0, 2^31)")
+        _check(self.grad_mode in GRAD_MODES, "grad_mode", f"must be one of {GRAD_MODES}")
+        _check(self.max_grad_norm > 0, "max_grad_norm", "must be positive")
+        _check(0 <= self.weight_decay < 1, "weight_decay", "must be in [0, 1)")
+        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "must be two numbers in [0, 1)")
+        _check(self.latent_size is None or (isinstance(self.latent_size, int) and 8 <= self.latent_size <= 256 and self.latent_size % 8 == 0),
+               "latent_size", "must be a multiple of 8 from 8 to 256, or null for the model's own")
+        if isinstance(self.maps, dict):  # from_dict / JSON
+            object.__setattr__(self, "maps", MapConfig.from_dict(self.maps))
+
+    @classmethod
+    def large_scale(cls, **overrides) -> FinetuneConfig:
+        """The paper's large-scale recipe: 10k steps, lr 4e-6, prior (norm) loss weight 0.5."""
+        return cls(**{"steps": 10_000, "learning_rate": 4e-6, "prior_weight": 0.5, **overrides})
+
+
+@dataclass(frozen=True)
+class SampleConfig(_Serializable):
+    """Text-to-image sampling. Defaults follow the paper's inference setting (METHOD.md section 5)."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 6.0
+    height: int | None = None  # image pixels; None: the model's native size
+    width: int | None = None
+    num_images: int = 1
+    seed: int = 0  # image i uses seed + i, so each image is reproducible on its own
+    negative_prompt: str = ""
+    maps: MapConfig = field(default_factory=MapConfig)
+
+    def __post_init__(self):
+        _check(isinstance(self.num_inference_steps, int) and 1 <= self.num_inference_steps <= 1000, "num_inference_steps", "must be an integer from 1 to 1000")
+        _check(0 <= self.guidance_scale <= 50, "guidance_scale", "must be in [0, 50]")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and 8 <= value <= 2048 and value % 8 == 0), name, "must be a multiple of 8 from 8 to 2048")
+        _check(isinstance(self.num_images, int) and 1 <= self.num_images <= 64, "num_images", "must be an integer from 1 to 64")
+        _check(isinstance(self.seed, int) and 0 <= self.seed < 2**31, "seed", "must be an integer in [0, 2^31)")
+        _check(len(self.negative_prompt) <= 2000, "negative_prompt", "must be at most 2000 characters")
+        if isinstance(self.maps, dict):
+            object.__setattr__(self, "maps", MapConfig.from_dict(self.maps))

@@ -1,0 +1,168 @@
+"""SepEn finetuning: train only the UNet's `attn2.to_k` weights with AdamW on data-free batches,
+with progress callbacks, cooperative cancellation, checkpoints and exact resume.
+
+Every step draws its prompts and noise from a seed derived from (config.seed, step), and a
+checkpoint holds the key weights and AdamW moments, so a resumed run ends bitwise where an
+uninterrupted one would. The model's base keys are restored on return: the result is the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sepen_core.adapters import KeyProjectionAdapter, restore_base_keys
+from sepen_core.config import FinetuneConfig
+from sepen_core.errors import Canceled, CheckpointError
+from sepen_core.models import BaseModel
+from sepen_core.objective import check_concepts, make_training_batch, map_statistics, sepen_objective
+from sepen_core.prompts import ConceptSet
+
+CHECKPOINT_STATE = "checkpoint.json"
+
+
+@dataclass
+class StepReport:
+    """What one optimisation step measured; `peaks` maps each concept seen in the batch to its mean
+    smoothed peak activation, `min_peak` is the weakest object's mean, `overlap` the mean soft IoU."""
+
+    step: int  # 1-based: steps completed
+    total_steps: int
+    loss: float
+    separate: float
+    enhance: float
+    prior: float | None
+    peaks: dict[str, float]
+    min_peak: float
+    overlap: float
+    elapsed: float  # seconds since this run (or its resume) started
+    eta: float  # seconds left at this run's pace
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    adapter: KeyProjectionAdapter
+    history: list[StepReport] = field(default_factory=list)
+    resumed_from_step: int = 0
+
+
+def run_fingerprint(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig) -> str:
+    """Identifies a run: a checkpoint resumes only the run that wrote it."""
+    blob = json.dumps({"config": config.to_dict(), "concepts": concepts.to_dict(), "base": model.base_fingerprint}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _trained_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
+    params = dict(model.unet.named_parameters())
+    return {name: params[name] for name in model.base_keys}
+
+
+def _save_checkpoint(directory: Path, step: int, fingerprint: str, params: dict, optimizer: torch.optim.AdamW,
+                     history: list[StepReport]) -> None:
+    """Write weights and AdamW moments, then the JSON that names them; the JSON switch is atomic."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, p in params.items():
+        state = optimizer.state[p]
+        tensors[f"weight/{name}"] = p.detach().cpu().contiguous()
+        tensors[f"exp_avg/{name}"] = state["exp_avg"].cpu().contiguous()
+        tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].cpu().contiguous()
+    tensor_file = f"checkpoint-{step:07d}.safetensors"
+    save_file(tensors, str(directory / (tensor_file + ".tmp")))
+    os.replace(directory / (tensor_file + ".tmp"), directory / tensor_file)
+    state = {"step": step, "run": fingerprint, "tensors": tensor_file, "history": [r.to_dict() for r in history]}
+    (directory / (CHECKPOINT_STATE + ".tmp")).write_text(json.dumps(state))
+    os.replace(directory / (CHECKPOINT_STATE + ".tmp"), directory / CHECKPOINT_STATE)
+    for old in directory.glob("checkpoint-*.safetensors"):
+        if old.name != tensor_file:
+            old.unlink()
+
+
+def _load_checkpoint(directory: Path, fingerprint: str, params: dict, optimizer: torch.optim.AdamW) -> tuple[int, list[StepReport]]:
+    state_file = directory / CHECKPOINT_STATE
+    if not state_file.exists():
+        return 0, []
+    state = json.loads(state_file.read_text())
+    if state.get("run") != fingerprint:
+        raise CheckpointError(f"checkpoint in {str(directory)!r} belongs to another run (other config, concepts or base model)")
+    tensors = load_file(str(directory / state["tensors"]))
+    step = int(state["step"])
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"weight/{name}"].to(p))
+            optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": tensors[f"exp_avg/{name}"].to(p),
+                                  "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p)}
+    return step, [StepReport(**r) for r in state["history"]]
+
+
+def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | None = None, *,
+             on_step: Callable[[StepReport], None] | None = None, should_cancel: Callable[[], bool] | None = None,
+             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
+             autocast_dtype: torch.dtype | None = None, adapter_metadata: dict | None = None) -> FinetuneResult:
+    """Finetune the key projections of `model` on `concepts` and return the adapter.
+
+    on_step(report) is called after every step; should_cancel() is polled before every step and
+    raises Canceled when it returns True. With checkpoint_dir, a checkpoint is written every
+    `checkpoint_every` steps and an existing one of the same run is resumed from.
+    """
+    config = config or FinetuneConfig()
+    check_concepts(model, concepts)
+    params = _trained_parameters(model)
+    fingerprint = run_fingerprint(model, concepts, config)
+    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, betas=config.adam_betas,
+                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    try:
+        start, history = (0, [])
+        if checkpoint_dir is not None:
+            start, history = _load_checkpoint(checkpoint_dir, fingerprint, params, optimizer)
+        for p in params.values():
+            p.requires_grad_(True)
+        began = time.perf_counter()
+        for step in range(start, config.steps):
+            if should_cancel is not None and should_cancel():
+                raise Canceled(step)
+            batch = make_training_batch(model, concepts, config, step)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                out = sepen_objective(model, batch, config)
+            out.loss.total.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], config.max_grad_norm)
+            optimizer.step()
+
+            elapsed = time.perf_counter() - began
+            done_here = step + 1 - start
+            stats = map_statistics(batch.prompts, out.maps, batch.valid, config.maps.smoothing_sigma)
+            loss = out.loss
+            report = StepReport(step + 1, config.steps, loss.total.item(), loss.separate.item(), loss.enhance.item(),
+                                None if loss.prior is None else loss.prior.item(),
+                                stats["peaks"], stats["min_peak"], stats["overlap"], elapsed,
+                                elapsed / done_here * (config.steps - step - 1))
+            history.append(report)
+            if on_step is not None:
+                on_step(report)
+            if checkpoint_dir is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
+                _save_checkpoint(checkpoint_dir, step + 1, fingerprint, params, optimizer, history)
+
+        metadata = {"concepts": concepts.to_dict(), "recipe": config.to_dict(), "steps": config.steps, "seed": config.seed,
+                    **(adapter_metadata or {})}
+        adapter = KeyProjectionAdapter.from_model(model, **metadata)
+        return FinetuneResult(adapter, history, start)
+    finally:
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+        restore_base_keys(model)

@@ -1,0 +1,42 @@
+"""Render per-object attention maps as a heatmap image: the generated image, then one overlay per object."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+# A perceptually ordered dark-to-bright ramp (black, purple, red, orange, pale yellow).
+_RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours along the ramp."""
+    x = np.clip(values, 0, 1) * (len(_RAMP) - 1)
+    low = np.floor(x).astype(int).clip(0, len(_RAMP) - 2)
+    frac = (x - low)[..., None]
+    return (_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac).astype(np.uint8)
+
+
+def render_heatmaps(image: Image.Image, maps: torch.Tensor, labels: list[str], peaks: list[float] | None = None) -> Image.Image:
+    """maps (K, h, w) for one image -> one row: the image, then each object's map upsampled and
+    blended over it. All panels share one colour scale (the largest value among the maps), so a
+    weak object looks weak."""
+    width, height = image.size
+    up = F.interpolate(maps[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]  # (K, H, W)
+    scale = float(up.max().clamp_min(1e-12))
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    label_h = 14
+    canvas = Image.new("RGB", (width * (len(labels) + 1), height + label_h), "white")
+    canvas.paste(image.convert("RGB"), (0, label_h))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((2, 1), "image", fill="black", font=font)
+    for k, label in enumerate(labels):
+        heat = colorize((up[k] / scale).numpy())
+        blended = (0.35 * base + 0.65 * heat).astype(np.uint8)
+        canvas.paste(Image.fromarray(blended), ((k + 1) * width, label_h))
+        text = label if peaks is None else f"{label} {peaks[k]:.2f}"
+        draw.text(((k + 1) * width + 2, 1), text, fill="black", font=font)
+    return canvas
