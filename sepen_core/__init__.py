@@ -21,7 +21,7 @@ _EXPORTS = {
     "sepen_core.diagnostics": ["Diagnosis", "diagnose"],
     "sepen_core.errors": ["AdapterError", "AdapterFormatError", "AdapterMismatchError", "Canceled", "CheckpointError",
                           "ConceptError", "ConfigError", "ModelLoadError", "SepenError"],
-    "sepen_core.finetune": ["FinetuneResult", "StepReport", "finetune"],
+    "sepen_core.finetuning": ["FinetuneResult", "StepReport", "finetune"],
     "sepen_core.models": ["BaseModel", "build_tiny_model", "load_base_model"],
     "sepen_core.prompts": ["ConceptSet"],
     "sepen_core.sampling": ["GenerationResult", "generate"],

@@ -1,0 +1,227 @@
+"""The `sepen` command line: finetune an adapter, generate images, inspect object maps, export the tiny model.
+
+    sepen finetune --model tiny --pair cat dog --steps 200 --out cat-dog.safetensors
+    sepen generate "a photo of a cat and a dog" --adapter cat-dog.safetensors --concepts cat dog --out out/
+    sepen inspect "a photo of a cat and a dog" --concepts cat dog --adapter cat-dog.safetensors
+
+--model takes a local diffusers-format Stable Diffusion directory, or `tiny` / `tiny:SEED` for the
+built-in tiny random model (until the project bundles a trained one, the embedded default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sepen_core.config import FinetuneConfig, MapConfig, SampleConfig
+from sepen_core.errors import SepenError
+from sepen_core.prompts import ConceptSet
+
+DEFAULT_MODEL = "tiny"
+
+
+def load_model(spec: str, device: str, dtype_name: str):
+    import torch
+
+    from sepen_core.models import build_tiny_model, load_base_model
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    if spec == "tiny" or spec.startswith("tiny:"):
+        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        return build_tiny_model(seed, device=device, dtype=dtype)
+    return load_base_model(spec, device=device, dtype=dtype)
+
+
+def _progress(total: int, description: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _map_config(args) -> MapConfig:
+    return MapConfig(map_downsample=args.map_downsample, normalization=args.normalization)
+
+
+def cmd_finetune(args) -> int:
+    from sepen_core.finetuning import finetune
+
+    if args.pair:
+        concepts = ConceptSet.pairs(*args.pair, templates=tuple(args.template))
+    elif args.collection == "large-scale":
+        concepts = ConceptSet.large_scale(templates=tuple(args.template))
+    elif args.collection:
+        data = json.loads(Path(args.collection).read_text())
+        concepts = ConceptSet(collection=tuple(data["collection"]), held_out=tuple(data.get("held_out", ())),
+                              templates=tuple(args.template))
+    else:
+        raise SepenError("give --pair A B (repeatable) or --collection FILE|large-scale")
+    recipe = FinetuneConfig.large_scale() if concepts.mode == "collection" else FinetuneConfig()
+    overrides = {k: v for k, v in {"steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch_size,
+                                   "prior_weight": args.prior_weight, "lambda_sep": args.lambda_sep,
+                                   "lambda_en": args.lambda_en, "grad_mode": args.grad_mode}.items() if v is not None}
+    config = FinetuneConfig.from_dict({**recipe.to_dict(), **overrides, "seed": args.seed, "maps": _map_config(args).to_dict()})
+    model = load_model(args.model, args.device, args.dtype)
+    bar = _progress(config.steps, "finetune")
+
+    def on_step(report):
+        bar.n = report.step
+        bar.set_postfix(loss=f"{report.loss:.4f}", min_peak=f"{report.min_peak:.3f}", overlap=f"{report.overlap:.3f}", refresh=False)
+        bar.refresh()
+
+    result = finetune(model, concepts, config, on_step=on_step, checkpoint_dir=args.checkpoint_dir,
+                      checkpoint_every=args.checkpoint_every, adapter_metadata={"name": args.name or Path(args.out).stem})
+    bar.close()
+    path = result.adapter.save(args.out)
+    first, last = result.history[0], result.history[-1]
+    print(f"adapter: {path} ({result.adapter.num_parameters:,} key parameters, base {model.model_id})")
+    print(f"loss {first.loss:.4f} -> {last.loss:.4f}; weakest peak {first.min_peak:.3f} -> {last.min_peak:.3f}; "
+          f"overlap {first.overlap:.3f} -> {last.overlap:.3f}")
+    return 0
+
+
+def _read_adapter(path: str | None):
+    from sepen_core.adapters import KeyProjectionAdapter
+
+    return None if path is None else KeyProjectionAdapter.load(path)
+
+
+def cmd_generate(args) -> int:
+    from PIL.PngImagePlugin import PngInfo
+
+    from sepen_core.sampling import generate
+
+    config = SampleConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images=args.images,
+                          seed=args.seed, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+                          maps=_map_config(args))
+    model = load_model(args.model, args.device, args.dtype)
+    adapter = _read_adapter(args.adapter)
+    bar = _progress(config.num_inference_steps, "generate")
+    result = generate(model, args.prompt, config, adapter=adapter, concepts=args.concepts,
+                      on_step=lambda i, total: bar.update(1))
+    bar.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        info = PngInfo()
+        for key, value in {"prompt": args.prompt, "seed": str(seed), "model": model.model_id,
+                           "adapter": args.adapter or "", "steps": str(config.num_inference_steps),
+                           "guidance_scale": str(config.guidance_scale)}.items():
+            info.add_text(key, value)
+        image.save(out / f"image-{i}.png", pnginfo=info)
+        print(out / f"image-{i}.png")
+        if result.scores is not None:
+            result.heatmap(i).save(out / f"heatmap-{i}.png")
+            print(out / f"heatmap-{i}.png", json.dumps(result.scores[i].to_dict()))
+    if result.scores is not None:
+        (out / "scores.json").write_text(json.dumps([s.to_dict() for s in result.scores], indent=2) + "\n")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from sepen_core.diagnostics import diagnose
+
+    model = load_model(args.model, args.device, args.dtype)
+    adapter = _read_adapter(args.adapter)
+    runs = [("base", None)] + ([("adapter", adapter)] if adapter is not None else [])
+    reports = {label: diagnose(model, args.prompt, args.concepts, adapter=a, samples=args.samples, seed=args.seed,
+                               maps=_map_config(args)) for label, a in runs}
+    if args.json:
+        print(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
+        return 0
+    print(f"prompt: {args.prompt!r}  ({args.samples} pseudo-latents, {args.normalization} maps)")
+    print(f"{'':24}" + "".join(f"{label:>12}" for label in reports))
+    for concept in args.concepts:
+        print(f"{'peak ' + concept:24}" + "".join(f"{r.peaks[concept]:12.4f}" for r in reports.values()))
+    print(f"{'weakest peak':24}" + "".join(f"{r.min_peak:12.4f}" for r in reports.values()))
+    for pair in next(iter(reports.values())).overlaps:
+        print(f"{'overlap ' + pair:24}" + "".join(f"{r.overlaps[pair]:12.4f}" for r in reports.values()))
+    print(f"{'separate loss':24}" + "".join(f"{r.separate_loss:12.4f}" for r in reports.values()))
+    return 0
+
+
+def cmd_export_tiny_model(args) -> int:
+    from sepen_core.models import build_tiny_model
+
+    build_tiny_model(args.seed).save_pretrained(args.out)
+    print(args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sepen", description="Separate-and-Enhance compositional finetuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers SD directory, or tiny / tiny:SEED (default: tiny)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+        p.add_argument("--normalization", default="raw", choices=["raw", "content"], help="object maps: raw softmax (paper) or renormalised over content tokens")
+        p.add_argument("--map-downsample", type=int, default=4, help="read maps at latent size / this (default 4)")
+
+    p = sub.add_parser("finetune", help="finetune attn2.to_k on concepts and write an adapter")
+    model_args(p)
+    p.add_argument("--pair", nargs="+", action="append", metavar="CONCEPT", help="a concept pair (or group); repeatable")
+    p.add_argument("--collection", help="JSON file {collection: [...], held_out: [...]}, or 'large-scale' for the bundled 220 concepts")
+    p.add_argument("--template", action="append", default=[], help='prompt template with slots {A}, {B}...; repeatable')
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (default 8e-6 pairs, 4e-6 collection)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--prior-weight", type=float, help="prior (norm) loss weight (default 0 pairs, 0.5 collection)")
+    p.add_argument("--lambda-sep", type=float)
+    p.add_argument("--lambda-en", type=float)
+    p.add_argument("--grad-mode", choices=["exact", "local"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from one if present")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--name", help="adapter name stored in its metadata (default: file stem)")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("generate", help="sample images, optionally with an adapter and object maps")
+    model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--adapter", help="adapter .safetensors file")
+    p.add_argument("--concepts", nargs="+", help="record these objects' attention maps and scores")
+    p.add_argument("--images", type=int, default=1)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--out", default="out", help="output directory")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("inspect", help="each object's peak activation and pairwise overlap, before and after an adapter")
+    model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--concepts", nargs="+", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("export-tiny-model", help="write the tiny random model as a diffusers directory")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_export_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SepenError as exc:
+        print(f"sepen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"sepen {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
