@@ -75,10 +75,12 @@ def _save_checkpoint(directory: Path, step: int, fingerprint: str, params: dict,
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, p in params.items():
-        state = optimizer.state[p]
         tensors[f"weight/{name}"] = p.detach().cpu().contiguous()
-        tensors[f"exp_avg/{name}"] = state["exp_avg"].cpu().contiguous()
-        tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].cpu().contiguous()
+        state = optimizer.state.get(p)
+        if state:  # layers after the last map layer get no gradient, hence no AdamW moments, without the prior loss
+            tensors[f"exp_avg/{name}"] = state["exp_avg"].cpu().contiguous()
+            tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].cpu().contiguous()
+            tensors[f"step/{name}"] = state["step"].reshape(1).cpu()
     tensor_file = f"checkpoint-{step:07d}.safetensors"
     save_file(tensors, str(directory / (tensor_file + ".tmp")))
     os.replace(directory / (tensor_file + ".tmp"), directory / tensor_file)
@@ -102,8 +104,9 @@ def _load_checkpoint(directory: Path, fingerprint: str, params: dict, optimizer:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"weight/{name}"].to(p))
-            optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": tensors[f"exp_avg/{name}"].to(p),
-                                  "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p)}
+            if f"exp_avg/{name}" in tensors:
+                optimizer.state[p] = {"step": tensors[f"step/{name}"].reshape(()).clone(),
+                                      "exp_avg": tensors[f"exp_avg/{name}"].to(p), "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p)}
     return step, [StepReport(**r) for r in state["history"]]
 
 

@@ -49,8 +49,8 @@ def _valid(maps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 
 def _mean_over_pairs(per_pair: torch.Tensor, pair_valid: torch.Tensor) -> torch.Tensor:
     """(B, P) values, (B, P) mask -> (B,) mean over each sample's real pairs."""
-    weights = pair_valid.to(per_pair.dtype)
-    return (per_pair * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+    kept = torch.where(pair_valid, per_pair, torch.zeros_like(per_pair))  # where, not *: padded pairs may be NaN
+    return kept.sum(dim=1) / pair_valid.sum(dim=1).clamp_min(1).to(per_pair.dtype)
 
 
 def separate_loss(maps: torch.Tensor, valid: torch.Tensor | None = None, eps: float = SEPARATE_EPS) -> torch.Tensor:

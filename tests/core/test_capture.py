@@ -1,0 +1,128 @@
+"""Map capture: explicit probabilities only where needed, early exit, processors restored, per-sample maps."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from sepen_core.attention import (MapRecorder, attn2_downsample_factors, base_key_forward,
+                                  capture_maps, installed_processors, map_layers, unet_forward)
+from sepen_core.concepts import concept_token_mask, content_token_mask, locate_concepts
+from sepen_core.errors import ConfigError
+
+SD1_MAP_LAYERS = [
+    "down_blocks.2.attentions.0.transformer_blocks.0.attn2", "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+    "up_blocks.1.attentions.2.transformer_blocks.0.attn2",
+]
+
+
+def inputs(model, prompts, concepts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(len(prompts), 4, 32, 32, generator=g)
+    timesteps = torch.tensor([500] * len(prompts))
+    cond = model.encode_prompts(prompts)
+    positions = [locate_concepts(model.tokenizer, p, c) for p, c in zip(prompts, concepts)]
+    mask, valid = concept_token_mask(positions, cond.input_ids.shape[1])
+    return latents, timesteps, cond, mask, valid, content_token_mask(cond.input_ids, model.tokenizer.eos_token_id)
+
+
+def test_sd1_layout_has_16_key_layers_and_5_map_layers(tiny_model):
+    factors = attn2_downsample_factors(tiny_model.unet)
+    assert len(factors) == 16 and len(tiny_model.base_keys) == 16
+    assert map_layers(tiny_model.unet, 4) == SD1_MAP_LAYERS
+    with pytest.raises(ConfigError, match="map_downsample"):
+        map_layers(tiny_model.unet, 16)
+
+
+def test_capture_stops_after_last_map_layer_and_restores_processors(tiny_model):
+    unet = tiny_model.unet
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    called = []
+    hooks = [unet.up_blocks[2].register_forward_pre_hook(lambda *a: called.append("up2")),
+             unet.up_blocks[1].register_forward_pre_hook(lambda *a: called.append("up1"))]
+    try:
+        recorder = capture_maps(unet, *inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])[:4],
+                                torch.ones(1, 77), SD1_MAP_LAYERS, 4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert recorder.count == 5
+    assert called == ["up1"]  # up_blocks.2 and later never ran
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    assert all(t is AttnProcessor2_0 for t in before.values())
+
+
+def test_raw_maps_are_probabilities_and_content_maps_renormalise(tiny_model):
+    latents, t, cond, _, _, content = inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])
+    every_token = torch.ones(1, 1, 77)
+    recorder = capture_maps(tiny_model.unet, latents, t, cond, every_token, content, SD1_MAP_LAYERS, 4)
+    assert torch.allclose(recorder.maps("raw"), torch.ones(1, 1, 8, 8), atol=1e-5)  # softmax over all 77 tokens
+    content_only = content[:, None, :]
+    recorder = capture_maps(tiny_model.unet, latents, t, cond, content_only, content, SD1_MAP_LAYERS, 4)
+    assert torch.allclose(recorder.maps("content"), torch.ones(1, 1, 8, 8), atol=1e-5)
+    assert (recorder.maps("raw") < 1).all()
+
+
+def test_maps_equal_explicit_attention_averaged_over_heads_and_layers(tiny_model):
+    """Recompute the object maps from diffusers' own explicit AttnProcessor, via forward hooks."""
+    unet = tiny_model.unet
+    latents, t, cond, mask, _, content = inputs(tiny_model, ["a photo of a cat and a dog"] * 2, [["cat", "dog"]] * 2)
+    captured = []
+
+    class Keeping(AttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            captured.append(attn.get_attention_scores(q, k).view(2, attn.heads, -1, 77).mean(1))
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    with installed_processors(unet, {name: Keeping() for name in SD1_MAP_LAYERS}), torch.no_grad():
+        unet_forward(unet, latents, t, cond)
+    probs = torch.stack(captured).mean(0)  # (B, 64, 77)
+    expected = probs[:, :, [5, 8]].permute(0, 2, 1).reshape(2, 2, 8, 8)
+    recorder = capture_maps(unet, latents, t, cond, mask, content, SD1_MAP_LAYERS, 4)
+    assert torch.allclose(recorder.maps("raw"), expected, atol=1e-6)
+
+
+def test_maps_are_per_sample(tiny_model):
+    prompts = ["a photo of a cat and a dog", "a horse with a hippopotamus"]
+    latents, t, cond, mask, valid, content = inputs(tiny_model, prompts, [["cat", "dog"], ["horse", "hippopotamus"]])
+    both = capture_maps(tiny_model.unet, latents, t, cond, mask, content, SD1_MAP_LAYERS, 4).maps()
+    for b in range(2):
+        alone = capture_maps(tiny_model.unet, latents[b : b + 1], t[b : b + 1], cond.select([b]), mask[b : b + 1],
+                             content[b : b + 1], SD1_MAP_LAYERS, 4).maps()
+        assert torch.allclose(both[b : b + 1], alone, atol=1e-6)
+
+
+def test_recorder_rows_select_the_conditional_half():
+    recorder = MapRecorder(torch.ones(1, 1, 3), torch.ones(1, 3), (1, 2), rows=slice(1, 2))
+    probs = torch.tensor([[[1.0, 0, 0], [1.0, 0, 0]], [[0, 0.5, 0.5], [0, 0, 1.0]]])  # (B=2 rows * 1 head, 2 px, 3 tokens)
+    mask = torch.tensor([[[0.0, 1.0, 0.0]]])
+    recorder.concept_mask = mask
+    recorder.add(probs, heads=1)
+    assert recorder.maps().tolist() == [[[[0.5, 0.0]]]]
+
+
+def test_base_key_forward_equals_unet_with_base_weights(fresh_tiny_model):
+    model = fresh_tiny_model
+    latents, t, cond, *_ = inputs(model, ["a photo of a cat"], [["cat"]])
+    with torch.no_grad():
+        expected = unet_forward(model.unet, latents, t, cond)
+        for name, p in model.unet.named_parameters():
+            if name in model.base_keys:
+                p.add_(torch.randn_like(p) * 0.5)
+        changed = unet_forward(model.unet, latents, t, cond)
+    assert not torch.allclose(changed, expected, atol=1e-4)
+    assert torch.allclose(base_key_forward(model.unet, model.base_keys, latents, t, cond), expected, atol=1e-5)
+
+
+def test_attention_mask_is_honoured_by_capture(tiny_model):
+    latents, t, cond, mask, _, content = inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])
+    cond.encoder_attention_mask = (torch.arange(77) < 10).float()[None]  # mask out padding keys
+    every_token = torch.ones(1, 1, 77)
+    maps = capture_maps(tiny_model.unet, latents, t, cond, every_token, content, SD1_MAP_LAYERS, 4).maps()
+    assert torch.allclose(maps, torch.ones_like(maps), atol=1e-5)
+    padding = torch.zeros(1, 1, 77)
+    padding[..., 10:] = 1
+    maps = capture_maps(tiny_model.unet, latents, t, cond, padding, content, SD1_MAP_LAYERS, 4).maps()
+    assert maps.max() < 1e-3

@@ -1,0 +1,60 @@
+"""Settings and concept sets reject bad values with an error that names the field."""
+
+import random
+
+import pytest
+
+from sepen_core.config import FinetuneConfig, MapConfig, SampleConfig
+from sepen_core.errors import ConfigError
+from sepen_core.prompts import ConceptSet, default_group_template
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (FinetuneConfig, "steps", 0), (FinetuneConfig, "learning_rate", -1.0), (FinetuneConfig, "batch_size", 1000),
+    (FinetuneConfig, "grad_mode", "fast"), (FinetuneConfig, "prior_weight", -0.1), (FinetuneConfig, "latent_size", 30),
+    (SampleConfig, "num_inference_steps", 0), (SampleConfig, "height", 100), (SampleConfig, "num_images", 65),
+    (SampleConfig, "guidance_scale", 99.0), (MapConfig, "normalization", "softmax"), (MapConfig, "map_downsample", 3),
+])
+def test_out_of_range_values_name_their_field(cls, field, value):
+    with pytest.raises(ConfigError) as info:
+        cls(**{field: value})
+    assert info.value.field == field and field in str(info.value)
+
+
+def test_round_trip_and_unknown_keys():
+    config = FinetuneConfig.large_scale(seed=3, maps=MapConfig(normalization="content"))
+    assert config.steps == 10_000 and config.learning_rate == 4e-6 and config.prior_weight == 0.5
+    assert FinetuneConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="learning_rat"):
+        FinetuneConfig.from_dict({"learning_rat": 1e-5})
+
+
+def test_group_templates():
+    assert default_group_template(2) == "a photo of a {A} and a {B}"
+    assert default_group_template(3) == "a photo of a {A}, a {B} and a {C}"
+    triple = ConceptSet.pairs(("cat", "dog", "bird")).sample(random.Random(0))
+    assert triple.prompt == "a photo of a cat, a dog and a bird" and triple.concepts == ("cat", "dog", "bird")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(groups=(("cat",),)), "groups"),
+    (dict(groups=(("cat", "cat"),)), "groups"),
+    (dict(groups=(("cat", "dog"),), collection=("a", "b")), "concepts"),
+    (dict(), "concepts"),
+    (dict(collection=("cat", "dog"), held_out=("cow",)), "held_out"),
+    (dict(collection=("cat", "dog"), held_out=("dog",)), "collection"),
+    (dict(groups=(("cat", "dog"),), templates=("a {A} and a {C}",)), "templates"),
+    (dict(groups=(("cat", "dog"),), templates=("a {A} alone",)), "templates"),
+    (dict(groups=(("cat", "{dog}"),)), "groups"),
+])
+def test_bad_concept_sets(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        ConceptSet(**kwargs)
+    assert info.value.field == field
+
+
+def test_large_scale_set_holds_out_twenty():
+    concepts = ConceptSet.large_scale()
+    assert len(concepts.collection) == 220 and len(concepts.held_out) == 20
+    assert len(concepts.training_concepts) == 200 and not set(concepts.held_out) & set(concepts.training_concepts)
+    assert ConceptSet.from_dict(concepts.to_dict()) == concepts

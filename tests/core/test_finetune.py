@@ -1,0 +1,119 @@
+"""Finetuning trains only attn2.to_k, is seeded, resumes exactly, reports progress, cancels, and works."""
+
+import random
+
+import pytest
+import torch
+
+from sepen_core.config import FinetuneConfig, MapConfig
+from sepen_core.diagnostics import diagnose
+from sepen_core.errors import Canceled, CheckpointError, ConceptError
+from sepen_core.finetuning import finetune
+from sepen_core.prompts import ConceptSet
+
+PAIR = ConceptSet.pairs(("cat", "dog"))
+FAST = dict(batch_size=2, learning_rate=1e-2)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+
+def finetuned_weights(model, adapter):
+    with adapter.applied(model):
+        return snapshot(model)
+
+
+@pytest.mark.parametrize("prior_weight, changed", [(0.5, 16), (0.0, 10)])
+def test_only_key_projections_change(fresh_tiny_model, prior_weight, changed):
+    model = fresh_tiny_model
+    before = snapshot(model)
+    text_before = {n: p.clone() for n, p in model.text_encoder.named_parameters()}
+    result = finetune(model, PAIR, FinetuneConfig(steps=2, prior_weight=prior_weight, weight_decay=0.0, **FAST))
+    after = finetuned_weights(model, result.adapter)
+    keys = set(model.base_keys)
+    moved = {n for n in keys if not torch.equal(before[n], after[n])}
+    # With the prior loss every key gets gradient; without it, layers after the last map layer
+    # (up_blocks.2 and .3) are outside the loss's graph and stay as they were.
+    assert len(moved) == changed
+    if changed == 10:
+        assert all(n.startswith(("up_blocks.2.", "up_blocks.3.")) for n in keys - moved)
+    for name, value in before.items():
+        if name not in keys:
+            assert torch.equal(value, after[name]), name
+    assert all(torch.equal(p, text_before[n]) for n, p in model.text_encoder.named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.unet.named_parameters())  # base restored after finetune
+
+
+def test_seeded_runs_are_identical_and_seeds_differ(tiny_model):
+    a = finetune(tiny_model, PAIR, FinetuneConfig(steps=2, seed=1, **FAST)).adapter
+    b = finetune(tiny_model, PAIR, FinetuneConfig(steps=2, seed=1, **FAST)).adapter
+    c = finetune(tiny_model, PAIR, FinetuneConfig(steps=2, seed=2, **FAST)).adapter
+    assert a.sha256 == b.sha256 != c.sha256
+
+
+@pytest.mark.parametrize("prior_weight", [0.0, 0.5])
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model, tmp_path, prior_weight):
+    config = FinetuneConfig(steps=4, prior_weight=prior_weight, **FAST)
+    full = finetune(tiny_model, PAIR, config)
+    polls = iter([False, False, True])
+    with pytest.raises(Canceled) as info:
+        finetune(tiny_model, PAIR, config, checkpoint_dir=tmp_path, checkpoint_every=1, should_cancel=lambda: next(polls))
+    assert info.value.step == 2
+    assert (tmp_path / "checkpoint.json").exists()
+    seen = []
+    resumed = finetune(tiny_model, PAIR, config, checkpoint_dir=tmp_path, checkpoint_every=1, on_step=seen.append)
+    assert resumed.resumed_from_step == 2
+    assert [r.step for r in seen] == [3, 4]
+    assert [r.step for r in resumed.history] == [1, 2, 3, 4]
+    for name, delta in full.adapter.deltas.items():
+        assert torch.equal(delta, resumed.adapter.deltas[name]), name
+    assert [r.loss for r in resumed.history] == [r.loss for r in full.history]
+
+
+def test_checkpoint_of_another_run_is_refused(tiny_model, tmp_path):
+    finetune(tiny_model, PAIR, FinetuneConfig(steps=3, **FAST), checkpoint_dir=tmp_path, checkpoint_every=1)
+    with pytest.raises(CheckpointError, match="another run"):
+        finetune(tiny_model, PAIR, FinetuneConfig(steps=3, seed=9, **FAST), checkpoint_dir=tmp_path)
+
+
+def test_progress_reports(tiny_model):
+    reports = []
+    finetune(tiny_model, ConceptSet.pairs(("cat", "dog"), ("car", "tree", "cup")), FinetuneConfig(steps=3, **FAST),
+             on_step=reports.append)
+    assert [r.step for r in reports] == [1, 2, 3] and all(r.total_steps == 3 for r in reports)
+    for r in reports:
+        assert r.loss == pytest.approx(1.0 * r.separate + 0.5 * r.enhance, rel=1e-5)
+        assert 0 < r.min_peak <= min(r.peaks.values()) + 1e-6 and 0 <= r.overlap <= 1
+        assert set(r.peaks) <= {"cat", "dog", "car", "tree", "cup"} and r.eta >= 0
+    assert reports[-1].eta == 0
+
+
+def test_unlocatable_concept_fails_before_training(tiny_model):
+    bad = ConceptSet.pairs(("cat", "dog"), templates=("a {A} next to a {B}s",))
+    with pytest.raises(ConceptError, match="'dog'"):
+        finetune(tiny_model, bad, FinetuneConfig(steps=1, **FAST), on_step=lambda r: pytest.fail("trained"))
+
+
+def test_collection_never_trains_on_held_out_concepts():
+    concepts = ConceptSet(collection=("cat", "dog", "horse", "cow", "zebra"), held_out=("zebra",))
+    rng = random.Random(0)
+    drawn = [concepts.sample(rng) for _ in range(300)]
+    used = {c for p in drawn for c in p.concepts}
+    assert used == {"cat", "dog", "horse", "cow"}
+    assert {p.prompt.split(" a ")[0] for p in drawn} == {"a photo of"}
+    assert any(" with a " in p.prompt for p in drawn) and any(" and a " in p.prompt for p in drawn)
+    assert all(p.prior_prompt in {f"a photo of a {c}" for c in p.concepts} for p in drawn)
+
+
+def test_sepen_lifts_the_weak_object_and_separates_maps(tiny_model):
+    """On the tiny random model, content-normalised SepEn moves both failure signals the right way."""
+    maps = MapConfig(normalization="content")
+    prompt = "a photo of a cat and a dog"
+    before = diagnose(tiny_model, prompt, ["cat", "dog"], maps=maps)
+    result = finetune(tiny_model, PAIR, FinetuneConfig(steps=25, batch_size=4, learning_rate=3e-2, maps=maps))
+    after = diagnose(tiny_model, prompt, ["cat", "dog"], maps=maps, adapter=result.adapter)
+    assert after.min_peak > 1.5 * before.min_peak
+    assert after.overlaps["cat & dog"] < 0.8 * before.overlaps["cat & dog"]
+    first, last = result.history[:5], result.history[-5:]
+    assert sum(r.loss for r in last) < sum(r.loss for r in first)
