@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one command, from the repo root:   bash bench/run_gpu.sh
+# Writes gpu.json, gpu.md and gpu.log to $OUT (default bench/out). About 1-3 minutes on an H100
+# after the install (budget: ~6 minutes in all).
+#
+# Dependencies: `pip install -e .` installs the package and its deps. Where a CUDA torch is already
+# installed, the package goes in with --no-deps (so pip does not swap that torch for the pinned CPU
+# build) and only the missing non-torch deps are installed. Offline machines: set WHEELS to a folder
+# of wheels (e.g. diffusers + importlib_metadata) and they are installed from there, no index.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+PIP="$PY -m pip"
+export PYTHONUNBUFFERED=1
+
+{
+  echo "== $(date -u +%FT%TZ) $(uname -m) $($PY -V 2>&1)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
+
+  if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    $PIP install -q --no-index --no-deps --no-compile --target /tmp/sepen-site "$WHEELS"/*.whl \
+      && export PYTHONPATH="/tmp/sepen-site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  if $PY -c "import torch" 2>/dev/null; then
+    echo "torch already installed: $($PY -c 'import torch; print(torch.__version__, torch.cuda.is_available())')"
+    $PIP install -q --no-deps --no-build-isolation --ignore-requires-python -e . \
+      || echo "(pip install -e . failed: using the source tree through PYTHONPATH)"
+    if ! $PY -c "import diffusers, transformers, safetensors, PIL, numpy" 2>/dev/null; then
+      $PIP install -q --retries 1 --timeout 20 "diffusers>=0.42,<0.43" "transformers>=5.0,<6" "safetensors>=0.5" numpy pillow tqdm \
+        || echo "(could not install the non-torch deps: offline? set WHEELS)"
+    fi
+  else
+    $PIP install -e .
+  fi
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+
+  $PY bench/gpu_bench.py --json "$OUT/gpu.json" --md "$OUT/gpu.md"
+} 2>&1 | tee "$OUT/gpu.log"
+exit "${PIPESTATUS[0]}"
