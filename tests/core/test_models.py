@@ -33,3 +33,35 @@ def test_missing_or_incomplete_directories(tmp_path):
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(ModelLoadError, match="'text_encoder/' is missing"):
         load_base_model(tmp_path / "half")
+
+
+def test_sd2_layout_loads_finetunes_and_samples(tmp_path):
+    """SD 2.x differs by linear projections, per-block head counts, upcast attention, v-prediction and a '!' pad token."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sepen_core.config import FinetuneConfig, SampleConfig
+    from sepen_core.finetuning import finetune
+    from sepen_core.models import BaseModel, load_clip_tokenizer, tiny_unet_config
+    from sepen_core.prompts import ConceptSet
+    from sepen_core.sampling import generate
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**{**tiny_unet_config(), "use_linear_projection": True, "upcast_attention": True,
+                                   "attention_head_dim": (2, 4, 8, 8)})
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        hidden_act="gelu", pad_token_id=1))
+    tokenizer = load_clip_tokenizer()
+    tokenizer.pad_token = "!"
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    BaseModel(unet, text, tokenizer, scheduler, None, "tiny-sd2").save_pretrained(tmp_path / "sd2")
+
+    model = load_base_model(tmp_path / "sd2")
+    assert model.vae is None and model.scheduler.config.prediction_type == "v_prediction"
+    assert model.tokenizer.pad_token == "!" and model.noise_scheduler.config.prediction_type == "v_prediction"
+    result = finetune(model, ConceptSet.pairs(("cat", "dog")), FinetuneConfig(steps=2, batch_size=2, learning_rate=1e-2))
+    assert len(result.adapter.deltas) == 16 and any(d.abs().max() > 0 for d in result.adapter.deltas.values())
+    images = generate(model, "a photo of a cat and a dog", SampleConfig(num_inference_steps=2), adapter=result.adapter,
+                      concepts=["cat", "dog"])
+    assert images.images[0].size == (32, 32) and images.maps.shape == (1, 2, 8, 8)
