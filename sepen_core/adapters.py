@@ -49,11 +49,12 @@ class KeyProjectionAdapter:
     metadata: dict[str, Any] = field(default_factory=dict)  # concepts, recipe, steps, seed, job_id...
 
     @classmethod
-    def from_model(cls, model: BaseModel, *, dtype: torch.dtype = torch.float16, **metadata) -> KeyProjectionAdapter:
+    def from_model(cls, model: BaseModel, metadata: dict[str, Any] | None = None, *,
+                   dtype: torch.dtype = torch.float16) -> KeyProjectionAdapter:
         """Capture the difference between the model's current key weights and its base keys."""
         params = dict(model.unet.named_parameters())
         deltas = {name: (params[name].detach().float() - base.float()).to("cpu", dtype) for name, base in model.base_keys.items()}
-        return cls(deltas, model.model_id, model.base_fingerprint, metadata)
+        return cls(deltas, model.model_id, model.base_fingerprint, dict(metadata or {}))
 
     @property
     def sha256(self) -> str:

@@ -113,12 +113,14 @@ def _load_checkpoint(directory: Path, fingerprint: str, params: dict, optimizer:
 def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | None = None, *,
              on_step: Callable[[StepReport], None] | None = None, should_cancel: Callable[[], bool] | None = None,
              checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
-             autocast_dtype: torch.dtype | None = None, adapter_metadata: dict | None = None) -> FinetuneResult:
+             on_checkpoint: Callable[[Path, int], None] | None = None, autocast_dtype: torch.dtype | None = None,
+             adapter_metadata: dict | None = None) -> FinetuneResult:
     """Finetune the key projections of `model` on `concepts` and return the adapter.
 
     on_step(report) is called after every step; should_cancel() is polled before every step and
     raises Canceled when it returns True. With checkpoint_dir, a checkpoint is written every
-    `checkpoint_every` steps and an existing one of the same run is resumed from.
+    `checkpoint_every` steps and an existing one of the same run is resumed from; on_checkpoint(dir,
+    step) is called after each one is written (the service copies it to its database).
     """
     config = config or FinetuneConfig()
     check_concepts(model, concepts)
@@ -159,10 +161,12 @@ def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | No
                 on_step(report)
             if checkpoint_dir is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
                 _save_checkpoint(checkpoint_dir, step + 1, fingerprint, params, optimizer, history)
+                if on_checkpoint is not None:
+                    on_checkpoint(checkpoint_dir, step + 1)
 
         metadata = {"concepts": concepts.to_dict(), "recipe": config.to_dict(), "steps": config.steps, "seed": config.seed,
                     **(adapter_metadata or {})}
-        adapter = KeyProjectionAdapter.from_model(model, **metadata)
+        adapter = KeyProjectionAdapter.from_model(model, metadata)
         return FinetuneResult(adapter, history, start)
     finally:
         for p in params.values():

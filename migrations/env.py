@@ -1,0 +1,33 @@
+"""Alembic environment: migrates the database named by the config (or by the SEPEN_* settings)."""
+
+from alembic import context
+from sqlalchemy import pool
+
+from sepen_store.database import make_engine
+from sepen_store.settings import Settings
+from sepen_store.tables import Base
+
+config = context.config
+url = config.get_main_option("sqlalchemy.url") or Settings.from_env().database_url
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True, render_as_batch=url.startswith("sqlite"))
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = make_engine(url)
+    engine.pool = pool.NullPool(engine.pool._creator)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=url.startswith("sqlite"))
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,34 @@
+"""The exception tree of sepen_store; the gateway maps each to an HTTP status.
+
+    StoreError
+    ├── NotFound            a job, adapter, version, model or key does not exist for this tenant (404)
+    ├── Conflict            the request contradicts stored state (409)
+    │   └── IllegalTransition   a job cannot move from its status to the one asked for
+    └── Unauthorized        missing, unknown or revoked API key (401)
+"""
+
+
+class StoreError(Exception):
+    """Base class of sepen_store errors."""
+
+
+class NotFound(StoreError):
+    def __init__(self, kind: str, name: str):
+        super().__init__(f"{kind} {name!r} not found")
+        self.kind = kind
+        self.name = name
+
+
+class Conflict(StoreError):
+    """The request is valid but contradicts what is stored."""
+
+
+class IllegalTransition(Conflict):
+    def __init__(self, job_id: str, current: str, wanted: str):
+        super().__init__(f"job {job_id} is {current}; it cannot become {wanted}")
+        self.current = current
+        self.wanted = wanted
+
+
+class Unauthorized(StoreError):
+    pass

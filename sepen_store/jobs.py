@@ -1,0 +1,206 @@
+"""The job state machine and every write to a job row, each a conditional UPDATE checked in one place.
+
+    queued ──► running ──► succeeded | failed
+      │           │   └──► canceling ──► canceled (| succeeded | failed when the last step wins)
+      └──► canceled   └──► queued  (abandoned: the worker's heartbeat went stale; it resumes from a checkpoint)
+
+A worker owns a job through the attempt number its claim set: progress and the final status are
+written only `WHERE attempts = :mine`, so a worker that lost its claim can no longer write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from sepen_store.errors import Conflict, IllegalTransition, NotFound
+from sepen_store.tables import Job, utcnow
+
+STATUSES = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
+ACTIVE = ("running", "canceling")
+TERMINAL = ("succeeded", "failed", "canceled")
+TRANSITIONS = {
+    "queued": {"running", "canceled"},
+    "running": {"succeeded", "failed", "canceling", "queued"},
+    "canceling": {"canceled", "succeeded", "failed", "queued"},
+    "succeeded": set(), "failed": set(), "canceled": set(),
+}
+
+
+def check_transition(job: Job, wanted: str) -> None:
+    if wanted not in TRANSITIONS[job.status]:
+        raise IllegalTransition(job.id, job.status, wanted)
+
+
+def request_hash(kind: str, request: dict) -> str:
+    return hashlib.sha256(json.dumps({"kind": kind, "request": request}, sort_keys=True).encode()).hexdigest()
+
+
+def create_job(session: Session, tenant: str, kind: str, request: dict, *, idempotency_key: str | None = None,
+               adapter_version_id: str | None = None) -> tuple[Job, bool]:
+    """Insert and commit a queued job; with an idempotency key already used by this tenant, return that
+    job instead (created=False), or raise Conflict if the key came with a different request."""
+    digest = request_hash(kind, request)
+    if idempotency_key is not None:
+        existing = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            return _same_request(existing, digest), False
+    job = Job(tenant=tenant, kind=kind, request=request, request_hash=digest, idempotency_key=idempotency_key,
+              adapter_version_id=adapter_version_id, status="queued")
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent retry with the same key won the insert
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        return _same_request(existing, digest), False
+    return job, True
+
+
+def _same_request(job: Job, digest: str) -> Job:
+    if job.request_hash != digest:
+        raise Conflict(f"Idempotency-Key was already used for a different request (job {job.id})")
+    return job
+
+
+def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
+    """A job by id; with a tenant, only that tenant's (another tenant's job is NotFound, not Forbidden)."""
+    job = session.get(Job, job_id)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        raise NotFound("job", job_id)
+    return job
+
+
+def list_jobs(session: Session, tenant: str, *, status: str | None = None, kind: str | None = None,
+              cursor: str | None = None, limit: int = 20) -> tuple[list[Job], str | None]:
+    """Newest first; `cursor` is the next_cursor of the previous page (keyset pagination on created_at, id)."""
+    query = select(Job).where(Job.tenant == tenant)
+    if status:
+        query = query.where(Job.status == status)
+    if kind:
+        query = query.where(Job.kind == kind)
+    if cursor:
+        stamp, _, last_id = cursor.partition("_")
+        try:
+            after = datetime.fromisoformat(stamp)
+        except ValueError as exc:
+            raise Conflict("cursor is not one this API returned") from exc
+        query = query.where(or_(Job.created_at < after, and_(Job.created_at == after, Job.id < last_id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = f"{rows[-1].created_at.isoformat()}_{rows[-1].id}"
+    return rows, next_cursor
+
+
+def mark_enqueued(session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    session.commit()
+
+
+def request_cancel(session: Session, tenant: str, job_id: str) -> Job:
+    """Queued: canceled at once. Running: canceling, and the worker stops at its next step. Idempotent."""
+    job = get_job(session, tenant, job_id)
+    if job.status in ("canceling", "canceled"):
+        return job
+    if job.status == "queued":
+        done = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                               .values(status="canceled", cancel_requested=True, finished_at=utcnow()))
+    else:
+        check_transition(job, "canceling")
+        done = session.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+                               .values(status="canceling", cancel_requested=True))
+    session.commit()
+    session.refresh(job)
+    if done.rowcount == 0 and job.status not in ("canceling", "canceled"):
+        raise IllegalTransition(job.id, job.status, "canceled")
+    return job
+
+
+@dataclass
+class Claim:
+    job_id: str
+    attempt: int
+    resumed: bool  # an earlier attempt ran (and may have left a checkpoint)
+
+
+def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Claim | None:
+    """Take a queued job, or one whose worker stopped heart-beating; None if another worker has it or it is done.
+
+    A redelivered message for a job already claimed or finished is therefore a no-op.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=lease_s)
+    claimable = or_(Job.status == "queued", and_(Job.status.in_(ACTIVE), Job.heartbeat_at < stale))
+    result = session.execute(
+        update(Job).where(Job.id == job_id, claimable)
+        .values(status="running", attempts=Job.attempts + 1, worker=worker, started_at=now, heartbeat_at=now)
+        .returning(Job.attempts, Job.cancel_requested)
+    ).first()
+    session.commit()
+    if result is None:
+        return None
+    return Claim(job_id, result.attempts, result.attempts > 1)
+
+
+class LostClaim(Exception):
+    """This worker's attempt no longer owns the job (it was reclaimed after a stale heartbeat)."""
+
+
+def heartbeat(session: Session, claim: Claim, progress: dict | None = None) -> bool:
+    """Record progress and liveness; returns True when cancellation was requested."""
+    values: dict = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    row = session.execute(
+        update(Job).where(Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status.in_(ACTIVE))
+        .values(**values).returning(Job.cancel_requested)
+    ).first()
+    session.commit()
+    if row is None:
+        raise LostClaim(claim.job_id)
+    return bool(row.cancel_requested)
+
+
+def finish_job(session: Session, claim: Claim, status: str, *, result: dict | None = None, error_code: str | None = None,
+               error_message: str | None = None, progress: dict | None = None) -> bool:
+    """Move an owned running/canceling job to a terminal status; False if the claim was lost."""
+    if status not in TERMINAL:
+        raise ValueError(status)
+    values: dict = {"status": status, "finished_at": utcnow(), "result": result, "error_code": error_code,
+                    "error_message": error_message}
+    if progress is not None:
+        values["progress"] = progress
+    done = session.execute(update(Job).where(Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status.in_(ACTIVE))
+                           .values(**values))
+    session.commit()
+    return done.rowcount == 1
+
+
+def fail_unclaimable(session: Session, job_id: str, error_code: str, message: str) -> None:
+    """Fail a queued job that can never run (its request no longer resolves)."""
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                    .values(status="failed", error_code=error_code, error_message=message, finished_at=utcnow()))
+    session.commit()
+
+
+def jobs_to_reenqueue(session: Session, *, requeue_after_s: float, lease_s: float) -> list[tuple[str, str]]:
+    """(id, kind) of jobs whose broker message may be lost: queued and never sent or sent long ago, or
+    running with a stale heartbeat. Sending one twice is harmless: claims are conditional."""
+    now = utcnow()
+    waited = now - timedelta(seconds=requeue_after_s)
+    stale = now - timedelta(seconds=lease_s)
+    rows = session.execute(select(Job.id, Job.kind).where(or_(
+        and_(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < waited)),
+        and_(Job.status.in_(ACTIVE), Job.heartbeat_at < stale, or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)),
+    )).order_by(Job.created_at)).all()
+    return [(r.id, r.kind) for r in rows]

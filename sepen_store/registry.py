@@ -1,0 +1,120 @@
+"""The adapter registry: immutable versions `name@N` per tenant, exactly one per finetune job.
+
+Version numbers come from a per-adapter counter that is never rewound, so `name@N` always means
+the same weights, even after a version is deleted.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from sepen_store.blobs import delete_blob, get_blob, put_blob
+from sepen_store.errors import Conflict, NotFound
+from sepen_store.tables import Adapter, AdapterVersion, Job
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ADAPTER_CONTENT_TYPE = "application/vnd.sepen.adapter+safetensors"
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """'name' (latest) or 'name@N' -> (name, N or None); ValueError says what is wrong."""
+    name, sep, version = ref.partition("@")
+    if not NAME_PATTERN.match(name):
+        raise ValueError("adapter name must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit")
+    if not sep:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise ValueError("adapter version must be a positive integer, as in name@3")
+    return name, int(version)
+
+
+def publish_version(session: Session, *, tenant: str, name: str, job_id: str, data: bytes, base_model: str,
+                    base_fingerprint: str, sha256: str, metadata: dict) -> AdapterVersion:
+    """Store a finetune job's adapter as the next version of `name`; a second call for the same job
+    returns the version the first one made."""
+    existing = session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
+    if existing is not None:
+        return existing
+    for _ in range(5):
+        try:
+            adapter = session.scalar(select(Adapter).where(Adapter.tenant == tenant, Adapter.name == name))
+            if adapter is None:
+                adapter = Adapter(tenant=tenant, name=name, next_version=1)
+                session.add(adapter)
+                session.flush()
+            # Take the number with a conditional bump: two publishers never get the same N.
+            taken = adapter.next_version
+            bumped = session.execute(update(Adapter).where(Adapter.id == adapter.id, Adapter.next_version == taken)
+                                     .values(next_version=taken + 1))
+            if bumped.rowcount != 1:
+                session.rollback()
+                continue
+            blob = put_blob(session, data, ADAPTER_CONTENT_TYPE)
+            version = AdapterVersion(adapter_id=adapter.id, version=taken, job_id=job_id, base_model=base_model,
+                                     base_fingerprint=base_fingerprint, sha256=sha256, size=len(data), meta=metadata,
+                                     blob_id=blob.id)
+            session.add(version)
+            session.commit()
+            return version
+        except IntegrityError:
+            session.rollback()
+            existing = session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
+            if existing is not None:
+                return existing
+    raise Conflict(f"could not allocate a version of adapter {name!r}; retry")
+
+
+def resolve(session: Session, tenant: str, ref: str) -> AdapterVersion:
+    """'name' -> its latest version; 'name@N' -> that version. NotFound names what is missing."""
+    name, number = parse_ref(ref)
+    adapter = session.scalar(select(Adapter).where(Adapter.tenant == tenant, Adapter.name == name))
+    if adapter is None:
+        raise NotFound("adapter", name)
+    query = select(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id)
+    if number is None:
+        version = session.scalar(query.order_by(AdapterVersion.version.desc()).limit(1))
+    else:
+        version = session.scalar(query.where(AdapterVersion.version == number))
+    if version is None:
+        raise NotFound("adapter version", ref if number is not None else f"{name} (it has no versions)")
+    return version
+
+
+def list_adapters(session: Session, tenant: str) -> list[tuple[Adapter, int, int | None]]:
+    """(adapter, number of versions, latest version) per adapter of the tenant, by name."""
+    rows = session.execute(
+        select(Adapter, func.count(AdapterVersion.id), func.max(AdapterVersion.version))
+        .outerjoin(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
+        .where(Adapter.tenant == tenant).group_by(Adapter.id).order_by(Adapter.name)
+    ).all()
+    return [(a, n, latest) for a, n, latest in rows]
+
+
+def get_adapter(session: Session, tenant: str, name: str) -> Adapter:
+    adapter = session.scalar(select(Adapter).where(Adapter.tenant == tenant, Adapter.name == name))
+    if adapter is None:
+        raise NotFound("adapter", name)
+    return adapter
+
+
+def version_bytes(session: Session, version: AdapterVersion) -> bytes:
+    return get_blob(session, version.blob_id).data
+
+
+def delete_version(session: Session, tenant: str, name: str, number: int) -> None:
+    """Delete `name@N` unless a queued or running job will use it (Conflict names the job)."""
+    version = resolve(session, tenant, f"{name}@{number}")
+    user = session.scalar(select(Job.id).where(Job.adapter_version_id == version.id,
+                                               Job.status.in_(("queued", "running", "canceling"))).limit(1))
+    if user is not None:
+        raise Conflict(f"adapter {name}@{number} is used by job {user}, which has not finished; cancel it or wait")
+    session.execute(update(Job).where(Job.adapter_version_id == version.id).values(adapter_version_id=None))
+    blob_id = version.blob_id
+    session.delete(version)
+    session.flush()
+    delete_blob(session, blob_id)
+    session.commit()
