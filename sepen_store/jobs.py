@@ -73,7 +73,7 @@ def _same_request(job: Job, digest: str) -> Job:
 
 def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
     """A job by id; with a tenant, only that tenant's (another tenant's job is NotFound, not Forbidden)."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, populate_existing=True)  # rows change under us: always read them fresh
     if job is None or (tenant is not None and job.tenant != tenant):
         raise NotFound("job", job_id)
     return job
@@ -103,7 +103,7 @@ def list_jobs(session: Session, tenant: str, *, status: str | None = None, kind:
 
 
 def mark_enqueued(session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id).values(enqueued_at=utcnow()))
     session.commit()
 
 
@@ -113,11 +113,11 @@ def request_cancel(session: Session, tenant: str, job_id: str) -> Job:
     if job.status in ("canceling", "canceled"):
         return job
     if job.status == "queued":
-        done = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+        done = session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id, Job.status == "queued")
                                .values(status="canceled", cancel_requested=True, finished_at=utcnow()))
     else:
         check_transition(job, "canceling")
-        done = session.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+        done = session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id, Job.status == "running")
                                .values(status="canceling", cancel_requested=True))
     session.commit()
     session.refresh(job)
@@ -142,7 +142,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Cla
     stale = now - timedelta(seconds=lease_s)
     claimable = or_(Job.status == "queued", and_(Job.status.in_(ACTIVE), Job.heartbeat_at < stale))
     result = session.execute(
-        update(Job).where(Job.id == job_id, claimable)
+        update(Job).execution_options(synchronize_session=False).where(Job.id == job_id, claimable)
         .values(status="running", attempts=Job.attempts + 1, worker=worker, started_at=now, heartbeat_at=now)
         .returning(Job.attempts, Job.cancel_requested)
     ).first()
@@ -162,7 +162,7 @@ def heartbeat(session: Session, claim: Claim, progress: dict | None = None) -> b
     if progress is not None:
         values["progress"] = progress
     row = session.execute(
-        update(Job).where(Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status.in_(ACTIVE))
+        update(Job).execution_options(synchronize_session=False).where(Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status.in_(ACTIVE))
         .values(**values).returning(Job.cancel_requested)
     ).first()
     session.commit()
@@ -180,7 +180,7 @@ def finish_job(session: Session, claim: Claim, status: str, *, result: dict | No
                     "error_message": error_message}
     if progress is not None:
         values["progress"] = progress
-    done = session.execute(update(Job).where(Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status.in_(ACTIVE))
+    done = session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status.in_(ACTIVE))
                            .values(**values))
     session.commit()
     return done.rowcount == 1
@@ -188,7 +188,7 @@ def finish_job(session: Session, claim: Claim, status: str, *, result: dict | No
 
 def fail_unclaimable(session: Session, job_id: str, error_code: str, message: str) -> None:
     """Fail a queued job that can never run (its request no longer resolves)."""
-    session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+    session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id, Job.status == "queued")
                     .values(status="failed", error_code=error_code, error_message=message, finished_at=utcnow()))
     session.commit()
 

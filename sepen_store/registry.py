@@ -48,7 +48,7 @@ def publish_version(session: Session, *, tenant: str, name: str, job_id: str, da
                 session.flush()
             # Take the number with a conditional bump: two publishers never get the same N.
             taken = adapter.next_version
-            bumped = session.execute(update(Adapter).where(Adapter.id == adapter.id, Adapter.next_version == taken)
+            bumped = session.execute(update(Adapter).execution_options(synchronize_session=False).where(Adapter.id == adapter.id, Adapter.next_version == taken)
                                      .values(next_version=taken + 1))
             if bumped.rowcount != 1:
                 session.rollback()
@@ -112,7 +112,7 @@ def delete_version(session: Session, tenant: str, name: str, number: int) -> Non
                                                Job.status.in_(("queued", "running", "canceling"))).limit(1))
     if user is not None:
         raise Conflict(f"adapter {name}@{number} is used by job {user}, which has not finished; cancel it or wait")
-    session.execute(update(Job).where(Job.adapter_version_id == version.id).values(adapter_version_id=None))
+    session.execute(update(Job).execution_options(synchronize_session=False).where(Job.adapter_version_id == version.id).values(adapter_version_id=None))
     blob_id = version.blob_id
     session.delete(version)
     session.flush()

@@ -1,0 +1,178 @@
+"""sepen_store on both backends (Postgres and the embedded SQLite file): migrations, the job state
+machine and its conditional claims, the adapter registry's immutable versions, API keys."""
+
+import time
+import uuid
+from datetime import timedelta
+
+import psycopg
+import pytest
+from sqlalchemy import update
+
+from sepen_store.auth import authenticate, create_api_key, revoke_api_key
+from sepen_store.database import make_engine, session_factory, upgrade_database
+from sepen_store.errors import Conflict, IllegalTransition, NotFound, Unauthorized
+from sepen_store.jobs import (LostClaim, claim_job, create_job, finish_job, get_job, heartbeat, jobs_to_reenqueue,
+                              list_jobs, mark_enqueued, request_cancel)
+from sepen_store.registry import delete_version, list_adapters, parse_ref, publish_version, resolve, version_bytes
+from sepen_store.tables import Job, utcnow
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(params=["sqlite", "postgres"], scope="module")
+def sessions(request, tmp_path_factory):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'sepen.db'}"
+        upgrade_database(url)
+        engine = make_engine(url)
+        yield session_factory(engine)
+        engine.dispose()
+        return
+    name = f"sepen_store_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    upgrade_database(url)
+    engine = make_engine(url)
+    yield session_factory(engine)
+    engine.dispose()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def new_job(session, tenant="acme", kind="finetune", key=None, request=None):
+    job, _ = create_job(session, tenant, kind, request or {"n": uuid.uuid4().hex}, idempotency_key=key)
+    return job
+
+
+def test_claim_is_conditional_and_a_redelivery_is_a_no_op(sessions):
+    with sessions() as s:
+        job = new_job(s)
+        first = claim_job(s, job.id, "w1", lease_s=60)
+        assert first is not None and first.attempt == 1 and not first.resumed
+        assert claim_job(s, job.id, "w2", lease_s=60) is None  # running with a fresh heartbeat
+        assert finish_job(s, first, "succeeded", result={"ok": True})
+        assert claim_job(s, job.id, "w2", lease_s=60) is None  # finished
+        assert get_job(s, "acme", job.id).status == "succeeded"
+
+
+def test_stale_heartbeat_lets_another_worker_take_over(sessions):
+    with sessions() as s:
+        job = new_job(s)
+        old = claim_job(s, job.id, "w1", lease_s=60)
+        s.execute(update(Job).where(Job.id == job.id).values(heartbeat_at=utcnow() - timedelta(seconds=120)))
+        s.commit()
+        assert [j for j, _ in jobs_to_reenqueue(s, requeue_after_s=300, lease_s=60)] == [job.id]
+        new = claim_job(s, job.id, "w2", lease_s=60)
+        assert new is not None and new.attempt == 2 and new.resumed
+        with pytest.raises(LostClaim):
+            heartbeat(s, old, {"step": 3})
+        assert not finish_job(s, old, "succeeded")  # the old attempt can no longer write
+        assert heartbeat(s, new, {"step": 1}) is False
+        assert finish_job(s, new, "failed", error_code="x", error_message="y")
+        job = get_job(s, "acme", job.id)
+        assert (job.status, job.error_code, job.progress) == ("failed", "x", {"step": 1})
+
+
+def test_cancel_queued_running_and_finished(sessions):
+    with sessions() as s:
+        queued = new_job(s)
+        assert request_cancel(s, "acme", queued.id).status == "canceled"
+        running = new_job(s)
+        claim = claim_job(s, running.id, "w", lease_s=60)
+        assert request_cancel(s, "acme", running.id).status == "canceling"
+        assert heartbeat(s, claim) is True  # the worker sees the flag at its next step
+        assert finish_job(s, claim, "canceled")
+        assert request_cancel(s, "acme", running.id).status == "canceled"  # repeating a cancel is harmless
+        finished = new_finished(s)
+        with pytest.raises(IllegalTransition, match="is succeeded; it cannot become canceling"):
+            request_cancel(s, "acme", finished.id)
+        with pytest.raises(NotFound):
+            request_cancel(s, "other-tenant", queued.id)
+
+
+def new_finished(s):
+    job = new_job(s)
+    finish_job(s, claim_job(s, job.id, "w", lease_s=60), "succeeded")
+    return job
+
+
+def test_idempotency_key(sessions):
+    with sessions() as s:
+        key = uuid.uuid4().hex
+        a, created_a = create_job(s, "acme", "generate", {"prompt": "x"}, idempotency_key=key)
+        b, created_b = create_job(s, "acme", "generate", {"prompt": "x"}, idempotency_key=key)
+        assert created_a and not created_b and a.id == b.id
+        with pytest.raises(Conflict, match="different request"):
+            create_job(s, "acme", "generate", {"prompt": "y"}, idempotency_key=key)
+        c, created_c = create_job(s, "other", "generate", {"prompt": "x"}, idempotency_key=key)
+        assert created_c and c.id != a.id
+
+
+def test_queued_jobs_never_sent_or_long_waiting_are_re_enqueued(sessions):
+    with sessions() as s:
+        unsent = new_job(s, tenant="reenq")
+        sent = new_job(s, tenant="reenq")
+        mark_enqueued(s, sent.id)
+        ids = [j for j, _ in jobs_to_reenqueue(s, requeue_after_s=300, lease_s=60)]
+        assert unsent.id in ids and sent.id not in ids
+        time.sleep(0.05)
+        assert sent.id in [j for j, _ in jobs_to_reenqueue(s, requeue_after_s=0.01, lease_s=60)]
+
+
+def test_pagination_is_newest_first_without_gaps(sessions):
+    with sessions() as s:
+        made = [new_job(s, tenant="pages").id for _ in range(5)]
+        seen, cursor = [], None
+        for _ in range(3):
+            page, cursor = list_jobs(s, "pages", cursor=cursor, limit=2)
+            seen += [j.id for j in page]
+        assert cursor is None and seen == made[::-1]
+        finish_job(s, claim_job(s, made[0], "w", lease_s=60), "succeeded")
+        assert [j.id for j in list_jobs(s, "pages", status="succeeded")[0]] == [made[0]]
+
+
+def test_versions_are_immutable_and_one_per_job(sessions):
+    with sessions() as s:
+        def publish(job_id, data):
+            return publish_version(s, tenant="acme", name="cat-dog", job_id=job_id, data=data, base_model="tiny",
+                                   base_fingerprint="f" * 64, sha256="0" * 64, metadata={"name": "cat-dog"})
+        v1 = publish("job-1", b"one")
+        assert publish("job-1", b"one again").id == v1.id  # a retried job does not make a second version
+        v2 = publish("job-2", b"two")
+        assert (v1.version, v2.version) == (1, 2)
+        assert resolve(s, "acme", "cat-dog").id == v2.id and resolve(s, "acme", "cat-dog@1").id == v1.id
+        assert version_bytes(s, resolve(s, "acme", "cat-dog@1")) == b"one"
+        with pytest.raises(NotFound):
+            resolve(s, "other", "cat-dog")
+        user, _ = create_job(s, "acme", "generate", {"a": 1})
+        user.adapter_version_id = v2.id
+        s.commit()
+        with pytest.raises(Conflict, match=user.id):
+            delete_version(s, "acme", "cat-dog", 2)
+        finish_job(s, claim_job(s, user.id, "w", lease_s=60), "succeeded")
+        delete_version(s, "acme", "cat-dog", 2)
+        v3 = publish("job-3", b"three")
+        assert v3.version == 3  # numbers are never reused
+        assert [(a.name, n, latest) for a, n, latest in list_adapters(s, "acme")] == [("cat-dog", 2, 3)]
+
+
+def test_adapter_refs():
+    assert parse_ref("cat-dog") == ("cat-dog", None) and parse_ref("cat-dog@12") == ("cat-dog", 12)
+    for bad in ("Cat", "cat@0", "cat@x", "", "-cat", "a" * 65):
+        with pytest.raises(ValueError):
+            parse_ref(bad)
+
+
+def test_api_keys_are_hashed_and_revocable(sessions):
+    with sessions() as s:
+        key = create_api_key(s, "acme", "ci")
+        assert key.startswith("sk_sepen_") and authenticate(s, key) == "acme"
+        with pytest.raises(Unauthorized):
+            authenticate(s, key + "x")
+        with pytest.raises(Unauthorized):
+            authenticate(s, None)
+        assert revoke_api_key(s, key[:15]) == 1
+        with pytest.raises(Unauthorized, match="revoked"):
+            authenticate(s, key)
