@@ -8,7 +8,6 @@ finetune and/or generate queues, plus the reconciler that re-sends jobs whose me
 from __future__ import annotations
 
 import argparse
-import os
 import logging
 import threading
 
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sepen-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--queues", default="finetune,generate", help="comma-separated: finetune, generate")
     parser.add_argument("--loglevel", default="INFO")
-    parser.add_argument("--hostname", help="Celery node name (default sepen@<host>.<pid>)")
+    parser.add_argument("--hostname", default="sepen@%h", help="Celery node name; give each worker on a host its own (default sepen@%%h)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     start_reconciler(app, runtime)
     worker_args = ["worker", "--pool=solo", "--concurrency=1", f"--queues={','.join(QUEUES[k] for k in kinds)}",
                    f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle",
-                   f"--hostname={args.hostname or f'sepen@%h.{os.getpid()}'}"]
+                   f"--hostname={args.hostname}"]
     app.worker_main(worker_args)
     return 0
 
