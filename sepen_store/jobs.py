@@ -92,7 +92,7 @@ def list_jobs(session: Session, tenant: str, *, status: str | None = None, kind:
         try:
             after = datetime.fromisoformat(stamp)
         except ValueError as exc:
-            raise Conflict("cursor is not one this API returned") from exc
+            raise ValueError("cursor is not one this API returned") from exc
         query = query.where(or_(Job.created_at < after, and_(Job.created_at == after, Job.id < last_id)))
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     next_cursor = None

@@ -27,8 +27,12 @@ def broker_settings(settings: Settings) -> tuple[str, dict]:
                                  "socket_timeout": 5}
 
 
-def make_celery(settings: Settings) -> Celery:
+def make_celery(settings: Settings, *, fail_fast: bool = False) -> Celery:
+    """The Celery app of the contract. fail_fast (for senders: the gateway, the reconciler): one connection
+    try, no kombu retry back-off (about 6 s), since the job row is already stored and is re-sent later."""
     url, transport_options = broker_settings(settings)
+    if fail_fast:
+        transport_options = {**transport_options, "max_retries": 1, "interval_start": 0}
     app = Celery("sepen", broker=url, set_as_current=False)
     app.conf.update(
         broker_transport_options=transport_options,

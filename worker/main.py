@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     app = make_celery(settings)
     runtime = Runtime.create(settings, session_factory(make_engine(settings.database_url)))
     register_tasks(app, runtime)
-    start_reconciler(app, runtime)
+    start_reconciler(make_celery(settings, fail_fast=True), runtime)
     worker_args = ["worker", "--pool=solo", "--concurrency=1", f"--queues={','.join(QUEUES[k] for k in kinds)}",
                    f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle",
                    f"--hostname={args.hostname}"]

@@ -1,0 +1,52 @@
+"""`sepen-admin`: operator commands: migrate the database, create and revoke API keys (settings from SEPEN_* variables)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sepen_store.auth import create_api_key, revoke_api_key
+from sepen_store.database import make_engine, session_factory, upgrade_database
+from sepen_store.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sepen-admin", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply the database migrations (safe to repeat)")
+    create = sub.add_parser("create-key", help="create an API key for a tenant and print it (it is shown only once)")
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for (1-64 characters)")
+    create.add_argument("--name", default="", help="a label for the key, e.g. who holds it")
+    revoke = sub.add_parser("revoke-key", help="revoke the keys that start with PREFIX (as shown when listed)")
+    revoke.add_argument("prefix")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings.from_env()
+    if args.command == "migrate":
+        upgrade_database(settings.database_url)
+        print("database is at the latest schema", file=sys.stderr)
+        return 0
+    engine = make_engine(settings.database_url)
+    try:
+        with session_factory(engine)() as session:
+            if args.command == "create-key":
+                try:
+                    key = create_api_key(session, args.tenant, args.name)
+                except ValueError as exc:
+                    print(f"sepen-admin: {exc}", file=sys.stderr)
+                    return 2
+                print(key)
+            else:
+                count = revoke_api_key(session, args.prefix)
+                print(f"revoked {count} key(s)", file=sys.stderr)
+                return 0 if count else 1
+    finally:
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""POST /finetune: validate the concept set and recipe with sepen_core's own classes, then queue the finetune job."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from sepen_core.config import FinetuneConfig, MapConfig
+from sepen_core.errors import ConfigError
+from sepen_core.prompts import ConceptSet
+from service.deps import CeleryDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
+from service.errors import ApiError, invalid_setting
+from service.routes.models import resolve_model
+from service.schemas import LARGE_SCALE, ErrorOut, FinetuneIn, RecipeIn, SubmittedJob
+from service.submission import submit_job, submitted
+
+router = APIRouter(tags=["finetune"])
+
+# ConceptSet's field names -> the request's.
+_CONCEPT_FIELDS = {"groups": "concepts.pairs", "collection": "concepts.collection", "held_out": "concepts.held_out",
+                   "templates": "templates", "concepts": "concepts", "prior_template": "concepts"}
+_MAP_FIELDS = ("normalization", "map_downsample")
+
+
+def build_concept_set(body: FinetuneIn) -> ConceptSet:
+    concepts = body.concepts
+    templates = tuple(body.templates or ())
+    given = [name for name in ("pairs", "collection") if getattr(concepts, name) is not None]
+    if len(given) != 1:
+        raise ApiError(422, "validation_error", "concepts: give exactly one of 'pairs' or 'collection'", field="concepts")
+    try:
+        if concepts.pairs is not None:
+            if concepts.held_out:
+                raise ApiError(422, "validation_error", "concepts.held_out: held-out concepts only apply to a collection",
+                               field="concepts.held_out")
+            return ConceptSet.pairs(*concepts.pairs, templates=templates)
+        if concepts.collection == LARGE_SCALE:
+            if concepts.held_out:
+                raise ApiError(422, "validation_error", "concepts.held_out: the large-scale collection has a fixed held-out "
+                                                       "list; remove held_out or list the collection yourself",
+                               field="concepts.held_out")
+            return ConceptSet.large_scale(templates=templates)
+        return ConceptSet(collection=tuple(concepts.collection), held_out=tuple(concepts.held_out or ()), templates=templates)
+    except ConfigError as exc:
+        raise invalid_setting(exc, _CONCEPT_FIELDS.get(exc.field, "concepts")) from exc
+
+
+def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> FinetuneConfig:
+    """The paper's pair recipe for groups, its large-scale recipe for a collection, with the request's overrides."""
+    given = recipe.model_dump(exclude_none=True)
+    map_settings = {name: given.pop(name) for name in _MAP_FIELDS if name in given}
+    try:
+        maps = MapConfig(**map_settings)
+    except ConfigError as exc:
+        raise invalid_setting(exc, f"recipe.{exc.field}") from exc
+    try:
+        if concept_set.mode == "collection":
+            return FinetuneConfig.large_scale(**given, maps=maps)
+        return FinetuneConfig(**given, maps=maps)
+    except ConfigError as exc:
+        raise invalid_setting(exc, f"recipe.{exc.field}") from exc
+
+
+@router.post("/finetune", status_code=202, response_model=SubmittedJob,
+             responses={200: {"model": SubmittedJob, "description": "an Idempotency-Key replay: the job the first try created"},
+                        404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+def submit_finetune(body: FinetuneIn, response: Response, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+                    celery: CeleryDep, idempotency_key: IdempotencyKeyDep = None) -> SubmittedJob:
+    """Queue a SepEn finetune that publishes the next version of adapter `adapter`; poll the job at `url`."""
+    model = resolve_model(settings, body.model)
+    concept_set = build_concept_set(body)
+    config = build_recipe(body.recipe, concept_set)
+    request = {"adapter": body.adapter, "model": model, "concepts": concept_set.to_dict(), "recipe": config.to_dict()}
+    job, created = submit_job(session, celery, tenant, "finetune", request, idempotency_key=idempotency_key)
+    return submitted(response, job, created)

@@ -1,0 +1,78 @@
+"""POST /generate: pin the adapter version and the seed now, so the queued job is reproducible, then queue it."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from fastapi import APIRouter, Response
+
+from sepen_core.config import MapConfig, SampleConfig
+from sepen_core.errors import ConfigError
+from sepen_store.errors import NotFound
+from sepen_store.registry import parse_ref, resolve
+from sepen_store.settings import Settings
+from sepen_store.tables import AdapterVersion
+from service.deps import CeleryDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
+from service.errors import ApiError, invalid_setting
+from service.routes.models import resolve_model
+from service.schemas import ErrorOut, GenerateIn, SubmittedJob
+from service.submission import submit_job, submitted
+
+router = APIRouter(tags=["generate"])
+
+# SampleConfig's field names -> the request's.
+_SAMPLE_FIELDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images": "images",
+                  "maps": "normalization", "normalization": "normalization"}
+SEED_RANGE = 2**31
+
+
+def pick_seed(tenant: str, idempotency_key: str | None) -> int:
+    if idempotency_key is None:
+        return secrets.randbelow(SEED_RANGE)
+    # A retry with the same key must build the same request (else it would be a 409), so the seed comes from the key.
+    digest = hashlib.sha256(f"{tenant}\0{idempotency_key}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % SEED_RANGE
+
+
+def pick_model(settings: Settings, requested: str | None, version: AdapterVersion | None, ref: str | None) -> str:
+    """The requested model; without one, the adapter's base model when this service has it, else the default."""
+    trained_on = version.base_model if version is not None and version.base_model in settings.models else None
+    if requested is None:
+        return trained_on or settings.default_model
+    model = resolve_model(settings, requested)
+    if trained_on is not None and trained_on != model:
+        raise ApiError(422, "validation_error", f"model: adapter {ref} was finetuned on {trained_on!r}, not {model!r}; "
+                                                f"use model {trained_on!r} or omit it", field="model")
+    return model
+
+
+@router.post("/generate", status_code=202, response_model=SubmittedJob,
+             responses={200: {"model": SubmittedJob, "description": "an Idempotency-Key replay: the job the first try created"},
+                        404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+def submit_generate(body: GenerateIn, response: Response, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+                    celery: CeleryDep, idempotency_key: IdempotencyKeyDep = None) -> SubmittedJob:
+    """Queue sampling `images` images of `prompt`, optionally with an adapter and per-concept heatmaps."""
+    if body.model is not None:
+        resolve_model(settings, body.model)
+    version, ref = None, None
+    if body.adapter is not None:
+        try:
+            version = resolve(session, tenant, body.adapter)
+        except NotFound as exc:
+            raise ApiError(404, "adapter_not_found", f"adapter {body.adapter!r} not found (GET /adapters lists yours)",
+                           field="adapter") from exc
+        ref = f"{parse_ref(body.adapter)[0]}@{version.version}"
+    model = pick_model(settings, body.model, version, ref)
+    seed = body.seed if body.seed is not None else pick_seed(tenant, idempotency_key)
+    try:
+        sample = SampleConfig(num_inference_steps=body.steps, guidance_scale=body.guidance, height=body.height,
+                              width=body.width, num_images=body.images, seed=seed, negative_prompt=body.negative_prompt,
+                              maps=MapConfig(normalization=body.normalization))
+    except ConfigError as exc:
+        raise invalid_setting(exc, _SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
+    request = {"prompt": body.prompt, "model": model, "adapter": ref, "concepts": list(body.concepts or []),
+               "sample": sample.to_dict()}
+    job, created = submit_job(session, celery, tenant, "generate", request, idempotency_key=idempotency_key,
+                              adapter_version_id=version.id if version is not None else None)
+    return submitted(response, job, created)

@@ -1,0 +1,309 @@
+"""Request and response bodies of the HTTP API (pydantic v2), kept apart from the tables they are stored in."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from sepen_core.config import GRAD_MODES, NORMALIZATIONS
+from sepen_store.jobs import TERMINAL
+from sepen_store.registry import parse_ref
+from sepen_store.tables import Adapter, AdapterVersion, Job
+
+MAX_STEPS = 100_000
+MAX_BATCH_SIZE = 64
+MAX_GROUPS = 500
+MAX_COLLECTION = 5_000
+LARGE_SCALE = "large-scale"
+
+ConceptName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+Template = Annotated[str, StringConstraints(min_length=1, max_length=300)]
+
+
+class RequestBody(BaseModel):
+    """Unknown fields are an error: a misspelt setting must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["job_not_found"])
+    message: str
+    field: str | None = Field(None, description="dotted path of the request field at fault, e.g. recipe.steps")
+
+
+class ErrorOut(BaseModel):
+    error: ErrorDetail
+
+
+# ---- POST /finetune -----------------------------------------------------------------------------
+
+def _collection(value: Any, handler) -> Any:
+    # Without this, pydantic reports one error per union member, under loc parts like 'list[str]'.
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError(
+            "collection_type", f"must be a list of at most {MAX_COLLECTION} concept names (each 1-100 characters) "
+                               f"or the string {LARGE_SCALE!r}") from None
+
+
+class ConceptsIn(RequestBody):
+    """Exactly one of: `pairs`; `collection` (+ optional `held_out`); `collection: "large-scale"`."""
+
+    pairs: Annotated[list[Annotated[list[ConceptName], Field(min_length=2, max_length=8)]] | None,
+                     Field(max_length=MAX_GROUPS, description="concept groups of 2-8 concepts, each trained together",
+                           examples=[[["cat", "dog"]]])] = None
+    collection: Annotated[Annotated[list[ConceptName], Field(max_length=MAX_COLLECTION)] | Literal["large-scale"] | None,
+                          WrapValidator(_collection),
+                          Field(description="many concepts paired at random, or 'large-scale' for the project's "
+                                            "220-concept set")] = None
+    held_out: list[ConceptName] | None = Field(None, max_length=MAX_COLLECTION,
+                                               description="concepts of the collection never used in finetuning")
+
+
+class RecipeIn(RequestBody):
+    """Overrides of the recipe's defaults (the paper's pair recipe, or its large-scale recipe for a collection)."""
+
+    steps: StrictInt | None = Field(None, ge=1, le=MAX_STEPS)
+    learning_rate: float | None = None
+    batch_size: StrictInt | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
+    lambda_sep: float | None = None
+    lambda_en: float | None = None
+    prior_weight: float | None = None
+    seed: StrictInt | None = None
+    grad_mode: Literal[GRAD_MODES] | None = None  # type: ignore[valid-type]
+    normalization: Literal[NORMALIZATIONS] | None = None  # type: ignore[valid-type]
+    map_downsample: StrictInt | None = None
+
+
+def _adapter_ref(value: str | None, *, versioned: bool) -> str | None:
+    if value is None:
+        return None
+    try:
+        _, version = parse_ref(value)
+    except ValueError as exc:
+        raise PydanticCustomError("adapter_ref", str(exc)) from None
+    if version is not None and not versioned:
+        raise PydanticCustomError("adapter_ref", "give the adapter name without '@N': each finetune publishes its next version")
+    return value
+
+
+class FinetuneIn(RequestBody):
+    adapter: str = Field(description="adapter name; the job publishes its next version name@N", examples=["cat-dog"])
+    model: str | None = Field(None, description="base model name (GET /models); default: the service's default model")
+    concepts: ConceptsIn
+    templates: list[Template] | None = Field(None, max_length=100, examples=[["a photo of a {A} and a {B}"]],
+                                             description="prompt templates with slots {A}, {B}, ...")
+    recipe: RecipeIn = Field(default_factory=RecipeIn)
+
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapter(cls, value: str) -> str:
+        return _adapter_ref(value, versioned=False)
+
+
+# ---- POST /generate -----------------------------------------------------------------------------
+
+def concept_in_prompt(concept: str, prompt: str) -> bool:
+    """A whole-word (case-insensitive, as CLIP lowercases) occurrence of the concept in the prompt."""
+    return re.search(rf"(?<!\w){re.escape(concept.strip())}(?!\w)", prompt, re.IGNORECASE) is not None
+
+
+class GenerateIn(RequestBody):
+    prompt: str = Field(min_length=1, max_length=1000, examples=["a photo of a cat and a dog"])
+    model: str | None = Field(None, description="base model name; default: the adapter's base model, else the service's default")
+    adapter: str | None = Field(None, description="'name' (its latest version) or 'name@N'", examples=["cat-dog@1"])
+    images: StrictInt = Field(1, ge=1, le=8)
+    steps: StrictInt = Field(50, ge=1, le=200, description="denoising steps")
+    guidance: float = Field(6.0, ge=0, le=30, description="classifier-free guidance scale")
+    height: StrictInt | None = Field(None, ge=64, le=1024, multiple_of=8, description="pixels; default: the model's own size")
+    width: StrictInt | None = Field(None, ge=64, le=1024, multiple_of=8)
+    seed: StrictInt | None = Field(None, ge=0, lt=2**31, description="image i uses seed + i; omitted: a random seed, stored")
+    negative_prompt: str = Field("", max_length=1000)
+    concepts: list[ConceptName] | None = Field(None, min_length=2, max_length=8, examples=[["cat", "dog"]],
+                                              description="objects of the prompt whose attention heatmaps to render")
+    normalization: Literal[NORMALIZATIONS] = "raw"  # type: ignore[valid-type]
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("blank_prompt", "must contain some text, not only spaces")
+        return value
+
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapter(cls, value: str | None) -> str | None:
+        return _adapter_ref(value, versioned=True)
+
+    @field_validator("concepts")
+    @classmethod
+    def _check_concepts(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None:
+            return None
+        if len({c.strip().lower() for c in value}) != len(value):
+            raise PydanticCustomError("concepts", "each concept must be given once")
+        prompt = info.data.get("prompt")
+        if prompt is not None:
+            missing = [c for c in value if not concept_in_prompt(c, prompt)]
+            if missing:
+                raise PydanticCustomError("concepts", "{missing} must appear in the prompt as whole words; "
+                                                      "add it to the prompt or remove it from concepts",
+                                          {"missing": repr(missing[0])})
+        return [c.strip() for c in value]
+
+
+# ---- jobs ---------------------------------------------------------------------------------------
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobLinks(BaseModel):
+    self: str
+    cancel: str | None = Field(None, description="present while the job can still be canceled")
+    images: list[str] = Field(default_factory=list)
+    heatmaps: list[str] = Field(default_factory=list)
+    adapter: str | None = Field(None, description="weights of the adapter version the job published or used")
+
+
+def _image_links(url: str, result: dict) -> tuple[list[str], list[str]]:
+    """Image and heatmap URLs of a result listing its images: entries like {"index", "seed", "heatmap_url"...}
+    as the worker writes them, or a plain count; a separate "heatmaps" list or count is honoured too."""
+    listed = result.get("images")
+    if isinstance(listed, int) and not isinstance(listed, bool):
+        listed = [{}] * max(listed, 0)
+    entries = listed if isinstance(listed, list) else []
+    images, heatmaps = [], []
+    for position, entry in enumerate(entries):
+        entry = entry if isinstance(entry, dict) else {}
+        index = entry.get("index", position)
+        images.append(f"{url}/images/{index}")
+        if entry.get("heatmap_url") or entry.get("heatmap"):
+            heatmaps.append(f"{url}/heatmaps/{index}")
+    separate = result.get("heatmaps")
+    if not heatmaps and isinstance(separate, list | int) and not isinstance(separate, bool):
+        heatmaps = [f"{url}/heatmaps/{i}" for i in range(separate if isinstance(separate, int) else len(separate))]
+    return images, heatmaps
+
+
+def _adapter_link(result: dict) -> str | None:
+    ref = result.get("adapter")
+    if isinstance(ref, dict):
+        ref = ref.get("ref")
+    if not isinstance(ref, str):
+        return None
+    try:
+        name, version = parse_ref(ref)
+    except ValueError:
+        return None
+    return f"/adapters/{name}" if version is None else f"/adapters/{name}/{version}/weights"
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: Literal["finetune", "generate"]
+    status: Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: dict[str, Any] | None = Field(description="what the worker last reported: step, total, eta_s, losses...")
+    result: dict[str, Any] | None
+    error: JobError | None
+    request: dict[str, Any]
+    links: JobLinks
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        url = f"/jobs/{job.id}"
+        result = job.result or {}
+        images, heatmaps = _image_links(url, result)
+        links = JobLinks(self=url, cancel=None if job.status in TERMINAL else f"{url}/cancel", images=images,
+                         heatmaps=heatmaps, adapter=_adapter_link(result))
+        error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+        return cls(id=job.id, kind=job.kind, status=job.status, created_at=job.created_at, started_at=job.started_at,
+                   finished_at=job.finished_at, progress=job.progress, result=job.result, error=error,
+                   request=job.request, links=links)
+
+
+class SubmittedJob(BaseModel):
+    job: JobOut
+    url: str = Field(examples=["/jobs/0f3c2a..."])
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+# ---- adapters and models ------------------------------------------------------------------------
+
+class AdapterSummary(BaseModel):
+    name: str
+    versions: int
+    latest: int | None = Field(description="the newest version number; null when every version was deleted")
+    created_at: datetime
+
+
+class AdapterVersionOut(BaseModel):
+    version: int
+    ref: str = Field(examples=["cat-dog@1"])
+    base_model: str
+    base_fingerprint: str
+    sha256: str
+    size: int
+    created_at: datetime
+    metadata: dict[str, Any]
+    job_id: str
+    weights: str = Field(description="URL of the safetensors file")
+
+    @classmethod
+    def of(cls, name: str, version: AdapterVersion) -> AdapterVersionOut:
+        return cls(version=version.version, ref=f"{name}@{version.version}", base_model=version.base_model,
+                   base_fingerprint=version.base_fingerprint, sha256=version.sha256, size=version.size,
+                   created_at=version.created_at, metadata=version.meta, job_id=version.job_id,
+                   weights=f"/adapters/{name}/{version.version}/weights")
+
+
+class AdapterOut(BaseModel):
+    name: str
+    created_at: datetime
+    versions: list[AdapterVersionOut]
+
+    @classmethod
+    def of(cls, adapter: Adapter) -> AdapterOut:
+        return cls(name=adapter.name, created_at=adapter.created_at,
+                   versions=[AdapterVersionOut.of(adapter.name, v) for v in adapter.versions])
+
+
+class ModelOut(BaseModel):
+    name: str
+    default: bool
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadinessOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(examples=[{"database": "ok", "broker": "ok"}])
+    error: ErrorDetail | None = None

@@ -1,0 +1,47 @@
+"""Submitting a job: store it (idempotently) and commit, then send its broker message, surviving a broker that is down."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from fastapi import Response
+from sqlalchemy.orm import Session
+
+from sepen_store.errors import Conflict
+from sepen_store.jobs import create_job, mark_enqueued
+from sepen_store.queue import enqueue
+from sepen_store.tables import Job
+from service.errors import ApiError
+from service.schemas import JobOut, SubmittedJob
+
+logger = logging.getLogger(__name__)
+
+
+def submit_job(session: Session, celery: Celery, tenant: str, kind: str, request: dict, *,
+               idempotency_key: str | None, adapter_version_id: str | None = None) -> tuple[Job, bool]:
+    """The stored job and whether this call created it (False: an Idempotency-Key retry, nothing is sent again)."""
+    try:
+        job, created = create_job(session, tenant, kind, request, idempotency_key=idempotency_key,
+                                  adapter_version_id=adapter_version_id)
+    except Conflict as exc:
+        raise ApiError(409, "idempotency_key_reused", f"{exc}; use a new Idempotency-Key for a new request",
+                       field="Idempotency-Key") from exc
+    if created:
+        try:
+            enqueue(celery, kind, job.id)
+        except Exception as exc:  # any broker failure: the row is committed, the reconciler re-sends queued jobs
+            logger.warning("job %s stored but not enqueued (broker unavailable: %s); the reconciler will send it", job.id, exc)
+        else:
+            mark_enqueued(session, job.id)
+    return job, created
+
+
+def submitted(response: Response, job: Job, created: bool) -> SubmittedJob:
+    """202 with the job for a new submission; 200 with the same body for an Idempotency-Key replay."""
+    url = f"/jobs/{job.id}"
+    response.status_code = 202 if created else 200
+    response.headers["Location"] = url
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return SubmittedJob(job=JobOut.of(job), url=url)

@@ -1,0 +1,127 @@
+"""The service end to end through HTTP, with real processes: finetune then generate with `name@1`,
+downloads, cancellation, a worker killed mid-finetune, a broker restart, and the 4xx answers.
+Runs against Postgres + Redis + Celery workers, and again in the embedded mode."""
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from sepen_core.adapters import KeyProjectionAdapter
+from tests.e2e.conftest import wait_for_job, wait_until
+
+FAST_RECIPE = {"steps": 8, "batch_size": 2, "learning_rate": 0.02, "normalization": "content"}
+
+
+def submit_finetune(client, name, steps=8, **extra):
+    body = {"adapter": name, "concepts": {"pairs": [["cat", "dog"]]}, "recipe": {**FAST_RECIPE, "steps": steps}, **extra}
+    response = client.post("/finetune", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["job"]
+
+
+def test_finetune_then_generate_with_the_new_version(deployment, api_key):
+    with deployment.client(api_key) as client:
+        job = submit_finetune(client, "cat-dog")
+        assert job["status"] == "queued" and job["kind"] == "finetune"
+        done = wait_for_job(client, job["id"])
+        assert done["status"] == "succeeded", done
+        result = done["result"]
+        assert result["adapter"] == "cat-dog@1" and result["version"] == 1
+        summary = result["summary"]
+        assert len(summary["loss_curve"]) == 8 and summary["diagnostics"][0]["before"]["concepts"] == ["cat", "dog"]
+        assert done["progress"]["step"] == 8 and done["progress"]["total"] == 8
+
+        response = client.post("/generate", json={"prompt": "a photo of a cat and a dog", "adapter": "cat-dog@1",
+                                                  "images": 2, "steps": 4, "seed": 11, "concepts": ["cat", "dog"],
+                                                  "normalization": "content"})
+        assert response.status_code == 202, response.text
+        gen = wait_for_job(client, response.json()["job"]["id"])
+        assert gen["status"] == "succeeded", gen
+        assert [i["seed"] for i in gen["result"]["images"]] == [11, 12]
+
+        png = client.get(f"/jobs/{gen['id']}/images/1")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(png.content))
+        assert image.size == (64, 64)
+        assert image.text["prompt"] == "a photo of a cat and a dog" and image.text["seed"] == "12"
+        assert image.text["adapter"] == "cat-dog@1" and image.text["model"] == "sepen-tiny"
+        heatmap = client.get(f"/jobs/{gen['id']}/heatmaps/0")
+        assert heatmap.status_code == 200 and Image.open(io.BytesIO(heatmap.content)).size[0] == 3 * 64
+        assert set(gen["result"]["images"][0]["scores"]["peaks"]) == {"cat", "dog"}
+
+        weights = client.get("/adapters/cat-dog/1/weights")
+        assert weights.status_code == 200
+        adapter = KeyProjectionAdapter.from_bytes(weights.content)
+        assert adapter.metadata["job_id"] == job["id"] and adapter.metadata["name"] == "cat-dog"
+        assert len(adapter.deltas) == 16 and adapter.sha256 == result["sha256"]
+        listing = client.get("/adapters/cat-dog").json()
+        assert [v["version"] for v in listing["versions"]] == [1]
+
+
+def test_cancel_a_queued_and_a_running_job(deployment, api_key):
+    with deployment.client(api_key) as client:
+        running = submit_finetune(client, "long-one", steps=400)
+        wait_until(lambda: (client.get(f"/jobs/{running['id']}").json().get("progress") or {}).get("step", 0) >= 2,
+                   120, "the long finetune to start")
+        queued = submit_finetune(client, "never-runs", steps=5)  # the solo worker is busy: this one waits
+        response = client.post(f"/jobs/{queued['id']}/cancel")
+        assert response.status_code == 202 and response.json()["status"] == "canceled"
+        response = client.post(f"/jobs/{running['id']}/cancel")
+        assert response.status_code == 202 and response.json()["status"] in ("canceling", "canceled")
+        final = wait_for_job(client, running["id"], timeout=60)
+        assert final["status"] == "canceled" and final["progress"]["step"] < 400
+        assert client.post(f"/jobs/{running['id']}/cancel").json()["status"] == "canceled"  # repeating is harmless
+        assert client.get(f"/jobs/{queued['id']}").json()["status"] == "canceled"
+        assert client.get("/adapters/never-runs").status_code == 404
+
+
+def test_killed_worker_resumes_and_yields_exactly_one_version(deployment, api_key):
+    with deployment.client(api_key) as client:
+        job = submit_finetune(client, "survivor", steps=40)
+        wait_until(lambda: (client.get(f"/jobs/{job['id']}").json().get("progress") or {}).get("step", 0) >= 12,
+                   120, "the finetune to pass its first checkpoints")
+        victim = next(w for w in deployment.workers if w.poll() is None)
+        deployment.kill_worker(victim)
+        assert client.get(f"/jobs/{job['id']}").json()["status"] == "running"  # orphaned until its lease runs out
+        deployment.start_worker()
+        done = wait_for_job(client, job["id"], timeout=180)
+        assert done["status"] == "succeeded", done
+        assert done["result"]["summary"]["resumed_from_step"] >= 10
+        assert done["result"]["adapter"] == "survivor@1"
+        assert [v["version"] for v in client.get("/adapters/survivor").json()["versions"]] == [1]
+
+
+def test_broker_restart_loses_no_queued_job(deployment, api_key):
+    if deployment.redis is None:
+        pytest.skip("the embedded mode has no broker server to restart")
+    with deployment.client(api_key) as client:
+        deployment.redis.stop()
+        ids = []
+        for seed in range(3):
+            response = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 2, "seed": seed})
+            assert response.status_code == 202, response.text  # stored even though it could not be sent
+            ids.append(response.json()["job"]["id"])
+        deployment.redis.start()  # an empty broker: nothing it held survived
+        for job_id in ids:
+            assert wait_for_job(client, job_id, timeout=120)["status"] == "succeeded"
+
+
+def test_client_errors(deployment, api_key, other_key):
+    with deployment.client(api_key) as client, deployment.client(other_key) as other, \
+            deployment.client("sk_sepen_wrong") as stranger:
+        assert stranger.get("/jobs").status_code == 401
+        job = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 2}).json()["job"]
+        assert other.get(f"/jobs/{job['id']}").status_code == 404
+        assert other.get("/adapters/cat-dog").status_code == 404
+        bad = client.post("/generate", json={"prompt": "a cat", "steps": 0})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "steps"
+        missing = client.post("/generate", json={"prompt": "a cat", "adapter": "nope@3"})
+        assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+        unknown_model = client.post("/generate", json={"prompt": "a cat", "model": "sd-9"})
+        assert unknown_model.status_code == 404 and "sd-9" in unknown_model.json()["error"]["message"]
+        huge = client.post("/generate", content=json.dumps({"prompt": "x" * 2_000_000}),
+                           headers={"content-type": "application/json"})
+        assert huge.status_code == 413
+        wait_for_job(client, job["id"])

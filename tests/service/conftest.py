@@ -1,0 +1,144 @@
+"""Gateway fixtures: a fresh Postgres database migrated with Alembic, Redis db 14 as the broker, an app, and API keys."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import psycopg
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from sepen_store.auth import create_api_key
+from sepen_store.database import make_engine, session_factory, upgrade_database
+from sepen_store.registry import publish_version
+from sepen_store.settings import Settings
+from sepen_store.tables import new_id
+from service.app import create_app
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+CLOSED_BROKER_URL = "redis://127.0.0.1:6390/0"  # nothing listens here: a broker that is down
+MODELS = {"sepen-tiny": "tiny", "sd15": "/models/sd15"}
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A database of its own for this test session, migrated to head, dropped at the end."""
+    name = f"sepen_test_{secrets.token_hex(4)}"
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"the gateway tests need Postgres at 127.0.0.1:5432 (user postgres): {exc}")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    try:
+        upgrade_database(url)
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_client():
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+    try:
+        client.flushdb()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"the gateway tests need Redis at 127.0.0.1:6379: {exc}")
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def service_settings(pg_url, redis_client, tmp_path_factory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("sepen"), database_url=pg_url, broker_url=REDIS_URL, models=MODELS,
+                    default_model="sepen-tiny")
+
+
+@pytest.fixture(scope="session")
+def client(service_settings):
+    with TestClient(create_app(service_settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def down_client(service_settings):
+    """The same service, with its broker down."""
+    with TestClient(create_app(service_settings.with_(broker_url=CLOSED_BROKER_URL))) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def sessions(pg_url):
+    engine = make_engine(pg_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def db(sessions):
+    with sessions() as session:
+        yield session
+
+
+def _tenant() -> str:
+    return f"tenant-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A new tenant per test, so that listings start empty."""
+    return _tenant()
+
+
+@pytest.fixture
+def other_tenant() -> str:
+    return _tenant()
+
+
+@pytest.fixture
+def api_key(db, tenant) -> str:
+    return create_api_key(db, tenant, "tests")
+
+
+@pytest.fixture
+def other_api_key(db, other_tenant) -> str:
+    return create_api_key(db, other_tenant, "tests")
+
+
+@pytest.fixture
+def auth(api_key) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
+
+
+@pytest.fixture
+def other_auth(other_api_key) -> dict[str, str]:
+    return {"Authorization": f"Bearer {other_api_key}"}
+
+
+@pytest.fixture
+def publish(db):
+    """publish(tenant, name, data=...) stores a new adapter version as a finetune job would (no worker needed)."""
+
+    def publish_adapter(tenant: str, name: str, data: bytes = b"not really safetensors", base_model: str = "sepen-tiny"):
+        return publish_version(db, tenant=tenant, name=name, job_id=new_id(), data=data, base_model=base_model,
+                               base_fingerprint="f" * 64, sha256=hashlib.sha256(data).hexdigest(),
+                               metadata={"concepts": [["cat", "dog"]], "steps": 3})
+
+    return publish_adapter
+
+
+@pytest.fixture
+def error_of():
+    """error_of(response): the error object of a response, after checking it has the one error shape."""
+
+    def check(response) -> dict:
+        body = response.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}, body
+        return body["error"]
+
+    return check

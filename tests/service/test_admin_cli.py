@@ -1,0 +1,26 @@
+"""`sepen-admin`: migrate, create-key (the printed key authenticates), revoke-key; settings from SEPEN_* variables."""
+
+from __future__ import annotations
+
+from sepen_store.auth import authenticate
+from service.admin import main
+
+
+def test_migrate_create_and_revoke_a_key(pg_url, db, monkeypatch, capsys, client):
+    monkeypatch.setenv("SEPEN_DATABASE_URL", pg_url)
+    assert main(["migrate"]) == 0  # already at head: a no-op
+
+    assert main(["create-key", "--tenant", "acme", "--name", "ci"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("sk_sepen_")
+    assert authenticate(db, key) == "acme"
+    assert client.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+    assert main(["revoke-key", key[:15]]) == 0
+    assert client.get("/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_create_key_refuses_a_bad_tenant(pg_url, monkeypatch, capsys):
+    monkeypatch.setenv("SEPEN_DATABASE_URL", pg_url)
+    assert main(["create-key", "--tenant", "x" * 65]) == 2
+    assert "tenant" in capsys.readouterr().err

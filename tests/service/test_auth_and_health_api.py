@@ -1,0 +1,86 @@
+"""API keys on every resource, the open health and docs endpoints, /models, /readyz with a dependency down, OpenAPI."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from sepen_store.auth import revoke_api_key
+from service.app import create_app
+
+PROTECTED = [
+    ("POST", "/finetune"), ("POST", "/generate"), ("GET", "/jobs"), ("GET", "/jobs/abc"), ("POST", "/jobs/abc/cancel"),
+    ("GET", "/jobs/abc/images/0"), ("GET", "/jobs/abc/heatmaps/0"), ("GET", "/adapters"), ("GET", "/adapters/x"),
+    ("GET", "/adapters/x/1/weights"), ("DELETE", "/adapters/x/1"), ("GET", "/models"),
+]
+
+
+@pytest.mark.parametrize("method, url", PROTECTED)
+@pytest.mark.parametrize("authorization", [None, "Bearer sk_sepen_wrong", "Basic dXNlcjpwYXNz", "Bearer "])
+def test_every_resource_needs_a_valid_key(client, error_of, method, url, authorization):
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    response = client.request(method, url, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert error_of(response)["code"] == "unauthorized"
+
+
+def test_a_revoked_key_is_refused(client, db, api_key, auth):
+    assert client.get("/jobs", headers=auth).status_code == 200
+    assert revoke_api_key(db, api_key[:15]) == 1
+    assert client.get("/jobs", headers=auth).status_code == 401
+
+
+@pytest.mark.parametrize("url", ["/healthz", "/readyz", "/docs", "/openapi.json"])
+def test_open_endpoints_need_no_key(client, url):
+    assert client.get(url).status_code == 200
+
+
+def test_healthz(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_when_all_is_up(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+
+
+def test_readyz_names_a_broker_that_is_down(down_client):
+    response = down_client.get("/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["checks"]["database"] == "ok" and body["checks"]["broker"].startswith("unavailable")
+    assert body["error"]["code"] == "not_ready" and "broker" in body["error"]["message"]
+
+
+def test_readyz_names_a_database_that_is_down(service_settings):
+    settings = service_settings.with_(database_url="postgresql+psycopg://postgres@127.0.0.1:5499/none")
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+        assert client.get("/healthz").status_code == 200  # liveness does no I/O
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"].startswith("unavailable") and response.json()["checks"]["broker"] == "ok"
+
+
+def test_models(client, auth):
+    assert client.get("/models", headers=auth).json() == [{"name": "sepen-tiny", "default": True},
+                                                           {"name": "sd15", "default": False}]
+
+
+def test_unknown_path_and_method_use_the_error_shape(client, auth, error_of):
+    missing = client.get("/nothing-here", headers=auth)
+    assert missing.status_code == 404 and error_of(missing)["code"] == "not_found"
+    wrong = client.put("/jobs", headers=auth)
+    assert wrong.status_code == 405 and error_of(wrong)["code"] == "method_not_allowed"
+
+
+def test_openapi_lists_every_path_and_the_bearer_scheme(client):
+    spec = client.get("/openapi.json").json()
+    assert set(spec["paths"]) >= {
+        "/finetune", "/generate", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/images/{index}",
+        "/jobs/{job_id}/heatmaps/{index}", "/adapters", "/adapters/{name}", "/adapters/{name}/{version}/weights",
+        "/adapters/{name}/{version}", "/models", "/healthz", "/readyz",
+    }
+    assert any(scheme.get("scheme") == "bearer" for scheme in spec["components"]["securitySchemes"].values())
+    assert "delete" in spec["paths"]["/adapters/{name}/{version}"]

@@ -1,0 +1,146 @@
+"""POST /generate: the adapter version and seed are pinned at submission, and every bad field is a 422 naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from sepen_core.config import MapConfig, SampleConfig
+from sepen_store.tables import Job
+
+PROMPT = "a photo of a cat and a dog"
+
+
+def test_defaults_and_a_stored_random_seed(client, auth, db, redis_client):
+    before = redis_client.llen("sepen.generate")
+    response = client.post("/generate", json={"prompt": PROMPT}, headers=auth)
+    assert response.status_code == 202, response.text
+    job = response.json()["job"]
+    request = job["request"]
+    seed = request["sample"]["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**31
+    assert request == {"prompt": PROMPT, "model": "sepen-tiny", "adapter": None, "concepts": [],
+                       "sample": SampleConfig(seed=seed).to_dict()}
+    assert job["kind"] == "generate" and job["status"] == "queued"
+    assert redis_client.llen("sepen.generate") == before + 1
+    assert db.get(Job, job["id"]).enqueued_at is not None
+
+
+def test_every_setting_reaches_the_sample_config(client, auth):
+    body = {"prompt": PROMPT, "model": "sd15", "images": 3, "steps": 20, "guidance": 7.5, "height": 256, "width": 128,
+            "seed": 42, "negative_prompt": "blurry", "concepts": ["cat", "dog"], "normalization": "content"}
+    response = client.post("/generate", json=body, headers=auth)
+    assert response.status_code == 202, response.text
+    request = response.json()["job"]["request"]
+    assert request["model"] == "sd15" and request["concepts"] == ["cat", "dog"]
+    assert request["sample"] == SampleConfig(num_inference_steps=20, guidance_scale=7.5, height=256, width=128, num_images=3,
+                                             seed=42, negative_prompt="blurry",
+                                             maps=MapConfig(normalization="content")).to_dict()
+
+
+def test_adapter_is_pinned_to_a_version(client, auth, tenant, publish, db):
+    first = publish(tenant, "cat-dog")
+    second = publish(tenant, "cat-dog")
+    latest = client.post("/generate", json={"prompt": PROMPT, "adapter": "cat-dog"}, headers=auth)
+    pinned = client.post("/generate", json={"prompt": PROMPT, "adapter": "cat-dog@1"}, headers=auth)
+    assert latest.status_code == pinned.status_code == 202
+    assert latest.json()["job"]["request"]["adapter"] == "cat-dog@2"
+    assert pinned.json()["job"]["request"]["adapter"] == "cat-dog@1"
+    assert db.get(Job, latest.json()["job"]["id"]).adapter_version_id == second.id
+    assert db.get(Job, pinned.json()["job"]["id"]).adapter_version_id == first.id
+
+
+def test_model_follows_the_adapters_base_model(client, auth, tenant, publish, error_of):
+    publish(tenant, "sd-style", base_model="sd15")
+    response = client.post("/generate", json={"prompt": PROMPT, "adapter": "sd-style"}, headers=auth)
+    assert response.status_code == 202 and response.json()["job"]["request"]["model"] == "sd15"
+    mismatch = client.post("/generate", json={"prompt": PROMPT, "adapter": "sd-style", "model": "sepen-tiny"}, headers=auth)
+    assert mismatch.status_code == 422 and error_of(mismatch)["field"] == "model"
+
+
+@pytest.mark.parametrize("ref", ["nope", "nope@1", "cat-dog@9"])
+def test_unknown_adapter_is_404_naming_it(client, auth, tenant, publish, error_of, ref):
+    publish(tenant, "cat-dog")
+    response = client.post("/generate", json={"prompt": PROMPT, "adapter": ref}, headers=auth)
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["code"] == "adapter_not_found" and error["field"] == "adapter" and ref in error["message"]
+
+
+def test_another_tenants_adapter_is_not_found(client, other_auth, tenant, publish, error_of):
+    publish(tenant, "mine")
+    response = client.post("/generate", json={"prompt": PROMPT, "adapter": "mine"}, headers=other_auth)
+    assert response.status_code == 404 and error_of(response)["code"] == "adapter_not_found"
+
+
+def test_unknown_model_is_404_naming_it(client, auth, error_of):
+    response = client.post("/generate", json={"prompt": PROMPT, "model": "sd-xxl"}, headers=auth)
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["code"] == "model_not_found" and error["field"] == "model" and "sd-xxl" in error["message"]
+
+
+INVALID = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "x" * 1001}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"images": 0}, "images"),
+    ({"images": 9}, "images"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 201}, "steps"),
+    ({"guidance": -0.5}, "guidance"),
+    ({"guidance": 30.5}, "guidance"),
+    ({"height": 100}, "height"),
+    ({"height": 56}, "height"),
+    ({"width": 1032}, "width"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**31}, "seed"),
+    ({"seed": 1.5}, "seed"),
+    ({"negative_prompt": "x" * 1001}, "negative_prompt"),
+    ({"concepts": ["cat"]}, "concepts"),
+    ({"concepts": ["cat", "dog", "a", "photo", "of", "and", "cat2", "dog2", "x"]}, "concepts"),
+    ({"concepts": ["cat", "horse"]}, "concepts"),
+    ({"concepts": ["ca", "dog"]}, "concepts"),  # 'ca' is not a whole word of the prompt
+    ({"concepts": ["cat", "cat"]}, "concepts"),
+    ({"concepts": ["cat", ""]}, "concepts.1"),
+    ({"normalization": "softmax"}, "normalization"),
+    ({"adapter": "Bad Name"}, "adapter"),
+    ({"adapter": "cat-dog@0"}, "adapter"),
+    ({"adapter": "cat-dog@x"}, "adapter"),
+    ({"sampler": "ddim"}, "sampler"),
+]
+
+
+@pytest.mark.parametrize("change, field", INVALID, ids=[f"{k}={v!r:.20}" for c, _ in INVALID for k, v in c.items()])
+def test_invalid_fields_are_422_naming_the_field(client, auth, error_of, change, field):
+    response = client.post("/generate", json={"prompt": PROMPT, **change}, headers=auth)
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["code"] == "validation_error" and error["field"] == field and error["message"]
+
+
+def test_missing_prompt_is_422(client, auth, error_of):
+    response = client.post("/generate", json={"images": 2}, headers=auth)
+    assert response.status_code == 422 and error_of(response)["field"] == "prompt"
+
+
+def test_concepts_match_whole_words_case_insensitively(client, auth):
+    body = {"prompt": "A Teddy Bear and a hot-dog", "concepts": ["teddy bear", "dog"]}
+    assert client.post("/generate", json=body, headers=auth).status_code == 202
+
+
+def test_idempotent_retry_without_a_seed_is_the_same_job(client, auth, redis_client):
+    headers = {**auth, "Idempotency-Key": "generate-once"}
+    before = redis_client.llen("sepen.generate")
+    first = client.post("/generate", json={"prompt": PROMPT}, headers=headers)
+    again = client.post("/generate", json={"prompt": PROMPT}, headers=headers)
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert first.json() == again.json()
+    assert redis_client.llen("sepen.generate") == before + 1
+
+
+def test_broker_down_still_accepts_the_job(down_client, api_key, db):
+    response = down_client.post("/generate", json={"prompt": PROMPT}, headers={"Authorization": f"Bearer {api_key}"})
+    assert response.status_code == 202, response.text
+    job = db.get(Job, response.json()["job"]["id"])
+    assert job.status == "queued" and job.enqueued_at is None
