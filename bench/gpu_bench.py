@@ -53,13 +53,13 @@ def make_adapter(model: BaseModel, scale: float = 0.01) -> KeyProjectionAdapter:
     with torch.no_grad():
         for p in step_bench.key_parameters(model).values():
             p.add_((torch.randn(p.shape, generator=generator) * p.float().std().item() * scale).to(p))
-    adapter = KeyProjectionAdapter.from_model(model, purpose="benchmark")
+    adapter = KeyProjectionAdapter.from_model(model)  # no metadata: works with either from_model signature
     restore_base_keys(model)
     return adapter
 
 
 def bench_generation(model: BaseModel, *, size: int, steps: int, guidance: float, runs: int, warmup: int, log=print) -> dict:
-    """Median wall time of generate() without and with the adapter, alternating the two."""
+    """Median wall time of generate() without and with the adapter, alternating the two (ABBA order)."""
     adapter = make_adapter(model)
     config = SampleConfig(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, seed=0)
     cuda = model.device.type == "cuda"
@@ -67,7 +67,7 @@ def bench_generation(model: BaseModel, *, size: int, steps: int, guidance: float
     peak: dict[str, float] = {}
     pixels: dict[str, torch.Tensor] = {}
     for round_ in range(warmup + runs):
-        for name in ("base", "adapter"):
+        for name in (("base", "adapter") if round_ % 2 == 0 else ("adapter", "base")):  # ABBA: no order bias
             gc.collect()
             if cuda:
                 torch.cuda.synchronize()
@@ -111,7 +111,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="run everything on CPU with the tiny model, quickly")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 32])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="step batch sizes (batch 1 is launch-bound on a GPU)")
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gen-runs", type=int, default=3)
     parser.add_argument("--gen-steps", type=int, default=50)
@@ -130,7 +131,7 @@ def main(argv=None) -> dict:
         sys.exit("no CUDA device: use --smoke (or --device cpu)")
     if args.smoke:
         args.runs, args.warmup, args.gen_runs, args.gen_dtype, args.gen_steps = 1, 1, 1, "fp32", 10
-        args.resolutions = [32, 16]
+        args.resolutions, args.batches = [32, 16], [1, 2]
     started = time.perf_counter()
     log(f"torch {torch.__version__}, device {device}" + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else ""))
     model = build_tiny_model(0, sample_size=32, device=device) if args.smoke else build_sd15_model(device)
@@ -141,10 +142,14 @@ def main(argv=None) -> dict:
     tables = []
 
     if not args.skip_steps:
-        steps = step_bench.run_benchmark(tiny=args.smoke, device=device, dtype_name="bf16", resolutions=args.resolutions,
-                                         runs=args.runs, warmup=args.warmup, memory=not args.smoke, log=log, model=model)
-        report["steps"] = steps
-        tables.append(step_bench.format_table(steps))
+        report["steps"] = {}
+        for b in args.batches:
+            log(f"== one SepEn step, batch {b}, bf16 autocast")
+            steps = step_bench.run_benchmark(tiny=args.smoke, device=device, dtype_name="bf16", resolutions=args.resolutions,
+                                             runs=args.runs, warmup=args.warmup, memory=not args.smoke, log=log, model=model,
+                                             batch_size=b)
+            report["steps"][str(b)] = steps
+            tables.append(step_bench.format_table(steps))
 
     if not args.skip_generation:
         if args.gen_dtype != "fp32":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command, from the repo root:   bash bench/run_gpu.sh
-# Writes gpu.json, gpu.md and gpu.log to $OUT (default bench/out). About 1-3 minutes on an H100
-# after the install (budget: ~6 minutes in all).
+# Writes gpu.json, gpu.md and gpu.log to $OUT (default bench/out). Measured on an H100: ~95 s for the
+# benchmark, ~2.5 min wall with the install (budget: ~6 minutes in all).
 #
 # Dependencies: `pip install -e .` installs the package and its deps. Where a CUDA torch is already
 # installed, the package goes in with --no-deps (so pip does not swap that torch for the pinned CPU

@@ -104,21 +104,21 @@ def build_model(tiny: bool = False, device: str | torch.device = "cpu", seed: in
     return model.to(device)
 
 
-def make_batch(model: BaseModel, resolution: int, seed: int = 0) -> TrainingBatch:
+def make_batch(model: BaseModel, resolution: int, seed: int = 0, batch: int = 1) -> TrainingBatch:
     """Fixed inputs: random text states (1, 77, D), objects at tokens 2 and 5, content tokens 1..6,
     pseudo-latents x_t at a fixed timestep, exactly as make_training_batch shapes them."""
     generator = torch.Generator().manual_seed(seed)
     dim = model.unet.config.cross_attention_dim
-    hidden = torch.randn(1, 77, dim, generator=generator)
-    input_ids = torch.zeros(1, 77, dtype=torch.long)  # not read by the objectives
-    cond = TextConditioning(["<fixed random text states>"], input_ids, hidden.to(model.device, model.dtype))
-    concept_mask, valid = concept_token_mask([CONCEPT_POSITIONS], 77)
-    content_mask = torch.zeros(1, 77)
+    hidden = torch.randn(batch, 77, dim, generator=generator)
+    input_ids = torch.zeros(batch, 77, dtype=torch.long)  # not read by the objectives
+    cond = TextConditioning(["<fixed random text states>"] * batch, input_ids, hidden.to(model.device, model.dtype))
+    concept_mask, valid = concept_token_mask([CONCEPT_POSITIONS] * batch, 77)
+    content_mask = torch.zeros(batch, 77)
     content_mask[:, list(CONTENT_POSITIONS)] = 1.0
-    shape = (1, model.unet.config.in_channels, resolution, resolution)
+    shape = (batch, model.unet.config.in_channels, resolution, resolution)
     clean = torch.randn(shape, generator=generator) * 0.18215
     noise = torch.randn(shape, generator=generator)
-    timesteps = torch.tensor([TIMESTEP])
+    timesteps = torch.tensor([TIMESTEP] * batch)
     latents = model.noise_scheduler.add_noise(clean, noise, timesteps)
     device = model.device
     return TrainingBatch([], latents.to(device, model.dtype), timesteps.to(device), cond, concept_mask.to(device),
@@ -204,7 +204,7 @@ def cosine_check(reference: dict[str, torch.Tensor], other: dict[str, torch.Tens
     per_layer = {}
     for name, g in reference.items():
         h = other.get(name)
-        per_layer[name] = 0.0 if h is None else float(torch.nn.functional.cosine_similarity(g.flatten(), h.flatten(), dim=0))
+        per_layer[name] = 0.0 if h is None else float(torch.nn.functional.cosine_similarity(g.flatten().double(), h.flatten().double(), dim=0))
     extra = sorted(set(other) - set(reference))
     return {"min_cosine": min(per_layer.values()) if per_layer else 0.0, "layers": len(per_layer),
             "extra_layers": extra, "per_layer": per_layer}
@@ -243,7 +243,7 @@ def _proc_status_kib(field: str) -> int:
 def memory_child(args) -> dict:
     """In a fresh process: build the model, reset the RSS high-water mark, run one step, read the peak."""
     model = build_model(args.tiny, "cpu")
-    batch = make_batch(model, args.resolutions[0])
+    batch = make_batch(model, args.resolutions[0], batch=args.batch)
     set_trainable(model)
     method = args.memory_child
     gc.collect()
@@ -255,8 +255,9 @@ def memory_child(args) -> dict:
             "peak_mib": peak / 1024, "extra_mib": (peak - baseline) / 1024}
 
 
-def memory_cpu_subprocess(method: str, resolution: int, tiny: bool, dtype: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", method, "--resolutions", str(resolution), "--dtype", dtype]
+def memory_cpu_subprocess(method: str, resolution: int, tiny: bool, dtype: str, batch: int = 1) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", method, "--resolutions", str(resolution), "--dtype", dtype,
+           "--batch", str(batch)]
     if tiny:
         cmd.append("--tiny")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -282,9 +283,9 @@ def memory_cuda(model: BaseModel, batch: TrainingBatch, method: str, dtype: torc
 
 # -- the benchmark --------------------------------------------------------------------------------
 def bench_resolution(model: BaseModel, resolution: int, *, runs: int, warmup: int, dtype: torch.dtype | None,
-                     methods: tuple[str, ...] = ALL_METHODS, log=print) -> dict:
+                     methods: tuple[str, ...] = ALL_METHODS, log=print, batch_size: int = 1) -> dict:
     """Time every method `runs` times after `warmup` rounds, alternating methods within each round."""
-    batch = make_batch(model, resolution)
+    batch = make_batch(model, resolution, batch=batch_size)
     times: dict[str, list[float]] = {m: [] for m in methods}
     load: list[float] = []  # 1-minute load average before each timed round: the machine is shared
     losses: dict[str, float | None] = {}
@@ -314,11 +315,12 @@ def bench_resolution(model: BaseModel, resolution: int, *, runs: int, warmup: in
         f"{check['exact_layers']} layers -> {'VALID' if check['valid'] else 'INVALID'}; local min cosine {check['local_min_cosine']:.4f} "
         f"over the {check['local_layers']} of {check['reference_layers']} layers it trains")
     return {"resolution": resolution, "times_s": times, "median_s": {m: statistics.median(t) for m, t in times.items() if t},
+            "min_s": {m: min(t) for m, t in times.items() if t},
             "losses": losses, "gradient_check": check, "load_1min": load}
 
 
 def run_benchmark(*, tiny: bool, device: str, dtype_name: str, resolutions: list[int], runs: int, warmup: int,
-                  memory: bool = True, log=print, model: BaseModel | None = None) -> dict:
+                  memory: bool = True, log=print, model: BaseModel | None = None, batch_size: int = 1) -> dict:
     """The whole comparison; memory on CPU runs in fresh subprocesses after the timings."""
     dtype = DTYPES[dtype_name]
     started = time.perf_counter()
@@ -331,9 +333,9 @@ def run_benchmark(*, tiny: bool, device: str, dtype_name: str, resolutions: list
     log(f"UNet weights {weights_mib:.0f} MiB; map layers: {len(layers)}; trained key layers: {len(model.base_keys)}")
     per_res = []
     for res in resolutions:
-        result = bench_resolution(model, res, runs=runs, warmup=warmup, dtype=dtype, log=log)
+        result = bench_resolution(model, res, runs=runs, warmup=warmup, dtype=dtype, log=log, batch_size=batch_size)
         if memory and device.startswith("cuda"):
-            batch = make_batch(model, res)
+            batch = make_batch(model, res, batch=batch_size)
             result["memory"] = {m: memory_cuda(model, batch, m, dtype) for m in STEP_METHODS + ("floor",)}
         per_res.append(result)
     set_trainable(model, False)
@@ -344,9 +346,11 @@ def run_benchmark(*, tiny: bool, device: str, dtype_name: str, resolutions: list
             result["memory"] = {}
             for m in STEP_METHODS:
                 log(f"  {result['resolution']}x{result['resolution']} memory of {m} (fresh subprocess) ...")
-                result["memory"][m] = memory_cpu_subprocess(m, result["resolution"], tiny, dtype_name)
+                result["memory"][m] = memory_cpu_subprocess(m, result["resolution"], tiny, dtype_name, batch_size)
                 log(f"    extra {result['memory'][m]['extra_mib']:.0f} MiB")
-    return {"setup": environment(tiny, device, dtype_name, runs, warmup, weights_mib), "results": per_res,
+    setup = environment(tiny, device, dtype_name, runs, warmup, weights_mib)
+    setup["batch"] = batch_size
+    return {"setup": setup, "results": per_res,
             "wall_s": time.perf_counter() - started}
 
 
@@ -368,12 +372,15 @@ def environment(tiny: bool, device: str, dtype_name: str, runs: int, warmup: int
 
 # -- report ---------------------------------------------------------------------------------------
 def format_table(report: dict) -> str:
-    rows = ["| latent | method | median step (s) | speedup vs reference | extra memory (MiB) | memory vs reference | exact grads (min cos) |",
-            "|---|---|---:|---:|---:|---:|---|"]
+    b = report["setup"].get("batch", 1)
+    rows = [f"batch {b}, {report['setup']['dtype']} on {report['setup'].get('gpu') or report['setup'].get('cpu', report['setup']['device'])}", "",
+            "| latent | method | median step (s) | speedup vs reference | best step (s) | best-vs-best speedup | extra memory (MiB) | memory vs reference | exact grads (min cos) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["results"]:
         res, med, mem = r["resolution"], r["median_s"], r.get("memory", {})
         check = r["gradient_check"]
         ref_t = med.get("reference")
+        best = {m: min(t) for m, t in r["times_s"].items() if t}
         ref_m = mem.get("reference", {}).get("extra_mib")
         for m in STEP_METHODS:
             t = med.get(m)
@@ -384,7 +391,7 @@ def format_table(report: dict) -> str:
                 grad = f"{check['exact_min_cosine']:.6f} {'valid' if check['valid'] else 'INVALID'}"
             else:
                 grad = f"{check['local_min_cosine']:.4f} on its {check['local_layers']}/{check['reference_layers']} layers (approximate by design)"
-            rows.append(f"| {res}x{res} | {m} | {t:.3f} | {ref_t / t:.2f}x | "
+            rows.append(f"| {res}x{res} | {m} | {t:.3f} | {ref_t / t:.2f}x | {best[m]:.3f} | {best['reference'] / best[m]:.2f}x | "
                         + (f"{extra:.0f} | {extra / ref_m:.2f} |" if extra is not None and ref_m else "n/a | n/a |") + f" {grad} |")
     rows.append("")
     rows.append("| latent | floor: early-exit fwd, no_grad (s) | exact fwd only (s) | exact bwd (= step - fwd) (s) | full UNet fwd, no_grad (s) | exact / floor | local / floor |")
@@ -405,6 +412,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16: torch.autocast over fp32 weights")
+    parser.add_argument("--batch", type=int, default=1, help="samples per step (the paper trains with 4)")
     parser.add_argument("--tiny", action="store_true", help="tiny_unet_config(): a seconds-long smoke test")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -419,7 +427,7 @@ def main(argv=None) -> dict | None:
         return None
     log = lambda s: print(s, flush=True)  # noqa: E731
     report = run_benchmark(tiny=args.tiny, device=args.device, dtype_name=args.dtype, resolutions=args.resolutions,
-                           runs=args.runs, warmup=args.warmup, memory=not args.no_memory, log=log)
+                           runs=args.runs, warmup=args.warmup, memory=not args.no_memory, log=log, batch_size=args.batch)
     report["command"] = "python bench/step_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = format_table(report)
     report["table_markdown"] = table
