@@ -76,6 +76,9 @@ class BaseModel:
     scheduler: object  # the model's own sampling scheduler (diffusers SchedulerMixin)
     vae: AutoencoderKL | None
     model_id: str
+    # Mask the start token and the padding out of cross-attention, so the keys are the prompt's own
+    # tokens and its first end token (small models trained from scratch need it: TOYWORLD.md).
+    mask_padding: bool = False
     base_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # original attn2.to_k weights
     base_fingerprint: str = ""
 
@@ -123,7 +126,12 @@ class BaseModel:
                                 truncation=True, return_tensors="pt")
         input_ids = tokens.input_ids
         hidden = self.text_encoder(input_ids.to(self.text_encoder.device))[0]
-        return TextConditioning(list(prompts), input_ids, hidden.to(self.dtype))
+        mask = None
+        if self.mask_padding:
+            positions = torch.arange(input_ids.shape[1])
+            first_end = (input_ids == self.tokenizer.eos_token_id).float().argmax(dim=1)  # (B,)
+            mask = ((positions[None] >= 1) & (positions[None] <= first_end[:, None])).to(self.device, self.dtype)  # (B, T)
+        return TextConditioning(list(prompts), input_ids, hidden.to(self.dtype), mask)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a diffusers-format directory that load_base_model and StableDiffusionPipeline both read."""
@@ -138,7 +146,7 @@ class BaseModel:
                       "vae": ["diffusers", "AutoencoderKL"] if self.vae is not None else [None, None],
                       "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None]}
         index = {"_class_name": "StableDiffusionPipeline", **components, "requires_safety_checker": False,
-                 "sepen_model_id": self.model_id}
+                 "sepen_model_id": self.model_id, "sepen_mask_padding": self.mask_padding}
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -166,7 +174,8 @@ def load_base_model(path: str | Path, *, device: str | torch.device = "cpu", dty
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load base model from {str(path)!r}: {exc}") from exc
     model = BaseModel(unet, text_encoder, tokenizer, scheduler, vae,
-                      model_id or index.get("sepen_model_id") or path.resolve().name)
+                      model_id or index.get("sepen_model_id") or path.resolve().name,
+                      mask_padding=bool(index.get("sepen_mask_padding", False)))
     return model.to(device, dtype)
 
 

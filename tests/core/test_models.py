@@ -65,3 +65,19 @@ def test_sd2_layout_loads_finetunes_and_samples(tmp_path):
     images = generate(model, "a photo of a cat and a dog", SampleConfig(num_inference_steps=2), adapter=result.adapter,
                       concepts=["cat", "dog"])
     assert images.images[0].size == (32, 32) and images.maps.shape == (1, 2, 8, 8)
+
+
+def test_mask_padding_keeps_prompt_tokens_and_first_end_token(tmp_path):
+    from sepen_core.config import SampleConfig
+    from sepen_core.sampling import generate
+
+    model = build_tiny_model(seed=0)
+    model.mask_padding = True
+    cond = model.encode_prompts(["a photo of a cat", ""])
+    mask = cond.encoder_attention_mask
+    assert mask[0, :7].tolist() == [0, 1, 1, 1, 1, 1, 1] and mask[0, 7:].sum() == 0  # a photo of a cat </s>
+    assert mask[1, :3].tolist() == [0, 1, 0]  # the empty prompt keeps its end token: never an all-masked row
+    result = generate(model, "a photo of a cat and a dog", SampleConfig(num_inference_steps=2), concepts=["cat", "dog"])
+    assert torch.isfinite(result.pixels).all() and torch.isfinite(result.maps).all()
+    model.save_pretrained(tmp_path / "m")
+    assert load_base_model(tmp_path / "m").mask_padding is True
