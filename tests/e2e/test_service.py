@@ -94,17 +94,27 @@ def test_killed_worker_resumes_and_yields_exactly_one_version(deployment, api_ke
 
 
 def test_broker_restart_loses_no_queued_job(deployment, api_key):
+    """Jobs whose messages sat in Redis when it restarted (it keeps nothing on disk), and jobs sent
+    while it was down, all run once a worker is back."""
     if deployment.redis is None:
         pytest.skip("the embedded mode has no broker server to restart")
     with deployment.client(api_key) as client:
-        deployment.redis.stop()
-        ids = []
-        for seed in range(3):
+        for worker in deployment.workers:  # nobody consumes: the messages stay queued in Redis
+            if worker.poll() is None:
+                worker.terminate()
+                worker.wait(30)
+
+        def submit(seed):
             response = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 2, "seed": seed})
-            assert response.status_code == 202, response.text  # stored even though it could not be sent
-            ids.append(response.json()["job"]["id"])
-        deployment.redis.start()  # an empty broker: nothing it held survived
-        for job_id in ids:
+            assert response.status_code == 202, response.text
+            return response.json()["job"]["id"]
+
+        in_broker = [submit(seed) for seed in range(2)]
+        deployment.redis.stop()
+        while_down = [submit(seed) for seed in range(2, 4)]  # stored even though they could not be sent
+        deployment.redis.start()  # an empty broker: the first two messages are gone
+        deployment.start_worker()
+        for job_id in in_broker + while_down:
             assert wait_for_job(client, job_id, timeout=120)["status"] == "succeeded"
 
 
