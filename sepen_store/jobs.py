@@ -51,8 +51,11 @@ def create_job(session: Session, tenant: str, kind: str, request: dict, *, idemp
         existing = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key))
         if existing is not None:
             return _same_request(existing, digest), False
+    # enqueued_at is set optimistically (the caller sends right after the commit, and clears it with
+    # mark_not_enqueued if the broker refuses): one round trip less per submission. A crash between the
+    # commit and the send leaves a job the reconciler re-sends once requeue_after_s has passed.
     job = Job(tenant=tenant, kind=kind, request=request, request_hash=digest, idempotency_key=idempotency_key,
-              adapter_version_id=adapter_version_id, status="queued")
+              adapter_version_id=adapter_version_id, status="queued", enqueued_at=utcnow())
     session.add(job)
     try:
         session.commit()
@@ -104,6 +107,12 @@ def list_jobs(session: Session, tenant: str, *, status: str | None = None, kind:
 
 def mark_enqueued(session: Session, job_id: str) -> None:
     session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    session.commit()
+
+
+def mark_not_enqueued(session: Session, job_id: str) -> None:
+    """The broker refused the job's message: let the reconciler's next round send it."""
+    session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id).values(enqueued_at=None))
     session.commit()
 
 

@@ -9,7 +9,7 @@ from fastapi import Response
 from sqlalchemy.orm import Session
 
 from sepen_store.errors import Conflict
-from sepen_store.jobs import create_job, mark_enqueued
+from sepen_store.jobs import create_job, mark_not_enqueued
 from sepen_store.queue import enqueue
 from sepen_store.tables import Job
 from service.errors import ApiError
@@ -32,8 +32,7 @@ def submit_job(session: Session, celery: Celery, tenant: str, kind: str, request
             enqueue(celery, kind, job.id)
         except Exception as exc:  # any broker failure: the row is committed, the reconciler re-sends queued jobs
             logger.warning("job %s stored but not enqueued (broker unavailable: %s); the reconciler will send it", job.id, exc)
-        else:
-            mark_enqueued(session, job.id)
+            mark_not_enqueued(session, job.id)
     return job, created
 
 

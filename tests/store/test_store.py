@@ -13,7 +13,7 @@ from sepen_store.auth import authenticate, create_api_key, revoke_api_key
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.errors import Conflict, IllegalTransition, NotFound, Unauthorized
 from sepen_store.jobs import (LostClaim, claim_job, create_job, finish_job, get_job, heartbeat, jobs_to_reenqueue,
-                              list_jobs, mark_enqueued, request_cancel)
+                              list_jobs, mark_enqueued, mark_not_enqueued, request_cancel)
 from sepen_store.registry import delete_version, list_adapters, parse_ref, publish_version, resolve, version_bytes
 from sepen_store.tables import Job, utcnow
 
@@ -61,7 +61,8 @@ def test_stale_heartbeat_lets_another_worker_take_over(sessions):
     with sessions() as s:
         job = new_job(s)
         old = claim_job(s, job.id, "w1", lease_s=60)
-        s.execute(update(Job).where(Job.id == job.id).values(heartbeat_at=utcnow() - timedelta(seconds=120)))
+        long_ago = utcnow() - timedelta(seconds=120)  # sent and claimed long ago, silent since
+        s.execute(update(Job).where(Job.id == job.id).values(heartbeat_at=long_ago, enqueued_at=long_ago))
         s.commit()
         assert [j for j, _ in jobs_to_reenqueue(s, requeue_after_s=300, lease_s=60)] == [job.id]
         new = claim_job(s, job.id, "w2", lease_s=60)
@@ -113,6 +114,7 @@ def test_idempotency_key(sessions):
 def test_queued_jobs_never_sent_or_long_waiting_are_re_enqueued(sessions):
     with sessions() as s:
         unsent = new_job(s, tenant="reenq")
+        mark_not_enqueued(s, unsent.id)
         sent = new_job(s, tenant="reenq")
         mark_enqueued(s, sent.id)
         ids = [j for j, _ in jobs_to_reenqueue(s, requeue_after_s=300, lease_s=60)]
