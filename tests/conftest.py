@@ -1,5 +1,8 @@
 """Shared fixtures: the tiny random SD-1.x-shaped model, built once per session (and fresh where a test mutates it)."""
 
+import secrets
+from contextlib import contextmanager
+
 import pytest
 
 
@@ -16,3 +19,26 @@ def fresh_tiny_model():
     from sepen_core.models import build_tiny_model
 
     return build_tiny_model(seed=0)
+
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextmanager
+def postgres_database(prefix: str):
+    """A fresh database on the local Postgres, migrated to head with Alembic, dropped afterwards.
+    Yields its SQLAlchemy URL. No Postgres is a failure, not a skip: these tests need the real server."""
+    import psycopg
+
+    from sepen_store.database import upgrade_database
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    try:
+        upgrade_database(url)
+        yield url
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -10,17 +10,17 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
+
+from tests.conftest import postgres_database
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def free_port() -> int:
@@ -130,29 +130,25 @@ def service_env(**settings: str) -> dict[str, str]:
 def deployment(request, tmp_path_factory):
     logs = tmp_path_factory.mktemp(f"logs-{request.param}")
     base_url = f"http://127.0.0.1:{free_port()}"
-    database = None
+    stack = ExitStack()
     if request.param == "servers":
         redis = RedisServer(tmp_path_factory.mktemp("redis"))
         redis.start()
-        database = f"sepen_e2e_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {database}")
-        env = service_env(SEPEN_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}",
+        database = stack.enter_context(postgres_database("sepen_e2e"))
+        env = service_env(SEPEN_DATABASE_URL=database,
                           SEPEN_BROKER_URL=redis.url, SEPEN_DATA_DIR=str(tmp_path_factory.mktemp("data")))
     else:
         redis = None
         env = service_env(SEPEN_DATA_DIR=str(tmp_path_factory.mktemp("embedded")))
     dep = Deployment(request.param, env, base_url, logs, redis)
-    try:
-        dep.admin("migrate")
-        dep.start_gateway()
-        dep.start_worker()
-        yield dep
-    finally:
-        dep.stop()
-        if database:
-            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    with stack:
+        try:
+            dep.admin("migrate")
+            dep.start_gateway()
+            dep.start_worker()
+            yield dep
+        finally:
+            dep.stop()
 
 
 @pytest.fixture(scope="module")

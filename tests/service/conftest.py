@@ -5,19 +5,18 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-import psycopg
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
 from sepen_store.auth import create_api_key
-from sepen_store.database import make_engine, session_factory, upgrade_database
+from sepen_store.database import make_engine, session_factory
 from sepen_store.registry import publish_version
 from sepen_store.settings import Settings
 from sepen_store.tables import new_id
 from service.app import create_app
+from tests.conftest import postgres_database
 
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/14"
 CLOSED_BROKER_URL = "redis://127.0.0.1:6390/0"  # nothing listens here: a broker that is down
 MODELS = {"sepen-tiny": "tiny", "sd15": "/models/sd15"}
@@ -26,28 +25,14 @@ MODELS = {"sepen-tiny": "tiny", "sd15": "/models/sd15"}
 @pytest.fixture(scope="session")
 def pg_url():
     """A database of its own for this test session, migrated to head, dropped at the end."""
-    name = f"sepen_test_{secrets.token_hex(4)}"
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"the gateway tests need Postgres at 127.0.0.1:5432 (user postgres): {exc}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    try:
-        upgrade_database(url)
+    with postgres_database("sepen_test") as url:
         yield url
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
 def redis_client():
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-    try:
-        client.flushdb()
-    except redis.ConnectionError as exc:
-        pytest.skip(f"the gateway tests need Redis at 127.0.0.1:6379: {exc}")
+    client.flushdb()  # no Redis is a failure, not a skip: these tests need the real server
     yield client
     client.flushdb()
     client.close()

@@ -5,7 +5,6 @@ import time
 import uuid
 from datetime import timedelta
 
-import psycopg
 import pytest
 from sqlalchemy import update
 
@@ -16,8 +15,8 @@ from sepen_store.jobs import (LostClaim, claim_job, create_job, finish_job, get_
                               list_jobs, mark_enqueued, mark_not_enqueued, request_cancel)
 from sepen_store.registry import delete_version, list_adapters, parse_ref, publish_version, resolve, version_bytes
 from sepen_store.tables import Job, utcnow
+from tests.conftest import postgres_database
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @pytest.fixture(params=["sqlite", "postgres"], scope="module")
@@ -29,16 +28,10 @@ def sessions(request, tmp_path_factory):
         yield session_factory(engine)
         engine.dispose()
         return
-    name = f"sepen_store_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    upgrade_database(url)
-    engine = make_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with postgres_database("sepen_store_test") as url:
+        engine = make_engine(url)
+        yield session_factory(engine)
+        engine.dispose()
 
 
 def new_job(session, tenant="acme", kind="finetune", key=None, request=None):
