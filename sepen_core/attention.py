@@ -61,10 +61,13 @@ class MapRecorder:
     concept_mask (B, K, T): 1 on each object's sub-tokens; content_mask (B, T): the prompt's
     content tokens. `rows` picks the recorded rows of the UNet batch (the conditional half under
     CFG). With `stop_after` set, the recorder raises StopForward once that many layers recorded.
+    With keep_tokens, it also keeps the head- and layer-averaged probabilities of every token
+    (`token_probs()`, (B, H*W, T)), for methods that renormalise them their own way.
     """
 
     def __init__(self, concept_mask: torch.Tensor, content_mask: torch.Tensor, grid: tuple[int, int], *,
-                 rows: slice | None = None, stop_after: int | None = None, local_gradients: bool = False):
+                 rows: slice | None = None, stop_after: int | None = None, local_gradients: bool = False,
+                 keep_tokens: bool = False):
         self.concept_mask = concept_mask
         self.content_mask = content_mask
         self.grid = grid
@@ -73,6 +76,7 @@ class MapRecorder:
         self.local_gradients = local_gradients
         self.object_sum: torch.Tensor | float = 0.0  # (B, K, H*W)
         self.content_sum: torch.Tensor | float = 0.0  # (B, H*W)
+        self.token_sum: torch.Tensor | float | None = 0.0 if keep_tokens else None  # (B, H*W, T)
         self.count = 0
 
     def add(self, attention_probs: torch.Tensor, heads: int) -> None:
@@ -84,6 +88,8 @@ class MapRecorder:
         concept_mask = self.concept_mask.to(probs)
         self.object_sum = self.object_sum + torch.einsum("bnt,bkt->bkn", probs, concept_mask)
         self.content_sum = self.content_sum + torch.einsum("bnt,bt->bn", probs, self.content_mask.to(probs))
+        if self.token_sum is not None:
+            self.token_sum = self.token_sum + probs
         self.count += 1
         if self.stop_after is not None and self.count >= self.stop_after:
             raise StopForward
@@ -97,6 +103,12 @@ class MapRecorder:
         if normalization == "content":
             maps = maps / (self.content_sum / self.count).clamp_min(CONTENT_EPS)[:, None, :]
         return maps.reshape(*maps.shape[:2], *self.grid)  # (B, K, H, W)
+
+    def token_probs(self) -> torch.Tensor:
+        """(B, H*W, T) attention probabilities averaged over heads, layers and calls (needs keep_tokens)."""
+        if self.token_sum is None or self.count == 0:
+            raise RuntimeError("token probabilities were not kept or nothing was recorded")
+        return self.token_sum / self.count
 
 
 class CrossAttentionProcessor:
@@ -193,14 +205,15 @@ def unet_forward(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: t
 
 def capture_maps(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
                  concept_mask: torch.Tensor, content_mask: torch.Tensor, layers: list[str], map_downsample: int,
-                 *, local_gradients: bool = False) -> MapRecorder:
+                 *, local_gradients: bool = False, keep_tokens: bool = False) -> MapRecorder:
     """Run the UNet only as far as the last layer in `layers` and return the recorded maps.
 
     The UNet's output is not needed by the SepEn losses, so stopping early leaves every gradient
     unchanged. local_gradients runs the forward without autograd except inside the capture layers.
     """
     h, w = latents.shape[-2] // map_downsample, latents.shape[-1] // map_downsample
-    recorder = MapRecorder(concept_mask, content_mask, (h, w), stop_after=len(layers), local_gradients=local_gradients)
+    recorder = MapRecorder(concept_mask, content_mask, (h, w), stop_after=len(layers), local_gradients=local_gradients,
+                           keep_tokens=keep_tokens)
     with installed_processors(unet, {name: CrossAttentionProcessor(recorder) for name in layers}):
         with torch.no_grad() if local_gradients else nullcontext():
             try:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from sepen_core.adapters import KeyProjectionAdapter
+from sepen_core.attend_excite import AttendExcite, AttendExciteConfig
 from sepen_core.attention import CrossAttentionProcessor, MapRecorder, installed_processors, map_layers, unet_forward
 from sepen_core.concepts import concept_token_mask, content_token_mask, locate_concepts
 from sepen_core.config import SampleConfig
@@ -78,11 +79,12 @@ def _decode(model: BaseModel, latents: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: BaseModel, prompt: str, config: SampleConfig | None = None, *,
              adapter: KeyProjectionAdapter | None = None, concepts: list[str] | None = None,
-             on_step: Callable[[int, int], None] | None = None, should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
+             attend_excite: AttendExciteConfig | None = None, on_step: Callable[[int, int], None] | None = None, should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
     """Sample config.num_images images of `prompt`; image i starts from the noise of seed config.seed + i.
 
     With an adapter, its keys are applied for this call only (the unconditional branch uses them
     too, as in the paper). With concepts, their maps and scores are recorded (conditional branch).
+    With attend_excite (needs concepts), the latents are optimised at test time (the A&E baseline).
     """
     config = config or SampleConfig()
     concepts = list(concepts or [])
@@ -113,12 +115,22 @@ def generate(model: BaseModel, prompt: str, config: SampleConfig | None = None, 
                                rows=slice(n, 2 * n) if guided else None)
         processors = {name: CrossAttentionProcessor(recorder) for name in map_layers(unet, d)}
 
+    excite = None
+    if attend_excite is not None:
+        if not concepts:
+            raise ConfigError("concepts", "Attend-and-Excite needs the concepts whose attention it excites")
+        d = config.maps.map_downsample
+        excite = AttendExcite(attend_excite, unet, cond, concept_mask, content_mask, map_layers(unet, d), d,
+                              config.num_inference_steps)
+
     step_generator = torch.Generator().manual_seed(seeds[0])
     with adapter.applied(model) if adapter is not None else nullcontext(), installed_processors(unet, processors):
         timesteps = scheduler.timesteps
         for i, t in enumerate(timesteps):
             if should_cancel is not None and should_cancel():
                 raise Canceled(i)
+            if excite is not None:
+                latents = excite.update(latents, i, t)
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             noise_pred = unet_forward(unet, model_input, t, batch_cond)

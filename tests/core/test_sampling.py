@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sepen_core.config import MapConfig, SampleConfig
-from sepen_core.errors import Canceled, ConceptError
+from sepen_core.errors import Canceled, ConceptError, ConfigError
 from sepen_core.sampling import generate
 
 PROMPT = "a photo of a cat and a dog"
@@ -58,3 +58,29 @@ def test_cancel_between_steps(tiny_model):
         generate(tiny_model, PROMPT, SampleConfig(num_inference_steps=10), on_step=lambda i, n: steps.append(i),
                  should_cancel=lambda: len(steps) >= 2)
     assert info.value.step == 2 and steps == [1, 2]
+
+
+def test_attend_and_excite_lifts_the_weakest_object_at_test_time(tiny_model):
+    from sepen_core.attend_excite import AttendExcite, AttendExciteConfig
+    from sepen_core.attention import map_layers
+    from sepen_core.concepts import concept_token_mask, content_token_mask, locate_concepts
+
+    config = SampleConfig(num_inference_steps=4, num_images=2, maps=MapConfig(normalization="content"))
+    strong = AttendExciteConfig(scale_factor=2000.0)  # the random tiny model's maps barely react to the published step
+    base = generate(tiny_model, PROMPT, config, concepts=["cat", "dog"])
+    excited = generate(tiny_model, PROMPT, config, concepts=["cat", "dog"], attend_excite=strong)
+    assert all(e.min_peak > b.min_peak for e, b in zip(excited.scores, base.scores))
+    assert (excited.pixels - base.pixels).abs().max() > 1e-3
+
+    # One update moves the latents up A&E's own objective.
+    cond = tiny_model.encode_prompts([PROMPT])
+    mask, _ = concept_token_mask([locate_concepts(tiny_model.tokenizer, PROMPT, ["cat", "dog"])], 77)
+    excite = AttendExcite(strong, tiny_model.unet, cond, mask, content_token_mask(cond.input_ids, 49407),
+                          map_layers(tiny_model.unet, 4), 4, num_steps=50)
+    latents, t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor(900)
+    with torch.no_grad():
+        before = excite.peaks(latents, t).min()
+        after = excite.peaks(excite.update(latents, 1, t), t).min()
+    assert after > before and excite.updates == 1
+    with pytest.raises(ConfigError, match="concepts"):
+        generate(tiny_model, PROMPT, config, attend_excite=strong)
