@@ -1,0 +1,139 @@
+"""Object success of a toy model: sample prompts group by group with sepen_core.sampling.generate and count detections.
+
+Groups: "single" (every noun), "train_pairs" and "heldout_pairs" (both caption orders of each
+pair), and the held-out pairs split like the paper's test groups by unseen_in_finetuning nouns:
+"heldout_seen_seen", "heldout_seen_unseen", "heldout_unseen_unseen". A group's samples are spread
+as evenly as possible over its prompts; prompt j's images use seeds seed + 1000 * j + i, so two
+models evaluated with the same config see the same noise (paired comparisons).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sepen_core.config import SampleConfig
+from sepen_core.models import BaseModel, load_base_model
+from sepen_core.sampling import generate
+from toyworld.detector import detect, exact_success, find_candidates, object_success
+from toyworld.world import World, caption, load_world
+
+GROUPS = ("single", "train_pairs", "heldout_pairs", "heldout_seen_seen", "heldout_seen_unseen", "heldout_unseen_unseen")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samples_per_group: int = 100
+    num_inference_steps: int = 20
+    guidance_scale: float = 3.0
+    seed: int = 1_000_000
+    groups: tuple[str, ...] = ("single", "train_pairs", "heldout_pairs")
+
+    def __post_init__(self):
+        unknown = sorted(set(self.groups) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"EvalConfig: unknown group {unknown[0]!r}; choose from {GROUPS}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def group_prompts(world: World, group: str) -> list[tuple[str, ...]]:
+    """The noun tuples (caption order) a group samples."""
+    if group == "single":
+        return [(n,) for n in world.nouns]
+    if group == "train_pairs":
+        pairs = list(world.train_pairs)
+    else:
+        unseen = set(world.unseen_in_finetuning)
+        wanted = {"heldout_pairs": (0, 1, 2), "heldout_seen_seen": (0,), "heldout_seen_unseen": (1,),
+                  "heldout_unseen_unseen": (2,)}[group]
+        pairs = [p for p in world.heldout_pairs if sum(n in unseen for n in p) in wanted]
+    return [order for a, b in pairs for order in ((a, b), (b, a))]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def evaluate(model: BaseModel, world: World, config: EvalConfig | None = None) -> tuple[dict, dict[str, list[Image.Image]]]:
+    """-> ({group: numbers}, {group: the first image of each prompt, for a preview})."""
+    config = config or EvalConfig()
+    results, previews = {}, {}
+    for group in config.groups:
+        prompts = group_prompts(world, group)
+        counts = [len(range(j, config.samples_per_group, len(prompts))) for j in range(len(prompts))]
+        success = exact = colour_only = 0
+        per_noun: dict[str, list[int]] = {}
+        previews[group] = []
+        for j, (nouns, count) in enumerate(zip(prompts, counts)):
+            if count == 0:
+                continue
+            sample = SampleConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                                  num_images=count, seed=config.seed + 1000 * j)
+            result = generate(model, caption(nouns), sample)
+            previews[group].append(result.images[0])
+            for pixels in result.pixels:
+                detected = detect(world, pixels)
+                ok = object_success(detected, nouns)
+                success += ok
+                exact += exact_success(detected, nouns)
+                colour_only += set(nouns) <= {c.colour_noun for c in find_candidates(world, pixels)}
+                for noun in nouns:
+                    per_noun.setdefault(noun, []).append(int(noun in detected))
+        n = sum(counts)
+        low, high = wilson_interval(success, n)
+        results[group] = {"n": n, "success": success / n, "success_ci95": [low, high], "exact": exact / n,
+                          "colour_only": colour_only / n,
+                          "per_noun_detected": {k: sum(v) / len(v) for k, v in sorted(per_noun.items())}}
+    return results, previews
+
+
+def preview_grid(previews: dict[str, list[Image.Image]], columns: int = 16, scale: int = 2) -> Image.Image:
+    """One row per group (its first `columns` prompts), upscaled with nearest neighbour."""
+    side = next(iter(next(iter(previews.values())))).width * scale
+    grid = Image.new("RGB", (columns * (side + 2), len(previews) * (side + 2)), (40, 40, 40))
+    for r, images in enumerate(previews.values()):
+        for c, image in enumerate(images[:columns]):
+            grid.paste(image.resize((side, side), Image.NEAREST), (c * (side + 2), r * (side + 2)))
+    return grid
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Object success of a toy model (detector-based).")
+    parser.add_argument("--model", required=True, help="a directory written by BaseModel.save_pretrained")
+    parser.add_argument("--out", required=True, help="JSON file for the numbers (a preview PNG is written beside it)")
+    parser.add_argument("--samples", type=int, default=EvalConfig.samples_per_group)
+    parser.add_argument("--steps", type=int, default=EvalConfig.num_inference_steps)
+    parser.add_argument("--guidance", type=float, default=EvalConfig.guidance_scale)
+    parser.add_argument("--seed", type=int, default=EvalConfig.seed)
+    parser.add_argument("--groups", nargs="+", default=list(EvalConfig.groups), choices=GROUPS)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    world = load_world(model_dir / "world.json") if (model_dir / "world.json").exists() else load_world()
+    config = EvalConfig(args.samples, args.steps, args.guidance, args.seed, tuple(args.groups))
+    results, previews = evaluate(load_base_model(model_dir), world, config)
+    out = Path(args.out)
+    out.write_text(json.dumps({"model": str(model_dir), "config": config.to_dict(), "results": results}, indent=2) + "\n")
+    preview_grid(previews).save(out.with_suffix(".png"))
+    for group, numbers in results.items():
+        print(f"{group}: success {numbers['success']:.3f} (n={numbers['n']}), exact {numbers['exact']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
