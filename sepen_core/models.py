@@ -126,12 +126,16 @@ class BaseModel:
                                 truncation=True, return_tensors="pt")
         input_ids = tokens.input_ids
         hidden = self.text_encoder(input_ids.to(self.text_encoder.device))[0]
-        mask = None
-        if self.mask_padding:
-            positions = torch.arange(input_ids.shape[1])
-            first_end = (input_ids == self.tokenizer.eos_token_id).float().argmax(dim=1)  # (B,)
-            mask = ((positions[None] >= 1) & (positions[None] <= first_end[:, None])).to(self.device, self.dtype)  # (B, T)
-        return TextConditioning(list(prompts), input_ids, hidden.to(self.dtype), mask)
+        return TextConditioning(list(prompts), input_ids, hidden.to(self.dtype), self.cross_attention_mask(input_ids))
+
+    def cross_attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) 1 on the keys cross-attention may use: with mask_padding, the prompt's tokens and its first
+        end token (never an empty row: the empty prompt keeps its end token); else None (all tokens)."""
+        if not self.mask_padding:
+            return None
+        positions = torch.arange(input_ids.shape[1])
+        first_end = (input_ids == self.tokenizer.eos_token_id).float().argmax(dim=1)  # (B,)
+        return ((positions[None] >= 1) & (positions[None] <= first_end[:, None])).to(self.device, self.dtype)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a diffusers-format directory that load_base_model and StableDiffusionPipeline both read."""

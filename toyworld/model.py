@@ -81,9 +81,4 @@ def trainable_conditioning(model: BaseModel, prompts: list[str]) -> TextConditio
                              truncation=True, return_tensors="pt")
     input_ids = tokens.input_ids  # (B, T)
     hidden = model.text_encoder(input_ids.to(model.device))[0]  # (B, T, D)
-    mask = None
-    if model.mask_padding:
-        positions = torch.arange(input_ids.shape[1])
-        first_end = (input_ids == model.tokenizer.eos_token_id).float().argmax(dim=1)  # (B,)
-        mask = ((positions[None] >= 1) & (positions[None] <= first_end[:, None])).to(model.device, model.dtype)  # (B, T)
-    return TextConditioning(list(prompts), input_ids, hidden, mask)
+    return TextConditioning(list(prompts), input_ids, hidden, model.cross_attention_mask(input_ids))
