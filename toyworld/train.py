@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
     parser.add_argument("--eval-samples", type=int, default=EvalConfig.samples_per_group, help="per group; 0 skips evaluation")
+    parser.add_argument("--eval-guidance", type=float, default=EvalConfig.guidance_scale)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--time-budget", type=float, help="seconds: shorten the run to fit (see train())")
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
                          ema_decay=args.ema_decay, seed=args.seed, bf16=args.bf16,
                          data=DataMix(pair_fraction=args.pair_fraction, triple_fraction=args.triple_fraction))
-    eval_config = EvalConfig(samples_per_group=args.eval_samples) if args.eval_samples > 0 else None
+    eval_config = EvalConfig(samples_per_group=args.eval_samples, guidance_scale=args.eval_guidance) if args.eval_samples > 0 else None
     train(args.out, config, eval_config=eval_config, eval_every=args.eval_every,
           checkpoint_every=args.checkpoint_every, log_every=args.log_every, device=args.device,
           time_budget_s=args.time_budget)
