@@ -4,8 +4,9 @@
     sepen generate "a photo of a cat and a dog" --adapter cat-dog.safetensors --concepts cat dog --out out/
     sepen inspect "a photo of a cat and a dog" --concepts cat dog --adapter cat-dog.safetensors
 
---model takes a local diffusers-format Stable Diffusion directory, or `tiny` / `tiny:SEED` for the
-built-in tiny random model (until the project bundles a trained one, the embedded default).
+--model takes a local diffusers-format Stable Diffusion directory, `tiny` / `tiny:SEED` for the
+built-in tiny random model, or `toy` for the bundled toy-world model (sample it with --guidance 1
+and read its maps with --map-downsample 2).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ DEFAULT_MODEL = "tiny"
 def load_model(spec: str, device: str, dtype_name: str):
     import torch
 
-    from sepen_core.models import build_tiny_model, load_base_model
+    from sepen_core.models import BUNDLED_MODEL_DIR, build_tiny_model, load_base_model
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    if spec == "toy":
+        return load_base_model(BUNDLED_MODEL_DIR, device=device, dtype=dtype)
     if spec == "tiny" or spec.startswith("tiny:"):
         seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
         return build_tiny_model(seed, device=device, dtype=dtype)
@@ -154,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers SD directory, or tiny / tiny:SEED (default: tiny)")
+        p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers SD directory, tiny / tiny:SEED, or toy (the bundled toy-world model); default: tiny")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
         p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
         p.add_argument("--normalization", default="raw", choices=["raw", "content"], help="object maps: raw softmax (paper) or renormalised over content tokens")

@@ -37,8 +37,15 @@ def smooth_maps(maps: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
 def _pairs(valid: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """All object pairs (i < j) and a (B, P) mask of pairs whose two objects are real."""
     pairs = list(itertools.combinations(range(valid.shape[1]), 2))
+    if not pairs:  # a single object: no pair, no overlap
+        return pairs, valid.new_zeros((valid.shape[0], 0))
     pair_valid = torch.stack([valid[:, i] & valid[:, j] for i, j in pairs], dim=1)
     return pairs, pair_valid
+
+
+def _stack_pairs(values: list[torch.Tensor], maps: torch.Tensor) -> torch.Tensor:
+    """(B, P) from P per-pair (B,) values; (B, 0) when there is no pair."""
+    return torch.stack(values, dim=1) if values else maps.new_zeros((maps.shape[0], 0))
 
 
 def _valid(maps: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -62,9 +69,8 @@ def separate_loss(maps: torch.Tensor, valid: torch.Tensor | None = None, eps: fl
     valid = _valid(maps, valid)
     pairs, pair_valid = _pairs(valid)
     flat = maps.flatten(2)  # (B, K, H*W)
-    per_pair = torch.stack(
-        [(flat[:, i] * flat[:, j] / (flat[:, i] + flat[:, j] + eps)).amax(dim=-1) for i, j in pairs], dim=1
-    )  # (B, P)
+    per_pair = _stack_pairs([(flat[:, i] * flat[:, j] / (flat[:, i] + flat[:, j] + eps)).amax(dim=-1) for i, j in pairs],
+                            maps)  # (B, P)
     return _mean_over_pairs(per_pair, pair_valid)
 
 
@@ -93,10 +99,8 @@ def pairwise_iou(maps: torch.Tensor, valid: torch.Tensor | None = None) -> tuple
     valid = _valid(maps, valid)
     pairs, pair_valid = _pairs(valid)
     flat = maps.flatten(2)
-    per_pair = torch.stack(
-        [torch.minimum(flat[:, i], flat[:, j]).sum(-1) / torch.maximum(flat[:, i], flat[:, j]).sum(-1).clamp_min(1e-12)
-         for i, j in pairs], dim=1
-    )  # (B, P)
+    per_pair = _stack_pairs([torch.minimum(flat[:, i], flat[:, j]).sum(-1) / torch.maximum(flat[:, i], flat[:, j]).sum(-1).clamp_min(1e-12)
+                             for i, j in pairs], maps)  # (B, P)
     return _mean_over_pairs(per_pair, pair_valid), per_pair
 
 

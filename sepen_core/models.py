@@ -19,6 +19,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sepen_core.errors import ModelLoadError
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "clip_tokenizer"
+# The project's own small text-to-image model of the toy world (toyworld/README.md), trained by
+# `python -m toyworld.train`: 32x32 pixel space, sample it at guidance 1.0 and read its maps at downsample 2.
+BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "sepen-toy"
 TINY_MODEL_ID = "sepen-tiny-random"
 
 

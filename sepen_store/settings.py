@@ -10,11 +10,12 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-TINY_MODEL = "tiny"
+TINY_MODEL = "tiny"  # model sources that are not paths: the tiny random model, the bundled toy-world model
+BUNDLED_MODEL = "toy"
 
 
 def _parse_models(text: str) -> dict[str, str]:
-    """'name=source,name2=source2' -> {name: source}; a source is a local SD directory or 'tiny'."""
+    """'name=source,name2=source2' -> {name: source}; a source is a local SD directory, 'tiny' or 'toy'."""
     models = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, source = item.partition("=")

@@ -8,10 +8,10 @@ import torch
 from sqlalchemy.orm import Session
 
 from sepen_core.adapters import KeyProjectionAdapter
-from sepen_core.models import BaseModel, build_tiny_model, load_base_model
+from sepen_core.models import BUNDLED_MODEL_DIR, BaseModel, build_tiny_model, load_base_model
 from sepen_store.errors import NotFound
 from sepen_store.registry import version_bytes
-from sepen_store.settings import TINY_MODEL, Settings
+from sepen_store.settings import BUNDLED_MODEL, TINY_MODEL, Settings
 from sepen_store.tables import AdapterVersion
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -33,6 +33,8 @@ class ModelCache:
             if source == TINY_MODEL:
                 model = build_tiny_model(0, device=device, dtype=dtype)
                 model.model_id = name
+            elif source == BUNDLED_MODEL:
+                model = load_base_model(BUNDLED_MODEL_DIR, device=device, dtype=dtype, model_id=name)
             else:
                 model = load_base_model(source, device=device, dtype=dtype, model_id=name)
             self.models[name] = model

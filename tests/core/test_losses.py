@@ -87,3 +87,9 @@ def test_total_loss_weights_and_gradients():
 def test_prior_loss_is_mse():
     a, b = torch.zeros(2, 4, 3, 3), torch.full((2, 4, 3, 3), 2.0)
     assert prior_loss(a, b).item() == pytest.approx(4.0)
+
+
+def test_a_single_object_has_no_overlap():
+    maps = torch.rand(2, 1, 4, 4)
+    assert separate_loss(maps).tolist() == [0.0, 0.0] and soft_iou(maps).tolist() == [0.0, 0.0]
+    assert enhance_loss(maps).shape == (2,)
