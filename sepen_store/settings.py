@@ -30,7 +30,7 @@ class Settings:
     data_dir: Path = Path("var")
     database_url: str = ""  # empty: SQLite file under data_dir (embedded)
     broker_url: str = ""  # empty: filesystem broker under data_dir (embedded)
-    models: dict[str, str] = field(default_factory=lambda: {"sepen-tiny": TINY_MODEL})
+    models: dict[str, str] = field(default_factory=lambda: {"sepen-tiny": TINY_MODEL, "sepen-toy": BUNDLED_MODEL})
     default_model: str = "sepen-tiny"
     device: str = "cpu"
     dtype: str = "fp32"

@@ -135,3 +135,18 @@ def test_client_errors(deployment, api_key, other_key):
                            headers={"content-type": "application/json"})
         assert huge.status_code == 413
         wait_for_job(client, job["id"])
+
+
+def test_generate_with_the_bundled_toy_model(deployment, api_key):
+    from toyworld.detector import detect
+    from toyworld.world import load_world
+
+    with deployment.client(api_key) as client:
+        response = client.post("/generate", json={"prompt": "a cherry", "model": "sepen-toy", "guidance": 1.0,
+                                                  "steps": 20, "images": 2, "seed": 3})
+        assert response.status_code == 202, response.text
+        job = wait_for_job(client, response.json()["job"]["id"])
+        assert job["status"] == "succeeded", job
+        images = [Image.open(io.BytesIO(client.get(f"/jobs/{job['id']}/images/{i}").content)) for i in range(2)]
+        assert images[0].size == (32, 32) and images[0].text["model"] == "sepen-toy"
+        assert any("cherry" in detect(load_world(), image) for image in images)
