@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,17 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from sepen_core.adapters import KeyProjectionAdapter, restore_base_keys
+from sepen_core.checkpoints import read_checkpoint_state, restore_checkpoint, write_checkpoint
 from sepen_core.config import FinetuneConfig
 from sepen_core.errors import Canceled, CheckpointError
 from sepen_core.models import BaseModel
 from sepen_core.objective import check_concepts, make_training_batch, map_statistics, sepen_objective
 from sepen_core.prompts import ConceptSet
-
-CHECKPOINT_STATE = "checkpoint.json"
-
 
 @dataclass
 class StepReport:
@@ -69,45 +65,14 @@ def _trained_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
     return {name: params[name] for name in model.base_keys}
 
 
-def _save_checkpoint(directory: Path, step: int, fingerprint: str, params: dict, optimizer: torch.optim.AdamW,
-                     history: list[StepReport]) -> None:
-    """Write weights and AdamW moments, then the JSON that names them; the JSON switch is atomic."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, p in params.items():
-        tensors[f"weight/{name}"] = p.detach().cpu().contiguous()
-        state = optimizer.state.get(p)
-        if state:  # layers after the last map layer get no gradient, hence no AdamW moments, without the prior loss
-            tensors[f"exp_avg/{name}"] = state["exp_avg"].cpu().contiguous()
-            tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].cpu().contiguous()
-            tensors[f"step/{name}"] = state["step"].reshape(1).cpu()
-    tensor_file = f"checkpoint-{step:07d}.safetensors"
-    save_file(tensors, str(directory / (tensor_file + ".tmp")))
-    os.replace(directory / (tensor_file + ".tmp"), directory / tensor_file)
-    state = {"step": step, "run": fingerprint, "tensors": tensor_file, "history": [r.to_dict() for r in history]}
-    (directory / (CHECKPOINT_STATE + ".tmp")).write_text(json.dumps(state))
-    os.replace(directory / (CHECKPOINT_STATE + ".tmp"), directory / CHECKPOINT_STATE)
-    for old in directory.glob("checkpoint-*.safetensors"):
-        if old.name != tensor_file:
-            old.unlink()
-
-
 def _load_checkpoint(directory: Path, fingerprint: str, params: dict, optimizer: torch.optim.AdamW) -> tuple[int, list[StepReport]]:
-    state_file = directory / CHECKPOINT_STATE
-    if not state_file.exists():
+    state = read_checkpoint_state(directory)
+    if state is None:
         return 0, []
-    state = json.loads(state_file.read_text())
     if state.get("run") != fingerprint:
         raise CheckpointError(f"checkpoint in {str(directory)!r} belongs to another run (other config, concepts or base model)")
-    tensors = load_file(str(directory / state["tensors"]))
-    step = int(state["step"])
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"weight/{name}"].to(p))
-            if f"exp_avg/{name}" in tensors:
-                optimizer.state[p] = {"step": tensors[f"step/{name}"].reshape(()).clone(),
-                                      "exp_avg": tensors[f"exp_avg/{name}"].to(p), "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p)}
-    return step, [StepReport(**r) for r in state["history"]]
+    restore_checkpoint(directory, state, params, optimizer)
+    return int(state["step"]), [StepReport(**r) for r in state["history"]]
 
 
 def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | None = None, *,
@@ -160,7 +125,8 @@ def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | No
             if on_step is not None:
                 on_step(report)
             if checkpoint_dir is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
-                _save_checkpoint(checkpoint_dir, step + 1, fingerprint, params, optimizer, history)
+                write_checkpoint(checkpoint_dir, step + 1, params, optimizer,
+                                 {"run": fingerprint, "history": [r.to_dict() for r in history]})
                 if on_checkpoint is not None:
                     on_checkpoint(checkpoint_dir, step + 1)
 

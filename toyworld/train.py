@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from sepen_core.attention import unet_forward
+from sepen_core.checkpoints import read_checkpoint_state, restore_checkpoint, write_checkpoint
 from sepen_core.models import BaseModel
 from toyworld.data import DataMix, training_batch
 from toyworld.evaluate import EvalConfig, evaluate, preview_grid
 from toyworld.model import ToyModelConfig, build_toy_model, trainable_conditioning
 from toyworld.world import World, load_world
 
-CHECKPOINT_STATE = "checkpoint.json"
 
 
 @dataclass(frozen=True)
@@ -123,44 +121,22 @@ def training_loss(model: BaseModel, world: World, config: TrainConfig, step: int
 
 def save_checkpoint(directory: Path, step: int, config: TrainConfig, params: dict, ema: EMA,
                     optimizer: torch.optim.AdamW, evals: list[dict]) -> None:
-    """Weights, EMA weights and AdamW moments as safetensors; the JSON that names them is switched atomically."""
-    tensors = {}
-    for name, p in params.items():
-        tensors[f"weight/{name}"] = p.detach().cpu().contiguous()
-        tensors[f"ema/{name}"] = ema.shadow[name].cpu().contiguous()
-        state = optimizer.state.get(p)
-        if state:
-            tensors[f"exp_avg/{name}"] = state["exp_avg"].cpu().contiguous()
-            tensors[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].cpu().contiguous()
-            tensors[f"step/{name}"] = state["step"].reshape(1).cpu()
-    tensor_file = f"checkpoint-{step:07d}.safetensors"
-    save_file(tensors, str(directory / (tensor_file + ".tmp")))
-    os.replace(directory / (tensor_file + ".tmp"), directory / tensor_file)
-    state = {"step": step, "run": config.fingerprint(), "tensors": tensor_file, "evals": evals}
-    (directory / (CHECKPOINT_STATE + ".tmp")).write_text(json.dumps(state))
-    os.replace(directory / (CHECKPOINT_STATE + ".tmp"), directory / CHECKPOINT_STATE)
-    for old in directory.glob("checkpoint-*.safetensors"):
-        if old.name != tensor_file:
-            old.unlink()
+    """Weights, AdamW moments and the EMA weights (as extras) through sepen_core.checkpoints."""
+    write_checkpoint(directory, step, params, optimizer, {"run": config.fingerprint(), "evals": evals},
+                     extra={f"ema/{name}": shadow for name, shadow in ema.shadow.items()})
 
 
 def load_checkpoint(directory: Path, config: TrainConfig, params: dict, ema: EMA,
                     optimizer: torch.optim.AdamW) -> tuple[int, list[dict]]:
-    state_file = directory / CHECKPOINT_STATE
-    if not state_file.exists():
+    state = read_checkpoint_state(directory)
+    if state is None:
         return 0, []
-    state = json.loads(state_file.read_text())
     if state["run"] != config.fingerprint():
         raise SystemExit(f"{directory} holds a checkpoint of another run (other settings); use another --out")
-    tensors = load_file(str(directory / state["tensors"]))
+    tensors = restore_checkpoint(directory, state, params, optimizer)
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"weight/{name}"])
+        for name in params:
             ema.shadow[name].copy_(tensors[f"ema/{name}"])
-            if f"exp_avg/{name}" in tensors:
-                optimizer.state[p] = {"step": tensors[f"step/{name}"].reshape(()).clone(),
-                                      "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
-                                      "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device)}
     return int(state["step"]), state["evals"]
 
 
