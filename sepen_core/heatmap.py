@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+MIN_PANEL = 128  # smaller images (the 32 px toy world) are enlarged so that labels and maps stay legible
 # A perceptually ordered dark-to-bright ramp (black, purple, red, orange, pale yellow).
 _RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
 
@@ -23,6 +24,9 @@ def render_heatmaps(image: Image.Image, maps: torch.Tensor, labels: list[str], p
     """maps (K, h, w) for one image -> one row: the image, then each object's map upsampled and
     blended over it. All panels share one colour scale (the largest value among the maps), so a
     weak object looks weak."""
+    if image.width < MIN_PANEL:
+        factor = -(-MIN_PANEL // image.width)  # ceil
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
     width, height = image.size
     up = F.interpolate(maps[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]  # (K, H, W)
     scale = float(up.max().clamp_min(1e-12))

@@ -30,7 +30,7 @@ def test_finetune_generate_inspect(tmp_path):
     assert image.text["model"] == "sepen-tiny-random-0" and image.text["adapter"] == str(adapter_path)
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert len(scores) == 2 and set(scores[0]["peaks"]) == {"cat", "dog"}
-    assert Image.open(tmp_path / "out" / "heatmap-0.png").size[0] == 3 * 64
+    assert Image.open(tmp_path / "out" / "heatmap-0.png").size[0] == 3 * 128
 
     run = sepen("inspect", "a photo of a cat and a dog", "--concepts", "cat", "dog", "--adapter", str(adapter_path),
                 "--samples", "4", "--json", cwd=tmp_path)

@@ -41,7 +41,7 @@ def test_maps_and_scores_of_the_conditional_branch(tiny_model):
     assert set(score.peaks) == {"cat", "dog"} and set(score.overlaps) == {"cat & dog"}
     assert score.min_peak == min(score.peaks.values())
     heatmap = result.heatmap(1)
-    assert heatmap.size[0] == 3 * 64  # image + one panel per concept
+    assert heatmap.size[0] == 3 * 128  # image + one panel per concept
     unguided = generate(tiny_model, PROMPT, SampleConfig(num_inference_steps=3, guidance_scale=1.0), concepts=["cat", "dog"])
     assert unguided.maps.shape == (1, 2, 8, 8)
 

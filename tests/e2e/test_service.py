@@ -48,7 +48,7 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
         assert image.text["prompt"] == "a photo of a cat and a dog" and image.text["seed"] == "12"
         assert image.text["adapter"] == "cat-dog@1" and image.text["model"] == "sepen-tiny"
         heatmap = client.get(f"/jobs/{gen['id']}/heatmaps/0")
-        assert heatmap.status_code == 200 and Image.open(io.BytesIO(heatmap.content)).size[0] == 3 * 64
+        assert heatmap.status_code == 200 and Image.open(io.BytesIO(heatmap.content)).size[0] == 3 * 128
         assert set(gen["result"]["images"][0]["scores"]["peaks"]) == {"cat", "dog"}
 
         weights = client.get("/adapters/cat-dog/1/weights")
