@@ -123,7 +123,9 @@ def generate(model: BaseModel, prompt: str, config: SampleConfig | None = None, 
         excite = AttendExcite(attend_excite, unet, cond, concept_mask, content_mask, map_layers(unet, d), d,
                               config.num_inference_steps)
 
-    step_generator = torch.Generator().manual_seed(seeds[0])
+    # Stochastic schedulers draw their step noise from the first image's seed; deterministic ones take no generator.
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    step_kwargs = {"generator": torch.Generator().manual_seed(seeds[0])} if takes_generator else {}
     with adapter.applied(model) if adapter is not None else nullcontext(), installed_processors(unet, processors):
         timesteps = scheduler.timesteps
         for i, t in enumerate(timesteps):
@@ -137,7 +139,6 @@ def generate(model: BaseModel, prompt: str, config: SampleConfig | None = None, 
             if guided:
                 uncond_pred, cond_pred = noise_pred.chunk(2)
                 noise_pred = uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
-            step_kwargs = {"generator": step_generator} if "generator" in _step_parameters(scheduler) else {}
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
@@ -150,6 +151,3 @@ def generate(model: BaseModel, prompt: str, config: SampleConfig | None = None, 
         result.scores = object_scores(result.maps, concepts, config.maps.smoothing_sigma)
     return result
 
-
-def _step_parameters(scheduler) -> set[str]:
-    return set(inspect.signature(scheduler.step).parameters)
