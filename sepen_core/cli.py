@@ -4,9 +4,9 @@
     sepen generate "a photo of a cat and a dog" --adapter cat-dog.safetensors --concepts cat dog --out out/
     sepen inspect "a photo of a cat and a dog" --concepts cat dog --adapter cat-dog.safetensors
 
---model takes a local diffusers-format Stable Diffusion directory, `tiny` / `tiny:SEED` for the
-built-in tiny random model, or `toy` for the bundled toy-world model (sample it with --guidance 1
-and read its maps with --map-downsample 2).
+--model takes `toy` (the default: the bundled toy-world model, which draws recognisable glyphs),
+a local diffusers-format Stable Diffusion directory, or `tiny` / `tiny:SEED` for the built-in tiny
+random model. Settings left out take the model's own defaults (ModelDefaults), then the paper's.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from sepen_core.config import FinetuneConfig, MapConfig, SampleConfig
+from sepen_core.config import FinetuneConfig, SampleConfig
 from sepen_core.errors import SepenError
 from sepen_core.prompts import ConceptSet
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "toy"
 
 
 def load_model(spec: str, device: str, dtype_name: str):
@@ -43,8 +43,13 @@ def _progress(total: int, description: str):
     return tqdm(total=total, desc=description, unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
-def _map_config(args) -> MapConfig:
-    return MapConfig(map_downsample=args.map_downsample, normalization=args.normalization)
+def _given(values: dict) -> dict:
+    """The settings the command line gave (argparse leaves the others None)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _given_maps(args) -> dict:
+    return _given({"map_downsample": args.map_downsample, "normalization": args.normalization})
 
 
 def cmd_finetune(args) -> int:
@@ -60,12 +65,12 @@ def cmd_finetune(args) -> int:
                               templates=tuple(args.template))
     else:
         raise SepenError("give --pair A B (repeatable) or --collection FILE|large-scale")
-    recipe = FinetuneConfig.large_scale() if concepts.mode == "collection" else FinetuneConfig()
-    overrides = {k: v for k, v in {"steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch_size,
-                                   "prior_weight": args.prior_weight, "lambda_sep": args.lambda_sep,
-                                   "lambda_en": args.lambda_en, "grad_mode": args.grad_mode}.items() if v is not None}
-    config = FinetuneConfig.from_dict({**recipe.to_dict(), **overrides, "seed": args.seed, "maps": _map_config(args).to_dict()})
+    given = _given({"steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch_size,
+                    "prior_weight": args.prior_weight, "lambda_sep": args.lambda_sep, "lambda_en": args.lambda_en,
+                    "grad_mode": args.grad_mode, "seed": args.seed})
+    FinetuneConfig.from_dict({**given, "maps": _given_maps(args)})  # bad settings fail before the model loads
     model = load_model(args.model, args.device, args.dtype)
+    config = model.defaults.finetune_config(concepts.mode, {**given, "maps": _given_maps(args)})
     bar = _progress(config.steps, "finetune")
 
     def on_step(report):
@@ -95,10 +100,12 @@ def cmd_generate(args) -> int:
 
     from sepen_core.sampling import generate
 
-    config = SampleConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, num_images=args.images,
-                          seed=args.seed, height=args.height, width=args.width, negative_prompt=args.negative_prompt,
-                          maps=_map_config(args))
+    given = {**_given({"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.height,
+                       "width": args.width}),
+             "num_images": args.images, "seed": args.seed, "negative_prompt": args.negative_prompt, "maps": _given_maps(args)}
+    SampleConfig.from_dict(given)  # bad settings fail before the model loads
     model = load_model(args.model, args.device, args.dtype)
+    config = model.defaults.sample_config(given)
     adapter = _read_adapter(args.adapter)
     bar = _progress(config.num_inference_steps, "generate")
     result = generate(model, args.prompt, config, adapter=adapter, concepts=args.concepts,
@@ -129,11 +136,11 @@ def cmd_inspect(args) -> int:
     adapter = _read_adapter(args.adapter)
     runs = [("base", None)] + ([("adapter", adapter)] if adapter is not None else [])
     reports = {label: diagnose(model, args.prompt, args.concepts, adapter=a, samples=args.samples, seed=args.seed,
-                               maps=_map_config(args)) for label, a in runs}
+                               maps=model.defaults.sample_config({"maps": _given_maps(args)}).maps) for label, a in runs}
     if args.json:
         print(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
         return 0
-    print(f"prompt: {args.prompt!r}  ({args.samples} pseudo-latents, {args.normalization} maps)")
+    print(f"prompt: {args.prompt!r}  ({args.samples} pseudo-latents, {next(iter(reports.values())).normalization} maps)")
     print(f"{'':24}" + "".join(f"{label:>12}" for label in reports))
     for concept in args.concepts:
         print(f"{'peak ' + concept:24}" + "".join(f"{r.peaks[concept]:12.4f}" for r in reports.values()))
@@ -157,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers SD directory, tiny / tiny:SEED, or toy (the bundled toy-world model); default: tiny")
+        p.add_argument("--model", default=DEFAULT_MODEL, help="toy (the bundled toy-world model; the default), a diffusers SD directory, or tiny / tiny:SEED")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
         p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-        p.add_argument("--normalization", default="raw", choices=["raw", "content"], help="object maps: raw softmax (paper) or renormalised over content tokens")
-        p.add_argument("--map-downsample", type=int, default=4, help="read maps at latent size / this (default 4)")
+        p.add_argument("--normalization", choices=["raw", "content"], help="object maps: raw softmax (paper) or renormalised over content tokens (default: the model's, else raw)")
+        p.add_argument("--map-downsample", type=int, help="read maps at latent size / this (default: the model's, else 4)")
 
     p = sub.add_parser("finetune", help="finetune attn2.to_k on concepts and write an adapter")
     model_args(p)
@@ -169,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", help="JSON file {collection: [...], held_out: [...]}, or 'large-scale' for the bundled 220 concepts")
     p.add_argument("--template", action="append", default=[], help='prompt template with slots {A}, {B}...; repeatable')
     p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float, help="learning rate (default 8e-6 pairs, 4e-6 collection)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the model's, else the paper's 8e-6 pairs, 4e-6 collection)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--prior-weight", type=float, help="prior (norm) loss weight (default 0 pairs, 0.5 collection)")
     p.add_argument("--lambda-sep", type=float)
@@ -188,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter .safetensors file")
     p.add_argument("--concepts", nargs="+", help="record these objects' attention maps and scores")
     p.add_argument("--images", type=int, default=1)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 50)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, else 6.0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)

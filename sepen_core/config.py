@@ -122,3 +122,47 @@ class SampleConfig(_Serializable):
         _check(len(self.negative_prompt) <= 2000, "negative_prompt", "must be at most 2000 characters")
         if isinstance(self.maps, dict):
             object.__setattr__(self, "maps", MapConfig.from_dict(self.maps))
+
+
+def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """given over defaults, with a nested `maps` dict merged key by key."""
+    merged = {**defaults, **given}
+    if "maps" in defaults or "maps" in given:
+        merged["maps"] = {**defaults.get("maps", {}), **given.get("maps", {})}
+    return merged
+
+
+@dataclass(frozen=True)
+class ModelDefaults(_Serializable):
+    """What a base model recommends where a request is silent; saved in its model_index.json (`sepen_defaults`).
+
+    The paper's settings suit Stable Diffusion; a small model trained from scratch (the bundled toy
+    model) needs its own: no classifier-free guidance, maps at another resolution, a far larger
+    learning rate. Precedence, lowest first: the paper's recipe, the model's defaults, the request.
+    """
+
+    sample: dict[str, Any] = field(default_factory=dict)  # SampleConfig fields
+    maps: dict[str, Any] = field(default_factory=dict)  # MapConfig fields, for sampling and finetuning alike
+    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields, concept pairs or groups
+    large_scale: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields, a concept collection
+
+    def __post_init__(self):
+        for name in ("sample", "finetune", "large_scale"):
+            _check("maps" not in getattr(self, name), name, f"put map settings in 'maps', not in {name!r}")
+        try:  # every default must make a valid config on its own
+            self.sample_config()
+            self.finetune_config("groups")
+            self.finetune_config("collection")
+        except ConfigError as exc:
+            raise ConfigError(f"sepen_defaults.{exc.field}", exc.message) from exc
+
+    def sample_config(self, given: dict[str, Any] | None = None) -> SampleConfig:
+        return SampleConfig.from_dict(_merged({**self.sample, "maps": self.maps}, given or {}))
+
+    def finetune_config(self, mode: str, given: dict[str, Any] | None = None) -> FinetuneConfig:
+        """mode: ConceptSet.mode, "groups" (the paper's pair recipe) or "collection" (its large-scale recipe)."""
+        recipe = FinetuneConfig.large_scale() if mode == "collection" else FinetuneConfig()
+        model = self.large_scale if mode == "collection" else self.finetune
+        base = {**recipe.to_dict(), **model}
+        base["maps"] = {**base["maps"], **self.maps}
+        return FinetuneConfig.from_dict(_merged(base, given or {}))

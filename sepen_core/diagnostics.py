@@ -40,7 +40,7 @@ def diagnose(model: BaseModel, prompt: str, concepts: list[str], *, adapter: Key
              samples: int = 16, seed: int = 0, maps: MapConfig | None = None, latent_size: int | None = None,
              chunk: int = 8) -> Diagnosis:
     """Average the object maps' statistics over `samples` pseudo-latents x_t (t evenly spaced)."""
-    maps_cfg = maps or MapConfig()
+    maps_cfg = maps or model.defaults.sample_config().maps
     positions = locate_concepts(model.tokenizer, prompt, concepts)
     layers = map_layers(model.unet, maps_cfg.map_downsample)
     size = latent_size or model.unet.config.sample_size

@@ -24,6 +24,7 @@ class ConfigError(SepenError, ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 class ConceptError(SepenError, ValueError):

@@ -26,6 +26,7 @@ from sepen_core.models import BaseModel
 from sepen_core.objective import check_concepts, make_training_batch, map_statistics, sepen_objective
 from sepen_core.prompts import ConceptSet
 
+
 @dataclass
 class StepReport:
     """What one optimisation step measured; `peaks` maps each concept seen in the batch to its mean
@@ -87,7 +88,7 @@ def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | No
     `checkpoint_every` steps and an existing one of the same run is resumed from; on_checkpoint(dir,
     step) is called after each one is written (the service copies it to its database).
     """
-    config = config or FinetuneConfig()
+    config = config or model.defaults.finetune_config(concepts.mode)
     check_concepts(model, concepts)
     params = _trained_parameters(model)
     fingerprint = run_fingerprint(model, concepts, config)

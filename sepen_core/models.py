@@ -16,7 +16,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sepen_core.errors import ModelLoadError
+from sepen_core.config import ModelDefaults
+from sepen_core.errors import ConfigError, ModelLoadError
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "clip_tokenizer"
 # The project's own small text-to-image model of the toy world (toyworld/README.md), trained by
@@ -82,6 +83,8 @@ class BaseModel:
     # Mask the start token and the padding out of cross-attention, so the keys are the prompt's own
     # tokens and its first end token (small models trained from scratch need it: TOYWORLD.md).
     mask_padding: bool = False
+    # Sampling, map and recipe settings this model needs where a request is silent (none: the paper's).
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
     base_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # original attn2.to_k weights
     base_fingerprint: str = ""
 
@@ -153,7 +156,8 @@ class BaseModel:
                       "vae": ["diffusers", "AutoencoderKL"] if self.vae is not None else [None, None],
                       "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None]}
         index = {"_class_name": "StableDiffusionPipeline", **components, "requires_safety_checker": False,
-                 "sepen_model_id": self.model_id, "sepen_mask_padding": self.mask_padding}
+                 "sepen_model_id": self.model_id, "sepen_mask_padding": self.mask_padding,
+                 "sepen_defaults": self.defaults.to_dict()}
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -178,11 +182,14 @@ def load_base_model(path: str | Path, *, device: str | torch.device = "cpu", dty
         scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", "DDIMScheduler"), DDIMScheduler)
         scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True) if (path / "vae").is_dir() else None
+        defaults = ModelDefaults.from_dict(index.get("sepen_defaults", {}))
+    except ConfigError as exc:
+        raise ModelLoadError(f"{str(index_file)!r} has invalid {exc}") from exc
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load base model from {str(path)!r}: {exc}") from exc
     model = BaseModel(unet, text_encoder, tokenizer, scheduler, vae,
                       model_id or index.get("sepen_model_id") or path.resolve().name,
-                      mask_padding=bool(index.get("sepen_mask_padding", False)))
+                      mask_padding=bool(index.get("sepen_mask_padding", False)), defaults=defaults)
     return model.to(device, dtype)
 
 

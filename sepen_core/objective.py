@@ -41,8 +41,8 @@ def check_concepts(model: BaseModel, concepts: ConceptSet) -> None:
     else:
         pool = concepts.training_concepts
         partners = {c: pool[(i + 1) % len(pool)] for i, c in enumerate(pool)}
-        samples = [((c, partners[c]), t) for c in concepts.collection for t in concepts.templates_for(2)]
-        samples += [((partners[c], c), t) for c in concepts.collection for t in concepts.templates_for(2)]
+        samples = [((c, partners[c]), t) for c in pool for t in concepts.templates_for(2)]  # held-out ones never train
+        samples += [((partners[c], c), t) for c in pool for t in concepts.templates_for(2)]
     for group, template in samples:
         locate_concepts(model.tokenizer, fill_template(template, group), group)
 

@@ -86,7 +86,7 @@ def generate(model: BaseModel, prompt: str, config: SampleConfig | None = None, 
     too, as in the paper). With concepts, their maps and scores are recorded (conditional branch).
     With attend_excite (needs concepts), the latents are optimised at test time (the A&E baseline).
     """
-    config = config or SampleConfig()
+    config = config or model.defaults.sample_config()
     concepts = list(concepts or [])
     positions = locate_concepts(model.tokenizer, prompt, concepts) if concepts else []
     unet, n = model.unet, config.num_images

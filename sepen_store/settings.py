@@ -31,7 +31,7 @@ class Settings:
     database_url: str = ""  # empty: SQLite file under data_dir (embedded)
     broker_url: str = ""  # empty: filesystem broker under data_dir (embedded)
     models: dict[str, str] = field(default_factory=lambda: {"sepen-tiny": TINY_MODEL, "sepen-toy": BUNDLED_MODEL})
-    default_model: str = "sepen-tiny"
+    default_model: str = "sepen-toy"
     device: str = "cpu"
     dtype: str = "fp32"
     max_body_bytes: int = 1_048_576

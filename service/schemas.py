@@ -131,15 +131,16 @@ class GenerateIn(RequestBody):
     model: str | None = Field(None, description="base model name; default: the adapter's base model, else the service's default")
     adapter: str | None = Field(None, description="'name' (its latest version) or 'name@N'", examples=["cat-dog@1"])
     images: StrictInt = Field(1, ge=1, le=8)
-    steps: StrictInt = Field(50, ge=1, le=200, description="denoising steps")
-    guidance: float = Field(6.0, ge=0, le=30, description="classifier-free guidance scale")
+    steps: StrictInt | None = Field(None, ge=1, le=200, description="denoising steps; default: the model's")
+    guidance: float | None = Field(None, ge=0, le=30, description="classifier-free guidance scale; default: the model's")
     height: StrictInt | None = Field(None, ge=64, le=1024, multiple_of=8, description="pixels; default: the model's own size")
     width: StrictInt | None = Field(None, ge=64, le=1024, multiple_of=8)
     seed: StrictInt | None = Field(None, ge=0, lt=2**31, description="image i uses seed + i; omitted: a random seed, stored")
     negative_prompt: str = Field("", max_length=1000)
     concepts: list[ConceptName] | None = Field(None, min_length=2, max_length=8, examples=[["cat", "dog"]],
                                               description="objects of the prompt whose attention heatmaps to render")
-    normalization: Literal[NORMALIZATIONS] = "raw"  # type: ignore[valid-type]
+    normalization: Literal[NORMALIZATIONS] | None = Field(None, description="heatmaps' maps; default: the model's")  # type: ignore[valid-type]
+    map_downsample: StrictInt | None = Field(None, description="heatmaps read attention at image size / this; default: the model's")
 
     @field_validator("prompt")
     @classmethod

@@ -9,13 +9,21 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sepen_core.config import ModelDefaults
 from sepen_core.models import BaseModel, TextConditioning, load_clip_tokenizer
 
 TOY_MODEL_ID = "sepen-toyworld"
-# The SepEn maps of this model: downsample 2 reads the 3 attn2 layers at 16x16 (down_blocks.1,
-# up_blocks.1); 4 would read the 4 at 8x8 (down_blocks.2, mid_block, up_blocks.0), where an
-# 8-11 px object covers only 2-3 cells.
-TOY_MAP_DOWNSAMPLE = 2
+# What the toy model needs where a request is silent (saved in its model_index.json).
+TOY_DEFAULTS = ModelDefaults(
+    # 20 DDIM steps suffice at 32x32; classifier-free guidance above ~1.5 breaks this model (toyworld/README.md).
+    sample={"num_inference_steps": 20, "guidance_scale": 1.0},
+    # Downsample 2 reads the 3 attn2 layers at 16x16 (down_blocks.1, up_blocks.1); 4 would read the 4 at
+    # 8x8 (down_blocks.2, mid_block, up_blocks.0), where an 8-11 px object covers only 2-3 cells.
+    maps={"map_downsample": 2},
+    # The paper's 8e-6 does not move a 5 M-parameter model trained from scratch (TOYWORLD.md); 1e-3 does.
+    finetune={"learning_rate": 1e-3, "batch_size": 8, "steps": 150},
+    large_scale={"learning_rate": 1e-3, "batch_size": 8, "steps": 300},
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +78,8 @@ def build_toy_model(config: ToyModelConfig | None = None, seed: int = 0) -> Base
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule=config.beta_schedule, beta_start=config.beta_start,
                               beta_end=config.beta_end, prediction_type=config.prediction_type, clip_sample=True,
                               clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing")
-    return BaseModel(unet.eval(), text_encoder.eval(), tokenizer, scheduler, None, TOY_MODEL_ID, mask_padding=True)
+    return BaseModel(unet.eval(), text_encoder.eval(), tokenizer, scheduler, None, TOY_MODEL_ID, mask_padding=True,
+                     defaults=TOY_DEFAULTS)
 
 
 def trainable_conditioning(model: BaseModel, prompts: list[str]) -> TextConditioning:

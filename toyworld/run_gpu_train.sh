@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the toy-world base model on a borrowed GPU within a fixed time, from the repo root:
 #   BUDGET=110 bash toyworld/run_gpu_train.sh
-# Offline machines: the wheels the GPU machine lacks (diffusers, importlib_metadata, zipp) in .whl/.
+# Offline machines: put the wheels the GPU machine lacks in .whl/ (toyworld/gpu_env.sh).
 # Writes to $OUT (default runs/gpu): unet.safetensors, text_encoder.safetensors, configs.tar (the rest of
 # the model directory) and log.jsonl; assemble them here with toyworld/assemble_model.sh.
 set -euo pipefail
@@ -9,14 +9,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu}"
 BUDGET="${BUDGET:-110}"
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sepen-site .whl/*.whl
-  export PYTHONPATH="/tmp/sepen-site:$PWD"
-else
-  export PYTHONPATH="$PWD"
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+source toyworld/gpu_env.sh
 run=/tmp/toyworld-gpu
 python3 -m toyworld.train --out "$run" --device cuda --threads 8 --steps 60000 --batch-size 128 --lr 1.5e-3 --warmup 300 \
   --time-budget "$BUDGET" --eval-samples 0 --log-every 1000 --checkpoint-every 1000000 2>&1 | tee "$OUT/train.log"

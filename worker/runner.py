@@ -21,7 +21,6 @@ from PIL.PngImagePlugin import PngInfo
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from sepen_core.config import FinetuneConfig, SampleConfig
 from sepen_core.diagnostics import diagnose
 from sepen_core.errors import AdapterError, Canceled, ConceptError, ConfigError, ModelLoadError, SepenError
 from sepen_core.finetuning import StepReport, finetune
@@ -127,7 +126,7 @@ class Runtime:
         request = job.request
         model = self.models.get(request["model"])
         concepts = ConceptSet.from_dict(request["concepts"])
-        config = FinetuneConfig.from_dict(request["recipe"])
+        config = model.defaults.finetune_config(concepts.mode, request["recipe"])
         probes = probe_prompts(concepts)
         before = [diagnose(model, p, list(c), maps=config.maps, samples=8).to_dict() for p, c in probes]
 
@@ -192,7 +191,7 @@ class Runtime:
         if request.get("adapter") and adapter is None:
             raise JobFailure("adapter_not_found", f"adapter {request['adapter']} was deleted before the job ran")
         model = self.models.get(request["model"])
-        config = SampleConfig.from_dict(request["sample"])
+        config = model.defaults.sample_config(request["sample"])
         concepts = request.get("concepts") or None
         result = generate(model, request["prompt"], config, adapter=adapter, concepts=concepts,
                           on_step=lambda i, n: reporter.progress({"step": i, "total": n}, force=i == n),
@@ -216,7 +215,8 @@ class Runtime:
                     entry.update(heatmap_url=f"/jobs/{job.id}/heatmaps/{i}", scores=result.scores[i].to_dict())
                 images.append(entry)
             session.commit()
-        return {"images": images, "adapter": request.get("adapter"), "model": request["model"], "concepts": concepts or []}
+        return {"images": images, "adapter": request.get("adapter"), "model": request["model"], "concepts": concepts or [],
+                "sample": config.to_dict()}
 
     @staticmethod
     def _store_png(session: Session, job_id: str, kind: str, index: int, image, info: PngInfo) -> None:

@@ -44,20 +44,22 @@ def build_concept_set(body: FinetuneIn) -> ConceptSet:
         raise invalid_setting(exc, _CONCEPT_FIELDS.get(exc.field, "concepts")) from exc
 
 
-def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> FinetuneConfig:
-    """The paper's pair recipe for groups, its large-scale recipe for a collection, with the request's overrides."""
+def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> dict:
+    """The request's overrides, checked against the paper's recipe for the mode (pairs, or large-scale for a collection).
+
+    Only they are stored: the worker lays them over the model's own recipe (ModelDefaults)."""
     given = recipe.model_dump(exclude_none=True)
-    map_settings = {name: given.pop(name) for name in _MAP_FIELDS if name in given}
+    given["maps"] = {name: given.pop(name) for name in _MAP_FIELDS if name in given}
     try:
-        maps = MapConfig(**map_settings)
+        MapConfig(**given["maps"])
     except ConfigError as exc:
         raise invalid_setting(exc, f"recipe.{exc.field}") from exc
+    paper = FinetuneConfig.large_scale() if concept_set.mode == "collection" else FinetuneConfig()
     try:
-        if concept_set.mode == "collection":
-            return FinetuneConfig.large_scale(**given, maps=maps)
-        return FinetuneConfig(**given, maps=maps)
+        FinetuneConfig.from_dict({**paper.to_dict(), **given})
     except ConfigError as exc:
         raise invalid_setting(exc, f"recipe.{exc.field}") from exc
+    return given
 
 
 @router.post("/finetune", status_code=202, response_model=SubmittedJob,
@@ -68,7 +70,7 @@ def submit_finetune(body: FinetuneIn, response: Response, tenant: TenantDep, ses
     """Queue a SepEn finetune that publishes the next version of adapter `adapter`; poll the job at `url`."""
     model = resolve_model(settings, body.model)
     concept_set = build_concept_set(body)
-    config = build_recipe(body.recipe, concept_set)
-    request = {"adapter": body.adapter, "model": model, "concepts": concept_set.to_dict(), "recipe": config.to_dict()}
+    recipe = build_recipe(body.recipe, concept_set)
+    request = {"adapter": body.adapter, "model": model, "concepts": concept_set.to_dict(), "recipe": recipe}
     job, created = submit_job(session, celery, tenant, "finetune", request, idempotency_key=idempotency_key)
     return submitted(response, job, created)

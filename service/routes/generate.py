@@ -7,7 +7,7 @@ import secrets
 
 from fastapi import APIRouter, Response
 
-from sepen_core.config import MapConfig, SampleConfig
+from sepen_core.config import SampleConfig
 from sepen_core.errors import ConfigError
 from sepen_store.errors import NotFound
 from sepen_store.registry import parse_ref, resolve
@@ -23,7 +23,7 @@ router = APIRouter(tags=["generate"])
 
 # SampleConfig's field names -> the request's.
 _SAMPLE_FIELDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images": "images",
-                  "maps": "normalization", "normalization": "normalization"}
+                  "maps": "normalization", "normalization": "normalization", "map_downsample": "map_downsample"}
 SEED_RANGE = 2**31
 
 
@@ -65,14 +65,17 @@ def submit_generate(body: GenerateIn, response: Response, tenant: TenantDep, ses
         ref = f"{parse_ref(body.adapter)[0]}@{version.version}"
     model = pick_model(settings, body.model, version, ref)
     seed = body.seed if body.seed is not None else pick_seed(tenant, idempotency_key)
+    # Only what the request gives is stored: the worker fills the rest from the model's defaults.
+    given = {"num_inference_steps": body.steps, "guidance_scale": body.guidance, "height": body.height, "width": body.width}
+    sample = {**{k: v for k, v in given.items() if v is not None}, "num_images": body.images, "seed": seed,
+              "negative_prompt": body.negative_prompt,
+              "maps": {k: v for k, v in {"normalization": body.normalization, "map_downsample": body.map_downsample}.items()
+                       if v is not None}}
     try:
-        sample = SampleConfig(num_inference_steps=body.steps, guidance_scale=body.guidance, height=body.height,
-                              width=body.width, num_images=body.images, seed=seed, negative_prompt=body.negative_prompt,
-                              maps=MapConfig(normalization=body.normalization))
+        SampleConfig.from_dict(sample)
     except ConfigError as exc:
         raise invalid_setting(exc, _SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
-    request = {"prompt": body.prompt, "model": model, "adapter": ref, "concepts": list(body.concepts or []),
-               "sample": sample.to_dict()}
+    request = {"prompt": body.prompt, "model": model, "adapter": ref, "concepts": list(body.concepts or []), "sample": sample}
     job, created = submit_job(session, celery, tenant, "generate", request, idempotency_key=idempotency_key,
                               adapter_version_id=version.id if version is not None else None)
     return submitted(response, job, created)

@@ -1,4 +1,4 @@
-"""The `sepen` CLI end to end on the tiny model: finetune, generate, inspect, and readable errors."""
+"""The `sepen` CLI end to end: finetune, generate, inspect on the tiny model; the toy model as the default; readable errors."""
 
 import json
 import subprocess
@@ -22,7 +22,7 @@ def test_finetune_generate_inspect(tmp_path):
     adapter = KeyProjectionAdapter.load(adapter_path)
     assert adapter.metadata["name"] == "cat-dog" and adapter.metadata["steps"] == 3
 
-    run = sepen("generate", "a photo of a cat and a dog", "--adapter", str(adapter_path), "--concepts", "cat", "dog",
+    run = sepen("generate", "a photo of a cat and a dog", "--model", "tiny", "--adapter", str(adapter_path), "--concepts", "cat", "dog",
                 "--images", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     image = Image.open(tmp_path / "out" / "image-1.png")
@@ -32,12 +32,29 @@ def test_finetune_generate_inspect(tmp_path):
     assert len(scores) == 2 and set(scores[0]["peaks"]) == {"cat", "dog"}
     assert Image.open(tmp_path / "out" / "heatmap-0.png").size[0] == 3 * 128
 
-    run = sepen("inspect", "a photo of a cat and a dog", "--concepts", "cat", "dog", "--adapter", str(adapter_path),
+    run = sepen("inspect", "a photo of a cat and a dog", "--model", "tiny", "--concepts", "cat", "dog", "--adapter", str(adapter_path),
                 "--samples", "4", "--json", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert set(report) == {"base", "adapter"} and report["base"]["samples"] == 4
     assert report["base"]["peaks"] != report["adapter"]["peaks"]
+
+
+def test_default_model_is_the_toy_model_with_its_own_settings(tmp_path):
+    from toyworld.detector import detect
+    from toyworld.world import load_world
+
+    adapter_path = tmp_path / "cherry-box.safetensors"
+    run = sepen("finetune", "--pair", "cherry", "box", "--steps", "2", "--out", str(adapter_path), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    recipe = KeyProjectionAdapter.load(adapter_path).metadata["recipe"]
+    assert recipe["learning_rate"] == 1e-3 and recipe["batch_size"] == 8 and recipe["maps"]["map_downsample"] == 2
+
+    run = sepen("generate", "a cherry", "--adapter", str(adapter_path), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    image = Image.open(tmp_path / "out" / "image-0.png")
+    assert image.text["model"] == "sepen-toyworld" and image.text["steps"] == "20" and image.text["guidance_scale"] == "1.0"
+    assert image.size == (32, 32) and "cherry" in detect(load_world(), image)
 
 
 def test_errors_are_one_readable_line(tmp_path):

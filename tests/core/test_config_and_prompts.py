@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from sepen_core.config import FinetuneConfig, MapConfig, SampleConfig
+from sepen_core.config import FinetuneConfig, MapConfig, ModelDefaults, SampleConfig
 from sepen_core.errors import ConfigError
 from sepen_core.prompts import ConceptSet, default_group_template
 
@@ -58,3 +58,30 @@ def test_large_scale_set_holds_out_twenty():
     assert len(concepts.collection) == 220 and len(concepts.held_out) == 20
     assert len(concepts.training_concepts) == 200 and not set(concepts.held_out) & set(concepts.training_concepts)
     assert ConceptSet.from_dict(concepts.to_dict()) == concepts
+
+
+def test_model_defaults_sit_between_the_papers_recipe_and_the_request():
+    defaults = ModelDefaults(sample={"guidance_scale": 1.0, "num_inference_steps": 20}, maps={"map_downsample": 2},
+                             finetune={"learning_rate": 1e-3}, large_scale={"steps": 300})
+    sample = defaults.sample_config({"num_inference_steps": 5, "seed": 3, "maps": {"normalization": "content"}})
+    assert (sample.num_inference_steps, sample.guidance_scale, sample.seed) == (5, 1.0, 3)
+    assert sample.maps == MapConfig(map_downsample=2, normalization="content")
+    pairs = defaults.finetune_config("groups", {"steps": 7, "maps": {"map_downsample": 4}})
+    assert (pairs.steps, pairs.learning_rate, pairs.maps.map_downsample) == (7, 1e-3, 4)
+    collection = defaults.finetune_config("collection")
+    assert (collection.steps, collection.learning_rate, collection.prior_weight) == (300, 4e-6, 0.5)  # the paper's, but steps
+    assert collection.maps.map_downsample == 2
+    assert ModelDefaults().finetune_config("groups") == FinetuneConfig() and ModelDefaults().sample_config() == SampleConfig()
+    assert ModelDefaults.from_dict(defaults.to_dict()) == defaults
+
+
+@pytest.mark.parametrize("section, value, field", [
+    ("sample", {"guidance_scale": -1}, "sepen_defaults.guidance_scale"),
+    ("maps", {"map_downsample": 3}, "sepen_defaults.map_downsample"),
+    ("finetune", {"sceps": 3}, "sepen_defaults.sceps"),
+    ("large_scale", {"maps": {}}, "large_scale"),
+])
+def test_model_defaults_are_checked_when_made(section, value, field):
+    with pytest.raises(ConfigError) as caught:
+        ModelDefaults(**{section: value})
+    assert caught.value.field == field

@@ -106,6 +106,12 @@ def test_collection_never_trains_on_held_out_concepts():
     assert all(p.prior_prompt in {f"a photo of a {c}" for c in p.concepts} for p in drawn)
 
 
+def test_a_collection_with_held_out_concepts_finetunes(tiny_model):
+    concepts = ConceptSet(collection=("cat", "dog", "horse", "zebra"), held_out=("zebra",))
+    result = finetune(tiny_model, concepts, FinetuneConfig(steps=1, **FAST))
+    assert result.history[0].step == 1 and "zebra" not in result.history[0].peaks
+
+
 def test_sepen_lifts_the_weak_object_and_separates_maps(tiny_model):
     """On the tiny random model, content-normalised SepEn moves both failure signals the right way."""
     maps = MapConfig(normalization="content")

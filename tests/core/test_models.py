@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sepen_core.config import ModelDefaults
 from sepen_core.errors import ModelLoadError
 from sepen_core.models import build_tiny_model, load_base_model
 
@@ -33,6 +34,21 @@ def test_missing_or_incomplete_directories(tmp_path):
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(ModelLoadError, match="'text_encoder/' is missing"):
         load_base_model(tmp_path / "half")
+
+
+def test_model_defaults_are_saved_with_the_model_and_checked_on_load(tmp_path):
+    import json
+
+    model = build_tiny_model(seed=0)
+    model.defaults = ModelDefaults(sample={"guidance_scale": 1.0}, maps={"map_downsample": 2}, finetune={"learning_rate": 1e-3})
+    model.save_pretrained(tmp_path / "m")
+    assert load_base_model(tmp_path / "m").defaults == model.defaults
+    index_file = tmp_path / "m" / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["sepen_defaults"]["sample"]["guidance_scale"] = -2
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="sepen_defaults.guidance_scale: must be in"):
+        load_base_model(tmp_path / "m")
 
 
 def test_sd2_layout_loads_finetunes_and_samples(tmp_path):

@@ -11,52 +11,60 @@ from PIL import Image
 from sepen_core.adapters import KeyProjectionAdapter
 from tests.e2e.conftest import wait_for_job, wait_until
 
-FAST_RECIPE = {"steps": 8, "batch_size": 2, "learning_rate": 0.02, "normalization": "content"}
+# The tiny random model needs content maps and a large rate to move; its steps are slow enough to catch mid-run.
+TINY_RECIPE = {"steps": 8, "batch_size": 2, "learning_rate": 0.02, "normalization": "content"}
 
 
 def submit_finetune(client, name, steps=8, **extra):
-    body = {"adapter": name, "concepts": {"pairs": [["cat", "dog"]]}, "recipe": {**FAST_RECIPE, "steps": steps}, **extra}
+    body = {"adapter": name, "model": "sepen-tiny", "concepts": {"pairs": [["cat", "dog"]]},
+            "recipe": {**TINY_RECIPE, "steps": steps}, **extra}
     response = client.post("/finetune", json=body)
     assert response.status_code == 202, response.text
     return response.json()["job"]
 
 
 def test_finetune_then_generate_with_the_new_version(deployment, api_key):
+    """On the default model (the bundled toy model) with its own recipe and sampling settings."""
     with deployment.client(api_key) as client:
-        job = submit_finetune(client, "cat-dog")
+        response = client.post("/finetune", json={"adapter": "cherry-box", "concepts": {"pairs": [["cherry", "box"]]},
+                                                  "recipe": {"steps": 8}})
+        assert response.status_code == 202, response.text
+        job = response.json()["job"]
         assert job["status"] == "queued" and job["kind"] == "finetune"
         done = wait_for_job(client, job["id"])
         assert done["status"] == "succeeded", done
         result = done["result"]
-        assert result["adapter"] == "cat-dog@1" and result["version"] == 1
+        assert result["adapter"] == "cherry-box@1" and result["version"] == 1
         summary = result["summary"]
-        assert len(summary["loss_curve"]) == 8 and summary["diagnostics"][0]["before"]["concepts"] == ["cat", "dog"]
+        assert len(summary["loss_curve"]) == 8 and summary["diagnostics"][0]["before"]["concepts"] == ["cherry", "box"]
         assert done["progress"]["step"] == 8 and done["progress"]["total"] == 8
 
-        response = client.post("/generate", json={"prompt": "a photo of a cat and a dog", "adapter": "cat-dog@1",
-                                                  "images": 2, "steps": 4, "seed": 11, "concepts": ["cat", "dog"],
-                                                  "normalization": "content"})
+        response = client.post("/generate", json={"prompt": "a cherry and a box", "adapter": "cherry-box@1",
+                                                  "images": 2, "seed": 11, "concepts": ["cherry", "box"]})
         assert response.status_code == 202, response.text
         gen = wait_for_job(client, response.json()["job"]["id"])
         assert gen["status"] == "succeeded", gen
         assert [i["seed"] for i in gen["result"]["images"]] == [11, 12]
+        sample = gen["result"]["sample"]  # the toy model's own settings filled what the request left out
+        assert sample["num_inference_steps"] == 20 and sample["guidance_scale"] == 1.0 and sample["maps"]["map_downsample"] == 2
 
         png = client.get(f"/jobs/{gen['id']}/images/1")
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         image = Image.open(io.BytesIO(png.content))
-        assert image.size == (64, 64)
-        assert image.text["prompt"] == "a photo of a cat and a dog" and image.text["seed"] == "12"
-        assert image.text["adapter"] == "cat-dog@1" and image.text["model"] == "sepen-tiny"
+        assert image.size == (32, 32)
+        assert image.text["prompt"] == "a cherry and a box" and image.text["seed"] == "12"
+        assert image.text["adapter"] == "cherry-box@1" and image.text["model"] == "sepen-toy"
         heatmap = client.get(f"/jobs/{gen['id']}/heatmaps/0")
         assert heatmap.status_code == 200 and Image.open(io.BytesIO(heatmap.content)).size[0] == 3 * 128
-        assert set(gen["result"]["images"][0]["scores"]["peaks"]) == {"cat", "dog"}
+        assert set(gen["result"]["images"][0]["scores"]["peaks"]) == {"cherry", "box"}
 
-        weights = client.get("/adapters/cat-dog/1/weights")
+        weights = client.get("/adapters/cherry-box/1/weights")
         assert weights.status_code == 200
         adapter = KeyProjectionAdapter.from_bytes(weights.content)
-        assert adapter.metadata["job_id"] == job["id"] and adapter.metadata["name"] == "cat-dog"
-        assert len(adapter.deltas) == 16 and adapter.sha256 == result["sha256"]
-        listing = client.get("/adapters/cat-dog").json()
+        assert adapter.metadata["job_id"] == job["id"] and adapter.metadata["name"] == "cherry-box"
+        assert adapter.metadata["recipe"]["learning_rate"] == 1e-3  # the toy model's recipe, not the paper's 8e-6
+        assert len(adapter.deltas) == 7 and adapter.sha256 == result["sha256"]
+        listing = client.get("/adapters/cherry-box").json()
         assert [v["version"] for v in listing["versions"]] == [1]
 
 
@@ -137,16 +145,15 @@ def test_client_errors(deployment, api_key, other_key):
         wait_for_job(client, job["id"])
 
 
-def test_generate_with_the_bundled_toy_model(deployment, api_key):
+def test_the_default_model_draws_what_the_prompt_names(deployment, api_key):
     from toyworld.detector import detect
     from toyworld.world import load_world
 
     with deployment.client(api_key) as client:
-        response = client.post("/generate", json={"prompt": "a cherry", "model": "sepen-toy", "guidance": 1.0,
-                                                  "steps": 20, "images": 2, "seed": 3})
+        response = client.post("/generate", json={"prompt": "a cherry", "images": 2, "seed": 3})
         assert response.status_code == 202, response.text
         job = wait_for_job(client, response.json()["job"]["id"])
         assert job["status"] == "succeeded", job
         images = [Image.open(io.BytesIO(client.get(f"/jobs/{job['id']}/images/{i}").content)) for i in range(2)]
-        assert images[0].size == (32, 32) and images[0].text["model"] == "sepen-toy"
+        assert images[0].size == (32, 32) and images[0].text["model"] == "sepen-toy" and images[0].text["guidance_scale"] == "1.0"
         assert any("cherry" in detect(load_world(), image) for image in images)

@@ -1,4 +1,5 @@
-"""POST /finetune: defaults from sepen_core's recipes, 422s naming the request field, idempotency, a broker that is down."""
+"""POST /finetune: the request's overrides stored for the worker to lay over the model's recipe, 422s naming the request field,
+idempotency, a broker that is down."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import copy
 
 import pytest
 
-from sepen_core.config import FinetuneConfig, MapConfig
+from sepen_core.config import FinetuneConfig, MapConfig, ModelDefaults
 from sepen_core.prompts import ConceptSet
 from sepen_store.tables import Job
 
@@ -31,7 +32,8 @@ def test_pairs_get_the_papers_pair_recipe_and_are_enqueued(client, auth, db, red
     assert job["links"]["self"] == body["url"] and job["links"]["cancel"] == f"{body['url']}/cancel"
     assert job["request"] == {"adapter": "cat-dog", "model": "sepen-tiny",
                               "concepts": _json(ConceptSet.pairs(("cat", "dog")).to_dict()),
-                              "recipe": _json(FinetuneConfig().to_dict())}
+                              "recipe": {"maps": {}}}
+    assert ModelDefaults().finetune_config("groups", job["request"]["recipe"]) == FinetuneConfig()  # a model without defaults
     assert redis_client.llen("sepen.finetune") == before + 1
     assert db.get(Job, job["id"]).enqueued_at is not None
 
@@ -43,9 +45,10 @@ def test_collection_gets_the_large_scale_recipe_with_overrides(client, auth):
     response = client.post("/finetune", json=body, headers=auth)
     assert response.status_code == 202, response.text
     request = response.json()["job"]["request"]
+    assert request["recipe"] == {"steps": 50, "grad_mode": "local", "maps": {"map_downsample": 2, "normalization": "content"}}
     expected = FinetuneConfig.large_scale(steps=50, grad_mode="local", maps=MapConfig(map_downsample=2, normalization="content"))
-    assert request["recipe"] == _json(expected.to_dict())
-    assert request["recipe"]["learning_rate"] == 4e-6 and request["recipe"]["prior_weight"] == 0.5
+    resolved = ModelDefaults().finetune_config("collection", request["recipe"])
+    assert resolved == expected and resolved.learning_rate == 4e-6 and resolved.prior_weight == 0.5
     assert request["model"] == "sd15"
     assert request["concepts"]["held_out"] == ["owl"] and request["concepts"]["templates"] == ["a {A} next to a {B}"]
 
@@ -55,7 +58,7 @@ def test_large_scale_collection(client, auth):
     assert response.status_code == 202, response.text
     request = response.json()["job"]["request"]
     assert request["concepts"] == _json(ConceptSet.large_scale().to_dict())
-    assert request["recipe"]["steps"] == 10_000
+    assert ModelDefaults().finetune_config("collection", request["recipe"]).steps == 10_000
 
 
 def _with(path: str, value):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sepen_core.config import MapConfig, SampleConfig
+from sepen_core.config import MapConfig, ModelDefaults, SampleConfig
 from sepen_store.tables import Job
 
 PROMPT = "a photo of a cat and a dog"
@@ -19,7 +19,8 @@ def test_defaults_and_a_stored_random_seed(client, auth, db, redis_client):
     seed = request["sample"]["seed"]
     assert isinstance(seed, int) and 0 <= seed < 2**31
     assert request == {"prompt": PROMPT, "model": "sepen-tiny", "adapter": None, "concepts": [],
-                       "sample": SampleConfig(seed=seed).to_dict()}
+                       "sample": {"num_images": 1, "seed": seed, "negative_prompt": "", "maps": {}}}
+    assert ModelDefaults().sample_config(request["sample"]) == SampleConfig(seed=seed)  # a model without defaults
     assert job["kind"] == "generate" and job["status"] == "queued"
     assert redis_client.llen("sepen.generate") == before + 1
     assert db.get(Job, job["id"]).enqueued_at is not None
@@ -27,14 +28,14 @@ def test_defaults_and_a_stored_random_seed(client, auth, db, redis_client):
 
 def test_every_setting_reaches_the_sample_config(client, auth):
     body = {"prompt": PROMPT, "model": "sd15", "images": 3, "steps": 20, "guidance": 7.5, "height": 256, "width": 128,
-            "seed": 42, "negative_prompt": "blurry", "concepts": ["cat", "dog"], "normalization": "content"}
+            "seed": 42, "negative_prompt": "blurry", "concepts": ["cat", "dog"], "normalization": "content", "map_downsample": 2}
     response = client.post("/generate", json=body, headers=auth)
     assert response.status_code == 202, response.text
     request = response.json()["job"]["request"]
     assert request["model"] == "sd15" and request["concepts"] == ["cat", "dog"]
-    assert request["sample"] == SampleConfig(num_inference_steps=20, guidance_scale=7.5, height=256, width=128, num_images=3,
-                                             seed=42, negative_prompt="blurry",
-                                             maps=MapConfig(normalization="content")).to_dict()
+    resolved = ModelDefaults(sample={"guidance_scale": 1.0}, maps={"map_downsample": 4}).sample_config(request["sample"])
+    assert resolved == SampleConfig(num_inference_steps=20, guidance_scale=7.5, height=256, width=128, num_images=3, seed=42,
+                                    negative_prompt="blurry", maps=MapConfig(normalization="content", map_downsample=2))
 
 
 def test_adapter_is_pinned_to_a_version(client, auth, tenant, publish, db):
@@ -104,6 +105,8 @@ INVALID = [
     ({"concepts": ["cat", "cat"]}, "concepts"),
     ({"concepts": ["cat", ""]}, "concepts.1"),
     ({"normalization": "softmax"}, "normalization"),
+    ({"map_downsample": 3}, "map_downsample"),
+    ({"map_downsample": "2"}, "map_downsample"),
     ({"adapter": "Bad Name"}, "adapter"),
     ({"adapter": "cat-dog@0"}, "adapter"),
     ({"adapter": "cat-dog@x"}, "adapter"),

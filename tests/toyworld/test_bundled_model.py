@@ -3,7 +3,6 @@ its evaluation found), as the detector judges; the CLI and the worker find it by
 
 import torch
 
-from sepen_core.config import MapConfig, SampleConfig
 from sepen_core.models import BUNDLED_MODEL_DIR, load_base_model
 from sepen_core.sampling import generate
 from toyworld.detector import detect
@@ -14,12 +13,13 @@ def test_bundled_model_draws_the_named_single_objects():
     torch.set_num_threads(1)
     model = load_base_model(BUNDLED_MODEL_DIR)
     assert model.mask_padding and model.tokenizer.model_max_length == 16 and model.vae is None
+    sample = model.defaults.sample_config()  # what the service and the CLI use where a request is silent
+    assert (sample.guidance_scale, sample.num_inference_steps, sample.maps.map_downsample) == (1.0, 20, 2)
     world = load_world()
     nouns = [g.noun for g in world.glyphs]
     hits = 0
     for i, noun in enumerate(nouns):
-        result = generate(model, f"a {noun}", SampleConfig(num_inference_steps=20, guidance_scale=1.0, num_images=2,
-                                                           seed=100 + 2 * i, maps=MapConfig(map_downsample=2)),
+        result = generate(model, f"a {noun}", model.defaults.sample_config({"num_images": 2, "seed": 100 + 2 * i}),
                           concepts=[noun])
         assert result.maps.shape == (2, 1, 16, 16)
         hits += sum(noun in detect(world, image) for image in result.images)

@@ -8,7 +8,7 @@ from sepen_core.config import SampleConfig
 from sepen_core.errors import ConfigError
 from sepen_core.models import load_base_model
 from sepen_core.sampling import generate
-from toyworld.model import TOY_MAP_DOWNSAMPLE, build_toy_model, trainable_conditioning
+from toyworld.model import build_toy_model, trainable_conditioning
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def toy_model():
 def test_layout_pixel_space_and_map_layers(toy_model):
     assert toy_model.vae is None and toy_model.mask_padding and toy_model.tokenizer.model_max_length == 16
     assert toy_model.unet.config.in_channels == 3 and toy_model.scheduler.config.prediction_type == "v_prediction"
-    assert len(map_layers(toy_model.unet, TOY_MAP_DOWNSAMPLE)) == 3  # 16x16: down_blocks.1, up_blocks.1 (x2)
+    assert len(map_layers(toy_model.unet, toy_model.defaults.maps["map_downsample"])) == 3  # 16x16: down_blocks.1, up_blocks.1 (x2)
     assert len(map_layers(toy_model.unet, 4)) == 4  # 8x8: down_blocks.2, mid_block, up_blocks.0 (x2)
     with pytest.raises(ConfigError):
         map_layers(toy_model.unet, 1)
