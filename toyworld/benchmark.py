@@ -68,6 +68,8 @@ class BenchmarkConfig:
     timing_repeats: int = 5
     timing_images: int = 8
     grid_columns: int = 8
+    only_methods: tuple[str, ...] = ()  # run these besides the base model (default: all)
+    groups: tuple[str, ...] = GROUPS
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,7 +91,10 @@ def methods(config: BenchmarkConfig) -> list[Method]:
                         f"SepEn pairs, Separate only (seed {s})"),
                  Method("sepen-pairs-enhance-only", "sepen", "pairs", s, {**steps, "lambda_sep": 0.0},
                         f"SepEn pairs, Enhance only (seed {s})")]
-    return rows
+    unknown = sorted(set(config.only_methods) - {m.name for m in rows})
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {[m.name for m in rows]}")
+    return [m for m in rows if m.name == "base" or not config.only_methods or m.name in config.only_methods]
 
 
 # ---- the world's groups and items ---------------------------------------------------------------
@@ -166,8 +171,11 @@ def run_method(model: BaseModel, world: World, method: Method, items: dict, conf
                 previews[group].append(result.images[0])
             for pixels, scores in zip(result.pixels, result.scores):
                 detected = detect(world, pixels)
+                missing = [n for n in set(nouns) if n not in detected]
                 records.append({"success": object_success(detected, nouns), "exact": exact_success(detected, nouns),
-                                "found": sum(n in detected for n in set(nouns)), "named": len(set(nouns)),
+                                "found": len(set(nouns)) - len(missing), "named": len(set(nouns)),
+                                "missing_unseen": sum(n in world.unseen_in_finetuning for n in missing),
+                                "missing_seen": sum(n not in world.unseen_in_finetuning for n in missing),
                                 "min_peak": scores.min_peak,
                                 "iou": statistics.fmean(scores.overlaps.values()) if scores.overlaps else None})
         numbers["groups"][group] = records
@@ -226,7 +234,9 @@ def summarise(records: list[dict]) -> dict:
             "min_peak": statistics.fmean(r["min_peak"] for r in records),
             "iou": statistics.fmean(ious) if ious else None,
             # Of the failures: how many named objects were still drawn (0 = none, 1 = one of a pair missing).
-            "failures_by_found": {str(k): sum(r["found"] == k for r in failures) for k in range(3)}}
+            "failures_by_found": {str(k): sum(r["found"] == k for r in failures) for k in range(3)},
+            # Missing objects by kind: nouns used in SepEn finetuning, and nouns it never saw.
+            "missing": {kind: sum(r[f"missing_{kind}"] for r in records) for kind in ("seen", "unseen")}}
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -257,6 +267,12 @@ def markdown(report: dict) -> str:
     for name, r in rows.items():
         cells = [f"{r['summary'][g]['min_peak']:.3f} / {r['summary'][g]['iou']:.3f}" for g in pair_groups]
         out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
+    if all("missing" in r["summary"][g] for r in rows.values() for g in pair_groups):
+        out += ["\n### Objects missing from pair images: nouns SepEn finetunes on / nouns it never sees\n",
+                "| method | " + " | ".join(pair_groups) + " |\n|---|" + "---:|" * len(pair_groups) + "\n"]
+        for r in rows.values():
+            cells = [f"{r['summary'][g]['missing']['seen']} / {r['summary'][g]['missing']['unseen']}" for g in pair_groups]
+            out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
     out += ["\n### SepEn finetuning (its training maps on pseudo-latents: mean of the first tenth of the steps -> the last)\n",
             ("| method | steps | lr | maps | lambda_sep / lambda_en / prior | seconds | weakest peak | IoU |\n"
              "|---|---:|---:|---|---|---:|---|---|\n")]
@@ -291,7 +307,7 @@ def grid(previews: dict[str, dict[str, list[Image.Image]]], group: str, scale: i
 def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "methods.jsonl").unlink(missing_ok=True)
-    items = {g: group_items(world, g, config.items_per_group, config.seed) for g in GROUPS}
+    items = {g: group_items(world, g, config.items_per_group, config.seed) for g in config.groups}
     results, previews, adapters = {}, {}, {}
     for method in methods(config):
         start = time.perf_counter()
@@ -313,11 +329,11 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
     report = {"config": config.to_dict(), "model": model.model_id, "device": str(model.device),
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "gpu": torch.cuda.get_device_name() if model.device.type == "cuda" else None},
-              "groups": list(GROUPS), "prompts": {g: [" / ".join(p) for p in group_pairs(world, g)] for g in GROUPS},
+              "groups": list(config.groups), "prompts": {g: [" / ".join(p) for p in group_pairs(world, g)] for g in config.groups},
               "methods": results, "timing": time_per_image(model, adapters, config)}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "table.md").write_text(markdown(report))
-    for group in GROUPS:
+    for group in config.groups:
         grid(previews, group).save(out / f"grid-{group}.png")
     return report
 
@@ -330,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=list(BenchmarkConfig.finetune_seeds))
     parser.add_argument("--finetune-steps", type=int, help="override the model's recipe")
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=[], help="run only these besides the base model (names as in the table's JSON)")
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
     parser.add_argument("--quick", action="store_true", help="4 items per group, one finetune seed of 2 steps, no ablations (CI)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
@@ -340,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
                                  timing_repeats=1, timing_images=2, grid_columns=4)
     else:
         config = BenchmarkConfig(items_per_group=args.items, finetune_seeds=tuple(args.finetune_seeds),
-                                 finetune_steps=args.finetune_steps, ablations=not args.no_ablations)
+                                 finetune_steps=args.finetune_steps, ablations=not args.no_ablations,
+                                 only_methods=tuple(args.methods), groups=tuple(args.groups))
     model = load_base_model(args.model, device=args.device)
     world_file = Path(args.model) / "world.json"
     report = run(model, load_world(world_file) if world_file.exists() else load_world(), config, Path(args.out))

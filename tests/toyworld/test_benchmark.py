@@ -13,6 +13,7 @@ from toyworld.benchmark import (
     group_items,
     group_pairs,
     mcnemar_p,
+    methods,
     paired_difference,
     run,
     sepen_concepts,
@@ -43,6 +44,15 @@ def test_items_spread_over_prompts_with_distinct_seeds():
         assert sum(counts) == 200 and max(counts) - min(counts) <= 1
     seeds = [s for group in items.values() for _, ss in group for s in ss]
     assert len(seeds) == len(set(seeds))
+
+
+def test_methods_two_finetune_seeds_ablations_and_a_selection():
+    names = [m.name for m in methods(BenchmarkConfig())]
+    assert names == ["base", "sepen-pairs-s0", "sepen-pairs-s1", "sepen-large-s0", "sepen-large-s1", "attend-excite",
+                     "sepen-pairs-content", "sepen-pairs-separate-only", "sepen-pairs-enhance-only"]
+    assert [m.name for m in methods(BenchmarkConfig(only_methods=("attend-excite",)))] == ["base", "attend-excite"]
+    with pytest.raises(ValueError, match="sepen-huge"):
+        methods(BenchmarkConfig(only_methods=("sepen-huge",)))
 
 
 def test_paired_statistics():
@@ -82,5 +92,11 @@ def test_reduced_benchmark_end_to_end(tmp_path):
     assert saved["methods"]["base"]["outcomes"] == base["outcomes"]
     table = (tmp_path / "table.md").read_text()
     assert all(label in table for label in ("base model", "SepEn, training pairs (seed 0)", "Attend-and-Excite"))
+    assert "Objects missing from pair images" in table
+    for method in report["methods"].values():  # every missing object is counted once, by kind
+        for group in GROUPS[1:]:
+            summary = method["summary"][group]
+            missing = summary["missing"]["seen"] + summary["missing"]["unseen"]
+            assert missing == sum(count * (2 - int(found)) for found, count in summary["failures_by_found"].items())
     assert all((tmp_path / f"grid-{g}.png").exists() for g in GROUPS)
     assert len((tmp_path / "methods.jsonl").read_text().splitlines()) == 4
