@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from sepen_core.config import FinetuneConfig, SampleConfig
+from sepen_core.config import ModelDefaults, SampleConfig
 from sepen_core.errors import SepenError
 from sepen_core.prompts import ConceptSet
 
@@ -68,7 +68,7 @@ def cmd_finetune(args) -> int:
     given = _given({"steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch_size,
                     "prior_weight": args.prior_weight, "lambda_sep": args.lambda_sep, "lambda_en": args.lambda_en,
                     "grad_mode": args.grad_mode, "seed": args.seed})
-    FinetuneConfig.from_dict({**given, "maps": _given_maps(args)})  # bad settings fail before the model loads
+    ModelDefaults().finetune_config(concepts.mode, {**given, "maps": _given_maps(args)})  # bad settings fail before the model loads
     model = load_model(args.model, args.device, args.dtype)
     config = model.defaults.finetune_config(concepts.mode, {**given, "maps": _given_maps(args)})
     bar = _progress(config.steps, "finetune")

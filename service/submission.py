@@ -13,9 +13,13 @@ from sepen_store.jobs import create_job, mark_not_enqueued
 from sepen_store.queue import enqueue
 from sepen_store.tables import Job
 from service.errors import ApiError
-from service.schemas import JobOut, SubmittedJob
+from service.schemas import ErrorOut, JobOut, SubmittedJob
 
 logger = logging.getLogger(__name__)
+
+# The OpenAPI answers of POST /finetune and POST /generate besides their 202.
+SUBMIT_RESPONSES = {200: {"model": SubmittedJob, "description": "an Idempotency-Key replay: the job the first try created"},
+                    404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
 
 
 def submit_job(session: Session, celery: Celery, tenant: str, kind: str, request: dict, *,

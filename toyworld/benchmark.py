@@ -37,11 +37,10 @@ from sepen_core.models import BUNDLED_MODEL_DIR, BaseModel, load_base_model
 from sepen_core.prompts import ConceptSet
 from sepen_core.sampling import generate
 from toyworld.detector import detect, exact_success, object_success
-from toyworld.evaluate import wilson_interval
+from toyworld.evaluate import group_prompts, spread, wilson_interval
 from toyworld.world import World, caption, load_world
 
 GROUPS = ("single", "seen_pairs", "heldout_pairs", "unseen_concept")
-PAIR_GROUPS = GROUPS[1:]
 # The world's caption forms: SepEn finetunes on prompts worded as the benchmark samples them.
 TEMPLATE, PRIOR_TEMPLATE = "a {A} and a {B}", "a {A}"
 GRID_METHODS = ("base", "sepen-pairs-s0", "sepen-large-s0", "attend-excite")
@@ -100,31 +99,23 @@ def methods(config: BenchmarkConfig) -> list[Method]:
 # ---- the world's groups and items ---------------------------------------------------------------
 
 def group_pairs(world: World, group: str) -> list[tuple[str, ...]]:
-    """The noun tuples (both caption orders) a group samples."""
-    unseen = set(world.unseen_in_finetuning)
-    if group == "single":
-        return [(n,) for n in world.nouns]
+    """The noun tuples (both caption orders) a group samples, from the evaluation's groups."""
     if group == "seen_pairs":
-        pairs = [p for p in world.train_pairs if not set(p) & unseen]
-    elif group == "heldout_pairs":
-        pairs = [p for p in world.heldout_pairs if not set(p) & unseen]
-    elif group == "unseen_concept":
-        pairs = [p for p in world.heldout_pairs if set(p) & unseen]
-    else:
+        unseen = set(world.unseen_in_finetuning)
+        return [p for p in group_prompts(world, "train_pairs") if not set(p) & unseen]
+    if group == "unseen_concept":
+        return group_prompts(world, "heldout_seen_unseen") + group_prompts(world, "heldout_unseen_unseen")
+    if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; choose from {GROUPS}")
-    return [order for a, b in pairs for order in ((a, b), (b, a))]
+    return group_prompts(world, {"single": "single", "heldout_pairs": "heldout_seen_seen"}[group])
 
 
 def group_items(world: World, group: str, n: int, seed: int) -> list[tuple[tuple[str, ...], list[int]]]:
     """n items spread as evenly as possible over the group's prompts: [(nouns, seeds)], paired across methods."""
     prompts = group_pairs(world, group)
     g = GROUPS.index(group)
-    items = []
-    for j, nouns in enumerate(prompts):
-        count = len(range(j, n, len(prompts)))
-        if count:
-            items.append((nouns, [seed + 100_000 * g + 1000 * j + i for i in range(count)]))
-    return items
+    return [(nouns, [seed + 100_000 * g + 1000 * j + i for i in range(count)])
+            for j, (nouns, count) in enumerate(zip(prompts, spread(n, len(prompts)))) if count]
 
 
 def sepen_concepts(world: World, kind: str) -> ConceptSet:
@@ -144,8 +135,9 @@ def _sample(model: BaseModel, nouns: tuple[str, ...], seeds: list[int], adapter,
     return generate(model, caption(nouns), config, adapter=adapter, concepts=list(nouns), attend_excite=excite)
 
 
-def run_method(model: BaseModel, world: World, method: Method, items: dict, config: BenchmarkConfig) -> tuple[dict, dict]:
-    """-> (numbers, {group: preview images}). Per item: success, exact, the weakest raw peak and the IoU while sampling."""
+def run_method(model: BaseModel, world: World, method: Method, items: dict,
+               config: BenchmarkConfig) -> tuple[dict, dict, KeyProjectionAdapter | None]:
+    """-> (numbers, {group: preview images}, the SepEn adapter or None). Per item: success, exact, the weakest raw peak and the IoU while sampling."""
     adapter, numbers = None, {}
     if method.kind == "sepen":
         concepts = sepen_concepts(world, method.concepts)
@@ -179,8 +171,7 @@ def run_method(model: BaseModel, world: World, method: Method, items: dict, conf
                                 "min_peak": scores.min_peak,
                                 "iou": statistics.fmean(scores.overlaps.values()) if scores.overlaps else None})
         numbers["groups"][group] = records
-    numbers["adapter"] = adapter
-    return numbers, previews
+    return numbers, previews, adapter
 
 
 def time_per_image(model: BaseModel, adapters: dict[str, KeyProjectionAdapter], config: BenchmarkConfig) -> dict:
@@ -311,9 +302,8 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
     results, previews, adapters = {}, {}, {}
     for method in methods(config):
         start = time.perf_counter()
-        numbers, previews[method.name] = run_method(model, world, method, items, config)
-        adapter = numbers.pop("adapter")
-        if adapter is not None and method.name in GRID_METHODS:
+        numbers, previews[method.name], adapter = run_method(model, world, method, items, config)
+        if adapter is not None and method.name in GRID_METHODS:  # the grids' methods are the ones timed
             adapters[method.name] = adapter
         results[method.name] = {"label": method.label, **numbers}
         with (out / "methods.jsonl").open("a") as progress:  # a run cut short keeps what it measured

@@ -61,6 +61,11 @@ def group_prompts(world: World, group: str) -> list[tuple[str, ...]]:
     return [order for a, b in pairs for order in ((a, b), (b, a))]
 
 
+def spread(n: int, prompts: int) -> list[int]:
+    """How many of n samples each of `prompts` prompts gets: as even as possible, the first ones one more."""
+    return [len(range(j, n, prompts)) for j in range(prompts)]
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a success rate."""
     if n == 0:
@@ -77,7 +82,7 @@ def evaluate(model: BaseModel, world: World, config: EvalConfig | None = None) -
     results, previews = {}, {}
     for group in config.groups:
         prompts = group_prompts(world, group)
-        counts = [len(range(j, config.samples_per_group, len(prompts))) for j in range(len(prompts))]
+        counts = spread(config.samples_per_group, len(prompts))
         success = exact = colour_only = 0
         per_noun: dict[str, list[int]] = {}
         previews[group] = []

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from sepen_core.config import FinetuneConfig, MapConfig
+from sepen_core.config import ModelDefaults
 from sepen_core.errors import ConfigError
 from sepen_core.prompts import ConceptSet
 from service.deps import CeleryDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import resolve_model
-from service.schemas import LARGE_SCALE, ErrorOut, FinetuneIn, RecipeIn, SubmittedJob
-from service.submission import submit_job, submitted
+from service.schemas import LARGE_SCALE, FinetuneIn, RecipeIn, SubmittedJob
+from service.submission import SUBMIT_RESPONSES, submit_job, submitted
 
 router = APIRouter(tags=["finetune"])
 
@@ -51,20 +51,13 @@ def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> dict:
     given = recipe.model_dump(exclude_none=True)
     given["maps"] = {name: given.pop(name) for name in _MAP_FIELDS if name in given}
     try:
-        MapConfig(**given["maps"])
-    except ConfigError as exc:
-        raise invalid_setting(exc, f"recipe.{exc.field}") from exc
-    paper = FinetuneConfig.large_scale() if concept_set.mode == "collection" else FinetuneConfig()
-    try:
-        FinetuneConfig.from_dict({**paper.to_dict(), **given})
+        ModelDefaults().finetune_config(concept_set.mode, given)
     except ConfigError as exc:
         raise invalid_setting(exc, f"recipe.{exc.field}") from exc
     return given
 
 
-@router.post("/finetune", status_code=202, response_model=SubmittedJob,
-             responses={200: {"model": SubmittedJob, "description": "an Idempotency-Key replay: the job the first try created"},
-                        404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+@router.post("/finetune", status_code=202, response_model=SubmittedJob, responses=SUBMIT_RESPONSES)
 def submit_finetune(body: FinetuneIn, response: Response, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
                     celery: CeleryDep, idempotency_key: IdempotencyKeyDep = None) -> SubmittedJob:
     """Queue a SepEn finetune that publishes the next version of adapter `adapter`; poll the job at `url`."""

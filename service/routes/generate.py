@@ -16,8 +16,8 @@ from sepen_store.tables import AdapterVersion
 from service.deps import CeleryDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import resolve_model
-from service.schemas import ErrorOut, GenerateIn, SubmittedJob
-from service.submission import submit_job, submitted
+from service.schemas import GenerateIn, SubmittedJob
+from service.submission import SUBMIT_RESPONSES, submit_job, submitted
 
 router = APIRouter(tags=["generate"])
 
@@ -47,9 +47,7 @@ def pick_model(settings: Settings, requested: str | None, version: AdapterVersio
     return model
 
 
-@router.post("/generate", status_code=202, response_model=SubmittedJob,
-             responses={200: {"model": SubmittedJob, "description": "an Idempotency-Key replay: the job the first try created"},
-                        404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+@router.post("/generate", status_code=202, response_model=SubmittedJob, responses=SUBMIT_RESPONSES)
 def submit_generate(body: GenerateIn, response: Response, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
                     celery: CeleryDep, idempotency_key: IdempotencyKeyDep = None) -> SubmittedJob:
     """Queue sampling `images` images of `prompt`, optionally with an adapter and per-concept heatmaps."""
