@@ -49,8 +49,11 @@ def sample_nouns(world: World, mix: DataMix, rng: np.random.Generator) -> tuple[
         group = triples[int(rng.integers(len(triples)))]
     elif kind < mix.triple_fraction + mix.pair_fraction:
         group = world.train_pairs[int(rng.integers(len(world.train_pairs)))]
-    else:
+    elif len({g.frequency for g in world.glyphs}) == 1:  # world v1: uniform (this draw keeps its runs reproducible)
         group = (world.nouns[int(rng.integers(len(world.nouns)))],)
+    else:  # world v2: singles at the nouns' Zipf-like frequencies
+        weights = np.array([g.frequency for g in world.glyphs])
+        group = (world.nouns[int(rng.choice(len(weights), p=weights / weights.sum()))],)
     return tuple(group[i] for i in rng.permutation(len(group)))
 
 

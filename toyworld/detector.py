@@ -2,10 +2,10 @@
 
 A pixel takes the nearest glyph colour when it lies within `max_colour_distance` (RGB, 0..255) of
 it (the palette's colours are at least 127 apart; dark edge pixels and black stay background). Each 4-connected component of one
-colour with at least `min_area` pixels is an object candidate; its shape is the glyph shape whose
-mask, drawn into the component's bounding box, has the highest IoU with it (bars are told from
-compact shapes by the box's aspect ratio first). A candidate is a detection of the noun of its
-colour when its shape is that noun's shape.
+colour with at least `min_area` pixels is an object candidate; its shape is the world's glyph shape
+whose mask, drawn into the component's bounding box, has the highest IoU with it (bars are told from
+compact shapes by the box's aspect ratio first). A candidate is a detection of the noun that has its
+colour and its shape (world v2 draws two nouns in each colour, a disc and a bar).
 """
 
 from __future__ import annotations
@@ -27,14 +27,12 @@ BAR_ASPECT = 1.6  # box aspect (long / short) above which a component is a bar
 class Candidate:
     """One connected component of a glyph colour."""
 
-    colour_noun: str  # the noun whose colour it has
+    colour_nouns: tuple[str, ...]  # the nouns drawn in its colour (one in world v1, a disc and a bar in v2)
     shape: str  # the best-matching glyph shape
     shape_iou: float  # IoU of the component with that shape's mask in its box
     area: int
     box: tuple[int, int, int, int]  # x, y, width, height
-
-    def is_detection(self, world: World) -> bool:
-        return self.shape == world.glyph(self.colour_noun).shape
+    noun: str | None  # the noun of this colour and shape, if there is one: a detection
 
 
 def to_rgb_array(image: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
@@ -46,10 +44,15 @@ def to_rgb_array(image: np.ndarray | torch.Tensor | Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
+def palette(world: World) -> list[tuple[int, int, int]]:
+    """The world's distinct glyph colours, in glyph order."""
+    return list(dict.fromkeys(g.colour for g in world.glyphs))
+
+
 def colour_labels(world: World, rgb: np.ndarray, max_distance: float = MAX_COLOUR_DISTANCE) -> np.ndarray:
-    """(H, W) index of each pixel's glyph colour in world.glyphs, or -1 (background or no palette colour)."""
-    palette = np.array([g.colour for g in world.glyphs], dtype=np.float32)  # (K, 3)
-    distance = np.linalg.norm(rgb[:, :, None, :] - palette[None, None], axis=-1)  # (H, W, K)
+    """(H, W) index of each pixel's colour in palette(world), or -1 (background or no palette colour)."""
+    palette_rgb = np.array(palette(world), dtype=np.float32)  # (K, 3)
+    distance = np.linalg.norm(rgb[:, :, None, :] - palette_rgb[None, None], axis=-1)  # (H, W, K)
     nearest = distance.argmin(axis=-1)
     return np.where(distance.min(axis=-1) <= max_distance, nearest, -1)
 
@@ -75,8 +78,11 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return components
 
 
-def classify_shape(component: np.ndarray) -> tuple[str, float]:
-    """(n, 2) pixel coordinates -> (best glyph shape, its IoU) against every shape drawn into the same box."""
+def classify_shape(component: np.ndarray, shapes: tuple[str, ...] = SHAPES) -> tuple[str, float]:
+    """(n, 2) pixel coordinates -> (best of `shapes`, its IoU) against each shape drawn into the same box.
+
+    A bar's box decides by its aspect alone; a component whose box fits no allowed shape keeps its box's
+    kind ("hbar", "vbar") or the best compact shape of all, so it is never read as a world's noun."""
     top, left = component.min(axis=0)
     height, width = component.max(axis=0) - (top, left) + 1
     mask = np.zeros((height, width), dtype=bool)
@@ -87,7 +93,8 @@ def classify_shape(component: np.ndarray) -> tuple[str, float]:
     elif aspect <= 1 / BAR_ASPECT:
         shapes = ("vbar",)
     else:
-        shapes = tuple(s for s in SHAPES if s not in ("hbar", "vbar"))
+        shapes = tuple(s for s in shapes if s not in ("hbar", "vbar")) or tuple(
+            s for s in SHAPES if s not in ("hbar", "vbar"))
     best, best_iou = shapes[0], -1.0
     for shape in shapes:
         template = shape_mask(shape, int(width), int(height))
@@ -101,22 +108,25 @@ def find_candidates(world: World, image, *, max_colour_distance: float = MAX_COL
                     min_area: int = MIN_AREA) -> list[Candidate]:
     """Every component of a glyph colour with at least min_area pixels, largest first."""
     labels = colour_labels(world, to_rgb_array(image), max_colour_distance)
+    world_shapes = tuple(dict.fromkeys(g.shape for g in world.glyphs))
     candidates = []
-    for k, glyph in enumerate(world.glyphs):
+    for k, colour in enumerate(palette(world)):
+        nouns = tuple(g.noun for g in world.glyphs if g.colour == colour)
         for component in connected_components(labels == k):
             if len(component) < min_area:
                 continue
-            shape, iou = classify_shape(component)
+            shape, iou = classify_shape(component, world_shapes)
             top, left = component.min(axis=0)
             bottom, right = component.max(axis=0)
-            candidates.append(Candidate(glyph.noun, shape, iou, len(component),
-                                        (int(left), int(top), int(right - left + 1), int(bottom - top + 1))))
+            noun = next((n for n in nouns if world.glyph(n).shape == shape), None)
+            candidates.append(Candidate(nouns, shape, iou, len(component),
+                                        (int(left), int(top), int(right - left + 1), int(bottom - top + 1)), noun))
     return sorted(candidates, key=lambda c: -c.area)
 
 
 def detect(world: World, image, **kwargs) -> list[str]:
     """The nouns detected in an image (one entry per object, so a noun drawn twice appears twice), sorted."""
-    return sorted(c.colour_noun for c in find_candidates(world, image, **kwargs) if c.is_detection(world))
+    return sorted(c.noun for c in find_candidates(world, image, **kwargs) if c.noun is not None)
 
 
 def object_success(detected: list[str], named: tuple[str, ...] | list[str]) -> bool:

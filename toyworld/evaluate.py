@@ -98,7 +98,7 @@ def evaluate(model: BaseModel, world: World, config: EvalConfig | None = None) -
                 ok = object_success(detected, nouns)
                 success += ok
                 exact += exact_success(detected, nouns)
-                colour_only += set(nouns) <= {c.colour_noun for c in find_candidates(world, pixels)}
+                colour_only += set(nouns) <= {n for c in find_candidates(world, pixels) for n in c.colour_nouns}
                 for noun in nouns:
                     per_noun.setdefault(noun, []).append(int(noun in detected))
         n = sum(counts)

@@ -29,7 +29,7 @@ from sepen_core.models import BaseModel
 from toyworld.data import DataMix, training_batch
 from toyworld.evaluate import EvalConfig, evaluate, preview_grid
 from toyworld.model import ToyModelConfig, build_toy_model, trainable_conditioning
-from toyworld.world import World, load_world
+from toyworld.world import WORLD_FILE, World, load_world
 
 
 
@@ -159,8 +159,9 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
           time_budget_s: float | None = None) -> Path:
     """Train (or resume) into `directory`; returns the saved model's directory. eval_config None: no evaluation.
 
-    time_budget_s (for a borrowed GPU): after 50 steps, cut `steps` to what fits in the budget at the
-    measured pace, so the schedule still ends with its decay and the run ends with a saved model."""
+    time_budget_s (a borrowed GPU, a session's CPU): after 50 steps, and every 200 steps until the learning
+    rate starts to decay, cut `steps` to what fits in the budget at the pace measured so far, so the schedule
+    still ends with its decay and the run ends with a saved model even when the machine slows down."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     world = world or load_world()
@@ -183,9 +184,10 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
     began, window, window_began = time.perf_counter(), [], time.perf_counter()
     step = start
     while step < config.steps:
-        if time_budget_s is not None and step == start + 50:
-            pace = (time.perf_counter() - began) / 50
-            fits = start + 50 + int((time_budget_s - (time.perf_counter() - began)) / pace)
+        replan = step - start >= 50 and (step - start) % 200 == 50 and step < config.steps * (1 - config.decay_fraction)
+        if time_budget_s is not None and replan:
+            pace = (time.perf_counter() - began) / (step - start)
+            fits = step + int((time_budget_s - (time.perf_counter() - began)) / pace)
             if fits < config.steps:
                 config = dataclasses.replace(config, steps=max(step + 1, fits))
                 print(f"time budget {time_budget_s:.0f}s at {pace * 1000:.1f} ms/step: training {config.steps} steps", flush=True)
@@ -238,6 +240,7 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the toy-world base model from scratch.")
     parser.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, eval previews, model/")
+    parser.add_argument("--world", default=str(WORLD_FILE), help="the world's definition (world.json, world-v2.json)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                          ema_decay=args.ema_decay, seed=args.seed, bf16=args.bf16,
                          data=DataMix(pair_fraction=args.pair_fraction, triple_fraction=args.triple_fraction))
     eval_config = EvalConfig(samples_per_group=args.eval_samples, guidance_scale=args.eval_guidance) if args.eval_samples > 0 else None
-    train(args.out, config, eval_config=eval_config, eval_every=args.eval_every,
+    train(args.out, config, world=load_world(args.world), eval_config=eval_config, eval_every=args.eval_every,
           checkpoint_every=args.checkpoint_every, log_every=args.log_every, device=args.device,
           time_budget_s=args.time_budget)
 

@@ -21,6 +21,7 @@ class Glyph:
     noun: str
     shape: str
     colour: tuple[int, int, int]  # RGB, 0..255
+    frequency: float = 1.0  # relative weight of the noun among base training's single-object captions
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class World:
     unseen_in_finetuning: tuple[str, ...]
     train_pairs: tuple[tuple[str, str], ...]  # the only two-object scenes of base training
     heldout_pairs: tuple[tuple[str, str], ...]  # never together in base training
+    # World v2 splits the held-out pairs it evaluates into two roles: validation pairs choose everything
+    # (recipes, guidance, thresholds); test pairs only fill the final table. Both are among heldout_pairs.
+    validation_pairs: tuple[tuple[str, str], ...] = ()
+    test_pairs: tuple[tuple[str, str], ...] = ()
+    version: int = 1
 
     def __post_init__(self):
         nouns = self.nouns
@@ -47,6 +53,12 @@ class World:
             raise ValueError("world: pairs must be distinct pairs of distinct known nouns, in one list only")
         if not set(self.unseen_in_finetuning) <= set(nouns):
             raise ValueError("world: unseen_in_finetuning names an unknown noun")
+        heldout = {frozenset(p) for p in self.heldout_pairs}
+        validation, test = ({frozenset(p) for p in pairs} for pairs in (self.validation_pairs, self.test_pairs))
+        if not (validation | test) <= heldout or validation & test:
+            raise ValueError("world: validation_pairs and test_pairs must be disjoint sets of held-out pairs")
+        if any(g.frequency <= 0 for g in self.glyphs):
+            raise ValueError("world: every glyph's frequency must be > 0")
 
     @property
     def nouns(self) -> tuple[str, ...]:
@@ -71,21 +83,33 @@ class World:
         train = {frozenset(p) for p in self.train_pairs}
         return tuple(t for t in combinations(self.nouns, 3) if all(frozenset(p) in train for p in combinations(t, 2)))
 
+    def pair_role(self, a: str, b: str) -> str:
+        """'train', 'validation', 'test' or 'heldout' (never together in training, in no evaluation role)."""
+        pair = frozenset((a, b))
+        for role, pairs in (("train", self.train_pairs), ("validation", self.validation_pairs), ("test", self.test_pairs)):
+            if pair in {frozenset(p) for p in pairs}:
+                return role
+        return "heldout"
+
     @classmethod
     def from_dict(cls, data: dict) -> World:
+        pairs = {key: tuple(tuple(p) for p in data.get(key, ())) for key in PAIR_LISTS}
         return cls(image_size=int(data["image_size"]), min_size=int(data["min_size"]), max_size=int(data["max_size"]),
                    bar_ratio=float(data["bar_ratio"]), gap=int(data["gap"]), margin=int(data["margin"]),
-                   glyphs=tuple(Glyph(g["noun"], g["shape"], tuple(g["colour"])) for g in data["glyphs"]),
-                   unseen_in_finetuning=tuple(data["unseen_in_finetuning"]),
-                   train_pairs=tuple(tuple(p) for p in data["train_pairs"]),
-                   heldout_pairs=tuple(tuple(p) for p in data["heldout_pairs"]))
+                   glyphs=tuple(Glyph(g["noun"], g["shape"], tuple(g["colour"]), float(g.get("frequency", 1.0)))
+                                for g in data["glyphs"]),
+                   unseen_in_finetuning=tuple(data["unseen_in_finetuning"]), version=int(data.get("version", 1)), **pairs)
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "min_size": self.min_size, "max_size": self.max_size,
-                "bar_ratio": self.bar_ratio, "gap": self.gap, "margin": self.margin,
-                "glyphs": [{"noun": g.noun, "shape": g.shape, "colour": list(g.colour)} for g in self.glyphs],
+        return {"version": self.version, "image_size": self.image_size, "min_size": self.min_size,
+                "max_size": self.max_size, "bar_ratio": self.bar_ratio, "gap": self.gap, "margin": self.margin,
+                "glyphs": [{"noun": g.noun, "shape": g.shape, "colour": list(g.colour), "frequency": g.frequency}
+                           for g in self.glyphs],
                 "unseen_in_finetuning": list(self.unseen_in_finetuning),
-                "train_pairs": [list(p) for p in self.train_pairs], "heldout_pairs": [list(p) for p in self.heldout_pairs]}
+                **{key: [list(p) for p in getattr(self, key)] for key in PAIR_LISTS}}
+
+
+PAIR_LISTS = ("train_pairs", "heldout_pairs", "validation_pairs", "test_pairs")
 
 
 def load_world(path: str | Path = WORLD_FILE) -> World:

@@ -49,7 +49,7 @@ def test_a_glyph_in_the_wrong_shape_or_too_small_is_not_a_detection():
     image = render(world, square_cherry)
     image[image.any(axis=-1)] = world.glyph("cherry").colour  # a red square is not a cherry (a red disc)
     candidates = find_candidates(world, image)
-    assert [(c.colour_noun, c.shape) for c in candidates] == [("cherry", "square")]
+    assert [(c.colour_nouns, c.shape, c.noun) for c in candidates] == [(("cherry",), "square", None)]
     assert detect(world, image) == []
     speck = np.zeros((32, 32, 3), dtype=np.uint8)
     speck[5:8, 5:8] = world.glyph("box").colour
