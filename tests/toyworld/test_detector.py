@@ -3,11 +3,12 @@
 import time
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from toyworld.detector import detect, exact_success, find_candidates, object_success
-from toyworld.world import Scene, PlacedObject, load_world, render, render_scene
+from toyworld.world import WORLD_FILE, PlacedObject, Scene, load_world, render, render_scene
 
 
 def random_groups(world, count, rng):
@@ -16,8 +17,9 @@ def random_groups(world, count, rng):
         yield tuple(rng.choice(world.nouns, k, replace=bool(i % 4 == 0)))  # some scenes repeat a noun
 
 
-def test_detector_is_right_on_at_least_99_percent_of_1200_ground_truth_renders():
-    world = load_world()
+@pytest.mark.parametrize("world_file", [WORLD_FILE, WORLD_FILE.with_name("world-v2.json")], ids=["v1", "v2"])
+def test_detector_is_right_on_at_least_99_percent_of_1200_ground_truth_renders(world_file):
+    world = load_world(world_file)
     rng = np.random.default_rng(0)
     began = time.perf_counter()
     correct = total = 0
@@ -27,6 +29,14 @@ def test_detector_is_right_on_at_least_99_percent_of_1200_ground_truth_renders()
         total += 1
     assert total >= 1000 and correct / total >= 0.99, f"{correct}/{total}"
     assert time.perf_counter() - began < 20
+
+
+def test_v2_detector_tells_a_disc_from_a_bar_of_the_same_colour():
+    world = load_world(WORLD_FILE.with_name("world-v2.json"))
+    image, _ = render_scene(world, ("cherry", "brick"), seed=5)  # both red
+    assert detect(world, image) == ["brick", "cherry"]
+    image, _ = render_scene(world, ("brick",), seed=5)
+    assert detect(world, image) == ["brick"]
 
 
 def test_detector_tolerates_colour_noise_and_accepts_pil_and_tensors():
