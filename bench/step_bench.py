@@ -43,6 +43,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -51,7 +52,7 @@ if str(ROOT) not in sys.path:
 from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from sepen_core.attention import capture_maps, map_layers, unet_forward  # noqa: E402
+from sepen_core.attention import MapTargets, capture_maps, map_layers, unet_forward  # noqa: E402
 from sepen_core.concepts import concept_token_mask  # noqa: E402
 from sepen_core.config import FinetuneConfig  # noqa: E402
 from sepen_core.models import BaseModel, TextConditioning, load_clip_tokenizer, tiny_unet_config  # noqa: E402
@@ -77,6 +78,7 @@ COSINE_VALID = 0.9999
 CONCEPT_POSITIONS = [(2,), (5,)]  # two one-token objects, e.g. "a cat and a dog": start token at 0
 CONTENT_POSITIONS = range(1, 7)
 TIMESTEP = 500
+MAP_DOWNSAMPLE = 4  # FinetuneConfig's default, as CONFIGS use it
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -96,8 +98,9 @@ def build_model(tiny: bool = False, device: str | torch.device = "cpu", seed: in
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(tiny))
         if text_encoder is None:
-            text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                        num_attention_heads=2, max_position_embeddings=77, projection_dim=32))
+            text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=1, num_attention_heads=2,
+                                                        max_position_embeddings=77, projection_dim=32))
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     model = BaseModel(unet.eval(), text_encoder.eval(), load_clip_tokenizer(), scheduler, vae,
                       "sd15-random" if not tiny else "tiny-random")
@@ -115,14 +118,15 @@ def make_batch(model: BaseModel, resolution: int, seed: int = 0, batch: int = 1)
     concept_mask, valid = concept_token_mask([CONCEPT_POSITIONS] * batch, 77)
     content_mask = torch.zeros(batch, 77)
     content_mask[:, list(CONTENT_POSITIONS)] = 1.0
+    device = model.device
+    targets = MapTargets(concept_mask.to(device), valid.to(device), content_mask.to(device),
+                         tuple(map_layers(model.unet, MAP_DOWNSAMPLE)), (resolution // MAP_DOWNSAMPLE,) * 2)
     shape = (batch, model.unet.config.in_channels, resolution, resolution)
     clean = torch.randn(shape, generator=generator) * 0.18215
     noise = torch.randn(shape, generator=generator)
     timesteps = torch.tensor([TIMESTEP] * batch)
     latents = model.noise_scheduler.add_noise(clean, noise, timesteps)
-    device = model.device
-    return TrainingBatch([], latents.to(device, model.dtype), timesteps.to(device), cond, concept_mask.to(device),
-                         valid.to(device), content_mask.to(device))
+    return TrainingBatch([], latents.to(device, model.dtype), timesteps.to(device), cond, targets)
 
 
 def key_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
@@ -147,7 +151,8 @@ def key_grads(model: BaseModel) -> dict[str, torch.Tensor]:
 
 
 # -- one step of each method ---------------------------------------------------------------------
-CONFIGS = {"exact": FinetuneConfig(grad_mode="exact", batch_size=1), "local": FinetuneConfig(grad_mode="local", batch_size=1)}
+CONFIGS = {"exact": FinetuneConfig(grad_mode="exact", batch_size=1),
+           "local": FinetuneConfig(grad_mode="local", batch_size=1)}
 
 
 def autocast_for(model: BaseModel, dtype: torch.dtype | None):
@@ -164,8 +169,7 @@ def run_method(model: BaseModel, batch: TrainingBatch, method: str, dtype: torch
             out = sepen_objective(model, batch, CONFIGS[method])
         elif method == "floor":
             with torch.no_grad():
-                capture_maps(model.unet, batch.latents, batch.timesteps, batch.cond, batch.concept_mask, batch.content_mask,
-                             map_layers(model.unet, 4), 4).maps()
+                capture_maps(model.unet, batch.latents, batch.timesteps, batch.cond, batch.targets).maps()
             return None
         elif method == "exact_fwd":
             # the exact step's forward, graph and loss included, without the backward
@@ -204,15 +208,18 @@ def cosine_check(reference: dict[str, torch.Tensor], other: dict[str, torch.Tens
     per_layer = {}
     for name, g in reference.items():
         h = other.get(name)
-        per_layer[name] = 0.0 if h is None else float(torch.nn.functional.cosine_similarity(g.flatten().double(), h.flatten().double(), dim=0))
+        if h is None:
+            per_layer[name] = 0.0
+        else:
+            per_layer[name] = float(F.cosine_similarity(g.flatten().double(), h.flatten().double(), dim=0))
     extra = sorted(set(other) - set(reference))
     return {"min_cosine": min(per_layer.values()) if per_layer else 0.0, "layers": len(per_layer),
             "extra_layers": extra, "per_layer": per_layer}
 
 
 def gradient_check(model: BaseModel, batch: TrainingBatch, dtype: torch.dtype | None = None,
-                   reference_grads: dict | None = None, exact_grads: dict | None = None, local_grads: dict | None = None,
-                   losses: dict | None = None) -> dict:
+                   reference_grads: dict | None = None, exact_grads: dict | None = None,
+                   local_grads: dict | None = None, losses: dict | None = None) -> dict:
     """Exact (and, for information, local) gradients vs the reference's; reuses grads already computed."""
     losses = dict(losses or {})
     if reference_grads is None:
@@ -229,8 +236,9 @@ def gradient_check(model: BaseModel, batch: TrainingBatch, dtype: torch.dtype | 
     # local trains only the capture layers' keys, each through its own maps: compare where it has grads
     local = cosine_check({k: v for k, v in reference_grads.items() if k in local_grads}, local_grads)
     return {"dtype": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
-            "exact_min_cosine": exact["min_cosine"], "exact_layers": exact["layers"], "exact_extra_layers": exact["extra_layers"],
-            "local_min_cosine": local["min_cosine"], "local_layers": local["layers"], "reference_layers": len(reference_grads),
+            "exact_min_cosine": exact["min_cosine"], "exact_layers": exact["layers"],
+            "exact_extra_layers": exact["extra_layers"], "local_min_cosine": local["min_cosine"],
+            "local_layers": local["layers"], "reference_layers": len(reference_grads),
             "losses": losses, "valid": exact["min_cosine"] >= COSINE_VALID and not exact["extra_layers"],
             "exact_per_layer": exact["per_layer"], "local_per_layer": local["per_layer"]}
 
@@ -256,15 +264,16 @@ def memory_child(args) -> dict:
 
 
 def memory_cpu_subprocess(method: str, resolution: int, tiny: bool, dtype: str, batch: int = 1) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", method, "--resolutions", str(resolution), "--dtype", dtype,
-           "--batch", str(batch)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", method, "--resolutions", str(resolution),
+           "--dtype", dtype, "--batch", str(batch)]
     if tiny:
         cmd.append("--tiny")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMORY "):
             return json.loads(line.removeprefix("MEMORY "))
-    raise RuntimeError(f"memory child for {method} at {resolution} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    raise RuntimeError(f"memory child for {method} at {resolution} failed (rc {proc.returncode}):\n"
+                       f"{proc.stderr[-4000:]}")
 
 
 def memory_cuda(model: BaseModel, batch: TrainingBatch, method: str, dtype: torch.dtype | None) -> dict:
@@ -278,7 +287,8 @@ def memory_cuda(model: BaseModel, batch: TrainingBatch, method: str, dtype: torc
     torch.cuda.synchronize(model.device)
     peak = torch.cuda.max_memory_allocated(model.device)
     zero_grads(model)
-    return {"method": method, "baseline_mib": baseline / 2**20, "peak_mib": peak / 2**20, "extra_mib": (peak - baseline) / 2**20}
+    return {"method": method, "baseline_mib": baseline / 2**20, "peak_mib": peak / 2**20,
+            "extra_mib": (peak - baseline) / 2**20}
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -296,7 +306,8 @@ def bench_resolution(model: BaseModel, resolution: int, *, runs: int, warmup: in
         for method in methods:
             seconds, loss = timed(model, batch, method, dtype)
             label = "warm-up" if round_ < warmup else f"run {round_ - warmup + 1}/{runs}"
-            log(f"  {resolution}x{resolution} {method:<10} {label:<8} {seconds:8.3f} s" + (f"  loss {loss:.6f}" if loss is not None else ""))
+            shown_loss = f"  loss {loss:.6f}" if loss is not None else ""
+            log(f"  {resolution}x{resolution} {method:<10} {label:<8} {seconds:8.3f} s{shown_loss}")
             if round_ >= warmup:
                 times[method].append(seconds)
             if loss is not None:
@@ -306,15 +317,19 @@ def bench_resolution(model: BaseModel, resolution: int, *, runs: int, warmup: in
             zero_grads(model)
     # Gradient check in fp32: reuse the warm-up grads when the timed dtype is fp32, else recompute.
     if dtype is None:
-        check = gradient_check(model, batch, None, grads.get("reference"), grads.get("exact"), grads.get("local"), losses)
+        check = gradient_check(model, batch, None, grads.get("reference"), grads.get("exact"), grads.get("local"),
+                               losses)
     else:
         check = gradient_check(model, batch, None)
-        check_timed = gradient_check(model, batch, dtype, grads.get("reference"), grads.get("exact"), grads.get("local"), losses)
+        check_timed = gradient_check(model, batch, dtype, grads.get("reference"), grads.get("exact"),
+                                     grads.get("local"), losses)
         check["timed_dtype"] = {k: check_timed[k] for k in ("dtype", "exact_min_cosine", "local_min_cosine", "losses")}
     log(f"  {resolution}x{resolution} gradient check (fp32): exact min cosine {check['exact_min_cosine']:.6f} over "
-        f"{check['exact_layers']} layers -> {'VALID' if check['valid'] else 'INVALID'}; local min cosine {check['local_min_cosine']:.4f} "
+        f"{check['exact_layers']} layers -> {'VALID' if check['valid'] else 'INVALID'}; "
+        f"local min cosine {check['local_min_cosine']:.4f} "
         f"over the {check['local_layers']} of {check['reference_layers']} layers it trains")
-    return {"resolution": resolution, "times_s": times, "median_s": {m: statistics.median(t) for m, t in times.items() if t},
+    return {"resolution": resolution, "times_s": times,
+            "median_s": {m: statistics.median(t) for m, t in times.items() if t},
             "min_s": {m: min(t) for m, t in times.items() if t},
             "losses": losses, "gradient_check": check, "load_1min": load}
 
@@ -364,7 +379,8 @@ def environment(tiny: bool, device: str, dtype_name: str, runs: int, warmup: int
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
         try:
-            env["cpu"] = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+            env["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                              if line.startswith("model name"))
         except (OSError, StopIteration):
             env["cpu"] = platform.processor()
     return env
@@ -373,8 +389,10 @@ def environment(tiny: bool, device: str, dtype_name: str, runs: int, warmup: int
 # -- report ---------------------------------------------------------------------------------------
 def format_table(report: dict) -> str:
     b = report["setup"].get("batch", 1)
-    rows = [f"batch {b}, {report['setup']['dtype']} on {report['setup'].get('gpu') or report['setup'].get('cpu', report['setup']['device'])}", "",
-            "| latent | method | median step (s) | speedup vs reference | best step (s) | best-vs-best speedup | extra memory (MiB) | memory vs reference | exact grads (min cos) |",
+    setup = report["setup"]
+    rows = [f"batch {b}, {setup['dtype']} on {setup.get('gpu') or setup.get('cpu', setup['device'])}", "",
+            "| latent | method | median step (s) | speedup vs reference | best step (s) | best-vs-best speedup "
+            "| extra memory (MiB) | memory vs reference | exact grads (min cos) |",
             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["results"]:
         res, med, mem = r["resolution"], r["median_s"], r.get("memory", {})
@@ -390,18 +408,22 @@ def format_table(report: dict) -> str:
             elif m == "exact":
                 grad = f"{check['exact_min_cosine']:.6f} {'valid' if check['valid'] else 'INVALID'}"
             else:
-                grad = f"{check['local_min_cosine']:.4f} on its {check['local_layers']}/{check['reference_layers']} layers (approximate by design)"
-            rows.append(f"| {res}x{res} | {m} | {t:.3f} | {ref_t / t:.2f}x | {best[m]:.3f} | {best['reference'] / best[m]:.2f}x | "
-                        + (f"{extra:.0f} | {extra / ref_m:.2f} |" if extra is not None and ref_m else "n/a | n/a |") + f" {grad} |")
+                grad = (f"{check['local_min_cosine']:.4f} on its {check['local_layers']}/{check['reference_layers']} "
+                        "layers (approximate by design)")
+            memory = f"{extra:.0f} | {extra / ref_m:.2f} |" if extra is not None and ref_m else "n/a | n/a |"
+            rows.append(f"| {res}x{res} | {m} | {t:.3f} | {ref_t / t:.2f}x | {best[m]:.3f} | "
+                        f"{best['reference'] / best[m]:.2f}x | {memory} {grad} |")
     rows.append("")
-    rows.append("| latent | floor: early-exit fwd, no_grad (s) | exact fwd only (s) | exact bwd (= step - fwd) (s) | full UNet fwd, no_grad (s) | exact / floor | local / floor |")
+    rows.append("| latent | floor: early-exit fwd, no_grad (s) | exact fwd only (s) | exact bwd (= step - fwd) (s) "
+                "| full UNet fwd, no_grad (s) | exact / floor | local / floor |")
     rows.append("|---|---:|---:|---:|---:|---:|---:|")
     for r in report["results"]:
         med = r["median_s"]
         if not all(k in med for k in ("floor", "exact_fwd", "full_fwd")):
             continue
-        rows.append(f"| {r['resolution']}x{r['resolution']} | {med['floor']:.3f} | {med['exact_fwd']:.3f} | {med['exact'] - med['exact_fwd']:.3f} | "
-                    f"{med['full_fwd']:.3f} | {med['exact'] / med['floor']:.2f}x | {med['local'] / med['floor']:.2f}x |")
+        rows.append(f"| {r['resolution']}x{r['resolution']} | {med['floor']:.3f} | {med['exact_fwd']:.3f} | "
+                    f"{med['exact'] - med['exact_fwd']:.3f} | {med['full_fwd']:.3f} | "
+                    f"{med['exact'] / med['floor']:.2f}x | {med['local'] / med['floor']:.2f}x |")
     return "\n".join(rows)
 
 
@@ -411,7 +433,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=3, help="timed runs per method (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16: torch.autocast over fp32 weights")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="bf16: torch.autocast over fp32 weights")
     parser.add_argument("--batch", type=int, default=1, help="samples per step (the paper trains with 4)")
     parser.add_argument("--tiny", action="store_true", help="tiny_unet_config(): a seconds-long smoke test")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
@@ -427,7 +450,8 @@ def main(argv=None) -> dict | None:
         return None
     log = lambda s: print(s, flush=True)  # noqa: E731
     report = run_benchmark(tiny=args.tiny, device=args.device, dtype_name=args.dtype, resolutions=args.resolutions,
-                           runs=args.runs, warmup=args.warmup, memory=not args.no_memory, log=log, batch_size=args.batch)
+                           runs=args.runs, warmup=args.warmup, memory=not args.no_memory, log=log,
+                           batch_size=args.batch)
     report["command"] = "python bench/step_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = format_table(report)
     report["table_markdown"] = table

@@ -21,10 +21,11 @@ _EXPORTS = {
     "sepen_core.diagnostics": ["Diagnosis", "diagnose"],
     "sepen_core.errors": ["AdapterError", "AdapterFormatError", "AdapterMismatchError", "Canceled", "CheckpointError",
                           "ConceptError", "ConfigError", "ModelLoadError", "SepenError"],
-    "sepen_core.finetuning": ["FinetuneResult", "StepReport", "finetune"],
+    "sepen_core.finetuning": ["Checkpoints", "FinetuneResult", "StepReport", "finetune"],
     "sepen_core.models": ["BaseModel", "build_tiny_model", "load_base_model"],
     "sepen_core.prompts": ["ConceptSet"],
     "sepen_core.sampling": ["GenerationResult", "generate"],
+    "sepen_core.scores": ["MapScores"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

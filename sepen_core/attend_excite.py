@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sepen_core.attention import capture_maps
+from sepen_core.attention import MapTargets, capture_maps
 from sepen_core.losses import peak_activation
 from sepen_core.models import TextConditioning
 
@@ -37,41 +37,41 @@ class AttendExciteConfig:
 class AttendExcite:
     """Latent updates for one sampling run: call `update(latents, i, t)` before each denoising step."""
 
-    def __init__(self, config: AttendExciteConfig, unet, cond: TextConditioning, concept_mask: torch.Tensor,
-                 content_mask: torch.Tensor, layers: list[str], map_downsample: int, num_steps: int):
+    def __init__(self, config: AttendExciteConfig, unet, cond: TextConditioning, targets: MapTargets, num_steps: int):
         self.config = config
         self.unet = unet
         self.cond = cond  # conditional branch only, one row per image
-        self.concept_mask = concept_mask  # (N, K, T)
-        self.content_mask = content_mask  # (N, T)
-        self.layers = layers
-        self.map_downsample = map_downsample
+        self.targets = targets  # one row per image
         self.steps_to_alter = round(config.steps_to_alter * num_steps)
         self.step_sizes = config.scale_factor * torch.linspace(*config.scale_range, num_steps).sqrt()
-        self.refine_at = {round(f * num_steps): thr for f, thr in config.refinement.items() if round(f * num_steps) < self.steps_to_alter}
+        self.refine_at = {round(f * num_steps): thr for f, thr in config.refinement.items()
+                          if round(f * num_steps) < self.steps_to_alter}
         self.updates = 0  # latent updates made, refinements included (their cost is the method's cost)
 
     def peaks(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(N, K) smoothed peaks of each object's A&E map; differentiable w.r.t. latents."""
         timesteps = t.expand(latents.shape[0]) if t.ndim == 0 else t
-        recorder = capture_maps(self.unet, latents, timesteps, self.cond, self.concept_mask, self.content_mask,
-                                self.layers, self.map_downsample, keep_tokens=True)
+        recorder = capture_maps(self.unet, latents, timesteps, self.cond, self.targets, keep_tokens=True)
         probs = recorder.token_probs()  # (N, H*W, T)
-        content = self.content_mask.to(probs).bool()  # (N, T)
+        content = self.targets.content_mask.to(probs).bool()  # (N, T)
         logits = (probs * self.config.temperature).masked_fill(~content[:, None, :], float("-inf"))
         renormalised = logits.softmax(dim=-1).nan_to_num(0.0)  # (N, H*W, T) over content tokens only
-        maps = torch.einsum("bnt,bkt->bkn", renormalised, self.concept_mask.to(probs))  # (N, K, H*W)
-        maps = maps.reshape(*maps.shape[:2], *recorder.grid)
+        maps = torch.einsum("bnt,bkt->bkn", renormalised, self.targets.concept_mask.to(probs))  # (N, K, H*W)
+        maps = maps.reshape(*maps.shape[:2], *self.targets.grid)  # (N, K, h, w)
         return peak_activation(maps, self.config.smoothing_sigma)
 
-    def _descend(self, latents: torch.Tensor, t: torch.Tensor, size: float, threshold: float | None) -> tuple[torch.Tensor, bool]:
+    def _descend(self, latents: torch.Tensor, t: torch.Tensor, size: float,
+                 threshold: float | None) -> tuple[torch.Tensor, bool]:
         """One gradient step on the images whose weakest peak is below `threshold` (all of them if None).
         Returns the latents and whether any image still needed the step."""
         latents = latents.detach().requires_grad_(True)
         with torch.enable_grad():
             peaks = self.peaks(latents, t)  # (N, K)
             losses = (1 - peaks).amax(dim=1)  # (N,) the weakest object's shortfall
-            active = peaks.amin(dim=1) < threshold if threshold is not None else torch.ones_like(losses, dtype=torch.bool)
+            if threshold is None:
+                active = torch.ones_like(losses, dtype=torch.bool)
+            else:
+                active = peaks.amin(dim=1) < threshold
             if not active.any():
                 return latents.detach(), False
             (grad,) = torch.autograd.grad(losses.sum(), latents)  # images are independent: per-image gradients

@@ -2,21 +2,25 @@
 
 Only the `attn2` layers whose maps are needed compute explicit `attention_probs` (keeping their
 autograd graph); every other layer keeps its fast SDPA processor; processors are restored on
-exit. A MapRecorder turns each captured layer's probabilities into per-sample object maps at
-once, so no (batch * heads, H * W, tokens) tensor outlives its layer.
+exit. MapTargets say where each object's maps are read (its sub-tokens, the layers, the grid); a
+MapRecorder turns each captured layer's probabilities into per-sample object maps at once, so no
+(batch * heads, H * W, tokens) tensor outlives its layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
+from sepen_core.concepts import concept_token_mask, content_token_mask, locate_concepts
 from sepen_core.errors import ConfigError
-from sepen_core.models import TextConditioning
+from sepen_core.models import BaseModel, TextConditioning
 
 CONTENT_EPS = 1e-12
 
@@ -51,26 +55,63 @@ def map_layers(unet: UNet2DConditionModel, map_downsample: int) -> list[str]:
     layers = [name for name, f in attn2_downsample_factors(unet).items() if f == map_downsample]
     if not layers:
         available = sorted(set(attn2_downsample_factors(unet).values()))
-        raise ConfigError("map_downsample", f"no cross-attention layer of this model works at 1/{map_downsample} of the latent size; choose one of {available}")
+        raise ConfigError("map_downsample", f"no cross-attention layer of this model works at 1/{map_downsample} "
+                                            f"of the latent size; choose one of {available}")
     return layers
+
+
+@dataclass(frozen=True)
+class MapTargets:
+    """Where the object maps of a batch of prompts are read: built once by `map_targets`, shared by
+    capture, the SepEn objective, diagnostics, sampling and Attend-and-Excite."""
+
+    concept_mask: torch.Tensor  # (B, K, T) 1 on each object's sub-tokens
+    valid: torch.Tensor  # (B, K) bool, the real objects (K is the largest object count of the batch)
+    content_mask: torch.Tensor  # (B, T) each prompt's content tokens
+    layers: tuple[str, ...]  # the attn2 module paths whose maps are averaged
+    grid: tuple[int, int]  # (h, w) of the maps
+
+    def select(self, rows: list[int]) -> MapTargets:
+        """The targets of some rows of the batch (as TextConditioning.select)."""
+        return MapTargets(self.concept_mask[rows], self.valid[rows], self.content_mask[rows], self.layers, self.grid)
+
+
+def map_targets(model: BaseModel, cond: TextConditioning, concepts: Sequence[Sequence[str]], map_downsample: int,
+                latent_size: tuple[int, int]) -> MapTargets:
+    """The targets of cond's prompts, whose row b names the objects concepts[b], for latents of latent_size (h, w).
+
+    Raises ConceptError naming a concept its prompt does not hold, then ConfigError when no layer works
+    at 1/map_downsample of the latent size."""
+    located: dict[tuple[str, tuple[str, ...]], list[tuple[int, ...]]] = {}  # a prompt repeated per image: once
+    positions = []
+    for prompt, names in zip(cond.prompts, concepts, strict=True):
+        key = (prompt, tuple(names))
+        if key not in located:
+            located[key] = locate_concepts(model.tokenizer, prompt, key[1])
+        positions.append(located[key])
+    layers = tuple(map_layers(model.unet, map_downsample))
+    concept_mask, valid = concept_token_mask(positions, cond.input_ids.shape[1])
+    content_mask = content_token_mask(cond.input_ids, model.tokenizer.eos_token_id)
+    grid = (latent_size[0] // map_downsample, latent_size[1] // map_downsample)
+    device = model.device
+    return MapTargets(concept_mask.to(device), valid.to(device), content_mask.to(device), layers, grid)
 
 
 class MapRecorder:
     """Accumulates per-sample object maps over captured layers (and, during sampling, timesteps).
 
-    concept_mask (B, K, T): 1 on each object's sub-tokens; content_mask (B, T): the prompt's
-    content tokens. `rows` picks the recorded rows of the UNet batch (the conditional half under
-    CFG). With `stop_after` set, the recorder raises StopForward once that many layers recorded.
-    With keep_tokens, it also keeps the head- and layer-averaged probabilities of every token
-    (`token_probs()`, (B, H*W, T)), for methods that renormalise them their own way.
+    It reads targets' concept and content masks and grid. `rows` picks the recorded rows of the UNet
+    batch (the conditional half under CFG). With `stop_after` set, the recorder raises StopForward
+    once that many layers recorded. With keep_tokens, it also keeps the head- and layer-averaged
+    probabilities of every token (`token_probs()`, (B, H*W, T)), for methods that renormalise them
+    their own way.
     """
 
-    def __init__(self, concept_mask: torch.Tensor, content_mask: torch.Tensor, grid: tuple[int, int], *,
-                 rows: slice | None = None, stop_after: int | None = None, local_gradients: bool = False,
-                 keep_tokens: bool = False):
-        self.concept_mask = concept_mask
-        self.content_mask = content_mask
-        self.grid = grid
+    def __init__(self, targets: MapTargets, *, rows: slice | None = None, stop_after: int | None = None,
+                 local_gradients: bool = False, keep_tokens: bool = False):
+        self.concept_mask = targets.concept_mask  # (B, K, T)
+        self.content_mask = targets.content_mask  # (B, T)
+        self.grid = targets.grid
         self.rows = rows
         self.stop_after = stop_after
         self.local_gradients = local_gradients
@@ -129,7 +170,8 @@ class CrossAttentionProcessor:
         return F.linear(encoder_hidden_states, self.key_weight.to(encoder_hidden_states.dtype))
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -165,7 +207,8 @@ class CrossAttentionProcessor:
         key = self._key(attn, encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))  # (B, heads, N, d)
+        # (B, N, heads*d) -> (B, heads, N, d)
+        query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
         return out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)  # (B, N, heads*d)
 
@@ -197,24 +240,23 @@ def installed_processors(unet: UNet2DConditionModel, processors: dict[str, objec
         unet.set_attn_processor(original)
 
 
-def unet_forward(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+def unet_forward(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor,
+                 cond: TextConditioning) -> torch.Tensor:
     """One UNet call with the conditioning's hidden states and attention mask: (B, C, h, w) noise prediction."""
     return unet(latents, timesteps, encoder_hidden_states=cond.encoder_hidden_states,
                 encoder_attention_mask=cond.encoder_attention_mask).sample
 
 
 def capture_maps(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
-                 concept_mask: torch.Tensor, content_mask: torch.Tensor, layers: list[str], map_downsample: int,
-                 *, local_gradients: bool = False, keep_tokens: bool = False) -> MapRecorder:
-    """Run the UNet only as far as the last layer in `layers` and return the recorded maps.
+                 targets: MapTargets, *, local_gradients: bool = False, keep_tokens: bool = False) -> MapRecorder:
+    """Run the UNet only as far as the last of the targets' layers and return the recorded maps.
 
     The UNet's output is not needed by the SepEn losses, so stopping early leaves every gradient
     unchanged. local_gradients runs the forward without autograd except inside the capture layers.
     """
-    h, w = latents.shape[-2] // map_downsample, latents.shape[-1] // map_downsample
-    recorder = MapRecorder(concept_mask, content_mask, (h, w), stop_after=len(layers), local_gradients=local_gradients,
+    recorder = MapRecorder(targets, stop_after=len(targets.layers), local_gradients=local_gradients,
                            keep_tokens=keep_tokens)
-    with installed_processors(unet, {name: CrossAttentionProcessor(recorder) for name in layers}):
+    with installed_processors(unet, {name: CrossAttentionProcessor(recorder) for name in targets.layers}):
         with torch.no_grad() if local_gradients else nullcontext():
             try:
                 unet_forward(unet, latents, timesteps, cond)
@@ -226,6 +268,7 @@ def capture_maps(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: t
 def base_key_forward(unet: UNet2DConditionModel, base_keys: dict[str, torch.Tensor], latents: torch.Tensor,
                      timesteps: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
     """The base model's noise prediction: the same UNet with its original attn2.to_k weights, no second copy."""
-    processors = {name.removesuffix(".to_k.weight"): CrossAttentionProcessor(key_weight=weight) for name, weight in base_keys.items()}
+    processors = {name.removesuffix(".to_k.weight"): CrossAttentionProcessor(key_weight=weight)
+                  for name, weight in base_keys.items()}
     with installed_processors(unet, processors), torch.no_grad():
         return unet_forward(unet, latents, timesteps, cond)

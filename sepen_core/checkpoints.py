@@ -1,6 +1,8 @@
-"""Training checkpoints: named parameters with their AdamW moments (and any extra tensors) as
+"""Resumable training runs: per-step seeds and checkpoints, for SepEn finetuning and toy-world base training.
+
+A checkpoint holds named parameters with their AdamW moments (and any extra tensors) as
 safetensors, plus a JSON state that names them, switched atomically so a crash never leaves a
-half-written checkpoint. Shared by SepEn finetuning and the toy-world base-model training.
+half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from safetensors.torch import load_file, save_file
 STATE_FILE = "checkpoint.json"
 
 
-def write_checkpoint(directory: Path, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                     state: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+def step_seed(seed: int, step: int) -> int:
+    """Each step draws from its own seed, so a resumed run replays exactly what it would have drawn."""
+    return (seed * 1_000_003 + step * 7_919) % (2**63)
+
+
+def write_checkpoint(directory: Path, step: int, params: dict[str, torch.nn.Parameter],
+                     optimizer: torch.optim.Optimizer, state: dict,
+                     extra: dict[str, torch.Tensor] | None = None) -> None:
     """Save params as weight/<name>, AdamW moments as exp_avg/, exp_avg_sq/, step/ (for the params that
     have them: a param that never got a gradient has none), `extra` as given; then `state` (JSON)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -54,5 +62,6 @@ def restore_checkpoint(directory: Path, state: dict, params: dict[str, torch.nn.
             p.copy_(tensors[f"weight/{name}"].to(p))
             if f"exp_avg/{name}" in tensors:
                 optimizer.state[p] = {"step": tensors[f"step/{name}"].reshape(()).clone(),
-                                      "exp_avg": tensors[f"exp_avg/{name}"].to(p), "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p)}
+                                      "exp_avg": tensors[f"exp_avg/{name}"].to(p),
+                                      "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p)}
     return tensors

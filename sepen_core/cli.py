@@ -16,25 +16,18 @@ import json
 import sys
 from pathlib import Path
 
-from sepen_core.config import ModelDefaults, SampleConfig
+from sepen_core.config import BUNDLED_SOURCE, DTYPE_NAMES, ModelDefaults, SampleConfig
 from sepen_core.errors import SepenError
 from sepen_core.prompts import ConceptSet
 
-DEFAULT_MODEL = "toy"
+DEFAULT_MODEL = BUNDLED_SOURCE
 
 
-def load_model(spec: str, device: str, dtype_name: str):
-    import torch
+def load_model(args: argparse.Namespace):
+    """The --model, --device and --dtype of a command (torch is imported only by the commands that need it)."""
+    from sepen_core.models import load_model as load
 
-    from sepen_core.models import BUNDLED_MODEL_DIR, build_tiny_model, load_base_model
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    if spec == "toy":
-        return load_base_model(BUNDLED_MODEL_DIR, device=device, dtype=dtype)
-    if spec == "tiny" or spec.startswith("tiny:"):
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        return build_tiny_model(seed, device=device, dtype=dtype)
-    return load_base_model(spec, device=device, dtype=dtype)
+    return load(args.model, device=args.device, dtype=args.dtype)
 
 
 def _progress(total: int, description: str):
@@ -53,7 +46,7 @@ def _given_maps(args) -> dict:
 
 
 def cmd_finetune(args) -> int:
-    from sepen_core.finetuning import finetune
+    from sepen_core.finetuning import Checkpoints, finetune
 
     if args.pair:
         concepts = ConceptSet.pairs(*args.pair, templates=tuple(args.template))
@@ -68,18 +61,23 @@ def cmd_finetune(args) -> int:
     given = _given({"steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch_size,
                     "prior_weight": args.prior_weight, "lambda_sep": args.lambda_sep, "lambda_en": args.lambda_en,
                     "grad_mode": args.grad_mode, "seed": args.seed})
-    ModelDefaults().finetune_config(concepts.mode, {**given, "maps": _given_maps(args)})  # bad settings fail before the model loads
-    model = load_model(args.model, args.device, args.dtype)
+    # Bad settings fail before the model loads.
+    ModelDefaults().finetune_config(concepts.mode, {**given, "maps": _given_maps(args)})
+    model = load_model(args)
     config = model.defaults.finetune_config(concepts.mode, {**given, "maps": _given_maps(args)})
     bar = _progress(config.steps, "finetune")
 
     def on_step(report):
         bar.n = report.step
-        bar.set_postfix(loss=f"{report.loss:.4f}", min_peak=f"{report.min_peak:.3f}", overlap=f"{report.overlap:.3f}", refresh=False)
+        bar.set_postfix(loss=f"{report.loss:.4f}", min_peak=f"{report.min_peak:.3f}", overlap=f"{report.overlap:.3f}",
+                        refresh=False)
         bar.refresh()
 
-    result = finetune(model, concepts, config, on_step=on_step, checkpoint_dir=args.checkpoint_dir,
-                      checkpoint_every=args.checkpoint_every, adapter_metadata={"name": args.name or Path(args.out).stem})
+    checkpoints = None
+    if args.checkpoint_dir is not None:
+        checkpoints = Checkpoints(args.checkpoint_dir, every=args.checkpoint_every)
+    result = finetune(model, concepts, config, on_step=on_step, checkpoint_dir=checkpoints,
+                      adapter_metadata={"name": args.name or Path(args.out).stem})
     bar.close()
     path = result.adapter.save(args.out)
     first, last = result.history[0], result.history[-1]
@@ -96,15 +94,15 @@ def _read_adapter(path: str | None):
 
 
 def cmd_generate(args) -> int:
-    from PIL.PngImagePlugin import PngInfo
-
+    from sepen_core.images import png_bytes, sample_metadata
     from sepen_core.sampling import generate
 
     given = {**_given({"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.height,
                        "width": args.width}),
-             "num_images": args.images, "seed": args.seed, "negative_prompt": args.negative_prompt, "maps": _given_maps(args)}
+             "num_images": args.images, "seed": args.seed, "negative_prompt": args.negative_prompt,
+             "maps": _given_maps(args)}
     SampleConfig.from_dict(given)  # bad settings fail before the model loads
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_model(args)
     config = model.defaults.sample_config(given)
     adapter = _read_adapter(args.adapter)
     bar = _progress(config.num_inference_steps, "generate")
@@ -113,13 +111,9 @@ def cmd_generate(args) -> int:
     bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
-        info = PngInfo()
-        for key, value in {"prompt": args.prompt, "seed": str(seed), "model": model.model_id,
-                           "adapter": args.adapter or "", "steps": str(config.num_inference_steps),
-                           "guidance_scale": str(config.guidance_scale)}.items():
-            info.add_text(key, value)
-        image.save(out / f"image-{i}.png", pnginfo=info)
+    for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+        metadata = sample_metadata(args.prompt, seed, config, model=model.model_id, adapter=args.adapter)
+        (out / f"image-{i}.png").write_bytes(png_bytes(image, metadata))
         print(out / f"image-{i}.png")
         if result.scores is not None:
             result.heatmap(i).save(out / f"heatmap-{i}.png")
@@ -132,15 +126,17 @@ def cmd_generate(args) -> int:
 def cmd_inspect(args) -> int:
     from sepen_core.diagnostics import diagnose
 
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_model(args)
     adapter = _read_adapter(args.adapter)
     runs = [("base", None)] + ([("adapter", adapter)] if adapter is not None else [])
+    maps = model.defaults.sample_config({"maps": _given_maps(args)}).maps
     reports = {label: diagnose(model, args.prompt, args.concepts, adapter=a, samples=args.samples, seed=args.seed,
-                               maps=model.defaults.sample_config({"maps": _given_maps(args)}).maps) for label, a in runs}
+                               maps=maps) for label, a in runs}
     if args.json:
         print(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
         return 0
-    print(f"prompt: {args.prompt!r}  ({args.samples} pseudo-latents, {next(iter(reports.values())).normalization} maps)")
+    normalization = next(iter(reports.values())).normalization
+    print(f"prompt: {args.prompt!r}  ({args.samples} pseudo-latents, {normalization} maps)")
     print(f"{'':24}" + "".join(f"{label:>12}" for label in reports))
     for concept in args.concepts:
         print(f"{'peak ' + concept:24}" + "".join(f"{r.peaks[concept]:12.4f}" for r in reports.values()))
@@ -164,19 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--model", default=DEFAULT_MODEL, help="toy (the bundled toy-world model; the default), a diffusers SD directory, or tiny / tiny:SEED")
+        p.add_argument("--model", default=DEFAULT_MODEL,
+                       help="toy (the bundled toy-world model; the default), a diffusers SD directory, "
+                            "or tiny / tiny:SEED")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
-        p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-        p.add_argument("--normalization", choices=["raw", "content"], help="object maps: raw softmax (paper) or renormalised over content tokens (default: the model's, else raw)")
-        p.add_argument("--map-downsample", type=int, help="read maps at latent size / this (default: the model's, else 4)")
+        p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
+        p.add_argument("--normalization", choices=["raw", "content"],
+                       help="object maps: raw softmax (paper) or renormalised over content tokens "
+                            "(default: the model's, else raw)")
+        p.add_argument("--map-downsample", type=int,
+                       help="read maps at latent size / this (default: the model's, else 4)")
 
     p = sub.add_parser("finetune", help="finetune attn2.to_k on concepts and write an adapter")
     model_args(p)
-    p.add_argument("--pair", nargs="+", action="append", metavar="CONCEPT", help="a concept pair (or group); repeatable")
-    p.add_argument("--collection", help="JSON file {collection: [...], held_out: [...]}, or 'large-scale' for the bundled 220 concepts")
+    p.add_argument("--pair", nargs="+", action="append", metavar="CONCEPT",
+                   help="a concept pair (or group); repeatable")
+    p.add_argument("--collection",
+                   help="JSON file {collection: [...], held_out: [...]}, or 'large-scale' for the bundled 220 concepts")
     p.add_argument("--template", action="append", default=[], help='prompt template with slots {A}, {B}...; repeatable')
     p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float, help="learning rate (default: the model's, else the paper's 8e-6 pairs, 4e-6 collection)")
+    p.add_argument("--lr", type=float,
+                   help="learning rate (default: the model's, else the paper's 8e-6 pairs, 4e-6 collection)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--prior-weight", type=float, help="prior (norm) loss weight (default 0 pairs, 0.5 collection)")
     p.add_argument("--lambda-sep", type=float)
@@ -204,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output directory")
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("inspect", help="each object's peak activation and pairwise overlap, before and after an adapter")
+    p = sub.add_parser("inspect",
+                       help="each object's peak activation and pairwise overlap, before and after an adapter")
     model_args(p)
     p.add_argument("prompt")
     p.add_argument("--concepts", nargs="+", required=True)

@@ -14,6 +14,10 @@ from sepen_core.errors import ConfigError
 
 NORMALIZATIONS = ("raw", "content")
 GRAD_MODES = ("exact", "local")
+# Model sources that are not directories (models.load_model): the bundled toy-world model, the tiny random model.
+BUNDLED_SOURCE = "toy"
+TINY_SOURCE = "tiny"
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
 def _check(ok: bool, name: str, message: str) -> None:

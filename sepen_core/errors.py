@@ -10,12 +10,15 @@
     ├── CheckpointError      a finetune checkpoint does not match the run that tries to resume it
     └── Canceled             the caller asked a finetune or a sampling run to stop
 
-Torch-free, so the gateway can map these to HTTP errors without importing torch.
+Torch-free, so the gateway can map these to HTTP errors without importing torch. Each class declares
+the machine-readable `code` a client sees when a job or a request fails with it.
 """
 
 
 class SepenError(Exception):
     """Base class of every error raised on purpose by sepen_core."""
+
+    code = "invalid_request"
 
 
 class ConfigError(SepenError, ValueError):
@@ -30,6 +33,8 @@ class ConfigError(SepenError, ValueError):
 class ConceptError(SepenError, ValueError):
     """A concept cannot be located in a tokenised prompt."""
 
+    code = "concept_not_found"
+
     def __init__(self, concept: str, prompt: str, message: str):
         super().__init__(f"concept {concept!r} {message} (prompt: {prompt!r})")
         self.concept = concept
@@ -39,9 +44,13 @@ class ConceptError(SepenError, ValueError):
 class ModelLoadError(SepenError):
     """A base-model directory is missing, incomplete or not in diffusers format."""
 
+    code = "model_unavailable"
+
 
 class AdapterError(SepenError):
     """Base class of adapter errors."""
+
+    code = "adapter_mismatch"
 
 
 class AdapterFormatError(AdapterError):
@@ -55,9 +64,13 @@ class AdapterMismatchError(AdapterError):
 class CheckpointError(SepenError):
     """A checkpoint belongs to a different run (other config, concepts or base model)."""
 
+    code = "checkpoint_mismatch"
+
 
 class Canceled(SepenError):
     """Cooperative cancellation: `should_cancel()` returned True between two steps."""
+
+    code = "canceled"
 
     def __init__(self, step: int):
         super().__init__(f"canceled after step {step}")

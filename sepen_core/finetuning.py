@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -23,8 +24,9 @@ from sepen_core.checkpoints import read_checkpoint_state, restore_checkpoint, wr
 from sepen_core.config import FinetuneConfig
 from sepen_core.errors import Canceled, CheckpointError
 from sepen_core.models import BaseModel
-from sepen_core.objective import check_concepts, make_training_batch, map_statistics, sepen_objective
+from sepen_core.objective import StepOutput, TrainingBatch, check_concepts, make_training_batch, sepen_objective
 from sepen_core.prompts import ConceptSet
+from sepen_core.scores import mean_scores, object_scores
 
 
 @dataclass
@@ -55,9 +57,32 @@ class FinetuneResult:
     resumed_from_step: int = 0
 
 
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a finetune keeps its checkpoint, how often it writes one, and whom it tells after each write:
+    on_write(directory, step) (the service copies it to its database)."""
+
+    directory: Path
+    every: int = 50
+    on_write: Callable[[Path, int], None] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "directory", Path(self.directory))
+
+    def due(self, done: int, total: int) -> bool:
+        """Whether to write after `done` of `total` steps (the finished run's adapter replaces the last one)."""
+        return self.every > 0 and done % self.every == 0 and done < total
+
+    def write(self, done: int, params: dict, optimizer: torch.optim.AdamW, state: dict) -> None:
+        write_checkpoint(self.directory, done, params, optimizer, state)
+        if self.on_write is not None:
+            self.on_write(self.directory, done)
+
+
 def run_fingerprint(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig) -> str:
     """Identifies a run: a checkpoint resumes only the run that wrote it."""
-    blob = json.dumps({"config": config.to_dict(), "concepts": concepts.to_dict(), "base": model.base_fingerprint}, sort_keys=True)
+    blob = json.dumps({"config": config.to_dict(), "concepts": concepts.to_dict(), "base": model.base_fingerprint},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -66,27 +91,39 @@ def _trained_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
     return {name: params[name] for name in model.base_keys}
 
 
-def _load_checkpoint(directory: Path, fingerprint: str, params: dict, optimizer: torch.optim.AdamW) -> tuple[int, list[StepReport]]:
+def _load_checkpoint(directory: Path, fingerprint: str, params: dict,
+                     optimizer: torch.optim.AdamW) -> tuple[int, list[StepReport]]:
     state = read_checkpoint_state(directory)
     if state is None:
         return 0, []
     if state.get("run") != fingerprint:
-        raise CheckpointError(f"checkpoint in {str(directory)!r} belongs to another run (other config, concepts or base model)")
+        raise CheckpointError(f"checkpoint in {str(directory)!r} belongs to another run "
+                              "(other config, concepts or base model)")
     restore_checkpoint(directory, state, params, optimizer)
     return int(state["step"]), [StepReport(**r) for r in state["history"]]
 
 
+def _step_report(done: int, config: FinetuneConfig, batch: TrainingBatch, out: StepOutput, elapsed: float,
+                 eta: float) -> StepReport:
+    """What a step measured: its losses and its batch's map scores (overlap: the mean over samples)."""
+    scores = object_scores(out.maps, [p.concepts for p in batch.prompts], config.maps.smoothing_sigma)
+    batch_scores = mean_scores(scores)
+    loss = out.loss
+    return StepReport(done, config.steps, loss.total.item(), loss.separate.item(), loss.enhance.item(),
+                      None if loss.prior is None else loss.prior.item(), batch_scores.peaks, batch_scores.min_peak,
+                      statistics.fmean(s.overlap for s in scores), elapsed, eta)
+
+
 def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | None = None, *,
              on_step: Callable[[StepReport], None] | None = None, should_cancel: Callable[[], bool] | None = None,
-             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 50,
-             on_checkpoint: Callable[[Path, int], None] | None = None, autocast_dtype: torch.dtype | None = None,
+             checkpoint_dir: str | Path | Checkpoints | None = None, autocast_dtype: torch.dtype | None = None,
              adapter_metadata: dict | None = None) -> FinetuneResult:
     """Finetune the key projections of `model` on `concepts` and return the adapter.
 
     on_step(report) is called after every step; should_cancel() is polled before every step and
-    raises Canceled when it returns True. With checkpoint_dir, a checkpoint is written every
-    `checkpoint_every` steps and an existing one of the same run is resumed from; on_checkpoint(dir,
-    step) is called after each one is written (the service copies it to its database).
+    raises Canceled when it returns True. With checkpoint_dir, a directory (a checkpoint every 50
+    steps) or Checkpoints (how often, and whom to tell of each write), checkpoints are written and
+    an existing one of the same run is resumed from.
     """
     config = config or model.defaults.finetune_config(concepts.mode)
     check_concepts(model, concepts)
@@ -94,12 +131,12 @@ def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | No
     fingerprint = run_fingerprint(model, concepts, config)
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, betas=config.adam_betas,
                                   eps=config.adam_epsilon, weight_decay=config.weight_decay)
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    checkpoints = Checkpoints(checkpoint_dir) if isinstance(checkpoint_dir, (str, Path)) else checkpoint_dir
     autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     try:
         start, history = (0, [])
-        if checkpoint_dir is not None:
-            start, history = _load_checkpoint(checkpoint_dir, fingerprint, params, optimizer)
+        if checkpoints is not None:
+            start, history = _load_checkpoint(checkpoints.directory, fingerprint, params, optimizer)
         for p in params.values():
             p.requires_grad_(True)
         began = time.perf_counter()
@@ -115,24 +152,17 @@ def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | No
             optimizer.step()
 
             elapsed = time.perf_counter() - began
-            done_here = step + 1 - start
-            stats = map_statistics(batch.prompts, out.maps, batch.valid, config.maps.smoothing_sigma)
-            loss = out.loss
-            report = StepReport(step + 1, config.steps, loss.total.item(), loss.separate.item(), loss.enhance.item(),
-                                None if loss.prior is None else loss.prior.item(),
-                                stats["peaks"], stats["min_peak"], stats["overlap"], elapsed,
-                                elapsed / done_here * (config.steps - step - 1))
+            eta = elapsed / (step + 1 - start) * (config.steps - step - 1)  # at this run's pace
+            report = _step_report(step + 1, config, batch, out, elapsed, eta)
             history.append(report)
             if on_step is not None:
                 on_step(report)
-            if checkpoint_dir is not None and checkpoint_every > 0 and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
-                write_checkpoint(checkpoint_dir, step + 1, params, optimizer,
-                                 {"run": fingerprint, "history": [r.to_dict() for r in history]})
-                if on_checkpoint is not None:
-                    on_checkpoint(checkpoint_dir, step + 1)
+            if checkpoints is not None and checkpoints.due(step + 1, config.steps):
+                state = {"run": fingerprint, "history": [r.to_dict() for r in history]}
+                checkpoints.write(step + 1, params, optimizer, state)
 
-        metadata = {"concepts": concepts.to_dict(), "recipe": config.to_dict(), "steps": config.steps, "seed": config.seed,
-                    **(adapter_metadata or {})}
+        metadata = {"concepts": concepts.to_dict(), "recipe": config.to_dict(), "steps": config.steps,
+                    "seed": config.seed, **(adapter_metadata or {})}
         adapter = KeyProjectionAdapter.from_model(model, metadata)
         return FinetuneResult(adapter, history, start)
     finally:

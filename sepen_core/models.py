@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sepen_core.config import ModelDefaults
+from sepen_core.config import BUNDLED_SOURCE, TINY_SOURCE, ModelDefaults
 from sepen_core.errors import ConfigError, ModelLoadError
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "clip_tokenizer"
@@ -215,3 +215,27 @@ def build_tiny_model(seed: int = 0, *, sample_size: int = 32, device: str | torc
                               set_alpha_to_one=False, steps_offset=1)
     model = BaseModel(unet.eval(), text_encoder.eval(), load_clip_tokenizer(), scheduler, vae.eval(), f"{TINY_MODEL_ID}-{seed}")
     return model.to(device, dtype)
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_model(spec: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
+               model_id: str | None = None) -> BaseModel:
+    """The one way a model is named: "toy" (the bundled toy-world model), "tiny" or "tiny:SEED" (the tiny
+    random model), or a local diffusers-format Stable Diffusion directory. dtype: a DTYPES name or a torch dtype;
+    model_id: the name adapters record as their base model (default: the model's own id)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    spec = str(spec)
+    if spec == TINY_SOURCE or spec.startswith(f"{TINY_SOURCE}:"):
+        seed_text = spec.partition(":")[2] or "0"
+        if not seed_text.isdecimal():
+            raise ConfigError("model", f"{spec!r}: the tiny model's seed must be a whole number, as in tiny:3")
+        model = build_tiny_model(int(seed_text), device=device, dtype=dtype)
+        model.model_id = model_id or model.model_id
+        return model
+    path = BUNDLED_MODEL_DIR if spec == BUNDLED_SOURCE else Path(spec)
+    return load_base_model(path, device=device, dtype=dtype, model_id=model_id)

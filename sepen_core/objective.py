@@ -9,17 +9,27 @@ from dataclasses import dataclass
 
 import torch
 
-from sepen_core.attention import base_key_forward, capture_maps, map_layers, unet_forward
-from sepen_core.concepts import concept_token_mask, content_token_mask, locate_concepts
+from sepen_core.attention import MapTargets, base_key_forward, capture_maps, map_targets, unet_forward
+from sepen_core.checkpoints import step_seed
+from sepen_core.concepts import locate_concepts
 from sepen_core.config import FinetuneConfig
-from sepen_core.losses import SepenLoss, peak_activation, prior_loss, sepen_loss, soft_iou
+from sepen_core.losses import SepenLoss, prior_loss, sepen_loss
 from sepen_core.models import BaseModel, TextConditioning
 from sepen_core.prompts import ConceptSet, TrainingPrompt, fill_template
 
 
-def step_seed(seed: int, step: int) -> int:
-    """Each step draws from its own seed, so a resumed run replays exactly what it would have drawn."""
-    return (seed * 1_000_003 + step * 7_919) % (2**63)
+def pseudo_latents(model: BaseModel, count: int, size: int, generator: torch.Generator,
+                   timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free noisy latents x_t (METHOD.md section 4): a Gaussian x0 = randn * the VAE's scaling factor
+    stands in for encoded images, noised at `timesteps` (None: drawn uniformly, after both noises).
+    Returns (x_t (count, C, size, size), t (count,)) on the CPU."""
+    shape = (count, model.unet.config.in_channels, size, size)
+    clean = torch.randn(shape, generator=generator) * model.latent_scaling_factor
+    noise = torch.randn(shape, generator=generator)
+    if timesteps is None:
+        num_train = model.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_train, (count,), generator=generator)
+    return model.noise_scheduler.add_noise(clean, noise, timesteps), timesteps
 
 
 @dataclass
@@ -28,9 +38,7 @@ class TrainingBatch:
     latents: torch.Tensor  # (B, C, h, w) noisy pseudo-latents x_t
     timesteps: torch.Tensor  # (B,)
     cond: TextConditioning  # multi-object prompts
-    concept_mask: torch.Tensor  # (B, K, T)
-    valid: torch.Tensor  # (B, K) real objects
-    content_mask: torch.Tensor  # (B, T)
+    targets: MapTargets  # where each prompt's object maps are read
     prior_cond: TextConditioning | None = None  # single-object prompts, when the prior loss is on
 
 
@@ -52,21 +60,12 @@ def make_training_batch(model: BaseModel, concepts: ConceptSet, config: Finetune
     generator = torch.Generator().manual_seed(step_seed(config.seed, step))
     prompts = [concepts.sample(rng) for _ in range(config.batch_size)]
     size = config.latent_size or model.unet.config.sample_size
-    shape = (config.batch_size, model.unet.config.in_channels, size, size)
-    clean = torch.randn(shape, generator=generator) * model.latent_scaling_factor  # pseudo-clean x0: no images
-    noise = torch.randn(shape, generator=generator)
-    num_train = model.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_train, (config.batch_size,), generator=generator)
-    latents = model.noise_scheduler.add_noise(clean, noise, timesteps)
-
+    latents, timesteps = pseudo_latents(model, config.batch_size, size, generator)
     cond = model.encode_prompts([p.prompt for p in prompts])
-    positions = [locate_concepts(model.tokenizer, p.prompt, p.concepts) for p in prompts]
-    concept_mask, valid = concept_token_mask(positions, cond.input_ids.shape[1])
-    content_mask = content_token_mask(cond.input_ids, model.tokenizer.eos_token_id)
+    targets = map_targets(model, cond, [p.concepts for p in prompts], config.maps.map_downsample, (size, size))
     prior_cond = model.encode_prompts([p.prior_prompt for p in prompts]) if config.prior_weight > 0 else None
-    device, dtype = model.device, model.dtype
-    return TrainingBatch(prompts, latents.to(device, dtype), timesteps.to(device), cond, concept_mask.to(device),
-                         valid.to(device), content_mask.to(device), prior_cond)
+    return TrainingBatch(prompts, latents.to(model.device, model.dtype), timesteps.to(model.device), cond, targets,
+                         prior_cond)
 
 
 @dataclass
@@ -78,12 +77,10 @@ class StepOutput:
 def sepen_objective(model: BaseModel, batch: TrainingBatch, config: FinetuneConfig) -> StepOutput:
     """The SepEn loss of one batch, ready for backward (plus the prior loss when its weight is > 0)."""
     maps_cfg = config.maps
-    layers = map_layers(model.unet, maps_cfg.map_downsample)
-    recorder = capture_maps(model.unet, batch.latents, batch.timesteps, batch.cond, batch.concept_mask,
-                            batch.content_mask, layers, maps_cfg.map_downsample,
+    recorder = capture_maps(model.unet, batch.latents, batch.timesteps, batch.cond, batch.targets,
                             local_gradients=config.grad_mode == "local")
     maps = recorder.maps(maps_cfg.normalization)
-    loss = sepen_loss(maps, batch.valid, lambda_sep=config.lambda_sep, lambda_en=config.lambda_en,
+    loss = sepen_loss(maps, batch.targets.valid, lambda_sep=config.lambda_sep, lambda_en=config.lambda_en,
                       sigma=maps_cfg.smoothing_sigma)
     if config.prior_weight > 0:
         noise_pred = unet_forward(model.unet, batch.latents, batch.timesteps, batch.prior_cond)
@@ -91,16 +88,3 @@ def sepen_objective(model: BaseModel, batch: TrainingBatch, config: FinetuneConf
         loss.prior = prior_loss(noise_pred, base_pred)
         loss.total = loss.total + config.prior_weight * loss.prior
     return StepOutput(loss, maps.detach())
-
-
-def map_statistics(prompts: list[TrainingPrompt], maps: torch.Tensor, valid: torch.Tensor, sigma: float) -> dict:
-    """Per-concept mean peak activation, the weakest object's mean peak, and mean soft IoU of a batch."""
-    peaks = peak_activation(maps, sigma)  # (B, K)
-    per_concept: dict[str, list[float]] = {}
-    for b, prompt in enumerate(prompts):
-        for k, concept in enumerate(prompt.concepts):
-            per_concept.setdefault(concept, []).append(float(peaks[b, k]))
-    weakest = peaks.masked_fill(~valid, float("inf")).amin(dim=1)
-    return {"peaks": {c: sum(v) / len(v) for c, v in per_concept.items()},
-            "min_peak": float(weakest.mean()), "overlap": float(soft_iou(maps, valid).mean())}
-

@@ -1,4 +1,4 @@
-"""The exception tree of sepen_store; the gateway maps each to an HTTP status.
+"""The exception tree of sepen_store; the gateway maps each to an HTTP status, and each declares its error `code`.
 
     StoreError
     ├── NotFound            a job, adapter, version, model or key does not exist for this tenant (404)
@@ -11,6 +11,8 @@
 class StoreError(Exception):
     """Base class of sepen_store errors."""
 
+    code = "store_error"
+
 
 class NotFound(StoreError):
     def __init__(self, kind: str, name: str):
@@ -18,12 +20,21 @@ class NotFound(StoreError):
         self.kind = kind
         self.name = name
 
+    @property
+    def code(self) -> str:  # type: ignore[override]
+        """'job_not_found', 'adapter_version_not_found'...: the kind, then '_not_found'."""
+        return f"{self.kind.replace(' ', '_')}_not_found"
+
 
 class Conflict(StoreError):
     """The request is valid but contradicts what is stored."""
 
+    code = "conflict"
+
 
 class IllegalTransition(Conflict):
+    code = "illegal_transition"
+
     def __init__(self, job_id: str, current: str, wanted: str):
         super().__init__(f"job {job_id} is {current}; it cannot become {wanted}")
         self.current = current
@@ -31,4 +42,4 @@ class IllegalTransition(Conflict):
 
 
 class Unauthorized(StoreError):
-    pass
+    code = "unauthorized"

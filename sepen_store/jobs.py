@@ -38,6 +38,20 @@ def check_transition(job: Job, wanted: str) -> None:
         raise IllegalTransition(job.id, job.status, wanted)
 
 
+def _update_where(session: Session, job_id: str, *conditions, returning: tuple = (), **values):
+    """UPDATE jobs SET values WHERE id = job_id AND conditions, committed: the one way a job row changes after
+    its insert. Returns the RETURNING row (None when no row matched) or, without `returning`, the matched count."""
+    statement = (update(Job).execution_options(synchronize_session=False)
+                 .where(Job.id == job_id, *conditions).values(**values))
+    if returning:
+        row = session.execute(statement.returning(*returning)).first()
+        session.commit()
+        return row
+    matched = session.execute(statement).rowcount
+    session.commit()
+    return matched
+
+
 def request_hash(kind: str, request: dict) -> str:
     return hashlib.sha256(json.dumps({"kind": kind, "request": request}, sort_keys=True).encode()).hexdigest()
 
@@ -106,14 +120,12 @@ def list_jobs(session: Session, tenant: str, *, status: str | None = None, kind:
 
 
 def mark_enqueued(session: Session, job_id: str) -> None:
-    session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id).values(enqueued_at=utcnow()))
-    session.commit()
+    _update_where(session, job_id, enqueued_at=utcnow())
 
 
 def mark_not_enqueued(session: Session, job_id: str) -> None:
     """The broker refused the job's message: let the reconciler's next round send it."""
-    session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id).values(enqueued_at=None))
-    session.commit()
+    _update_where(session, job_id, enqueued_at=None)
 
 
 def request_cancel(session: Session, tenant: str, job_id: str) -> Job:
@@ -122,15 +134,13 @@ def request_cancel(session: Session, tenant: str, job_id: str) -> Job:
     if job.status in ("canceling", "canceled"):
         return job
     if job.status == "queued":
-        done = session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id, Job.status == "queued")
-                               .values(status="canceled", cancel_requested=True, finished_at=utcnow()))
+        done = _update_where(session, job_id, Job.status == "queued", status="canceled", cancel_requested=True,
+                             finished_at=utcnow())
     else:
         check_transition(job, "canceling")
-        done = session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id, Job.status == "running")
-                               .values(status="canceling", cancel_requested=True))
-    session.commit()
+        done = _update_where(session, job_id, Job.status == "running", status="canceling", cancel_requested=True)
     session.refresh(job)
-    if done.rowcount == 0 and job.status not in ("canceling", "canceled"):
+    if done == 0 and job.status not in ("canceling", "canceled"):
         raise IllegalTransition(job.id, job.status, "canceled")
     return job
 
@@ -150,15 +160,16 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Cla
     now = utcnow()
     stale = now - timedelta(seconds=lease_s)
     claimable = or_(Job.status == "queued", and_(Job.status.in_(ACTIVE), Job.heartbeat_at < stale))
-    result = session.execute(
-        update(Job).execution_options(synchronize_session=False).where(Job.id == job_id, claimable)
-        .values(status="running", attempts=Job.attempts + 1, worker=worker, started_at=now, heartbeat_at=now)
-        .returning(Job.attempts, Job.cancel_requested)
-    ).first()
-    session.commit()
+    result = _update_where(session, job_id, claimable, returning=(Job.attempts, Job.cancel_requested), status="running",
+                           attempts=Job.attempts + 1, worker=worker, started_at=now, heartbeat_at=now)
     if result is None:
         return None
     return Claim(job_id, result.attempts, result.attempts > 1)
+
+
+def _owned(claim: Claim) -> tuple:
+    """The conditions under which a claim still owns its job: its attempt, and a status a worker may write."""
+    return Job.attempts == claim.attempt, Job.status.in_(ACTIVE)
 
 
 class LostClaim(Exception):
@@ -170,11 +181,7 @@ def heartbeat(session: Session, claim: Claim, progress: dict | None = None) -> b
     values: dict = {"heartbeat_at": utcnow()}
     if progress is not None:
         values["progress"] = progress
-    row = session.execute(
-        update(Job).execution_options(synchronize_session=False).where(Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status.in_(ACTIVE))
-        .values(**values).returning(Job.cancel_requested)
-    ).first()
-    session.commit()
+    row = _update_where(session, claim.job_id, *_owned(claim), returning=(Job.cancel_requested,), **values)
     if row is None:
         raise LostClaim(claim.job_id)
     return bool(row.cancel_requested)
@@ -189,17 +196,7 @@ def finish_job(session: Session, claim: Claim, status: str, *, result: dict | No
                     "error_message": error_message}
     if progress is not None:
         values["progress"] = progress
-    done = session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status.in_(ACTIVE))
-                           .values(**values))
-    session.commit()
-    return done.rowcount == 1
-
-
-def fail_unclaimable(session: Session, job_id: str, error_code: str, message: str) -> None:
-    """Fail a queued job that can never run (its request no longer resolves)."""
-    session.execute(update(Job).execution_options(synchronize_session=False).where(Job.id == job_id, Job.status == "queued")
-                    .values(status="failed", error_code=error_code, error_message=message, finished_at=utcnow()))
-    session.commit()
+    return _update_where(session, claim.job_id, *_owned(claim), **values) == 1
 
 
 def jobs_to_reenqueue(session: Session, *, requeue_after_s: float, lease_s: float) -> list[tuple[str, str]]:

@@ -36,7 +36,7 @@ def publish_version(session: Session, *, tenant: str, name: str, job_id: str, da
                     base_fingerprint: str, sha256: str, metadata: dict) -> AdapterVersion:
     """Store a finetune job's adapter as the next version of `name`; a second call for the same job
     returns the version the first one made."""
-    existing = session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
+    existing = version_of_job(session, job_id)
     if existing is not None:
         return existing
     for _ in range(5):
@@ -62,10 +62,20 @@ def publish_version(session: Session, *, tenant: str, name: str, job_id: str, da
             return version
         except IntegrityError:
             session.rollback()
-            existing = session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
+            existing = version_of_job(session, job_id)
             if existing is not None:
                 return existing
     raise Conflict(f"could not allocate a version of adapter {name!r}; retry")
+
+
+def version_of_job(session: Session, job_id: str) -> AdapterVersion | None:
+    """The version a finetune job published, if it did (an attempt may publish and die before finishing the job)."""
+    return session.scalar(select(AdapterVersion).where(AdapterVersion.job_id == job_id))
+
+
+def version_ref(version: AdapterVersion) -> str:
+    """'name@N' of a stored version."""
+    return f"{version.adapter.name}@{version.version}"
 
 
 def resolve(session: Session, tenant: str, ref: str) -> AdapterVersion:
@@ -99,6 +109,14 @@ def get_adapter(session: Session, tenant: str, name: str) -> Adapter:
     if adapter is None:
         raise NotFound("adapter", name)
     return adapter
+
+
+def get_version(session: Session, version_id: str) -> AdapterVersion:
+    """A version by its id (a generate job pins one); NotFound when it was deleted."""
+    version = session.get(AdapterVersion, version_id)
+    if version is None:
+        raise NotFound("adapter version", version_id)
+    return version
 
 
 def version_bytes(session: Session, version: AdapterVersion) -> bytes:

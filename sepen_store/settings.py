@@ -1,75 +1,131 @@
-"""Service settings, read once from SEPEN_* environment variables (listed in .env.example).
+"""Service settings from SEPEN_* environment variables (listed in .env.example): shared, gateway and worker parts.
 
-The same Settings drive the embedded default (SQLite file + filesystem broker under data_dir,
-no servers) and the full deployment (Postgres + Redis): same code paths, different values.
+The same settings drive the embedded default (SQLite file + filesystem broker under data_dir, no
+servers) and the full deployment (Postgres + Redis): same code paths, different values. Nothing is
+read at import time: `from_env()` is the one place the environment is read, and constructing a
+settings object directly (tests, the embedded runner) reads nothing but its arguments.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Annotated, Any
 
-TINY_MODEL = "tiny"  # model sources that are not paths: the tiny random model, the bundled toy-world model
-BUNDLED_MODEL = "toy"
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sepen_core.config import BUNDLED_SOURCE, DTYPE_NAMES, TINY_SOURCE
+
+ENV_PREFIX = "SEPEN_"
+DEFAULT_MODELS = {"sepen-tiny": TINY_SOURCE, "sepen-toy": BUNDLED_SOURCE}
 
 
-def _parse_models(text: str) -> dict[str, str]:
+class SettingsError(ValueError):
+    """A SEPEN_* variable has a value the service cannot use; the message names the variable."""
+
+
+def parse_models(value: Any) -> Any:
     """'name=source,name2=source2' -> {name: source}; a source is a local SD directory, 'tiny' or 'toy'."""
+    if not isinstance(value, str):
+        return value
     models = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in filter(None, (part.strip() for part in value.split(","))):
         name, sep, source = item.partition("=")
         if not sep or not name.strip() or not source.strip():
-            raise ValueError(f"SEPEN_MODELS entry {item!r} must look like name=/path/to/model")
+            raise ValueError(f"entry {item!r} must look like name=/path/to/model (or name=toy, name=tiny)")
         models[name.strip()] = source.strip()
+    if not models:
+        raise ValueError("name at least one model, as in sepen-toy=toy")
     return models
 
 
-@dataclass(frozen=True)
-class Settings:
-    data_dir: Path = Path("var")
-    database_url: str = ""  # empty: SQLite file under data_dir (embedded)
-    broker_url: str = ""  # empty: filesystem broker under data_dir (embedded)
-    models: dict[str, str] = field(default_factory=lambda: {"sepen-tiny": TINY_MODEL, "sepen-toy": BUNDLED_MODEL})
-    default_model: str = "sepen-toy"
-    device: str = "cpu"
-    dtype: str = "fp32"
-    max_body_bytes: int = 1_048_576
-    progress_interval_s: float = 1.0  # throttle for progress writes
-    job_lease_s: float = 120.0  # a running job whose heartbeat is older than this was abandoned
-    requeue_after_s: float = 300.0  # re-send a queued job's message when it has waited this long
-    reconcile_interval_s: float = 30.0
-    visibility_timeout_s: int = 3600
-    checkpoint_every: int = 50
-    adapter_cache_size: int = 8
+class Settings(BaseSettings):
+    """What the gateway and the workers share: where the database, the broker and the models are."""
 
-    def __post_init__(self):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_ignore_empty=True)
+
+    data_dir: Path = Path("var")
+    database_url: str = Field("", description="empty: an SQLite file under data_dir (embedded)")
+    broker_url: str = Field("", description="empty: a filesystem broker under data_dir (embedded)")
+    visibility_timeout_s: int = Field(3600, ge=1)
+    models: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_MODELS))
+    default_model: str = ""  # empty: the first of the models given, or sepen-toy when none are given
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **sources: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # the environment only through from_env()
+
+    @classmethod
+    def from_env(cls, **overrides: Any):
+        """Settings from the SEPEN_* environment variables; SettingsError names the variable at fault."""
+        values = EnvSettingsSource(cls, env_prefix=ENV_PREFIX, env_ignore_empty=True)()
+        try:
+            return cls(**{**values, **overrides})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            message = error["msg"].removeprefix("Value error, ")
+            where = f"{ENV_PREFIX}{str(error['loc'][0]).upper()}: " if error["loc"] else ""
+            raise SettingsError(where + message) from None
+
+    _parse_models = field_validator("models", mode="before")(parse_models)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("default_model"):
+            given = parse_models(data["models"]) if data.get("models") else None
+            data = {**data, "default_model": next(iter(given)) if given else "sepen-toy"}
+        return data
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{(self.data_dir / 'sepen.db').resolve()}")
         if self.default_model not in self.models:
-            raise ValueError(f"SEPEN_DEFAULT_MODEL {self.default_model!r} is not in SEPEN_MODELS {sorted(self.models)}")
+            raise ValueError(f"{ENV_PREFIX}DEFAULT_MODEL {self.default_model!r} is not one of the models of "
+                             f"{ENV_PREFIX}MODELS ({', '.join(self.models)}); name one of them or leave it empty")
+        return self
 
     @property
     def embedded_broker(self) -> bool:
         return not self.broker_url or self.broker_url.startswith("filesystem://")
 
-    def with_(self, **changes) -> Settings:
-        return replace(self, **changes)
+    def with_(self, **changes: Any):
+        return type(self)(**{**self.model_dump(), **changes})
 
+
+class GatewaySettings(Settings):
+    """The API process's own settings."""
+
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+
+
+class WorkerSettings(Settings):
+    """A worker process's own settings: its device, its job lease and reconciler, its checkpoints and caches."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    progress_interval_s: float = Field(1.0, ge=0)  # throttle for progress writes
+    job_lease_s: float = Field(120.0, gt=0)  # a running job whose heartbeat is older than this was abandoned
+    requeue_after_s: float = Field(300.0, gt=0)  # re-send a queued job's message when it has waited this long
+    reconcile_interval_s: float = Field(30.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    adapter_cache_size: int = Field(8, ge=1)
+
+    @field_validator("dtype")
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
-        values: dict = {}
-        simple = {"data_dir": Path, "database_url": str, "broker_url": str, "default_model": str, "device": str, "dtype": str,
-                  "max_body_bytes": int, "progress_interval_s": float, "job_lease_s": float, "requeue_after_s": float,
-                  "reconcile_interval_s": float, "visibility_timeout_s": int, "checkpoint_every": int,
-                  "adapter_cache_size": int}
-        for name, cast in simple.items():
-            raw = env.get(f"SEPEN_{name.upper()}")
-            if raw not in (None, ""):
-                values[name] = cast(raw)
-        if env.get("SEPEN_MODELS"):
-            values["models"] = _parse_models(env["SEPEN_MODELS"])
-            values.setdefault("default_model", next(iter(values["models"])))
-        return cls(**values)
+    def _known_dtype(cls, value: str) -> str:
+        if value not in DTYPE_NAMES:
+            raise ValueError(f"must be one of {', '.join(DTYPE_NAMES)}")
+        return value
+
+
+ALL_SETTINGS = (Settings, GatewaySettings, WorkerSettings)
+
+
+def setting_names() -> set[str]:
+    """Every SEPEN_* variable any part reads (what .env.example must list)."""
+    return {f"{ENV_PREFIX}{name.upper()}" for cls in ALL_SETTINGS for name in cls.model_fields}

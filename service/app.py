@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from sepen_store.database import make_engine, session_factory
 from sepen_store.queue import make_celery
-from sepen_store.settings import Settings
+from sepen_store.settings import GatewaySettings
 from service.body_limit import BodySizeLimit
 from service.errors import add_error_handlers
 from service.routes import adapters, finetune, generate, health, jobs, models
@@ -32,7 +32,7 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: GatewaySettings) -> FastAPI:
     engine = make_engine(settings.database_url)
     celery = make_celery(settings, fail_fast=True)  # the gateway only sends; a broker outage must not stall requests
 
@@ -56,4 +56,4 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """For `uvicorn --factory service.app:app_from_env`: settings from the SEPEN_* environment variables."""
-    return create_app(Settings.from_env())
+    return create_app(GatewaySettings.from_env())

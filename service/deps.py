@@ -11,10 +11,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from sepen_store.auth import authenticate
-from sepen_store.settings import Settings
+from sepen_store.settings import GatewaySettings
 
 
-def get_settings(request: Request) -> Settings:
+def get_settings(request: Request) -> GatewaySettings:
     return request.app.state.settings
 
 
@@ -27,7 +27,7 @@ def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 

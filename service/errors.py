@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sepen_core.errors import ConfigError
-from sepen_store.errors import Conflict, IllegalTransition, NotFound, Unauthorized
+from sepen_store.errors import Conflict, NotFound, Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +87,15 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 
 async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
-    return error_response(404, f"{exc.kind.replace(' ', '_')}_not_found", str(exc))
+    return error_response(404, exc.code, str(exc))
 
 
 async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
-    return error_response(409, "illegal_transition" if isinstance(exc, IllegalTransition) else "conflict", str(exc))
+    return error_response(409, exc.code, str(exc))
 
 
 async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
-    return error_response(401, "unauthorized", str(exc), headers=BEARER_CHALLENGE)
+    return error_response(401, exc.code, str(exc), headers=BEARER_CHALLENGE)
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

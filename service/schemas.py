@@ -20,14 +20,21 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from sepen_core.config import GRAD_MODES, NORMALIZATIONS
+from sepen_store.contract import (
+    FinetuneProgress,
+    FinetuneResult,
+    GeneratedImage,
+    GenerateProgress,
+    GenerateResult,
+    JobResult,
+    Limits,
+    parse_progress,
+    parse_result,
+)
 from sepen_store.jobs import TERMINAL
 from sepen_store.registry import parse_ref
 from sepen_store.tables import Adapter, AdapterVersion, Job
 
-MAX_STEPS = 100_000
-MAX_BATCH_SIZE = 64
-MAX_GROUPS = 500
-MAX_COLLECTION = 5_000
 LARGE_SCALE = "large-scale"
 
 ConceptName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
@@ -60,7 +67,7 @@ def _collection(value: Any, handler) -> Any:
         return handler(value)
     except ValidationError:
         raise PydanticCustomError(
-            "collection_type", f"must be a list of at most {MAX_COLLECTION} concept names (each 1-100 characters) "
+            "collection_type", f"must be a list of at most {Limits.max_collection} concept names (each 1-100 characters) "
                                f"or the string {LARGE_SCALE!r}") from None
 
 
@@ -68,22 +75,22 @@ class ConceptsIn(RequestBody):
     """Exactly one of: `pairs`; `collection` (+ optional `held_out`); `collection: "large-scale"`."""
 
     pairs: Annotated[list[Annotated[list[ConceptName], Field(min_length=2, max_length=8)]] | None,
-                     Field(max_length=MAX_GROUPS, description="concept groups of 2-8 concepts, each trained together",
+                     Field(max_length=Limits.max_concept_groups, description="concept groups of 2-8 concepts, each trained together",
                            examples=[[["cat", "dog"]]])] = None
-    collection: Annotated[Annotated[list[ConceptName], Field(max_length=MAX_COLLECTION)] | Literal["large-scale"] | None,
+    collection: Annotated[Annotated[list[ConceptName], Field(max_length=Limits.max_collection)] | Literal["large-scale"] | None,
                           WrapValidator(_collection),
                           Field(description="many concepts paired at random, or 'large-scale' for the project's "
                                             "220-concept set")] = None
-    held_out: list[ConceptName] | None = Field(None, max_length=MAX_COLLECTION,
+    held_out: list[ConceptName] | None = Field(None, max_length=Limits.max_collection,
                                                description="concepts of the collection never used in finetuning")
 
 
 class RecipeIn(RequestBody):
     """Overrides of the recipe's defaults (the paper's pair recipe, or its large-scale recipe for a collection)."""
 
-    steps: StrictInt | None = Field(None, ge=1, le=MAX_STEPS)
+    steps: StrictInt | None = Field(None, ge=1, le=Limits.max_finetune_steps)
     learning_rate: float | None = None
-    batch_size: StrictInt | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
+    batch_size: StrictInt | None = Field(None, ge=1, le=Limits.max_batch_size)
     lambda_sep: float | None = None
     lambda_en: float | None = None
     prior_weight: float | None = None
@@ -127,16 +134,16 @@ def concept_in_prompt(concept: str, prompt: str) -> bool:
 
 
 class GenerateIn(RequestBody):
-    prompt: str = Field(min_length=1, max_length=1000, examples=["a photo of a cat and a dog"])
+    prompt: str = Field(min_length=1, max_length=Limits.max_prompt, examples=["a photo of a cat and a dog"])
     model: str | None = Field(None, description="base model name; default: the adapter's base model, else the service's default")
     adapter: str | None = Field(None, description="'name' (its latest version) or 'name@N'", examples=["cat-dog@1"])
-    images: StrictInt = Field(1, ge=1, le=8)
-    steps: StrictInt | None = Field(None, ge=1, le=200, description="denoising steps; default: the model's")
-    guidance: float | None = Field(None, ge=0, le=30, description="classifier-free guidance scale; default: the model's")
-    height: StrictInt | None = Field(None, ge=64, le=1024, multiple_of=8, description="pixels; default: the model's own size")
-    width: StrictInt | None = Field(None, ge=64, le=1024, multiple_of=8)
+    images: StrictInt = Field(1, ge=1, le=Limits.max_images)
+    steps: StrictInt | None = Field(None, ge=1, le=Limits.max_sample_steps, description="denoising steps; default: the model's")
+    guidance: float | None = Field(None, ge=0, le=Limits.max_guidance, description="classifier-free guidance scale; default: the model's")
+    height: StrictInt | None = Field(None, ge=Limits.min_side, le=Limits.max_side, multiple_of=8, description="pixels; default: the model's own size")
+    width: StrictInt | None = Field(None, ge=Limits.min_side, le=Limits.max_side, multiple_of=8)
     seed: StrictInt | None = Field(None, ge=0, lt=2**31, description="image i uses seed + i; omitted: a random seed, stored")
-    negative_prompt: str = Field("", max_length=1000)
+    negative_prompt: str = Field("", max_length=Limits.max_prompt)
     concepts: list[ConceptName] | None = Field(None, min_length=2, max_length=8, examples=[["cat", "dog"]],
                                               description="objects of the prompt whose attention heatmaps to render")
     normalization: Literal[NORMALIZATIONS] | None = Field(None, description="heatmaps' maps; default: the model's")  # type: ignore[valid-type]
@@ -186,37 +193,42 @@ class JobLinks(BaseModel):
     adapter: str | None = Field(None, description="weights of the adapter version the job published or used")
 
 
-def _image_links(url: str, result: dict) -> tuple[list[str], list[str]]:
-    """Image and heatmap URLs of a result listing its images: entries like {"index", "seed", "heatmap_url"...}
-    as the worker writes them, or a plain count; a separate "heatmaps" list or count is honoured too."""
-    listed = result.get("images")
-    if isinstance(listed, int) and not isinstance(listed, bool):
-        listed = [{}] * max(listed, 0)
-    entries = listed if isinstance(listed, list) else []
-    images, heatmaps = [], []
-    for position, entry in enumerate(entries):
-        entry = entry if isinstance(entry, dict) else {}
-        index = entry.get("index", position)
-        images.append(f"{url}/images/{index}")
-        if entry.get("heatmap_url") or entry.get("heatmap"):
-            heatmaps.append(f"{url}/heatmaps/{index}")
-    separate = result.get("heatmaps")
-    if not heatmaps and isinstance(separate, list | int) and not isinstance(separate, bool):
-        heatmaps = [f"{url}/heatmaps/{i}" for i in range(separate if isinstance(separate, int) else len(separate))]
-    return images, heatmaps
+class GeneratedImageOut(GeneratedImage):
+    url: str = Field(examples=["/jobs/0f3c2a.../images/0"])
+    heatmap_url: str | None = Field(None, description="present when the request named concepts")
 
 
-def _adapter_link(result: dict) -> str | None:
-    ref = result.get("adapter")
-    if isinstance(ref, dict):
-        ref = ref.get("ref")
-    if not isinstance(ref, str):
-        return None
-    try:
-        name, version = parse_ref(ref)
-    except ValueError:
-        return None
-    return f"/adapters/{name}" if version is None else f"/adapters/{name}/{version}/weights"
+class GenerateResultOut(GenerateResult):
+    images: list[GeneratedImageOut]
+
+
+class FinetuneResultOut(FinetuneResult):
+    weights_url: str = Field(examples=["/adapters/cat-dog/1/weights"])
+
+
+def weights_url(name: str, version: int) -> str:
+    return f"/adapters/{name}/{version}/weights"
+
+
+def result_out(job_url: str, result: JobResult | None) -> FinetuneResultOut | GenerateResultOut | None:
+    """A stored result with the links a client follows: the only place the API's URLs enter a result."""
+    if isinstance(result, FinetuneResult):
+        return FinetuneResultOut(**dict(result), weights_url=weights_url(result.name, result.version))
+    if isinstance(result, GenerateResult):
+        images = [GeneratedImageOut(**dict(image), url=f"{job_url}/images/{image.index}",
+                                    heatmap_url=f"{job_url}/heatmaps/{image.index}" if image.heatmap else None)
+                  for image in result.images]
+        return GenerateResultOut(**{**dict(result), "images": images})
+    return None
+
+
+def _adapter_link(result: FinetuneResultOut | GenerateResultOut | None) -> str | None:
+    if isinstance(result, FinetuneResultOut):
+        return result.weights_url
+    if isinstance(result, GenerateResultOut) and result.adapter:
+        name, version = parse_ref(result.adapter)
+        return weights_url(name, version) if version is not None else None
+    return None
 
 
 class JobOut(BaseModel):
@@ -226,8 +238,9 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    progress: dict[str, Any] | None = Field(description="what the worker last reported: step, total, eta_s, losses...")
-    result: dict[str, Any] | None
+    progress: FinetuneProgress | GenerateProgress | None = Field(
+        description="what the worker last reported: step and total, and for a finetune its ETA, losses and maps")
+    result: FinetuneResultOut | GenerateResultOut | None
     error: JobError | None
     request: dict[str, Any]
     links: JobLinks
@@ -235,14 +248,16 @@ class JobOut(BaseModel):
     @classmethod
     def of(cls, job: Job) -> JobOut:
         url = f"/jobs/{job.id}"
-        result = job.result or {}
-        images, heatmaps = _image_links(url, result)
-        links = JobLinks(self=url, cancel=None if job.status in TERMINAL else f"{url}/cancel", images=images,
-                         heatmaps=heatmaps, adapter=_adapter_link(result))
+        result = result_out(url, parse_result(job.kind, job.result))
+        images = result.images if isinstance(result, GenerateResultOut) else []
+        links = JobLinks(self=url, cancel=None if job.status in TERMINAL else f"{url}/cancel",
+                         images=[image.url for image in images],
+                         heatmaps=[image.heatmap_url for image in images if image.heatmap_url],
+                         adapter=_adapter_link(result))
         error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
         return cls(id=job.id, kind=job.kind, status=job.status, created_at=job.created_at, started_at=job.started_at,
-                   finished_at=job.finished_at, progress=job.progress, result=job.result, error=error,
-                   request=job.request, links=links)
+                   finished_at=job.finished_at, progress=parse_progress(job.kind, job.progress), result=result,
+                   error=error, request=job.request, links=links)
 
 
 class SubmittedJob(BaseModel):

@@ -8,6 +8,7 @@ from celery import Celery
 from fastapi import Response
 from sqlalchemy.orm import Session
 
+from sepen_store.contract import JobRequest, request_json
 from sepen_store.errors import Conflict
 from sepen_store.jobs import create_job, mark_not_enqueued
 from sepen_store.queue import enqueue
@@ -22,11 +23,12 @@ SUBMIT_RESPONSES = {200: {"model": SubmittedJob, "description": "an Idempotency-
                     404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
 
 
-def submit_job(session: Session, celery: Celery, tenant: str, kind: str, request: dict, *,
+def submit_job(session: Session, celery: Celery, tenant: str, request: JobRequest, *,
                idempotency_key: str | None, adapter_version_id: str | None = None) -> tuple[Job, bool]:
     """The stored job and whether this call created it (False: an Idempotency-Key retry, nothing is sent again)."""
+    kind = request.kind
     try:
-        job, created = create_job(session, tenant, kind, request, idempotency_key=idempotency_key,
+        job, created = create_job(session, tenant, kind, request_json(request), idempotency_key=idempotency_key,
                                   adapter_version_id=adapter_version_id)
     except Conflict as exc:
         raise ApiError(409, "idempotency_key_reused", f"{exc}; use a new Idempotency-Key for a new request",

@@ -37,3 +37,24 @@ def test_gateway_facing_modules_do_not_import_torch():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
+
+
+SESSION_WRITES = {"execute", "add", "add_all", "delete", "query", "scalar", "scalars", "get", "merge", "flush"}
+
+
+def test_only_sepen_store_touches_tables():
+    """The gateway and the worker go through sepen_store's functions: no queries, no row writes of their own.
+    They may hold a Session (to pass it on) and read attributes of the rows sepen_store returns."""
+    files = [p for package in ("service", "worker") for p in sorted((ROOT / package).rglob("*.py"))]
+    assert len(files) > 15
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sqlalchemy":
+                names = {alias.name for alias in node.names}
+                assert node.module == "sqlalchemy.orm" and names <= {"Session", "sessionmaker"}, \
+                    f"{path.relative_to(ROOT)} imports {names} from {node.module}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SESSION_WRITES:
+                owner = node.func.value
+                assert not (isinstance(owner, ast.Name) and owner.id in ("session", "db")), \
+                    f"{path.relative_to(ROOT)}:{node.lineno} calls session.{node.func.attr}; add a sepen_store function"

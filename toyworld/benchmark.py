@@ -80,7 +80,8 @@ def methods(config: BenchmarkConfig) -> list[Method]:
     for s in config.finetune_seeds:
         rows.append(Method(f"sepen-pairs-s{s}", "sepen", "pairs", s, dict(steps), f"SepEn, training pairs (seed {s})"))
     for s in config.finetune_seeds:
-        rows.append(Method(f"sepen-large-s{s}", "sepen", "large_scale", s, dict(steps), f"SepEn, large-scale (seed {s})"))
+        rows.append(Method(f"sepen-large-s{s}", "sepen", "large_scale", s, dict(steps),
+                           f"SepEn, large-scale (seed {s})"))
     rows.append(Method("attend-excite", "attend_excite", label="Attend-and-Excite"))
     if config.ablations:
         s = config.finetune_seeds[0]
@@ -115,12 +116,13 @@ def group_items(world: World, group: str, n: int, seed: int) -> list[tuple[tuple
     prompts = group_pairs(world, group)
     g = GROUPS.index(group)
     return [(nouns, [seed + 100_000 * g + 1000 * j + i for i in range(count)])
-            for j, (nouns, count) in enumerate(zip(prompts, spread(n, len(prompts)))) if count]
+            for j, (nouns, count) in enumerate(zip(prompts, spread(n, len(prompts)), strict=True)) if count]
 
 
 def sepen_concepts(world: World, kind: str) -> ConceptSet:
     if kind == "pairs":
-        return ConceptSet(groups=tuple(group_pairs(world, "seen_pairs")[::2]), templates=(TEMPLATE,), prior_template=PRIOR_TEMPLATE)
+        return ConceptSet(groups=tuple(group_pairs(world, "seen_pairs")[::2]), templates=(TEMPLATE,),
+                          prior_template=PRIOR_TEMPLATE)
     # Large-scale: every step pairs two of the finetuning nouns at random (the held-out pairs of seen nouns
     # included, as in the paper); the unseen nouns are the collection's held-out concepts.
     return ConceptSet(collection=world.nouns, held_out=tuple(world.unseen_in_finetuning), templates=(TEMPLATE,),
@@ -130,14 +132,16 @@ def sepen_concepts(world: World, kind: str) -> ConceptSet:
 # ---- running the methods -----------------------------------------------------------------------
 
 def _sample(model: BaseModel, nouns: tuple[str, ...], seeds: list[int], adapter, excite: AttendExciteConfig | None):
-    config = model.defaults.sample_config({"num_images": len(seeds), "seed": seeds[0], "maps": {"normalization": "raw"}})
+    config = model.defaults.sample_config({"num_images": len(seeds), "seed": seeds[0],
+                                           "maps": {"normalization": "raw"}})
     assert seeds == [seeds[0] + i for i in range(len(seeds))]
     return generate(model, caption(nouns), config, adapter=adapter, concepts=list(nouns), attend_excite=excite)
 
 
 def run_method(model: BaseModel, world: World, method: Method, items: dict,
                config: BenchmarkConfig) -> tuple[dict, dict, KeyProjectionAdapter | None]:
-    """-> (numbers, {group: preview images}, the SepEn adapter or None). Per item: success, exact, the weakest raw peak and the IoU while sampling."""
+    """-> (numbers, {group: preview images}, the SepEn adapter or None). Per item: success, exact, the weakest
+    raw peak and the IoU while sampling."""
     adapter, numbers = None, {}
     if method.kind == "sepen":
         concepts = sepen_concepts(world, method.concepts)
@@ -161,7 +165,7 @@ def run_method(model: BaseModel, world: World, method: Method, items: dict,
             result = _sample(model, nouns, seeds, adapter, excite)
             if len(previews[group]) < config.grid_columns:
                 previews[group].append(result.images[0])
-            for pixels, scores in zip(result.pixels, result.scores):
+            for pixels, scores in zip(result.pixels, result.scores, strict=True):
                 detected = detect(world, pixels)
                 missing = [n for n in set(nouns) if n not in detected]
                 records.append({"success": object_success(detected, nouns), "exact": exact_success(detected, nouns),
@@ -169,7 +173,7 @@ def run_method(model: BaseModel, world: World, method: Method, items: dict,
                                 "missing_unseen": sum(n in world.unseen_in_finetuning for n in missing),
                                 "missing_seen": sum(n not in world.unseen_in_finetuning for n in missing),
                                 "min_peak": scores.min_peak,
-                                "iou": statistics.fmean(scores.overlaps.values()) if scores.overlaps else None})
+                                "iou": scores.overlap})
         numbers["groups"][group] = records
     return numbers, previews, adapter
 
@@ -207,8 +211,8 @@ def mcnemar_p(gained: int, lost: int) -> float:
 def paired_difference(base: list[bool], other: list[bool]) -> dict:
     """other - base on the same items: the difference, its 95% interval (Wald, paired) and McNemar's p."""
     n = len(base)
-    gained = sum(o and not b for b, o in zip(base, other))
-    lost = sum(b and not o for b, o in zip(base, other))
+    gained = sum(o and not b for b, o in zip(base, other, strict=True))
+    lost = sum(b and not o for b, o in zip(base, other, strict=True))
     diff = (gained - lost) / n
     se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
     return {"difference": diff, "ci95": [diff - 1.96 * se, diff + 1.96 * se], "gained": gained, "lost": lost,
@@ -241,7 +245,7 @@ def markdown(report: dict) -> str:
     groups = report["groups"]
     head = "| method | " + " | ".join(groups) + " |\n|---|" + "---:|" * len(groups) + "\n"
     out = ["### Success (% of items, 95% Wilson interval)\n", head]
-    for name, r in rows.items():
+    for r in rows.values():
         cells = [f"{_pct(s['success'])} [{_pct(s['success_ci95'][0])}, {_pct(s['success_ci95'][1])}]"
                  for s in (r["summary"][g] for g in groups)]
         out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
@@ -249,33 +253,37 @@ def markdown(report: dict) -> str:
     for name, r in rows.items():
         if name == "base":
             continue
-        cells = [f"{100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]; p={d['p_mcnemar']:.2g}"
-                 for d in (r["vs_base"][g] for g in groups)]
+        cells = [f"{100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]; "
+                 f"p={d['p_mcnemar']:.2g}" for d in (r["vs_base"][g] for g in groups)]
         out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
     pair_groups = [g for g in groups if g != "single"]
     out += ["\n### Attention while sampling (raw maps, the paper's): mean weakest-object peak / mean IoU\n",
             "| method | " + " | ".join(pair_groups) + " |\n|---|" + "---:|" * len(pair_groups) + "\n"]
-    for name, r in rows.items():
+    for r in rows.values():
         cells = [f"{r['summary'][g]['min_peak']:.3f} / {r['summary'][g]['iou']:.3f}" for g in pair_groups]
         out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
     if all("missing" in r["summary"][g] for r in rows.values() for g in pair_groups):
         out += ["\n### Objects missing from pair images: nouns SepEn finetunes on / nouns it never sees\n",
                 "| method | " + " | ".join(pair_groups) + " |\n|---|" + "---:|" * len(pair_groups) + "\n"]
         for r in rows.values():
-            cells = [f"{r['summary'][g]['missing']['seen']} / {r['summary'][g]['missing']['unseen']}" for g in pair_groups]
+            cells = [f"{r['summary'][g]['missing']['seen']} / {r['summary'][g]['missing']['unseen']}"
+                     for g in pair_groups]
             out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
-    out += ["\n### SepEn finetuning (its training maps on pseudo-latents: mean of the first tenth of the steps -> the last)\n",
+    out += ["\n### SepEn finetuning (its training maps on pseudo-latents: mean of the first tenth of the steps "
+            "-> the last)\n",
             ("| method | steps | lr | maps | lambda_sep / lambda_en / prior | seconds | weakest peak | IoU |\n"
              "|---|---:|---:|---|---|---:|---|---|\n")]
-    for name, r in rows.items():
+    for r in rows.values():
         f = r.get("finetune")
         if f is None:
             continue
         c = f["recipe"]
         out.append(f"| {r['label']} | {c['steps']} | {c['learning_rate']:g} | {c['maps']['normalization']} | "
                    f"{c['lambda_sep']:g} / {c['lambda_en']:g} / {c['prior_weight']:g} | {f['seconds']:.1f} | "
-                   f"{f['min_peak'][0]:.3f} -> {f['min_peak'][1]:.3f} | {f['overlap'][0]:.3f} -> {f['overlap'][1]:.3f} |\n")
-    out += ["\n### Generation time per image, relative to the base model\n", "| method | seconds per image | ratio |\n|---|---:|---:|\n"]
+                   f"{f['min_peak'][0]:.3f} -> {f['min_peak'][1]:.3f} | "
+                   f"{f['overlap'][0]:.3f} -> {f['overlap'][1]:.3f} |\n")
+    out += ["\n### Generation time per image, relative to the base model\n",
+            "| method | seconds per image | ratio |\n|---|---:|---:|\n"]
     for name, t in report["timing"].items():
         out.append(f"| {name} | {t['seconds_per_image']:.4f} | {t['ratio_to_base']:.2f} |\n")
     return "".join(out)
@@ -308,8 +316,9 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
         results[method.name] = {"label": method.label, **numbers}
         with (out / "methods.jsonl").open("a") as progress:  # a run cut short keeps what it measured
             progress.write(json.dumps({"method": method.name, **numbers}) + "\n")
-        log(f"{method.name}: " + ", ".join(f"{g} {_pct(statistics.fmean(r['success'] for r in rec))}%"
-                                           for g, rec in numbers["groups"].items()) + f" ({time.perf_counter() - start:.0f} s)")
+        successes = ", ".join(f"{g} {_pct(statistics.fmean(r['success'] for r in rec))}%"
+                              for g, rec in numbers["groups"].items())
+        log(f"{method.name}: {successes} ({time.perf_counter() - start:.0f} s)")
     base = results["base"]["groups"]
     for r in results.values():
         r["summary"] = {g: summarise(rec) for g, rec in r["groups"].items()}
@@ -319,7 +328,8 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
     report = {"config": config.to_dict(), "model": model.model_id, "device": str(model.device),
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "gpu": torch.cuda.get_device_name() if model.device.type == "cuda" else None},
-              "groups": list(config.groups), "prompts": {g: [" / ".join(p) for p in group_pairs(world, g)] for g in config.groups},
+              "groups": list(config.groups),
+              "prompts": {g: [" / ".join(p) for p in group_pairs(world, g)] for g in config.groups},
               "methods": results, "timing": time_per_image(model, adapters, config)}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "table.md").write_text(markdown(report))
@@ -331,14 +341,17 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for results.json, table.md and grid-*.png")
-    parser.add_argument("--model", default=str(BUNDLED_MODEL_DIR), help="a toy-world model directory (default: the bundled one)")
+    parser.add_argument("--model", default=str(BUNDLED_MODEL_DIR),
+                        help="a toy-world model directory (default: the bundled one)")
     parser.add_argument("--items", type=int, default=BenchmarkConfig.items_per_group, help="items per group")
     parser.add_argument("--finetune-seeds", type=int, nargs="+", default=list(BenchmarkConfig.finetune_seeds))
     parser.add_argument("--finetune-steps", type=int, help="override the model's recipe")
     parser.add_argument("--no-ablations", action="store_true")
-    parser.add_argument("--methods", nargs="+", default=[], help="run only these besides the base model (names as in the table's JSON)")
+    parser.add_argument("--methods", nargs="+", default=[],
+                        help="run only these besides the base model (names as in the table's JSON)")
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
-    parser.add_argument("--quick", action="store_true", help="4 items per group, one finetune seed of 2 steps, no ablations (CI)")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 items per group, one finetune seed of 2 steps, no ablations (CI)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

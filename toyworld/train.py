@@ -1,4 +1,4 @@
-"""Train the toy base model from scratch (UNet and text encoder jointly, v-prediction, EMA), with checkpoints and resume.
+"""Train the toy base model from scratch (UNet and text encoder jointly, v-prediction, EMA), with checkpoints, resume.
 
     python -m toyworld.train --out runs/toy --steps 10000 [--eval-every 1000] [--bf16]
 
@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from sepen_core.attention import unet_forward
-from sepen_core.checkpoints import read_checkpoint_state, restore_checkpoint, write_checkpoint
+from sepen_core.checkpoints import read_checkpoint_state, restore_checkpoint, step_seed, write_checkpoint
+from sepen_core.errors import CheckpointError
 from sepen_core.models import BaseModel
 from toyworld.data import DataMix, training_batch
 from toyworld.evaluate import EvalConfig, evaluate, preview_grid
 from toyworld.model import ToyModelConfig, build_toy_model, trainable_conditioning
 from toyworld.world import WORLD_FILE, World, load_world
-
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 200
-    # The learning rate stays at its peak, then follows a cosine down to min_lr_ratio over the last decay_fraction of steps.
+    # The learning rate stays at its peak, then follows a cosine down to min_lr_ratio over the last
+    # decay_fraction of steps.
     decay_fraction: float = 0.2
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -59,6 +60,16 @@ class TrainConfig:
         return hashlib.sha256(json.dumps({**self.to_dict(), "steps": None}, sort_keys=True).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Cadence:
+    """How often a run logs, writes a checkpoint and evaluates, in steps (eval_every 0: only at the end).
+    Not part of TrainConfig: a run may be resumed with another cadence."""
+
+    log_every: int = 50
+    checkpoint_every: int = 500
+    eval_every: int = 0
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warmup, constant, then a cosine down to min_lr_ratio over the last decay_fraction of the run."""
     if step < config.warmup_steps:
@@ -67,11 +78,8 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     if step < decay_start:
         return config.learning_rate
     progress = min(1.0, (step - decay_start) / max(1.0, config.steps - decay_start))
-    return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def step_seed(seed: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
 
 class EMA:
@@ -112,7 +120,8 @@ def training_loss(model: BaseModel, world: World, config: TrainConfig, step: int
     noise = torch.randn(batch.images.shape, generator=generator)
     images, noise, timesteps = batch.images.to(model.device), noise.to(model.device), timesteps.to(model.device)
     noisy = scheduler.add_noise(images, noise, timesteps)
-    target = scheduler.get_velocity(images, noise, timesteps) if scheduler.config.prediction_type == "v_prediction" else noise
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(images, noise, timesteps) if v_prediction else noise
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bf16):
         cond = trainable_conditioning(model, batch.captions)
         prediction = unet_forward(model.unet, noisy, timesteps, cond)
@@ -132,7 +141,7 @@ def load_checkpoint(directory: Path, config: TrainConfig, params: dict, ema: EMA
     if state is None:
         return 0, []
     if state["run"] != config.fingerprint():
-        raise SystemExit(f"{directory} holds a checkpoint of another run (other settings); use another --out")
+        raise CheckpointError(f"{directory} holds a checkpoint of another run (other settings)")
     tensors = restore_checkpoint(directory, state, params, optimizer)
     with torch.no_grad():
         for name in params:
@@ -149,19 +158,22 @@ def run_eval(model: BaseModel, world: World, ema: EMA, eval_config: EvalConfig, 
     finally:
         ema.swap()
     preview_grid(previews).save(directory / f"eval-{step:07d}.png")
-    summary = {"step": step, "seconds": round(time.perf_counter() - began, 1), "config": eval_config.to_dict(), "results": results}
+    summary = {"step": step, "seconds": round(time.perf_counter() - began, 1), "config": eval_config.to_dict(),
+               "results": results}
     print(json.dumps({"eval_step": step, **{g: round(r["success"], 3) for g, r in results.items()}}), flush=True)
     return summary
 
 
-def train(directory: str | Path, config: TrainConfig, *, world: World | None = None, eval_config: EvalConfig | None = None,
-          eval_every: int = 0, checkpoint_every: int = 500, log_every: int = 50, device: str = "cpu",
+def train(directory: str | Path, config: TrainConfig, *, world: World | None = None,
+          eval_config: EvalConfig | None = None, cadence: Cadence = Cadence(), device: str = "cpu",
           time_budget_s: float | None = None) -> Path:
     """Train (or resume) into `directory`; returns the saved model's directory. eval_config None: no evaluation.
+    Raises CheckpointError when `directory` holds a checkpoint of a run with other settings.
 
     time_budget_s (a borrowed GPU, a session's CPU): after 50 steps, and every 200 steps until the learning
-    rate starts to decay, cut `steps` to what fits in the budget at the pace measured so far, so the schedule
-    still ends with its decay and the run ends with a saved model even when the machine slows down."""
+    rate starts to decay, set `steps` (at most the requested number) to what fits in the budget at the pace
+    measured so far, so the schedule still ends with its decay and the run ends with a saved model on time
+    even when the machine's load changes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     world = world or load_world()
@@ -179,18 +191,21 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
     if start and log_file.exists():  # forget what was logged after the checkpoint: those steps run again
         rows = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= start]
         log_file.write_text("".join(row + "\n" for row in rows))
-    print(f"training {config.steps} steps into {directory}" + (f", resuming at step {start}" if start else ""), flush=True)
+    resuming = f", resuming at step {start}" if start else ""
+    print(f"training {config.steps} steps into {directory}{resuming}", flush=True)
 
     began, window, window_began = time.perf_counter(), [], time.perf_counter()
-    step = start
+    step, requested_steps = start, config.steps
     while step < config.steps:
         replan = step - start >= 50 and (step - start) % 200 == 50 and step < config.steps * (1 - config.decay_fraction)
         if time_budget_s is not None and replan:
             pace = (time.perf_counter() - began) / (step - start)
-            fits = step + int((time_budget_s - (time.perf_counter() - began)) / pace)
-            if fits < config.steps:
-                config = dataclasses.replace(config, steps=max(step + 1, fits))
-                print(f"time budget {time_budget_s:.0f}s at {pace * 1000:.1f} ms/step: training {config.steps} steps", flush=True)
+            left = time_budget_s - (time.perf_counter() - began)
+            fits = min(requested_steps, max(step + 1, step + int(left / pace)))
+            if fits != config.steps:
+                config = dataclasses.replace(config, steps=fits)
+                print(f"time budget {time_budget_s:.0f}s at {pace * 1000:.1f} ms/step: training {config.steps} steps",
+                      flush=True)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         loss = training_loss(model, world, config, step)
@@ -201,7 +216,7 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
         ema.update(step)
         window.append(loss.item())
         done = step + 1
-        if done % log_every == 0 or done == config.steps:
+        if done % cadence.log_every == 0 or done == config.steps:
             now = time.perf_counter()
             row = {"step": done, "loss": round(sum(window) / len(window), 5), "lr": learning_rate(config, step),
                    "seconds_per_step": round((now - window_began) / len(window), 3), "elapsed": round(now - began, 1)}
@@ -209,10 +224,10 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
             window, window_began = [], now
-        if eval_config is not None and eval_every and done % eval_every == 0 and done != config.steps:
+        if eval_config is not None and cadence.eval_every and done % cadence.eval_every == 0 and done != config.steps:
             evals.append(run_eval(model, world, ema, eval_config, directory, done))
             window_began = time.perf_counter()
-        if done % checkpoint_every == 0 or done == config.steps:
+        if done % cadence.checkpoint_every == 0 or done == config.steps:
             save_checkpoint(directory, done, config, params, ema, optimizer, evals)
         step = done
 
@@ -227,8 +242,9 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
     (model_dir / "world.json").write_text(json.dumps(world.to_dict(), indent=1) + "\n")
     log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
     speeds = [row["seconds_per_step"] for row in log[1:]] or [row["seconds_per_step"] for row in log]
-    summary = {"config": config.to_dict(), "seed": config.seed, "data_mix": config.data.to_dict(), "steps": config.steps,
-               "threads": torch.get_num_threads(), "median_seconds_per_step": float(np.median(speeds)) if speeds else None,
+    summary = {"config": config.to_dict(), "seed": config.seed, "data_mix": config.data.to_dict(),
+               "steps": config.steps, "threads": torch.get_num_threads(),
+               "median_seconds_per_step": float(np.median(speeds)) if speeds else None,
                "parameters": {"unet": sum(p.numel() for p in model.unet.parameters()),
                               "text_encoder": sum(p.numel() for p in model.text_encoder.parameters())},
                "final_loss": log[-1]["loss"] if log else None, "evals": evals}
@@ -247,13 +263,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps)
     parser.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (about 25%% faster on a CPU with avx512_bf16)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast (about 25%% faster on a CPU with avx512_bf16)")
     parser.add_argument("--pair-fraction", type=float, default=DataMix.pair_fraction)
     parser.add_argument("--triple-fraction", type=float, default=DataMix.triple_fraction)
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
-    parser.add_argument("--eval-samples", type=int, default=EvalConfig.samples_per_group, help="per group; 0 skips evaluation")
+    parser.add_argument("--eval-samples", type=int, default=EvalConfig.samples_per_group,
+                        help="per group; 0 skips evaluation")
     parser.add_argument("--eval-guidance", type=float, default=EvalConfig.guidance_scale)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -263,10 +281,15 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
                          ema_decay=args.ema_decay, seed=args.seed, bf16=args.bf16,
                          data=DataMix(pair_fraction=args.pair_fraction, triple_fraction=args.triple_fraction))
-    eval_config = EvalConfig(samples_per_group=args.eval_samples, guidance_scale=args.eval_guidance) if args.eval_samples > 0 else None
-    train(args.out, config, world=load_world(args.world), eval_config=eval_config, eval_every=args.eval_every,
-          checkpoint_every=args.checkpoint_every, log_every=args.log_every, device=args.device,
-          time_budget_s=args.time_budget)
+    eval_config = None
+    if args.eval_samples > 0:
+        eval_config = EvalConfig(samples_per_group=args.eval_samples, guidance_scale=args.eval_guidance)
+    cadence = Cadence(log_every=args.log_every, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
+    try:
+        train(args.out, config, world=load_world(args.world), eval_config=eval_config, cadence=cadence,
+              device=args.device, time_budget_s=args.time_budget)
+    except CheckpointError as exc:
+        raise SystemExit(f"{exc}; use another --out") from None
 
 
 if __name__ == "__main__":

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from sqlalchemy.orm import Session
 
 from sepen_core.adapters import KeyProjectionAdapter
-from sepen_core.models import BUNDLED_MODEL_DIR, BaseModel, build_tiny_model, load_base_model
+from sepen_core.models import BaseModel, load_model
 from sepen_store.errors import NotFound
-from sepen_store.registry import version_bytes
-from sepen_store.settings import BUNDLED_MODEL, TINY_MODEL, Settings
-from sepen_store.tables import AdapterVersion
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from sepen_store.registry import get_version, version_bytes
+from sepen_store.settings import WorkerSettings
 
 
 class ModelCache:
     """Base models by their service name, loaded on first use and kept for the worker's life."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self.models: dict[str, BaseModel] = {}
 
@@ -29,15 +25,7 @@ class ModelCache:
             source = self.settings.models.get(name)
             if source is None:
                 raise NotFound("model", name)
-            device, dtype = self.settings.device, DTYPES[self.settings.dtype]
-            if source == TINY_MODEL:
-                model = build_tiny_model(0, device=device, dtype=dtype)
-                model.model_id = name
-            elif source == BUNDLED_MODEL:
-                model = load_base_model(BUNDLED_MODEL_DIR, device=device, dtype=dtype, model_id=name)
-            else:
-                model = load_base_model(source, device=device, dtype=dtype, model_id=name)
-            self.models[name] = model
+            self.models[name] = load_model(source, device=self.settings.device, dtype=self.settings.dtype, model_id=name)
         return self.models[name]
 
 
@@ -52,10 +40,7 @@ class AdapterCache:
         if version_id in self.entries:
             self.entries.move_to_end(version_id)
             return self.entries[version_id]
-        version = session.get(AdapterVersion, version_id)
-        if version is None:
-            raise NotFound("adapter version", version_id)
-        adapter = KeyProjectionAdapter.from_bytes(version_bytes(session, version))
+        adapter = KeyProjectionAdapter.from_bytes(version_bytes(session, get_version(session, version_id)))
         self.entries[version_id] = adapter
         if len(self.entries) > self.capacity:
             self.entries.popitem(last=False)

@@ -16,7 +16,7 @@ from celery import Celery
 from sepen_store.database import make_engine, session_factory
 from sepen_store.jobs import jobs_to_reenqueue, mark_enqueued
 from sepen_store.queue import QUEUES, TASKS, enqueue, make_celery
-from sepen_store.settings import Settings
+from sepen_store.settings import WorkerSettings
 from worker.runner import Runtime
 
 log = logging.getLogger("sepen.worker")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    settings = Settings.from_env()
+    settings = WorkerSettings.from_env()
     kinds = [k.strip() for k in args.queues.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in QUEUES]
     if unknown or not kinds:

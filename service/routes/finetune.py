@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response
 from sepen_core.config import ModelDefaults
 from sepen_core.errors import ConfigError
 from sepen_core.prompts import ConceptSet
+from sepen_store.contract import FinetuneRequest
 from service.deps import CeleryDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import resolve_model
@@ -64,6 +65,6 @@ def submit_finetune(body: FinetuneIn, response: Response, tenant: TenantDep, ses
     model = resolve_model(settings, body.model)
     concept_set = build_concept_set(body)
     recipe = build_recipe(body.recipe, concept_set)
-    request = {"adapter": body.adapter, "model": model, "concepts": concept_set.to_dict(), "recipe": recipe}
-    job, created = submit_job(session, celery, tenant, "finetune", request, idempotency_key=idempotency_key)
+    request = FinetuneRequest(adapter=body.adapter, model=model, concepts=concept_set.to_dict(), recipe=recipe)
+    job, created = submit_job(session, celery, tenant, request, idempotency_key=idempotency_key)
     return submitted(response, job, created)

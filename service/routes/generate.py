@@ -9,6 +9,7 @@ from fastapi import APIRouter, Response
 
 from sepen_core.config import SampleConfig
 from sepen_core.errors import ConfigError
+from sepen_store.contract import GenerateRequest
 from sepen_store.errors import NotFound
 from sepen_store.registry import parse_ref, resolve
 from sepen_store.settings import Settings
@@ -73,7 +74,8 @@ def submit_generate(body: GenerateIn, response: Response, tenant: TenantDep, ses
         SampleConfig.from_dict(sample)
     except ConfigError as exc:
         raise invalid_setting(exc, _SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
-    request = {"prompt": body.prompt, "model": model, "adapter": ref, "concepts": list(body.concepts or []), "sample": sample}
-    job, created = submit_job(session, celery, tenant, "generate", request, idempotency_key=idempotency_key,
+    request = GenerateRequest(prompt=body.prompt, model=model, adapter=ref, concepts=list(body.concepts or []),
+                              sample=sample)
+    job, created = submit_job(session, celery, tenant, request, idempotency_key=idempotency_key,
                               adapter_version_id=version.id if version is not None else None)
     return submitted(response, job, created)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
+from sepen_store.database import check_database
 from service.schemas import HealthOut, ReadinessOut
 
 router = APIRouter(tags=["health"])
@@ -18,8 +18,7 @@ def healthz() -> HealthOut:
 
 def _check_database(request: Request) -> str:
     try:
-        with request.app.state.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        check_database(request.app.state.engine)
     except Exception as exc:
         return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return "ok"

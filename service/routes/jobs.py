@@ -5,13 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from sepen_store.blobs import get_blob
-from sepen_store.errors import NotFound
+from sepen_store.job_outputs import get_image
 from sepen_store.jobs import STATUSES, get_job, list_jobs, request_cancel
-from sepen_store.tables import JobImage
 from service.deps import SessionDep, TenantDep
 from service.errors import ApiError
 from service.schemas import ErrorOut, JobOut, JobPage
@@ -53,11 +50,7 @@ def cancel_job(job_id: JobId, tenant: TenantDep, session: SessionDep) -> JobOut:
 
 def _png(request: Request, session: Session, tenant: str, job_id: str, kind: str, index: int) -> Response:
     get_job(session, tenant, job_id)  # another tenant's job is a 404 like a missing one
-    blob_id = session.scalar(select(JobImage.blob_id).where(JobImage.job_id == job_id, JobImage.kind == kind,
-                                                            JobImage.index == index))
-    if blob_id is None:
-        raise NotFound(kind, f"{job_id}/{index}")
-    blob = get_blob(session, blob_id)
+    blob = get_image(session, job_id, kind, index)
     etag = f'"{blob.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}  # a job's images never change
     if request.headers.get("if-none-match") == etag:

@@ -4,8 +4,16 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from sepen_core.attention import (MapRecorder, attn2_downsample_factors, base_key_forward,
-                                  capture_maps, installed_processors, map_layers, unet_forward)
+from sepen_core.attention import (
+    MapRecorder,
+    MapTargets,
+    attn2_downsample_factors,
+    base_key_forward,
+    capture_maps,
+    installed_processors,
+    map_layers,
+    unet_forward,
+)
 from sepen_core.concepts import concept_token_mask, content_token_mask, locate_concepts
 from sepen_core.errors import ConfigError
 
@@ -21,9 +29,15 @@ def inputs(model, prompts, concepts, seed=0):
     latents = torch.randn(len(prompts), 4, 32, 32, generator=g)
     timesteps = torch.tensor([500] * len(prompts))
     cond = model.encode_prompts(prompts)
-    positions = [locate_concepts(model.tokenizer, p, c) for p, c in zip(prompts, concepts)]
+    positions = [locate_concepts(model.tokenizer, p, c) for p, c in zip(prompts, concepts, strict=True)]
     mask, valid = concept_token_mask(positions, cond.input_ids.shape[1])
     return latents, timesteps, cond, mask, valid, content_token_mask(cond.input_ids, model.tokenizer.eos_token_id)
+
+
+def targets(concept_mask, content_mask, layers=SD1_MAP_LAYERS, grid=(8, 8)):
+    """Map targets with the given masks (every object real), read at downsample 4 of the 32x32 latents."""
+    valid = torch.ones(concept_mask.shape[:2], dtype=torch.bool)
+    return MapTargets(concept_mask, valid, content_mask, tuple(layers), grid)
 
 
 def test_sd1_layout_has_16_key_layers_and_5_map_layers(tiny_model):
@@ -41,8 +55,8 @@ def test_capture_stops_after_last_map_layer_and_restores_processors(tiny_model):
     hooks = [unet.up_blocks[2].register_forward_pre_hook(lambda *a: called.append("up2")),
              unet.up_blocks[1].register_forward_pre_hook(lambda *a: called.append("up1"))]
     try:
-        recorder = capture_maps(unet, *inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])[:4],
-                                torch.ones(1, 77), SD1_MAP_LAYERS, 4)
+        latents, t, cond, mask, *_ = inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])
+        recorder = capture_maps(unet, latents, t, cond, targets(mask, torch.ones(1, 77)))
     finally:
         for h in hooks:
             h.remove()
@@ -55,10 +69,10 @@ def test_capture_stops_after_last_map_layer_and_restores_processors(tiny_model):
 def test_raw_maps_are_probabilities_and_content_maps_renormalise(tiny_model):
     latents, t, cond, _, _, content = inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])
     every_token = torch.ones(1, 1, 77)
-    recorder = capture_maps(tiny_model.unet, latents, t, cond, every_token, content, SD1_MAP_LAYERS, 4)
+    recorder = capture_maps(tiny_model.unet, latents, t, cond, targets(every_token, content))
     assert torch.allclose(recorder.maps("raw"), torch.ones(1, 1, 8, 8), atol=1e-5)  # softmax over all 77 tokens
     content_only = content[:, None, :]
-    recorder = capture_maps(tiny_model.unet, latents, t, cond, content_only, content, SD1_MAP_LAYERS, 4)
+    recorder = capture_maps(tiny_model.unet, latents, t, cond, targets(content_only, content))
     assert torch.allclose(recorder.maps("content"), torch.ones(1, 1, 8, 8), atol=1e-5)
     assert (recorder.maps("raw") < 1).all()
 
@@ -80,23 +94,24 @@ def test_maps_equal_explicit_attention_averaged_over_heads_and_layers(tiny_model
         unet_forward(unet, latents, t, cond)
     probs = torch.stack(captured).mean(0)  # (B, 64, 77)
     expected = probs[:, :, [5, 8]].permute(0, 2, 1).reshape(2, 2, 8, 8)
-    recorder = capture_maps(unet, latents, t, cond, mask, content, SD1_MAP_LAYERS, 4)
+    recorder = capture_maps(unet, latents, t, cond, targets(mask, content))
     assert torch.allclose(recorder.maps("raw"), expected, atol=1e-6)
 
 
 def test_maps_are_per_sample(tiny_model):
     prompts = ["a photo of a cat and a dog", "a horse with a hippopotamus"]
     latents, t, cond, mask, valid, content = inputs(tiny_model, prompts, [["cat", "dog"], ["horse", "hippopotamus"]])
-    both = capture_maps(tiny_model.unet, latents, t, cond, mask, content, SD1_MAP_LAYERS, 4).maps()
+    both = capture_maps(tiny_model.unet, latents, t, cond, targets(mask, content)).maps()
     for b in range(2):
-        alone = capture_maps(tiny_model.unet, latents[b : b + 1], t[b : b + 1], cond.select([b]), mask[b : b + 1],
-                             content[b : b + 1], SD1_MAP_LAYERS, 4).maps()
+        alone = capture_maps(tiny_model.unet, latents[b : b + 1], t[b : b + 1], cond.select([b]),
+                             targets(mask[b : b + 1], content[b : b + 1])).maps()
         assert torch.allclose(both[b : b + 1], alone, atol=1e-6)
 
 
 def test_recorder_rows_select_the_conditional_half():
-    recorder = MapRecorder(torch.ones(1, 1, 3), torch.ones(1, 3), (1, 2), rows=slice(1, 2))
-    probs = torch.tensor([[[1.0, 0, 0], [1.0, 0, 0]], [[0, 0.5, 0.5], [0, 0, 1.0]]])  # (B=2 rows * 1 head, 2 px, 3 tokens)
+    recorder = MapRecorder(targets(torch.ones(1, 1, 3), torch.ones(1, 3), layers=(), grid=(1, 2)), rows=slice(1, 2))
+    # (B=2 rows * 1 head, 2 px, 3 tokens)
+    probs = torch.tensor([[[1.0, 0, 0], [1.0, 0, 0]], [[0, 0.5, 0.5], [0, 0, 1.0]]])
     mask = torch.tensor([[[0.0, 1.0, 0.0]]])
     recorder.concept_mask = mask
     recorder.add(probs, heads=1)
@@ -120,9 +135,9 @@ def test_attention_mask_is_honoured_by_capture(tiny_model):
     latents, t, cond, mask, _, content = inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])
     cond.encoder_attention_mask = (torch.arange(77) < 10).float()[None]  # mask out padding keys
     every_token = torch.ones(1, 1, 77)
-    maps = capture_maps(tiny_model.unet, latents, t, cond, every_token, content, SD1_MAP_LAYERS, 4).maps()
+    maps = capture_maps(tiny_model.unet, latents, t, cond, targets(every_token, content)).maps()
     assert torch.allclose(maps, torch.ones_like(maps), atol=1e-5)
     padding = torch.zeros(1, 1, 77)
     padding[..., 10:] = 1
-    maps = capture_maps(tiny_model.unet, latents, t, cond, padding, content, SD1_MAP_LAYERS, 4).maps()
+    maps = capture_maps(tiny_model.unet, latents, t, cond, targets(padding, content)).maps()
     assert maps.max() < 1e-3

@@ -8,7 +8,7 @@ import torch
 from sepen_core.config import FinetuneConfig, MapConfig
 from sepen_core.diagnostics import diagnose
 from sepen_core.errors import Canceled, CheckpointError, ConceptError
-from sepen_core.finetuning import finetune
+from sepen_core.finetuning import Checkpoints, finetune
 from sepen_core.prompts import ConceptSet
 
 PAIR = ConceptSet.pairs(("cat", "dog"))
@@ -58,11 +58,12 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model, tmp_path, 
     full = finetune(tiny_model, PAIR, config)
     polls = iter([False, False, True])
     with pytest.raises(Canceled) as info:
-        finetune(tiny_model, PAIR, config, checkpoint_dir=tmp_path, checkpoint_every=1, should_cancel=lambda: next(polls))
+        finetune(tiny_model, PAIR, config, checkpoint_dir=Checkpoints(tmp_path, every=1),
+                 should_cancel=lambda: next(polls))
     assert info.value.step == 2
     assert (tmp_path / "checkpoint.json").exists()
     seen = []
-    resumed = finetune(tiny_model, PAIR, config, checkpoint_dir=tmp_path, checkpoint_every=1, on_step=seen.append)
+    resumed = finetune(tiny_model, PAIR, config, checkpoint_dir=Checkpoints(tmp_path, every=1), on_step=seen.append)
     assert resumed.resumed_from_step == 2
     assert [r.step for r in seen] == [3, 4]
     assert [r.step for r in resumed.history] == [1, 2, 3, 4]
@@ -72,7 +73,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model, tmp_path, 
 
 
 def test_checkpoint_of_another_run_is_refused(tiny_model, tmp_path):
-    finetune(tiny_model, PAIR, FinetuneConfig(steps=3, **FAST), checkpoint_dir=tmp_path, checkpoint_every=1)
+    finetune(tiny_model, PAIR, FinetuneConfig(steps=3, **FAST), checkpoint_dir=Checkpoints(tmp_path, every=1))
     with pytest.raises(CheckpointError, match="another run"):
         finetune(tiny_model, PAIR, FinetuneConfig(steps=3, seed=9, **FAST), checkpoint_dir=tmp_path)
 

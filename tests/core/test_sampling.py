@@ -33,7 +33,8 @@ def test_each_image_is_reproducible_from_its_own_seed(tiny_model):
 
 
 def test_maps_and_scores_of_the_conditional_branch(tiny_model):
-    result = generate(tiny_model, PROMPT, SampleConfig(num_inference_steps=3, num_images=2, maps=MapConfig(normalization="content")),
+    content_maps = MapConfig(normalization="content")
+    result = generate(tiny_model, PROMPT, SampleConfig(num_inference_steps=3, num_images=2, maps=content_maps),
                       concepts=["cat", "dog"])
     assert result.maps.shape == (2, 2, 8, 8)
     assert 0 < result.maps.max() <= 1
@@ -42,7 +43,8 @@ def test_maps_and_scores_of_the_conditional_branch(tiny_model):
     assert score.min_peak == min(score.peaks.values())
     heatmap = result.heatmap(1)
     assert heatmap.size[0] == 3 * 128  # image + one panel per concept
-    unguided = generate(tiny_model, PROMPT, SampleConfig(num_inference_steps=3, guidance_scale=1.0), concepts=["cat", "dog"])
+    unguided = generate(tiny_model, PROMPT, SampleConfig(num_inference_steps=3, guidance_scale=1.0),
+                        concepts=["cat", "dog"])
     assert unguided.maps.shape == (1, 2, 8, 8)
 
 
@@ -62,21 +64,19 @@ def test_cancel_between_steps(tiny_model):
 
 def test_attend_and_excite_lifts_the_weakest_object_at_test_time(tiny_model):
     from sepen_core.attend_excite import AttendExcite, AttendExciteConfig
-    from sepen_core.attention import map_layers
-    from sepen_core.concepts import concept_token_mask, content_token_mask, locate_concepts
+    from sepen_core.attention import map_targets
 
     config = SampleConfig(num_inference_steps=4, num_images=2, maps=MapConfig(normalization="content"))
     strong = AttendExciteConfig(scale_factor=2000.0)  # the random tiny model's maps barely react to the published step
     base = generate(tiny_model, PROMPT, config, concepts=["cat", "dog"])
     excited = generate(tiny_model, PROMPT, config, concepts=["cat", "dog"], attend_excite=strong)
-    assert all(e.min_peak > b.min_peak for e, b in zip(excited.scores, base.scores))
+    assert all(e.min_peak > b.min_peak for e, b in zip(excited.scores, base.scores, strict=True))
     assert (excited.pixels - base.pixels).abs().max() > 1e-3
 
     # One update moves the latents up A&E's own objective.
     cond = tiny_model.encode_prompts([PROMPT])
-    mask, _ = concept_token_mask([locate_concepts(tiny_model.tokenizer, PROMPT, ["cat", "dog"])], 77)
-    excite = AttendExcite(strong, tiny_model.unet, cond, mask, content_token_mask(cond.input_ids, 49407),
-                          map_layers(tiny_model.unet, 4), 4, num_steps=50)
+    targets = map_targets(tiny_model, cond, [["cat", "dog"]], map_downsample=4, latent_size=(32, 32))
+    excite = AttendExcite(strong, tiny_model.unet, cond, targets, num_steps=50)
     latents, t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor(900)
     with torch.no_grad():
         before = excite.peaks(latents, t).min()

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sepen_store.auth import create_api_key
 from sepen_store.database import make_engine, session_factory
 from sepen_store.registry import publish_version
-from sepen_store.settings import Settings
+from sepen_store.settings import GatewaySettings
 from sepen_store.tables import new_id
 from service.app import create_app
 from tests.conftest import postgres_database
@@ -39,8 +39,8 @@ def redis_client():
 
 
 @pytest.fixture(scope="session")
-def service_settings(pg_url, redis_client, tmp_path_factory) -> Settings:
-    return Settings(data_dir=tmp_path_factory.mktemp("sepen"), database_url=pg_url, broker_url=REDIS_URL, models=MODELS,
+def service_settings(pg_url, redis_client, tmp_path_factory) -> GatewaySettings:
+    return GatewaySettings(data_dir=tmp_path_factory.mktemp("sepen"), database_url=pg_url, broker_url=REDIS_URL, models=MODELS,
                     default_model="sepen-tiny")
 
 

@@ -57,12 +57,15 @@ def test_cancel_a_running_job_then_a_finished_one(client, auth, db, error_of):
 
     other_id = _submit(client, auth)
     other = claim_job(db, other_id, "test-worker", lease_s=60)
-    assert finish_job(db, other, "succeeded", result={"adapter": "cat-dog@1"}, progress={"step": 200, "total": 200})
+    progress = {"step": 200, "total": 200, "eta_s": 0.0, "elapsed_s": 31.5, "min_peak": 0.7, "overlap": 0.1,
+                "losses": {"total": 0.2, "separate": 0.1, "enhance": 0.2, "prior": None}, "peaks": {"cat": 0.7}}
+    assert finish_job(db, other, "succeeded", progress=progress,
+                      result={"adapter": "cat-dog@1", "name": "cat-dog", "version": 1, "sha256": "0" * 64, "summary": None})
     done = client.post(f"/jobs/{other_id}/cancel", headers=auth)
     assert done.status_code == 409
     assert error_of(done)["code"] == "illegal_transition"
     finished = client.get(f"/jobs/{other_id}", headers=auth).json()
-    assert finished["status"] == "succeeded" and finished["progress"] == {"step": 200, "total": 200}
+    assert finished["status"] == "succeeded" and finished["progress"] == progress
     assert finished["links"]["adapter"] == "/adapters/cat-dog/1/weights"
     assert claim.attempt == 1
 
@@ -120,8 +123,7 @@ def finished_generate_job(db, tenant) -> str:
     job = Job(tenant=tenant, kind="generate", status="succeeded", request={"prompt": "a cat and a dog"}, request_hash="0" * 64)
     db.add(job)
     db.flush()
-    job.result = {"images": [{"index": 0, "seed": 7, "url": f"/jobs/{job.id}/images/0",
-                              "heatmap_url": f"/jobs/{job.id}/heatmaps/0", "scores": {}}], "adapter": None}
+    job.result = generate_result([{"index": 0, "seed": 7, "heatmap": True, "scores": {}}])
     for kind, data in (("image", PNG_BYTES), ("heatmap", PNG_BYTES + b"-heat")):
         db.add(JobImage(job_id=job.id, kind=kind, index=0, blob_id=put_blob(db, data, "image/png").id))
     db.commit()
@@ -146,16 +148,36 @@ def test_images_and_heatmaps(client, auth, finished_generate_job, error_of):
     assert client.get(f"/jobs/{job_id}/images/-1", headers=auth).status_code == 422
 
 
-@pytest.mark.parametrize("result, images, heatmaps", [
-    ({"images": 2}, [0, 1], []),
-    ({"images": [{"seed": 1}, {"seed": 2}], "heatmaps": 2}, [0, 1], [0, 1]),
-    ({"images": [{"index": 3, "heatmap_url": "x"}]}, [3], [3]),
-    ({"images": "oops"}, [], []),
+def generate_result(images: list[dict], adapter: str | None = None) -> dict:
+    """A generate job's result as the worker stores it (sepen_store.contract.GenerateResult)."""
+    return {"images": images, "adapter": adapter, "model": "sepen-tiny", "concepts": [], "sample": {}}
+
+
+@pytest.mark.parametrize("images, image_links, heatmap_links", [
+    ([], [], []),
+    ([{"index": 0, "seed": 1, "heatmap": False}, {"index": 1, "seed": 2, "heatmap": False}], [0, 1], []),
+    ([{"index": 3, "seed": 1, "heatmap": True}], [3], [3]),
 ])
-def test_image_links_follow_the_result(client, auth, db, tenant, result, images, heatmaps):
-    job = Job(tenant=tenant, kind="generate", status="succeeded", request={}, request_hash="0" * 64, result=result)
+def test_image_links_follow_the_result(client, auth, db, tenant, images, image_links, heatmap_links):
+    job = Job(tenant=tenant, kind="generate", status="succeeded", request={}, request_hash="0" * 64,
+              result=generate_result(images, adapter="cat-dog@2"))
     db.add(job)
     db.commit()
-    links = client.get(f"/jobs/{job.id}", headers=auth).json()["links"]
-    assert links["images"] == [f"/jobs/{job.id}/images/{i}" for i in images]
-    assert links["heatmaps"] == [f"/jobs/{job.id}/heatmaps/{i}" for i in heatmaps]
+    body = client.get(f"/jobs/{job.id}", headers=auth).json()
+    assert body["links"]["images"] == [f"/jobs/{job.id}/images/{i}" for i in image_links]
+    assert body["links"]["heatmaps"] == [f"/jobs/{job.id}/heatmaps/{i}" for i in heatmap_links]
+    assert [image["url"] for image in body["result"]["images"]] == body["links"]["images"]
+    assert body["links"]["adapter"] == "/adapters/cat-dog/2/weights"
+
+
+def test_a_stored_result_outside_the_contract_is_refused_not_reshaped(db, tenant):
+    from pydantic import ValidationError
+
+    from service.schemas import JobOut
+
+    job = Job(tenant=tenant, kind="generate", status="succeeded", request={}, request_hash="0" * 64,
+              result={"images": "oops"})
+    db.add(job)
+    db.commit()
+    with pytest.raises(ValidationError):
+        JobOut.of(job)

@@ -34,8 +34,8 @@ def test_service_imports_only_what_the_architecture_allows():
 
 
 def test_importing_and_building_the_app_loads_no_torch(tmp_path):
-    code = ("import sys; from service.app import create_app; from sepen_store.settings import Settings; "
-            f"app = create_app(Settings(data_dir={str(tmp_path)!r})); app.openapi(); import service.admin; "
+    code = ("import sys; from service.app import create_app; from sepen_store.settings import GatewaySettings; "
+            f"app = create_app(GatewaySettings(data_dir={str(tmp_path)!r})); app.openapi(); import service.admin; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'safetensors', 'worker') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr

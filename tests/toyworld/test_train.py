@@ -8,12 +8,13 @@ import torch
 
 from sepen_core.models import load_base_model
 from toyworld.evaluate import EvalConfig
-from toyworld.train import TrainConfig, main, train
+from toyworld.train import Cadence, TrainConfig, main, train
 
 
 def test_train_resume_and_saved_model(tmp_path):
     began = time.perf_counter()
-    common = ["--batch-size", "8", "--warmup", "4", "--checkpoint-every", "5", "--log-every", "5", "--eval-samples", "0"]
+    common = ["--batch-size", "8", "--warmup", "4", "--checkpoint-every", "5", "--log-every", "5",
+              "--eval-samples", "0"]
     main(["--out", str(tmp_path / "resumed"), "--steps", "10", *common])
     assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["step"] == 10
     main(["--out", str(tmp_path / "resumed"), "--steps", "20", *common])  # resumes at 10 (steps may be extended)
@@ -23,12 +24,13 @@ def test_train_resume_and_saved_model(tmp_path):
     # The uninterrupted run, with an end-of-run evaluation. decay_fraction=0: the 10-step and the
     # 20-step run share their learning rates, so the resumed run must end on the same weights.
     config = TrainConfig(steps=20, batch_size=8, warmup_steps=4, decay_fraction=0.0)
-    train(tmp_path / "a", replace(config, steps=10), checkpoint_every=5, log_every=5)
-    train(tmp_path / "a", config, checkpoint_every=5, log_every=5)
+    cadence = Cadence(log_every=5, checkpoint_every=5)
+    train(tmp_path / "a", replace(config, steps=10), cadence=cadence)
+    train(tmp_path / "a", config, cadence=cadence)
     model_dir = train(tmp_path / "b", config, eval_config=EvalConfig(samples_per_group=2, num_inference_steps=2),
-                      checkpoint_every=5, log_every=5)
+                      cadence=cadence)
     a, b = load_base_model(tmp_path / "a" / "model"), load_base_model(model_dir)
-    for (name, pa), pb in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
+    for (name, pa), pb in zip(a.unet.state_dict().items(), b.unet.state_dict().values(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-6), name
     summary = json.loads((model_dir / "training.json").read_text())
     assert summary["steps"] == 20 and summary["evals"][-1]["step"] == 20

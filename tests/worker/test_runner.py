@@ -8,14 +8,14 @@ from sepen_core.config import FinetuneConfig, SampleConfig
 from sepen_core.prompts import ConceptSet
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.jobs import create_job, get_job
-from sepen_store.settings import Settings
+from sepen_store.settings import WorkerSettings
 from worker import runner as runner_module
 from worker.runner import Runtime
 
 
 @pytest.fixture
 def runtime(tmp_path):
-    settings = Settings(data_dir=tmp_path, checkpoint_every=2, progress_interval_s=0.0)
+    settings = WorkerSettings(data_dir=tmp_path, checkpoint_every=2, progress_interval_s=0.0)
     upgrade_database(settings.database_url)
     return Runtime.create(settings, session_factory(make_engine(settings.database_url)))
 
@@ -51,7 +51,9 @@ def test_out_of_memory_fails_the_job_and_the_next_job_runs(runtime, monkeypatch)
     monkeypatch.setattr(runner_module, "generate", real_generate)
     second = submit(runtime, "generate", generate_request())
     assert runtime.run("generate", second) == "succeeded"
-    assert job_row(runtime, second).result["images"][0]["url"] == f"/jobs/{second}/images/0"
+    stored = job_row(runtime, second).result  # indices, not URLs: the gateway makes the links
+    assert stored["images"][0]["index"] == 0 and stored["images"][0]["heatmap"] is False
+    assert "url" not in stored["images"][0]
 
 
 def test_unexpected_crash_is_an_internal_error_with_its_message(runtime, monkeypatch):

@@ -1,0 +1,176 @@
+"""The typed job contract between gateway and worker: each kind's request, progress and result as the job row stores them.
+
+The gateway builds a request model and stores `model_dump()`; the worker reads it back with
+`parse_request`, so a row the gateway did not write fails loudly instead of deep inside a job.
+Results hold indices, seeds and scores, never URLs: the gateway alone turns them into links.
+The service's limits on what one request may ask for live here too, read by both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+KINDS = ("finetune", "generate")
+
+
+class Limits:
+    """What one request may ask of the service (sepen_core's own ranges are wider: they bound what is meaningful)."""
+
+    max_finetune_steps = 100_000
+    max_batch_size = 64
+    max_concept_groups = 500
+    max_collection = 5_000
+    max_images = 8
+    max_sample_steps = 200
+    max_guidance = 30.0
+    min_side, max_side = 64, 1024
+    max_prompt = 1_000
+
+
+class Contract(BaseModel):
+    """Stored JSON: exact on write, strict on read (an unknown key is a row some other code wrote)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---- requests ------------------------------------------------------------------------------------
+
+def _at_most(values: dict[str, Any], bounds: dict[str, float], where: str) -> None:
+    for name, bound in bounds.items():
+        value = values.get(name)
+        if isinstance(value, int | float) and value > bound:
+            raise ValueError(f"{where}.{name} is {value}; this service allows at most {bound}")
+
+
+class FinetuneRequest(Contract):
+    kind: Literal["finetune"] = "finetune"
+    adapter: str  # the name; the job publishes its next version
+    model: str  # a service model name (settings.models)
+    concepts: dict[str, Any]  # sepen_core ConceptSet.to_dict()
+    recipe: dict[str, Any]  # only what the request gave; laid over the model's defaults by the worker
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> FinetuneRequest:
+        _at_most(self.recipe, {"steps": Limits.max_finetune_steps, "batch_size": Limits.max_batch_size}, "recipe")
+        return self
+
+
+class GenerateRequest(Contract):
+    kind: Literal["generate"] = "generate"
+    prompt: str
+    model: str
+    adapter: str | None  # pinned 'name@N', or None
+    concepts: list[str]  # objects whose heatmaps and scores to render; empty: none
+    sample: dict[str, Any]  # only what the request gave (num_images and seed always): SampleConfig fields
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> GenerateRequest:
+        _at_most(self.sample, {"num_images": Limits.max_images, "num_inference_steps": Limits.max_sample_steps,
+                               "guidance_scale": Limits.max_guidance, "height": Limits.max_side,
+                               "width": Limits.max_side}, "sample")
+        return self
+
+
+JobRequest = FinetuneRequest | GenerateRequest
+REQUESTS: dict[str, type[FinetuneRequest] | type[GenerateRequest]] = {
+    "finetune": FinetuneRequest, "generate": GenerateRequest}
+
+
+def parse_request(kind: str, stored: dict[str, Any]) -> JobRequest:
+    """A job row's request as its kind's model ("kind" may be left out: rows written before it existed)."""
+    return REQUESTS[kind].model_validate({"kind": kind, **stored})
+
+
+def request_json(request: JobRequest) -> dict[str, Any]:
+    """What the job row stores: the request without its kind (the row has its own kind column)."""
+    return request.model_dump(exclude={"kind"})
+
+
+# ---- progress ------------------------------------------------------------------------------------
+
+class Losses(Contract):
+    total: float
+    separate: float
+    enhance: float
+    prior: float | None = None
+
+
+class FinetuneProgress(Contract):
+    step: int
+    total: int
+    eta_s: float
+    elapsed_s: float
+    losses: Losses
+    min_peak: float = Field(description="the weakest object's mean attention peak in this step's batch")
+    overlap: float = Field(description="the objects' maps' mean soft IoU in this step's batch")
+    peaks: dict[str, float] = Field(description="each concept of the batch: its mean smoothed attention peak")
+
+
+class GenerateProgress(Contract):
+    step: int
+    total: int
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+class CurvePoint(Contract):
+    step: int
+    loss: float
+    separate: float
+    enhance: float
+    prior: float | None = None
+    min_peak: float
+    overlap: float
+
+
+class ProbeDiagnosis(Contract):
+    prompt: str
+    before: dict[str, Any]  # sepen_core diagnose(...).to_dict() with the base keys
+    after: dict[str, Any]  # the same with the new adapter
+
+
+class FinetuneSummary(Contract):
+    loss_curve: list[CurvePoint]
+    final: FinetuneProgress
+    resumed_from_step: int
+    diagnostics: list[ProbeDiagnosis]
+
+
+class FinetuneResult(Contract):
+    adapter: str  # 'name@N'
+    name: str
+    version: int
+    sha256: str
+    summary: FinetuneSummary | None
+
+
+class GeneratedImage(Contract):
+    index: int  # the image's number within the job: GET /jobs/{id}/images/{index}
+    seed: int
+    heatmap: bool  # a heatmap was stored under the same index
+    scores: dict[str, Any] | None = None  # each concept's peak and the pairs' overlap
+
+
+class GenerateResult(Contract):
+    images: list[GeneratedImage]
+    adapter: str | None
+    model: str
+    concepts: list[str]
+    sample: dict[str, Any]  # the SampleConfig that ran, defaults filled in
+
+
+JobResult = FinetuneResult | GenerateResult
+RESULTS: dict[str, type[FinetuneResult] | type[GenerateResult]] = {
+    "finetune": FinetuneResult, "generate": GenerateResult}
+PROGRESS: dict[str, type[FinetuneProgress] | type[GenerateProgress]] = {
+    "finetune": FinetuneProgress, "generate": GenerateProgress}
+
+
+def parse_result(kind: str, stored: dict[str, Any] | None) -> JobResult | None:
+    return None if stored is None else RESULTS[kind].model_validate(stored)
+
+
+def parse_progress(kind: str, stored: dict[str, Any] | None) -> FinetuneProgress | GenerateProgress | None:
+    return None if stored is None else PROGRESS[kind].model_validate(stored)
