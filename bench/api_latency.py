@@ -41,7 +41,10 @@ async def load(base: str, key: str, clients: int, seconds: float, make_request) 
     errors = 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}, limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=base, headers={"Authorization": f"Bearer {key}"}, limits=limits, timeout=30
+    ) as client:
+
         async def one_client(i: int) -> None:
             nonlocal errors
             n = 0
@@ -60,8 +63,13 @@ async def load(base: str, key: str, clients: int, seconds: float, make_request) 
 
 def summary(name: str, latencies: list[float], seconds: float) -> dict:
     ordered = sorted(latencies)
-    return {"endpoint": name, "requests": len(ordered), "rps": len(ordered) / seconds,
-            "p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))]}
+    return {
+        "endpoint": name,
+        "requests": len(ordered),
+        "rps": len(ordered) / seconds,
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))],
+    }
 
 
 def main() -> None:
@@ -77,16 +85,38 @@ def main() -> None:
         conn.execute(f"CREATE DATABASE {database}")
     redis.Redis(db=12).flushdb()
     port = free_port()
-    env = {**os.environ, "SEPEN_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}",
-           "SEPEN_BROKER_URL": "redis://127.0.0.1:6379/12"}
+    env = {
+        **os.environ,
+        "SEPEN_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}",
+        "SEPEN_BROKER_URL": "redis://127.0.0.1:6379/12",
+    }
     gateway = None
     try:
         subprocess.run([str(BIN / "sepen-admin"), "migrate"], env=env, check=True, cwd=ROOT)
-        key = subprocess.run([str(BIN / "sepen-admin"), "create-key", "--tenant", "bench"], env=env, check=True, cwd=ROOT,
-                             capture_output=True, text=True).stdout.split()[-1]
-        gateway = subprocess.Popen([str(BIN / "uvicorn"), "--factory", "service.app:app_from_env", "--port", str(port),
-                                    "--workers", str(args.gateway_workers), "--log-level", "warning", "--no-access-log"],
-                                   env=env, cwd=ROOT)
+        key = subprocess.run(
+            [str(BIN / "sepen-admin"), "create-key", "--tenant", "bench"],
+            env=env,
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.split()[-1]
+        gateway = subprocess.Popen(
+            [
+                str(BIN / "uvicorn"),
+                "--factory",
+                "service.app:app_from_env",
+                "--port",
+                str(port),
+                "--workers",
+                str(args.gateway_workers),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env=env,
+            cwd=ROOT,
+        )
         base = f"http://127.0.0.1:{port}"
         for _ in range(100):
             try:
@@ -97,24 +127,46 @@ def main() -> None:
             time.sleep(0.2)
 
         async def post_generate(client, i, n):
-            return await client.post("/generate", json={"prompt": f"a photo of a cat and a dog {i} {n}", "steps": 20, "seed": n})
+            return await client.post(
+                "/generate", json={"prompt": f"a photo of a cat and a dog {i} {n}", "steps": 20, "seed": n}
+            )
 
-        results = [summary("POST /generate", asyncio.run(load(base, key, args.clients, args.seconds, post_generate)), args.seconds)]
-        job_ids = [j["id"] for j in httpx.get(f"{base}/jobs?limit=100", headers={"Authorization": f"Bearer {key}"}).json()["jobs"]]
+        results = [
+            summary(
+                "POST /generate", asyncio.run(load(base, key, args.clients, args.seconds, post_generate)), args.seconds
+            )
+        ]
+        job_ids = [
+            j["id"]
+            for j in httpx.get(f"{base}/jobs?limit=100", headers={"Authorization": f"Bearer {key}"}).json()["jobs"]
+        ]
 
         async def get_job(client, i, n):
             return await client.get(f"/jobs/{job_ids[(i + n) % len(job_ids)]}")
 
-        results.append(summary("GET /jobs/{id}", asyncio.run(load(base, key, args.clients, args.seconds, get_job)), args.seconds))
+        results.append(
+            summary("GET /jobs/{id}", asyncio.run(load(base, key, args.clients, args.seconds, get_job)), args.seconds)
+        )
         queued = redis.Redis(db=12).llen("sepen.generate")
-        print(f"{args.clients} clients, {args.seconds:.0f} s each, {args.gateway_workers} uvicorn worker(s); "
-              f"{queued} messages enqueued")
+        print(
+            f"{args.clients} clients, {args.seconds:.0f} s each, {args.gateway_workers} uvicorn worker(s); "
+            f"{queued} messages enqueued"
+        )
         print("| endpoint | requests | req/s | p50 (ms) | p99 (ms) |\n|---|---:|---:|---:|---:|")
         for r in results:
             print(f"| {r['endpoint']} | {r['requests']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
         if args.json:
-            Path(args.json).write_text(json.dumps({"clients": args.clients, "seconds": args.seconds,
-                                                   "gateway_workers": args.gateway_workers, "results": results}, indent=2))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "clients": args.clients,
+                        "seconds": args.seconds,
+                        "gateway_workers": args.gateway_workers,
+                        "results": results,
+                    },
+                    indent=2,
+                )
+            )
     finally:
         if gateway is not None:
             gateway.terminate()

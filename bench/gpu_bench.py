@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_bench  # noqa: E402  (puts the repo root on sys.path too)
-
 from diffusers import AutoencoderKL  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
@@ -30,11 +29,31 @@ from sepen_core.models import BaseModel, build_tiny_model  # noqa: E402
 from sepen_core.sampling import generate  # noqa: E402
 
 # SD 1.5's text encoder (openai/clip-vit-large-patch14's text tower) and VAE configs, written out.
-SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2)
-SD15_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                       up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                       act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+SD15_TEXT_CONFIG = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    bos_token_id=0,
+    eos_token_id=2,
+)
+SD15_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
 PROMPT = "a photo of a cat and a dog"
 
 
@@ -58,7 +77,9 @@ def make_adapter(model: BaseModel, scale: float = 0.01) -> KeyProjectionAdapter:
     return adapter
 
 
-def bench_generation(model: BaseModel, *, size: int, steps: int, guidance: float, runs: int, warmup: int, log=print) -> dict:
+def bench_generation(
+    model: BaseModel, *, size: int, steps: int, guidance: float, runs: int, warmup: int, log=print
+) -> dict:
     """Median wall time of generate() without and with the adapter, alternating the two (ABBA order)."""
     adapter = make_adapter(model)
     config = SampleConfig(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, seed=0)
@@ -67,7 +88,7 @@ def bench_generation(model: BaseModel, *, size: int, steps: int, guidance: float
     peak: dict[str, float] = {}
     pixels: dict[str, torch.Tensor] = {}
     for round_ in range(warmup + runs):
-        for name in (("base", "adapter") if round_ % 2 == 0 else ("adapter", "base")):  # ABBA: no order bias
+        for name in ("base", "adapter") if round_ % 2 == 0 else ("adapter", "base"):  # ABBA: no order bias
             gc.collect()
             if cuda:
                 torch.cuda.synchronize()
@@ -88,21 +109,38 @@ def bench_generation(model: BaseModel, *, size: int, steps: int, guidance: float
     params = step_bench.key_parameters(model)
     restored = all(torch.equal(params[n].detach(), b) for n, b in model.base_keys.items())
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"size_px": size, "steps": steps, "guidance": guidance, "dtype": str(model.dtype).removeprefix("torch."),
-            "runs": runs, "times_s": times, "median_s": med, "adapter_overhead": med["adapter"] / med["base"] - 1,
-            "per_step_ms": {k: v / steps * 1000 for k, v in med.items()}, "peak_extra_mib": peak,
-            "adapter_changes_image": bool((pixels["base"] - pixels["adapter"]).abs().max() > 0),
-            "base_keys_restored": restored, "adapter_parameters": adapter.num_parameters}
+    return {
+        "size_px": size,
+        "steps": steps,
+        "guidance": guidance,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "runs": runs,
+        "times_s": times,
+        "median_s": med,
+        "adapter_overhead": med["adapter"] / med["base"] - 1,
+        "per_step_ms": {k: v / steps * 1000 for k, v in med.items()},
+        "peak_extra_mib": peak,
+        "adapter_changes_image": bool((pixels["base"] - pixels["adapter"]).abs().max() > 0),
+        "base_keys_restored": restored,
+        "adapter_parameters": adapter.num_parameters,
+    }
 
 
 def format_generation(gen: dict) -> str:
-    rows = [f"| generation ({gen['size_px']} px, {gen['steps']} steps, guidance {gen['guidance']}, {gen['dtype']}) | median (s) | per step (ms) | extra peak memory (MiB) |",
-            "|---|---:|---:|---:|"]
+    rows = [
+        f"| generation ({gen['size_px']} px, {gen['steps']} steps, guidance {gen['guidance']}, {gen['dtype']}) "
+        "| median (s) | per step (ms) | extra peak memory (MiB) |",
+        "|---|---:|---:|---:|",
+    ]
     for name in ("base", "adapter"):
         mem = gen["peak_extra_mib"].get(name)
-        rows.append(f"| {name} | {gen['median_s'][name]:.3f} | {gen['per_step_ms'][name]:.1f} | {'n/a' if mem is None else f'{mem:.0f}'} |")
-    rows.append(f"\nadapter overhead {gen['adapter_overhead'] * 100:+.1f}%; adapter changes the image: {gen['adapter_changes_image']}; "
-                f"base keys restored after: {gen['base_keys_restored']}")
+        memory = "n/a" if mem is None else f"{mem:.0f}"
+        rows.append(f"| {name} | {gen['median_s'][name]:.3f} | {gen['per_step_ms'][name]:.1f} | {memory} |")
+    rows.append(
+        f"\nadapter overhead {gen['adapter_overhead'] * 100:+.1f}%; "
+        f"adapter changes the image: {gen['adapter_changes_image']}; "
+        f"base keys restored after: {gen['base_keys_restored']}"
+    )
     return "\n".join(rows)
 
 
@@ -111,14 +149,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="run everything on CPU with the tiny model, quickly")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 32])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="step batch sizes (batch 1 is launch-bound on a GPU)")
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[1, 4], help="step batch sizes (batch 1 is launch-bound on a GPU)"
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gen-runs", type=int, default=3)
     parser.add_argument("--gen-steps", type=int, default=50)
     parser.add_argument("--gen-size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--guidance", type=float, default=6.0)
-    parser.add_argument("--gen-dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="weights dtype for generation")
+    parser.add_argument(
+        "--gen-dtype", choices=["fp32", "bf16", "fp16"], default="bf16", help="weights dtype for generation"
+    )
     parser.add_argument("--skip-steps", action="store_true")
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -133,7 +175,10 @@ def main(argv=None) -> dict:
         args.runs, args.warmup, args.gen_runs, args.gen_dtype, args.gen_steps = 1, 1, 1, "fp32", 10
         args.resolutions, args.batches = [32, 16], [1, 2]
     started = time.perf_counter()
-    log(f"torch {torch.__version__}, device {device}" + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else ""))
+    log(
+        f"torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else "")
+    )
     model = build_tiny_model(0, sample_size=32, device=device) if args.smoke else build_sd15_model(device)
     log(f"model built in {time.perf_counter() - started:.1f} s")
     report: dict = {"device": device, "smoke": args.smoke, "torch": torch.__version__}
@@ -145,9 +190,18 @@ def main(argv=None) -> dict:
         report["steps"] = {}
         for b in args.batches:
             log(f"== one SepEn step, batch {b}, bf16 autocast")
-            steps = step_bench.run_benchmark(tiny=args.smoke, device=device, dtype_name="bf16", resolutions=args.resolutions,
-                                             runs=args.runs, warmup=args.warmup, memory=not args.smoke, log=log, model=model,
-                                             batch_size=b)
+            steps = step_bench.run_benchmark(
+                tiny=args.smoke,
+                device=device,
+                dtype_name="bf16",
+                resolutions=args.resolutions,
+                runs=args.runs,
+                warmup=args.warmup,
+                memory=not args.smoke,
+                log=log,
+                model=model,
+                batch_size=b,
+            )
             report["steps"][str(b)] = steps
             tables.append(step_bench.format_table(steps))
 
@@ -155,8 +209,9 @@ def main(argv=None) -> dict:
         if args.gen_dtype != "fp32":
             model.to(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.gen_dtype])
         size = args.gen_size if not args.smoke else model.unet.config.sample_size * model.vae_scale_factor
-        gen = bench_generation(model, size=size, steps=args.gen_steps, guidance=args.guidance, runs=args.gen_runs,
-                               warmup=1, log=log)
+        gen = bench_generation(
+            model, size=size, steps=args.gen_steps, guidance=args.guidance, runs=args.gen_runs, warmup=1, log=log
+        )
         report["generation"] = gen
         tables.append(format_generation(gen))
 

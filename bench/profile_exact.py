@@ -25,7 +25,10 @@ FAMILIES = [  # (family, substrings of the op name), first match wins
     ("group norm", ("group_norm",)),
     ("layer norm", ("layer_norm",)),
     ("activations (silu/gelu)", ("silu", "gelu")),
-    ("elementwise add/mul/copy/cat", ("aten::add", "aten::mul", "aten::copy_", "aten::cat", "aten::div", "aten::clone", "aten::fill_", "aten::zero")),
+    (
+        "elementwise add/mul/copy/cat",
+        ("aten::add", "aten::mul", "aten::copy_", "aten::cat", "aten::div", "aten::clone", "aten::fill_", "aten::zero"),
+    ),
 ]
 
 
@@ -59,14 +62,19 @@ def main(argv=None) -> None:
     backward_us = 0.0
     for e in events:
         by_family[family(e.key)] += e.self_cpu_time_total
-    # the autograd engine wraps each backward node in "autograd::engine::evaluate_function: ...": their total is the backward
+    # the autograd engine wraps each backward node in "autograd::engine::evaluate_function: ...";
+    # their total is the backward
     backward_us = sum(e.cpu_time_total for e in events if e.key.startswith("autograd::engine::evaluate_function:"))
 
-    lines = [f"one {args.method} step at {args.resolution}x{args.resolution}, {'tiny' if args.tiny else 'SD 1.5'} UNet, fp32, CPU "
-             f"({torch.get_num_threads()} threads), torch {torch.__version__}",
-             f"total self CPU time {total_us / 1e6:.3f} s: backward (autograd engine nodes) {backward_us / 1e6:.3f} s, "
-             f"forward and the rest {(total_us - backward_us) / 1e6:.3f} s", "",
-             "self CPU time by op family:"]
+    lines = [
+        f"one {args.method} step at {args.resolution}x{args.resolution}, "
+        f"{'tiny' if args.tiny else 'SD 1.5'} UNet, fp32, CPU "
+        f"({torch.get_num_threads()} threads), torch {torch.__version__}",
+        f"total self CPU time {total_us / 1e6:.3f} s: backward (autograd engine nodes) {backward_us / 1e6:.3f} s, "
+        f"forward and the rest {(total_us - backward_us) / 1e6:.3f} s",
+        "",
+        "self CPU time by op family:",
+    ]
     for fam, us in sorted(by_family.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {fam:<58} {us / 1e6:7.3f} s  {us / total_us * 100:5.1f}%")
     lines += ["", events.table(sort_by="self_cpu_time_total", row_limit=args.rows)]

@@ -61,15 +61,34 @@ from sepen_core.reference import reference_objective  # noqa: E402
 
 # Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), written out: no downloads.
 SD15_UNET_CONFIG = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
 )
 # SD's scheduler (scheduler/scheduler_config.json of SD 1.x).
-SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 STEP_METHODS = ("reference", "exact", "local")  # training steps: forward + loss + backward
 FLOOR_METHODS = ("floor", "exact_fwd", "full_fwd")  # forward-only pieces, for the analysis
@@ -87,8 +106,13 @@ def unet_config(tiny: bool) -> dict:
     return tiny_unet_config() if tiny else dict(SD15_UNET_CONFIG)
 
 
-def build_model(tiny: bool = False, device: str | torch.device = "cpu", seed: int = 0,
-                text_encoder: CLIPTextModel | None = None, vae=None) -> BaseModel:
+def build_model(
+    tiny: bool = False,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    text_encoder: CLIPTextModel | None = None,
+    vae=None,
+) -> BaseModel:
     """A random-weight SD 1.5-architecture BaseModel (or the tiny layout), fp32, no downloads.
 
     The step benchmark feeds fixed random text embeddings, so by default the text encoder is a
@@ -98,12 +122,26 @@ def build_model(tiny: bool = False, device: str | torch.device = "cpu", seed: in
     with torch.device(device):
         unet = UNet2DConditionModel(**unet_config(tiny))
         if text_encoder is None:
-            text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
-                                                        num_hidden_layers=1, num_attention_heads=2,
-                                                        max_position_embeddings=77, projection_dim=32))
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=49408,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    max_position_embeddings=77,
+                    projection_dim=32,
+                )
+            )
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
-    model = BaseModel(unet.eval(), text_encoder.eval(), load_clip_tokenizer(), scheduler, vae,
-                      "sd15-random" if not tiny else "tiny-random")
+    model = BaseModel(
+        unet.eval(),
+        text_encoder.eval(),
+        load_clip_tokenizer(),
+        scheduler,
+        vae,
+        "sd15-random" if not tiny else "tiny-random",
+    )
     return model.to(device)
 
 
@@ -119,8 +157,13 @@ def make_batch(model: BaseModel, resolution: int, seed: int = 0, batch: int = 1)
     content_mask = torch.zeros(batch, 77)
     content_mask[:, list(CONTENT_POSITIONS)] = 1.0
     device = model.device
-    targets = MapTargets(concept_mask.to(device), valid.to(device), content_mask.to(device),
-                         tuple(map_layers(model.unet, MAP_DOWNSAMPLE)), (resolution // MAP_DOWNSAMPLE,) * 2)
+    targets = MapTargets(
+        concept_mask.to(device),
+        valid.to(device),
+        content_mask.to(device),
+        tuple(map_layers(model.unet, MAP_DOWNSAMPLE)),
+        (resolution // MAP_DOWNSAMPLE,) * 2,
+    )
     shape = (batch, model.unet.config.in_channels, resolution, resolution)
     clean = torch.randn(shape, generator=generator) * 0.18215
     noise = torch.randn(shape, generator=generator)
@@ -151,8 +194,10 @@ def key_grads(model: BaseModel) -> dict[str, torch.Tensor]:
 
 
 # -- one step of each method ---------------------------------------------------------------------
-CONFIGS = {"exact": FinetuneConfig(grad_mode="exact", batch_size=1),
-           "local": FinetuneConfig(grad_mode="local", batch_size=1)}
+CONFIGS = {
+    "exact": FinetuneConfig(grad_mode="exact", batch_size=1),
+    "local": FinetuneConfig(grad_mode="local", batch_size=1),
+}
 
 
 def autocast_for(model: BaseModel, dtype: torch.dtype | None):
@@ -213,13 +258,23 @@ def cosine_check(reference: dict[str, torch.Tensor], other: dict[str, torch.Tens
         else:
             per_layer[name] = float(F.cosine_similarity(g.flatten().double(), h.flatten().double(), dim=0))
     extra = sorted(set(other) - set(reference))
-    return {"min_cosine": min(per_layer.values()) if per_layer else 0.0, "layers": len(per_layer),
-            "extra_layers": extra, "per_layer": per_layer}
+    return {
+        "min_cosine": min(per_layer.values()) if per_layer else 0.0,
+        "layers": len(per_layer),
+        "extra_layers": extra,
+        "per_layer": per_layer,
+    }
 
 
-def gradient_check(model: BaseModel, batch: TrainingBatch, dtype: torch.dtype | None = None,
-                   reference_grads: dict | None = None, exact_grads: dict | None = None,
-                   local_grads: dict | None = None, losses: dict | None = None) -> dict:
+def gradient_check(
+    model: BaseModel,
+    batch: TrainingBatch,
+    dtype: torch.dtype | None = None,
+    reference_grads: dict | None = None,
+    exact_grads: dict | None = None,
+    local_grads: dict | None = None,
+    losses: dict | None = None,
+) -> dict:
     """Exact (and, for information, local) gradients vs the reference's; reuses grads already computed."""
     losses = dict(losses or {})
     if reference_grads is None:
@@ -235,12 +290,19 @@ def gradient_check(model: BaseModel, batch: TrainingBatch, dtype: torch.dtype | 
     exact = cosine_check(reference_grads, exact_grads)
     # local trains only the capture layers' keys, each through its own maps: compare where it has grads
     local = cosine_check({k: v for k, v in reference_grads.items() if k in local_grads}, local_grads)
-    return {"dtype": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
-            "exact_min_cosine": exact["min_cosine"], "exact_layers": exact["layers"],
-            "exact_extra_layers": exact["extra_layers"], "local_min_cosine": local["min_cosine"],
-            "local_layers": local["layers"], "reference_layers": len(reference_grads),
-            "losses": losses, "valid": exact["min_cosine"] >= COSINE_VALID and not exact["extra_layers"],
-            "exact_per_layer": exact["per_layer"], "local_per_layer": local["per_layer"]}
+    return {
+        "dtype": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+        "exact_min_cosine": exact["min_cosine"],
+        "exact_layers": exact["layers"],
+        "exact_extra_layers": exact["extra_layers"],
+        "local_min_cosine": local["min_cosine"],
+        "local_layers": local["layers"],
+        "reference_layers": len(reference_grads),
+        "losses": losses,
+        "valid": exact["min_cosine"] >= COSINE_VALID and not exact["extra_layers"],
+        "exact_per_layer": exact["per_layer"],
+        "local_per_layer": local["per_layer"],
+    }
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -259,21 +321,37 @@ def memory_child(args) -> dict:
     baseline = _proc_status_kib("VmRSS")
     run_method(model, batch, method, DTYPES[args.dtype])
     peak = _proc_status_kib("VmHWM")
-    return {"method": method, "resolution": args.resolutions[0], "baseline_mib": baseline / 1024,
-            "peak_mib": peak / 1024, "extra_mib": (peak - baseline) / 1024}
+    return {
+        "method": method,
+        "resolution": args.resolutions[0],
+        "baseline_mib": baseline / 1024,
+        "peak_mib": peak / 1024,
+        "extra_mib": (peak - baseline) / 1024,
+    }
 
 
 def memory_cpu_subprocess(method: str, resolution: int, tiny: bool, dtype: str, batch: int = 1) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", method, "--resolutions", str(resolution),
-           "--dtype", dtype, "--batch", str(batch)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-child",
+        method,
+        "--resolutions",
+        str(resolution),
+        "--dtype",
+        dtype,
+        "--batch",
+        str(batch),
+    ]
     if tiny:
         cmd.append("--tiny")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("MEMORY "):
             return json.loads(line.removeprefix("MEMORY "))
-    raise RuntimeError(f"memory child for {method} at {resolution} failed (rc {proc.returncode}):\n"
-                       f"{proc.stderr[-4000:]}")
+    raise RuntimeError(
+        f"memory child for {method} at {resolution} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    )
 
 
 def memory_cuda(model: BaseModel, batch: TrainingBatch, method: str, dtype: torch.dtype | None) -> dict:
@@ -287,13 +365,26 @@ def memory_cuda(model: BaseModel, batch: TrainingBatch, method: str, dtype: torc
     torch.cuda.synchronize(model.device)
     peak = torch.cuda.max_memory_allocated(model.device)
     zero_grads(model)
-    return {"method": method, "baseline_mib": baseline / 2**20, "peak_mib": peak / 2**20,
-            "extra_mib": (peak - baseline) / 2**20}
+    return {
+        "method": method,
+        "baseline_mib": baseline / 2**20,
+        "peak_mib": peak / 2**20,
+        "extra_mib": (peak - baseline) / 2**20,
+    }
 
 
 # -- the benchmark --------------------------------------------------------------------------------
-def bench_resolution(model: BaseModel, resolution: int, *, runs: int, warmup: int, dtype: torch.dtype | None,
-                     methods: tuple[str, ...] = ALL_METHODS, log=print, batch_size: int = 1) -> dict:
+def bench_resolution(
+    model: BaseModel,
+    resolution: int,
+    *,
+    runs: int,
+    warmup: int,
+    dtype: torch.dtype | None,
+    methods: tuple[str, ...] = ALL_METHODS,
+    log=print,
+    batch_size: int = 1,
+) -> dict:
     """Time every method `runs` times after `warmup` rounds, alternating methods within each round."""
     batch = make_batch(model, resolution, batch=batch_size)
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -317,25 +408,45 @@ def bench_resolution(model: BaseModel, resolution: int, *, runs: int, warmup: in
             zero_grads(model)
     # Gradient check in fp32: reuse the warm-up grads when the timed dtype is fp32, else recompute.
     if dtype is None:
-        check = gradient_check(model, batch, None, grads.get("reference"), grads.get("exact"), grads.get("local"),
-                               losses)
+        check = gradient_check(
+            model, batch, None, grads.get("reference"), grads.get("exact"), grads.get("local"), losses
+        )
     else:
         check = gradient_check(model, batch, None)
-        check_timed = gradient_check(model, batch, dtype, grads.get("reference"), grads.get("exact"),
-                                     grads.get("local"), losses)
+        check_timed = gradient_check(
+            model, batch, dtype, grads.get("reference"), grads.get("exact"), grads.get("local"), losses
+        )
         check["timed_dtype"] = {k: check_timed[k] for k in ("dtype", "exact_min_cosine", "local_min_cosine", "losses")}
-    log(f"  {resolution}x{resolution} gradient check (fp32): exact min cosine {check['exact_min_cosine']:.6f} over "
+    log(
+        f"  {resolution}x{resolution} gradient check (fp32): exact min cosine {check['exact_min_cosine']:.6f} over "
         f"{check['exact_layers']} layers -> {'VALID' if check['valid'] else 'INVALID'}; "
         f"local min cosine {check['local_min_cosine']:.4f} "
-        f"over the {check['local_layers']} of {check['reference_layers']} layers it trains")
-    return {"resolution": resolution, "times_s": times,
-            "median_s": {m: statistics.median(t) for m, t in times.items() if t},
-            "min_s": {m: min(t) for m, t in times.items() if t},
-            "losses": losses, "gradient_check": check, "load_1min": load}
+        f"over the {check['local_layers']} of {check['reference_layers']} layers it trains"
+    )
+    return {
+        "resolution": resolution,
+        "times_s": times,
+        "median_s": {m: statistics.median(t) for m, t in times.items() if t},
+        "min_s": {m: min(t) for m, t in times.items() if t},
+        "losses": losses,
+        "gradient_check": check,
+        "load_1min": load,
+    }
 
 
-def run_benchmark(*, tiny: bool, device: str, dtype_name: str, resolutions: list[int], runs: int, warmup: int,
-                  memory: bool = True, log=print, model: BaseModel | None = None, batch_size: int = 1) -> dict:
+def run_benchmark(
+    *,
+    tiny: bool,
+    device: str,
+    dtype_name: str,
+    resolutions: list[int],
+    runs: int,
+    warmup: int,
+    memory: bool = True,
+    log=print,
+    model: BaseModel | None = None,
+    batch_size: int = 1,
+) -> dict:
     """The whole comparison; memory on CPU runs in fresh subprocesses after the timings."""
     dtype = DTYPES[dtype_name]
     started = time.perf_counter()
@@ -365,22 +476,34 @@ def run_benchmark(*, tiny: bool, device: str, dtype_name: str, resolutions: list
                 log(f"    extra {result['memory'][m]['extra_mib']:.0f} MiB")
     setup = environment(tiny, device, dtype_name, runs, warmup, weights_mib)
     setup["batch"] = batch_size
-    return {"setup": setup, "results": per_res,
-            "wall_s": time.perf_counter() - started}
+    return {"setup": setup, "results": per_res, "wall_s": time.perf_counter() - started}
 
 
 def environment(tiny: bool, device: str, dtype_name: str, runs: int, warmup: int, weights_mib: float) -> dict:
-    env = {"model": "tiny_unet_config (cross_attention_dim 32)" if tiny else "SD 1.5 UNet architecture, random weights",
-           "unet_weights_mib": round(weights_mib, 1), "device": device, "dtype": dtype_name,
-           "weights_dtype": "fp32", "batch": 1, "runs": runs, "warmup": warmup, "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "python": platform.python_version(), "machine": platform.machine(),
-           "step": "forward + loss + backward into attn2.to_k (no optimizer step)"}
+    env = {
+        "model": "tiny_unet_config (cross_attention_dim 32)" if tiny else "SD 1.5 UNet architecture, random weights",
+        "unet_weights_mib": round(weights_mib, 1),
+        "device": device,
+        "dtype": dtype_name,
+        "weights_dtype": "fp32",
+        "batch": 1,
+        "runs": runs,
+        "warmup": warmup,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "step": "forward + loss + backward into attn2.to_k (no optimizer step)",
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
         try:
-            env["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                              if line.startswith("model name"))
+            env["cpu"] = next(
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            )
         except (OSError, StopIteration):
             env["cpu"] = platform.processor()
     return env
@@ -390,10 +513,13 @@ def environment(tiny: bool, device: str, dtype_name: str, runs: int, warmup: int
 def format_table(report: dict) -> str:
     b = report["setup"].get("batch", 1)
     setup = report["setup"]
-    rows = [f"batch {b}, {setup['dtype']} on {setup.get('gpu') or setup.get('cpu', setup['device'])}", "",
-            "| latent | method | median step (s) | speedup vs reference | best step (s) | best-vs-best speedup "
-            "| extra memory (MiB) | memory vs reference | exact grads (min cos) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        f"batch {b}, {setup['dtype']} on {setup.get('gpu') or setup.get('cpu', setup['device'])}",
+        "",
+        "| latent | method | median step (s) | speedup vs reference | best step (s) | best-vs-best speedup "
+        "| extra memory (MiB) | memory vs reference | exact grads (min cos) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in report["results"]:
         res, med, mem = r["resolution"], r["median_s"], r.get("memory", {})
         check = r["gradient_check"]
@@ -408,22 +534,30 @@ def format_table(report: dict) -> str:
             elif m == "exact":
                 grad = f"{check['exact_min_cosine']:.6f} {'valid' if check['valid'] else 'INVALID'}"
             else:
-                grad = (f"{check['local_min_cosine']:.4f} on its {check['local_layers']}/{check['reference_layers']} "
-                        "layers (approximate by design)")
+                grad = (
+                    f"{check['local_min_cosine']:.4f} on its {check['local_layers']}/{check['reference_layers']} "
+                    "layers (approximate by design)"
+                )
             memory = f"{extra:.0f} | {extra / ref_m:.2f} |" if extra is not None and ref_m else "n/a | n/a |"
-            rows.append(f"| {res}x{res} | {m} | {t:.3f} | {ref_t / t:.2f}x | {best[m]:.3f} | "
-                        f"{best['reference'] / best[m]:.2f}x | {memory} {grad} |")
+            rows.append(
+                f"| {res}x{res} | {m} | {t:.3f} | {ref_t / t:.2f}x | {best[m]:.3f} | "
+                f"{best['reference'] / best[m]:.2f}x | {memory} {grad} |"
+            )
     rows.append("")
-    rows.append("| latent | floor: early-exit fwd, no_grad (s) | exact fwd only (s) | exact bwd (= step - fwd) (s) "
-                "| full UNet fwd, no_grad (s) | exact / floor | local / floor |")
+    rows.append(
+        "| latent | floor: early-exit fwd, no_grad (s) | exact fwd only (s) | exact bwd (= step - fwd) (s) "
+        "| full UNet fwd, no_grad (s) | exact / floor | local / floor |"
+    )
     rows.append("|---|---:|---:|---:|---:|---:|---:|")
     for r in report["results"]:
         med = r["median_s"]
         if not all(k in med for k in ("floor", "exact_fwd", "full_fwd")):
             continue
-        rows.append(f"| {r['resolution']}x{r['resolution']} | {med['floor']:.3f} | {med['exact_fwd']:.3f} | "
-                    f"{med['exact'] - med['exact_fwd']:.3f} | {med['full_fwd']:.3f} | "
-                    f"{med['exact'] / med['floor']:.2f}x | {med['local'] / med['floor']:.2f}x |")
+        rows.append(
+            f"| {r['resolution']}x{r['resolution']} | {med['floor']:.3f} | {med['exact_fwd']:.3f} | "
+            f"{med['exact'] - med['exact_fwd']:.3f} | {med['full_fwd']:.3f} | "
+            f"{med['exact'] / med['floor']:.2f}x | {med['local'] / med['floor']:.2f}x |"
+        )
     return "\n".join(rows)
 
 
@@ -433,8 +567,9 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=3, help="timed runs per method (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                        help="bf16: torch.autocast over fp32 weights")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="bf16: torch.autocast over fp32 weights"
+    )
     parser.add_argument("--batch", type=int, default=1, help="samples per step (the paper trains with 4)")
     parser.add_argument("--tiny", action="store_true", help="tiny_unet_config(): a seconds-long smoke test")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
@@ -449,9 +584,17 @@ def main(argv=None) -> dict | None:
         print("MEMORY " + json.dumps(memory_child(args)), flush=True)
         return None
     log = lambda s: print(s, flush=True)  # noqa: E731
-    report = run_benchmark(tiny=args.tiny, device=args.device, dtype_name=args.dtype, resolutions=args.resolutions,
-                           runs=args.runs, warmup=args.warmup, memory=not args.no_memory, log=log,
-                           batch_size=args.batch)
+    report = run_benchmark(
+        tiny=args.tiny,
+        device=args.device,
+        dtype_name=args.dtype,
+        resolutions=args.resolutions,
+        runs=args.runs,
+        warmup=args.warmup,
+        memory=not args.no_memory,
+        log=log,
+        batch_size=args.batch,
+    )
     report["command"] = "python bench/step_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     table = format_table(report)
     report["table_markdown"] = table

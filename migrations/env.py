@@ -12,7 +12,9 @@ url = config.get_main_option("sqlalchemy.url") or Settings.from_env().database_u
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True, render_as_batch=url.startswith("sqlite"))
+    context.configure(
+        url=url, target_metadata=Base.metadata, literal_binds=True, render_as_batch=url.startswith("sqlite")
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -21,7 +23,9 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     engine.pool = pool.NullPool(engine.pool._creator)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=url.startswith("sqlite"))
+        context.configure(
+            connection=connection, target_metadata=Base.metadata, render_as_batch=url.startswith("sqlite")
+        )
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

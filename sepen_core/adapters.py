@@ -49,11 +49,15 @@ class KeyProjectionAdapter:
     metadata: dict[str, Any] = field(default_factory=dict)  # concepts, recipe, steps, seed, job_id...
 
     @classmethod
-    def from_model(cls, model: BaseModel, metadata: dict[str, Any] | None = None, *,
-                   dtype: torch.dtype = torch.float16) -> KeyProjectionAdapter:
+    def from_model(
+        cls, model: BaseModel, metadata: dict[str, Any] | None = None, *, dtype: torch.dtype = torch.float16
+    ) -> KeyProjectionAdapter:
         """Capture the difference between the model's current key weights and its base keys."""
         params = dict(model.unet.named_parameters())
-        deltas = {name: (params[name].detach().float() - base.float()).to("cpu", dtype) for name, base in model.base_keys.items()}
+        deltas = {
+            name: (params[name].detach().float() - base.float()).to("cpu", dtype)
+            for name, base in model.base_keys.items()
+        }
         return cls(deltas, model.model_id, model.base_fingerprint, dict(metadata or {}))
 
     @property
@@ -66,9 +70,15 @@ class KeyProjectionAdapter:
 
     # -- bytes and files ---------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "representation": "delta",
-                  "base_model_id": self.base_model_id, "base_fingerprint": self.base_fingerprint,
-                  "tensors_sha256": self.sha256, "metadata": json.dumps(self.metadata, sort_keys=True)}
+        header = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "representation": "delta",
+            "base_model_id": self.base_model_id,
+            "base_fingerprint": self.base_fingerprint,
+            "tensors_sha256": self.sha256,
+            "metadata": json.dumps(self.metadata, sort_keys=True),
+        }
         return save_safetensors({k: v.contiguous() for k, v in self.deltas.items()}, metadata=header)
 
     @classmethod
@@ -81,8 +91,12 @@ class KeyProjectionAdapter:
         if header.get("format") != FORMAT:
             raise AdapterFormatError(f"not a sepen key-projection adapter (format {header.get('format')!r})")
         if header.get("format_version") != str(FORMAT_VERSION):
-            raise AdapterFormatError(f"adapter format version {header.get('format_version')} is not supported (expected {FORMAT_VERSION})")
-        adapter = cls(tensors, header["base_model_id"], header["base_fingerprint"], json.loads(header.get("metadata", "{}")))
+            raise AdapterFormatError(
+                f"adapter format version {header.get('format_version')} is not supported (expected {FORMAT_VERSION})"
+            )
+        adapter = cls(
+            tensors, header["base_model_id"], header["base_fingerprint"], json.loads(header.get("metadata", "{}"))
+        )
         if adapter.sha256 != header.get("tensors_sha256"):
             raise AdapterFormatError("adapter tensors do not match their recorded sha256: the file is corrupt")
         return adapter
@@ -103,14 +117,18 @@ class KeyProjectionAdapter:
         (`fingerprint` of the base keys if known, else computed from the UNet's current keys)."""
         names = key_projection_names(unet)
         if sorted(self.deltas) != names:
-            raise AdapterMismatchError(f"adapter for {self.base_model_id!r} has {len(self.deltas)} key layers; "
-                                       f"this model has {len(names)} with other names")
+            raise AdapterMismatchError(
+                f"adapter for {self.base_model_id!r} has {len(self.deltas)} key layers; "
+                f"this model has {len(names)} with other names"
+            )
         if fingerprint is None:
             params = dict(unet.named_parameters())
             fingerprint = key_fingerprint({n: params[n] for n in names})
         if fingerprint != self.base_fingerprint:
-            raise AdapterMismatchError(f"adapter was trained on base model {self.base_model_id!r} "
-                                       f"(key fingerprint {self.base_fingerprint[:12]}); this model's base keys differ")
+            raise AdapterMismatchError(
+                f"adapter was trained on base model {self.base_model_id!r} "
+                f"(key fingerprint {self.base_fingerprint[:12]}); this model's base keys differ"
+            )
 
     def apply(self, target, scale: float = 1.0) -> None:
         """Add the deltas to a BaseModel, a UNet2DConditionModel or a diffusers StableDiffusionPipeline,

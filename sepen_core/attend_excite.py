@@ -44,8 +44,11 @@ class AttendExcite:
         self.targets = targets  # one row per image
         self.steps_to_alter = round(config.steps_to_alter * num_steps)
         self.step_sizes = config.scale_factor * torch.linspace(*config.scale_range, num_steps).sqrt()
-        self.refine_at = {round(f * num_steps): thr for f, thr in config.refinement.items()
-                          if round(f * num_steps) < self.steps_to_alter}
+        self.refine_at = {
+            round(f * num_steps): thr
+            for f, thr in config.refinement.items()
+            if round(f * num_steps) < self.steps_to_alter
+        }
         self.updates = 0  # latent updates made, refinements included (their cost is the method's cost)
 
     def peaks(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -60,8 +63,9 @@ class AttendExcite:
         maps = maps.reshape(*maps.shape[:2], *self.targets.grid)  # (N, K, h, w)
         return peak_activation(maps, self.config.smoothing_sigma)
 
-    def _descend(self, latents: torch.Tensor, t: torch.Tensor, size: float,
-                 threshold: float | None) -> tuple[torch.Tensor, bool]:
+    def _descend(
+        self, latents: torch.Tensor, t: torch.Tensor, size: float, threshold: float | None
+    ) -> tuple[torch.Tensor, bool]:
         """One gradient step on the images whose weakest peak is below `threshold` (all of them if None).
         Returns the latents and whether any image still needed the step."""
         latents = latents.detach().requires_grad_(True)

@@ -55,8 +55,11 @@ def map_layers(unet: UNet2DConditionModel, map_downsample: int) -> list[str]:
     layers = [name for name, f in attn2_downsample_factors(unet).items() if f == map_downsample]
     if not layers:
         available = sorted(set(attn2_downsample_factors(unet).values()))
-        raise ConfigError("map_downsample", f"no cross-attention layer of this model works at 1/{map_downsample} "
-                                            f"of the latent size; choose one of {available}")
+        raise ConfigError(
+            "map_downsample",
+            f"no cross-attention layer of this model works at 1/{map_downsample} "
+            f"of the latent size; choose one of {available}",
+        )
     return layers
 
 
@@ -76,8 +79,13 @@ class MapTargets:
         return MapTargets(self.concept_mask[rows], self.valid[rows], self.content_mask[rows], self.layers, self.grid)
 
 
-def map_targets(model: BaseModel, cond: TextConditioning, concepts: Sequence[Sequence[str]], map_downsample: int,
-                latent_size: tuple[int, int]) -> MapTargets:
+def map_targets(
+    model: BaseModel,
+    cond: TextConditioning,
+    concepts: Sequence[Sequence[str]],
+    map_downsample: int,
+    latent_size: tuple[int, int],
+) -> MapTargets:
     """The targets of cond's prompts, whose row b names the objects concepts[b], for latents of latent_size (h, w).
 
     Raises ConceptError naming a concept its prompt does not hold, then ConfigError when no layer works
@@ -107,8 +115,15 @@ class MapRecorder:
     their own way.
     """
 
-    def __init__(self, targets: MapTargets, *, rows: slice | None = None, stop_after: int | None = None,
-                 local_gradients: bool = False, keep_tokens: bool = False):
+    def __init__(
+        self,
+        targets: MapTargets,
+        *,
+        rows: slice | None = None,
+        stop_after: int | None = None,
+        local_gradients: bool = False,
+        keep_tokens: bool = False,
+    ):
         self.concept_mask = targets.concept_mask  # (B, K, T)
         self.content_mask = targets.content_mask  # (B, T)
         self.grid = targets.grid
@@ -169,9 +184,15 @@ class CrossAttentionProcessor:
             return attn.to_k(encoder_hidden_states)
         return F.linear(encoder_hidden_states, self.key_weight.to(encoder_hidden_states.dtype))
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -240,22 +261,36 @@ def installed_processors(unet: UNet2DConditionModel, processors: dict[str, objec
         unet.set_attn_processor(original)
 
 
-def unet_forward(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor,
-                 cond: TextConditioning) -> torch.Tensor:
+def unet_forward(
+    unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning
+) -> torch.Tensor:
     """One UNet call with the conditioning's hidden states and attention mask: (B, C, h, w) noise prediction."""
-    return unet(latents, timesteps, encoder_hidden_states=cond.encoder_hidden_states,
-                encoder_attention_mask=cond.encoder_attention_mask).sample
+    return unet(
+        latents,
+        timesteps,
+        encoder_hidden_states=cond.encoder_hidden_states,
+        encoder_attention_mask=cond.encoder_attention_mask,
+    ).sample
 
 
-def capture_maps(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
-                 targets: MapTargets, *, local_gradients: bool = False, keep_tokens: bool = False) -> MapRecorder:
+def capture_maps(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: TextConditioning,
+    targets: MapTargets,
+    *,
+    local_gradients: bool = False,
+    keep_tokens: bool = False,
+) -> MapRecorder:
     """Run the UNet only as far as the last of the targets' layers and return the recorded maps.
 
     The UNet's output is not needed by the SepEn losses, so stopping early leaves every gradient
     unchanged. local_gradients runs the forward without autograd except inside the capture layers.
     """
-    recorder = MapRecorder(targets, stop_after=len(targets.layers), local_gradients=local_gradients,
-                           keep_tokens=keep_tokens)
+    recorder = MapRecorder(
+        targets, stop_after=len(targets.layers), local_gradients=local_gradients, keep_tokens=keep_tokens
+    )
     with installed_processors(unet, {name: CrossAttentionProcessor(recorder) for name in targets.layers}):
         with torch.no_grad() if local_gradients else nullcontext():
             try:
@@ -265,10 +300,17 @@ def capture_maps(unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: t
     return recorder
 
 
-def base_key_forward(unet: UNet2DConditionModel, base_keys: dict[str, torch.Tensor], latents: torch.Tensor,
-                     timesteps: torch.Tensor, cond: TextConditioning) -> torch.Tensor:
+def base_key_forward(
+    unet: UNet2DConditionModel,
+    base_keys: dict[str, torch.Tensor],
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: TextConditioning,
+) -> torch.Tensor:
     """The base model's noise prediction: the same UNet with its original attn2.to_k weights, no second copy."""
-    processors = {name.removesuffix(".to_k.weight"): CrossAttentionProcessor(key_weight=weight)
-                  for name, weight in base_keys.items()}
+    processors = {
+        name.removesuffix(".to_k.weight"): CrossAttentionProcessor(key_weight=weight)
+        for name, weight in base_keys.items()
+    }
     with installed_processors(unet, processors), torch.no_grad():
         return unet_forward(unet, latents, timesteps, cond)

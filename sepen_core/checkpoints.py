@@ -22,9 +22,14 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % (2**63)
 
 
-def write_checkpoint(directory: Path, step: int, params: dict[str, torch.nn.Parameter],
-                     optimizer: torch.optim.Optimizer, state: dict,
-                     extra: dict[str, torch.Tensor] | None = None) -> None:
+def write_checkpoint(
+    directory: Path,
+    step: int,
+    params: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Save params as weight/<name>, AdamW moments as exp_avg/, exp_avg_sq/, step/ (for the params that
     have them: a param that never got a gradient has none), `extra` as given; then `state` (JSON)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -52,8 +57,9 @@ def read_checkpoint_state(directory: Path) -> dict | None:
     return json.loads(state_file.read_text()) if state_file.exists() else None
 
 
-def restore_checkpoint(directory: Path, state: dict, params: dict[str, torch.nn.Parameter],
-                       optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def restore_checkpoint(
+    directory: Path, state: dict, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer
+) -> dict[str, torch.Tensor]:
     """Load weights and AdamW moments named by `state` into params and optimizer; returns all tensors
     (for the caller's extras)."""
     tensors = load_file(str(directory / state["tensors"]))
@@ -61,7 +67,9 @@ def restore_checkpoint(directory: Path, state: dict, params: dict[str, torch.nn.
         for name, p in params.items():
             p.copy_(tensors[f"weight/{name}"].to(p))
             if f"exp_avg/{name}" in tensors:
-                optimizer.state[p] = {"step": tensors[f"step/{name}"].reshape(()).clone(),
-                                      "exp_avg": tensors[f"exp_avg/{name}"].to(p),
-                                      "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p)}
+                optimizer.state[p] = {
+                    "step": tensors[f"step/{name}"].reshape(()).clone(),
+                    "exp_avg": tensors[f"exp_avg/{name}"].to(p),
+                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p),
+                }
     return tensors

@@ -54,13 +54,25 @@ def cmd_finetune(args) -> int:
         concepts = ConceptSet.large_scale(templates=tuple(args.template))
     elif args.collection:
         data = json.loads(Path(args.collection).read_text())
-        concepts = ConceptSet(collection=tuple(data["collection"]), held_out=tuple(data.get("held_out", ())),
-                              templates=tuple(args.template))
+        concepts = ConceptSet(
+            collection=tuple(data["collection"]),
+            held_out=tuple(data.get("held_out", ())),
+            templates=tuple(args.template),
+        )
     else:
         raise SepenError("give --pair A B (repeatable) or --collection FILE|large-scale")
-    given = _given({"steps": args.steps, "learning_rate": args.lr, "batch_size": args.batch_size,
-                    "prior_weight": args.prior_weight, "lambda_sep": args.lambda_sep, "lambda_en": args.lambda_en,
-                    "grad_mode": args.grad_mode, "seed": args.seed})
+    given = _given(
+        {
+            "steps": args.steps,
+            "learning_rate": args.lr,
+            "batch_size": args.batch_size,
+            "prior_weight": args.prior_weight,
+            "lambda_sep": args.lambda_sep,
+            "lambda_en": args.lambda_en,
+            "grad_mode": args.grad_mode,
+            "seed": args.seed,
+        }
+    )
     # Bad settings fail before the model loads.
     ModelDefaults().finetune_config(concepts.mode, {**given, "maps": _given_maps(args)})
     model = load_model(args)
@@ -69,21 +81,30 @@ def cmd_finetune(args) -> int:
 
     def on_step(report):
         bar.n = report.step
-        bar.set_postfix(loss=f"{report.loss:.4f}", min_peak=f"{report.min_peak:.3f}", overlap=f"{report.overlap:.3f}",
-                        refresh=False)
+        bar.set_postfix(
+            loss=f"{report.loss:.4f}", min_peak=f"{report.min_peak:.3f}", overlap=f"{report.overlap:.3f}", refresh=False
+        )
         bar.refresh()
 
     checkpoints = None
     if args.checkpoint_dir is not None:
         checkpoints = Checkpoints(args.checkpoint_dir, every=args.checkpoint_every)
-    result = finetune(model, concepts, config, on_step=on_step, checkpoint_dir=checkpoints,
-                      adapter_metadata={"name": args.name or Path(args.out).stem})
+    result = finetune(
+        model,
+        concepts,
+        config,
+        on_step=on_step,
+        checkpoint_dir=checkpoints,
+        adapter_metadata={"name": args.name or Path(args.out).stem},
+    )
     bar.close()
     path = result.adapter.save(args.out)
     first, last = result.history[0], result.history[-1]
     print(f"adapter: {path} ({result.adapter.num_parameters:,} key parameters, base {model.model_id})")
-    print(f"loss {first.loss:.4f} -> {last.loss:.4f}; weakest peak {first.min_peak:.3f} -> {last.min_peak:.3f}; "
-          f"overlap {first.overlap:.3f} -> {last.overlap:.3f}")
+    print(
+        f"loss {first.loss:.4f} -> {last.loss:.4f}; weakest peak {first.min_peak:.3f} -> {last.min_peak:.3f}; "
+        f"overlap {first.overlap:.3f} -> {last.overlap:.3f}"
+    )
     return 0
 
 
@@ -97,17 +118,28 @@ def cmd_generate(args) -> int:
     from sepen_core.images import png_bytes, sample_metadata
     from sepen_core.sampling import generate
 
-    given = {**_given({"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": args.height,
-                       "width": args.width}),
-             "num_images": args.images, "seed": args.seed, "negative_prompt": args.negative_prompt,
-             "maps": _given_maps(args)}
+    given = {
+        **_given(
+            {
+                "num_inference_steps": args.steps,
+                "guidance_scale": args.guidance,
+                "height": args.height,
+                "width": args.width,
+            }
+        ),
+        "num_images": args.images,
+        "seed": args.seed,
+        "negative_prompt": args.negative_prompt,
+        "maps": _given_maps(args),
+    }
     SampleConfig.from_dict(given)  # bad settings fail before the model loads
     model = load_model(args)
     config = model.defaults.sample_config(given)
     adapter = _read_adapter(args.adapter)
     bar = _progress(config.num_inference_steps, "generate")
-    result = generate(model, args.prompt, config, adapter=adapter, concepts=args.concepts,
-                      on_step=lambda i, total: bar.update(1))
+    result = generate(
+        model, args.prompt, config, adapter=adapter, concepts=args.concepts, on_step=lambda i, total: bar.update(1)
+    )
     bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,8 +162,10 @@ def cmd_inspect(args) -> int:
     adapter = _read_adapter(args.adapter)
     runs = [("base", None)] + ([("adapter", adapter)] if adapter is not None else [])
     maps = model.defaults.sample_config({"maps": _given_maps(args)}).maps
-    reports = {label: diagnose(model, args.prompt, args.concepts, adapter=a, samples=args.samples, seed=args.seed,
-                               maps=maps) for label, a in runs}
+    reports = {
+        label: diagnose(model, args.prompt, args.concepts, adapter=a, samples=args.samples, seed=args.seed, maps=maps)
+        for label, a in runs
+    }
     if args.json:
         print(json.dumps({k: v.to_dict() for k, v in reports.items()}, indent=2))
         return 0
@@ -160,27 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--model", default=DEFAULT_MODEL,
-                       help="toy (the bundled toy-world model; the default), a diffusers SD directory, "
-                            "or tiny / tiny:SEED")
+        p.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            help="toy (the bundled toy-world model; the default), a diffusers SD directory, or tiny / tiny:SEED",
+        )
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
         p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
-        p.add_argument("--normalization", choices=["raw", "content"],
-                       help="object maps: raw softmax (paper) or renormalised over content tokens "
-                            "(default: the model's, else raw)")
-        p.add_argument("--map-downsample", type=int,
-                       help="read maps at latent size / this (default: the model's, else 4)")
+        p.add_argument(
+            "--normalization",
+            choices=["raw", "content"],
+            help="object maps: raw softmax (paper) or renormalised over content tokens "
+            "(default: the model's, else raw)",
+        )
+        p.add_argument(
+            "--map-downsample", type=int, help="read maps at latent size / this (default: the model's, else 4)"
+        )
 
     p = sub.add_parser("finetune", help="finetune attn2.to_k on concepts and write an adapter")
     model_args(p)
-    p.add_argument("--pair", nargs="+", action="append", metavar="CONCEPT",
-                   help="a concept pair (or group); repeatable")
-    p.add_argument("--collection",
-                   help="JSON file {collection: [...], held_out: [...]}, or 'large-scale' for the bundled 220 concepts")
-    p.add_argument("--template", action="append", default=[], help='prompt template with slots {A}, {B}...; repeatable')
+    p.add_argument(
+        "--pair", nargs="+", action="append", metavar="CONCEPT", help="a concept pair (or group); repeatable"
+    )
+    p.add_argument(
+        "--collection",
+        help="JSON file {collection: [...], held_out: [...]}, or 'large-scale' for the bundled 220 concepts",
+    )
+    p.add_argument("--template", action="append", default=[], help="prompt template with slots {A}, {B}...; repeatable")
     p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float,
-                   help="learning rate (default: the model's, else the paper's 8e-6 pairs, 4e-6 collection)")
+    p.add_argument(
+        "--lr", type=float, help="learning rate (default: the model's, else the paper's 8e-6 pairs, 4e-6 collection)"
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--prior-weight", type=float, help="prior (norm) loss weight (default 0 pairs, 0.5 collection)")
     p.add_argument("--lambda-sep", type=float)
@@ -208,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output directory")
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("inspect",
-                       help="each object's peak activation and pairwise overlap, before and after an adapter")
+    p = sub.add_parser(
+        "inspect", help="each object's peak activation and pairwise overlap, before and after an adapter"
+    )
     model_args(p)
     p.add_argument("prompt")
     p.add_argument("--concepts", nargs="+", required=True)

@@ -35,7 +35,9 @@ def locate_concepts(tokenizer, prompt: str, concepts: list[str] | tuple[str, ...
             raise ConceptError(concepts[i], prompt, "does not appear in the prompt as a whole word sequence")
         start = free[0]
         if start + len(sub) > limit:
-            raise ConceptError(concepts[i], prompt, f"is cut off by the {tokenizer.model_max_length}-token limit; shorten the prompt")
+            raise ConceptError(
+                concepts[i], prompt, f"is cut off by the {tokenizer.model_max_length}-token limit; shorten the prompt"
+            )
         found[i] = tuple(range(start, start + len(sub)))
         taken.update(found[i])
     return [found[i] for i in range(len(concepts))]
@@ -63,5 +65,7 @@ def content_token_mask(input_ids: torch.Tensor, end_token_id: int) -> torch.Tens
     """(B, T) mask of each prompt's content tokens: after the start token, before the first end token."""
     positions = torch.arange(input_ids.shape[1])
     is_end = input_ids == end_token_id
-    first_end = torch.where(is_end.any(dim=1), is_end.float().argmax(dim=1), torch.full((input_ids.shape[0],), input_ids.shape[1]))
+    first_end = torch.where(
+        is_end.any(dim=1), is_end.float().argmax(dim=1), torch.full((input_ids.shape[0],), input_ids.shape[1])
+    )
     return ((positions[None, :] >= 1) & (positions[None, :] < first_end[:, None])).float()

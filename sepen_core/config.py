@@ -79,9 +79,17 @@ class FinetuneConfig(_Serializable):
     maps: MapConfig = field(default_factory=MapConfig)
 
     def __post_init__(self):
-        _check(isinstance(self.steps, int) and 1 <= self.steps <= 1_000_000, "steps", "must be an integer from 1 to 1,000,000")
+        _check(
+            isinstance(self.steps, int) and 1 <= self.steps <= 1_000_000,
+            "steps",
+            "must be an integer from 1 to 1,000,000",
+        )
         _check(0 < self.learning_rate <= 1.0, "learning_rate", "must be in (0, 1]")
-        _check(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 256, "batch_size", "must be an integer from 1 to 256")
+        _check(
+            isinstance(self.batch_size, int) and 1 <= self.batch_size <= 256,
+            "batch_size",
+            "must be an integer from 1 to 256",
+        )
         _check(0 <= self.lambda_sep <= 100, "lambda_sep", "must be in [0, 100]")
         _check(0 <= self.lambda_en <= 100, "lambda_en", "must be in [0, 100]")
         _check(self.lambda_sep + self.lambda_en > 0, "lambda_sep", "lambda_sep and lambda_en cannot both be 0")
@@ -90,9 +98,17 @@ class FinetuneConfig(_Serializable):
         _check(self.grad_mode in GRAD_MODES, "grad_mode", f"must be one of {GRAD_MODES}")
         _check(self.max_grad_norm > 0, "max_grad_norm", "must be positive")
         _check(0 <= self.weight_decay < 1, "weight_decay", "must be in [0, 1)")
-        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "must be two numbers in [0, 1)")
-        _check(self.latent_size is None or (isinstance(self.latent_size, int) and 8 <= self.latent_size <= 256 and self.latent_size % 8 == 0),
-               "latent_size", "must be a multiple of 8 from 8 to 256, or null for the model's own")
+        _check(
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            "adam_betas",
+            "must be two numbers in [0, 1)",
+        )
+        _check(
+            self.latent_size is None
+            or (isinstance(self.latent_size, int) and 8 <= self.latent_size <= 256 and self.latent_size % 8 == 0),
+            "latent_size",
+            "must be a multiple of 8 from 8 to 256, or null for the model's own",
+        )
         if isinstance(self.maps, dict):  # from_dict / JSON
             object.__setattr__(self, "maps", MapConfig.from_dict(self.maps))
 
@@ -116,12 +132,24 @@ class SampleConfig(_Serializable):
     maps: MapConfig = field(default_factory=MapConfig)
 
     def __post_init__(self):
-        _check(isinstance(self.num_inference_steps, int) and 1 <= self.num_inference_steps <= 1000, "num_inference_steps", "must be an integer from 1 to 1000")
+        _check(
+            isinstance(self.num_inference_steps, int) and 1 <= self.num_inference_steps <= 1000,
+            "num_inference_steps",
+            "must be an integer from 1 to 1000",
+        )
         _check(0 <= self.guidance_scale <= 50, "guidance_scale", "must be in [0, 50]")
         for name in ("height", "width"):
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and 8 <= value <= 2048 and value % 8 == 0), name, "must be a multiple of 8 from 8 to 2048")
-        _check(isinstance(self.num_images, int) and 1 <= self.num_images <= 64, "num_images", "must be an integer from 1 to 64")
+            _check(
+                value is None or (isinstance(value, int) and 8 <= value <= 2048 and value % 8 == 0),
+                name,
+                "must be a multiple of 8 from 8 to 2048",
+            )
+        _check(
+            isinstance(self.num_images, int) and 1 <= self.num_images <= 64,
+            "num_images",
+            "must be an integer from 1 to 64",
+        )
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**31, "seed", "must be an integer in [0, 2^31)")
         _check(len(self.negative_prompt) <= 2000, "negative_prompt", "must be at most 2000 characters")
         if isinstance(self.maps, dict):

@@ -32,9 +32,18 @@ class Diagnosis(MapScores):
 
 
 @torch.no_grad()
-def diagnose(model: BaseModel, prompt: str, concepts: list[str], *, adapter: KeyProjectionAdapter | None = None,
-             samples: int = 16, seed: int = 0, maps: MapConfig | None = None, latent_size: int | None = None,
-             chunk: int = 8) -> Diagnosis:
+def diagnose(
+    model: BaseModel,
+    prompt: str,
+    concepts: list[str],
+    *,
+    adapter: KeyProjectionAdapter | None = None,
+    samples: int = 16,
+    seed: int = 0,
+    maps: MapConfig | None = None,
+    latent_size: int | None = None,
+    chunk: int = 8,
+) -> Diagnosis:
     """Average the object maps' statistics over `samples` pseudo-latents x_t (t evenly spaced)."""
     maps_cfg = maps or model.defaults.sample_config().maps
     size = latent_size or model.unet.config.sample_size
@@ -48,12 +57,24 @@ def diagnose(model: BaseModel, prompt: str, concepts: list[str], *, adapter: Key
     with adapter.applied(model) if adapter is not None else nullcontext():
         for start in range(0, samples, chunk):
             rows = list(range(start, min(start + chunk, samples)))
-            recorder = capture_maps(model.unet, latents[rows].to(model.device, model.dtype),
-                                    timesteps[rows].to(model.device), cond.select(rows), targets.select(rows))
+            recorder = capture_maps(
+                model.unet,
+                latents[rows].to(model.device, model.dtype),
+                timesteps[rows].to(model.device),
+                cond.select(rows),
+                targets.select(rows),
+            )
             all_maps.append(recorder.maps(maps_cfg.normalization).cpu())
     object_maps = torch.cat(all_maps)  # (samples, K, h, w)
     scores = mean_scores(object_scores(object_maps, [concepts] * samples, maps_cfg.smoothing_sigma))
-    return Diagnosis(peaks=scores.peaks, overlaps=scores.overlaps, min_peak=scores.min_peak, prompt=prompt,
-                     concepts=list(concepts), separate_loss=float(separate_loss(object_maps).mean()), samples=samples,
-                     normalization=maps_cfg.normalization,
-                     adapter=None if adapter is None else adapter.metadata.get("name", "adapter"))
+    return Diagnosis(
+        peaks=scores.peaks,
+        overlaps=scores.overlaps,
+        min_peak=scores.min_peak,
+        prompt=prompt,
+        concepts=list(concepts),
+        separate_loss=float(separate_loss(object_maps).mean()),
+        samples=samples,
+        normalization=maps_cfg.normalization,
+        adapter=None if adapter is None else adapter.metadata.get("name", "adapter"),
+    )

@@ -81,8 +81,9 @@ class Checkpoints:
 
 def run_fingerprint(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig) -> str:
     """Identifies a run: a checkpoint resumes only the run that wrote it."""
-    blob = json.dumps({"config": config.to_dict(), "concepts": concepts.to_dict(), "base": model.base_fingerprint},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"config": config.to_dict(), "concepts": concepts.to_dict(), "base": model.base_fingerprint}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -91,33 +92,53 @@ def _trained_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
     return {name: params[name] for name in model.base_keys}
 
 
-def _load_checkpoint(directory: Path, fingerprint: str, params: dict,
-                     optimizer: torch.optim.AdamW) -> tuple[int, list[StepReport]]:
+def _load_checkpoint(
+    directory: Path, fingerprint: str, params: dict, optimizer: torch.optim.AdamW
+) -> tuple[int, list[StepReport]]:
     state = read_checkpoint_state(directory)
     if state is None:
         return 0, []
     if state.get("run") != fingerprint:
-        raise CheckpointError(f"checkpoint in {str(directory)!r} belongs to another run "
-                              "(other config, concepts or base model)")
+        raise CheckpointError(
+            f"checkpoint in {str(directory)!r} belongs to another run (other config, concepts or base model)"
+        )
     restore_checkpoint(directory, state, params, optimizer)
     return int(state["step"]), [StepReport(**r) for r in state["history"]]
 
 
-def _step_report(done: int, config: FinetuneConfig, batch: TrainingBatch, out: StepOutput, elapsed: float,
-                 eta: float) -> StepReport:
+def _step_report(
+    done: int, config: FinetuneConfig, batch: TrainingBatch, out: StepOutput, elapsed: float, eta: float
+) -> StepReport:
     """What a step measured: its losses and its batch's map scores (overlap: the mean over samples)."""
     scores = object_scores(out.maps, [p.concepts for p in batch.prompts], config.maps.smoothing_sigma)
     batch_scores = mean_scores(scores)
     loss = out.loss
-    return StepReport(done, config.steps, loss.total.item(), loss.separate.item(), loss.enhance.item(),
-                      None if loss.prior is None else loss.prior.item(), batch_scores.peaks, batch_scores.min_peak,
-                      statistics.fmean(s.overlap for s in scores), elapsed, eta)
+    return StepReport(
+        done,
+        config.steps,
+        loss.total.item(),
+        loss.separate.item(),
+        loss.enhance.item(),
+        None if loss.prior is None else loss.prior.item(),
+        batch_scores.peaks,
+        batch_scores.min_peak,
+        statistics.fmean(s.overlap for s in scores),
+        elapsed,
+        eta,
+    )
 
 
-def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | None = None, *,
-             on_step: Callable[[StepReport], None] | None = None, should_cancel: Callable[[], bool] | None = None,
-             checkpoint_dir: str | Path | Checkpoints | None = None, autocast_dtype: torch.dtype | None = None,
-             adapter_metadata: dict | None = None) -> FinetuneResult:
+def finetune(
+    model: BaseModel,
+    concepts: ConceptSet,
+    config: FinetuneConfig | None = None,
+    *,
+    on_step: Callable[[StepReport], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    checkpoint_dir: str | Path | Checkpoints | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    adapter_metadata: dict | None = None,
+) -> FinetuneResult:
     """Finetune the key projections of `model` on `concepts` and return the adapter.
 
     on_step(report) is called after every step; should_cancel() is polled before every step and
@@ -129,8 +150,13 @@ def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | No
     check_concepts(model, concepts)
     params = _trained_parameters(model)
     fingerprint = run_fingerprint(model, concepts, config)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, betas=config.adam_betas,
-                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params.values(),
+        lr=config.learning_rate,
+        betas=config.adam_betas,
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
     checkpoints = Checkpoints(checkpoint_dir) if isinstance(checkpoint_dir, (str, Path)) else checkpoint_dir
     autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     try:
@@ -161,8 +187,13 @@ def finetune(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig | No
                 state = {"run": fingerprint, "history": [r.to_dict() for r in history]}
                 checkpoints.write(step + 1, params, optimizer, state)
 
-        metadata = {"concepts": concepts.to_dict(), "recipe": config.to_dict(), "steps": config.steps,
-                    "seed": config.seed, **(adapter_metadata or {})}
+        metadata = {
+            "concepts": concepts.to_dict(),
+            "recipe": config.to_dict(),
+            "steps": config.steps,
+            "seed": config.seed,
+            **(adapter_metadata or {}),
+        }
         adapter = KeyProjectionAdapter.from_model(model, metadata)
         return FinetuneResult(adapter, history, start)
     finally:

@@ -20,7 +20,9 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return (_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac).astype(np.uint8)
 
 
-def render_heatmaps(image: Image.Image, maps: torch.Tensor, labels: list[str], peaks: list[float] | None = None) -> Image.Image:
+def render_heatmaps(
+    image: Image.Image, maps: torch.Tensor, labels: list[str], peaks: list[float] | None = None
+) -> Image.Image:
     """maps (K, h, w) for one image -> one row: the image, then each object's map upsampled and
     blended over it. All panels share one colour scale (the largest value among the maps), so a
     weak object looks weak."""

@@ -13,12 +13,20 @@ from PIL.PngImagePlugin import PngInfo
 from sepen_core.config import SampleConfig
 
 
-def sample_metadata(prompt: str, seed: int, config: SampleConfig, *, model: str, adapter: str | None,
-                    **extra: str) -> dict[str, str]:
+def sample_metadata(
+    prompt: str, seed: int, config: SampleConfig, *, model: str, adapter: str | None, **extra: str
+) -> dict[str, str]:
     """What it takes to make an image again: prompt, seed, model, adapter ("" for none), any extra
     entries (the service's job id), then the sampling steps and guidance scale."""
-    return {"prompt": prompt, "seed": str(seed), "model": model, "adapter": adapter or "", **extra,
-            "steps": str(config.num_inference_steps), "guidance_scale": str(config.guidance_scale)}
+    return {
+        "prompt": prompt,
+        "seed": str(seed),
+        "model": model,
+        "adapter": adapter or "",
+        **extra,
+        "steps": str(config.num_inference_steps),
+        "guidance_scale": str(config.guidance_scale),
+    }
 
 
 def png_info(metadata: dict[str, str]) -> PngInfo:

@@ -69,8 +69,9 @@ def separate_loss(maps: torch.Tensor, valid: torch.Tensor | None = None, eps: fl
     valid = _valid(maps, valid)
     pairs, pair_valid = _pairs(valid)
     flat = maps.flatten(2)  # (B, K, H*W)
-    per_pair = _stack_pairs([(flat[:, i] * flat[:, j] / (flat[:, i] + flat[:, j] + eps)).amax(dim=-1) for i, j in pairs],
-                            maps)  # (B, P)
+    per_pair = _stack_pairs(
+        [(flat[:, i] * flat[:, j] / (flat[:, i] + flat[:, j] + eps)).amax(dim=-1) for i, j in pairs], maps
+    )  # (B, P)
     return _mean_over_pairs(per_pair, pair_valid)
 
 
@@ -99,8 +100,14 @@ def pairwise_iou(maps: torch.Tensor, valid: torch.Tensor | None = None) -> tuple
     valid = _valid(maps, valid)
     pairs, pair_valid = _pairs(valid)
     flat = maps.flatten(2)
-    per_pair = _stack_pairs([torch.minimum(flat[:, i], flat[:, j]).sum(-1) / torch.maximum(flat[:, i], flat[:, j]).sum(-1).clamp_min(1e-12)
-                             for i, j in pairs], maps)  # (B, P)
+    per_pair = _stack_pairs(
+        [
+            torch.minimum(flat[:, i], flat[:, j]).sum(-1)
+            / torch.maximum(flat[:, i], flat[:, j]).sum(-1).clamp_min(1e-12)
+            for i, j in pairs
+        ],
+        maps,
+    )  # (B, P)
     return _mean_over_pairs(per_pair, pair_valid), per_pair
 
 
@@ -117,8 +124,14 @@ class SepenLoss:
     prior: torch.Tensor | None = None
 
 
-def sepen_loss(maps: torch.Tensor, valid: torch.Tensor | None = None, *, lambda_sep: float = 1.0, lambda_en: float = 0.5,
-               sigma: float = 0.5) -> SepenLoss:
+def sepen_loss(
+    maps: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    lambda_sep: float = 1.0,
+    lambda_en: float = 0.5,
+    sigma: float = 0.5,
+) -> SepenLoss:
     """L = lambda_sep * mean_batch(L_sep) + lambda_en * mean_batch(L_en); maps (B, K, H, W), K >= 2."""
     maps = maps.float()
     sep = separate_loss(maps, valid).mean()

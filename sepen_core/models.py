@@ -60,16 +60,28 @@ class TextConditioning:
 
     def select(self, rows: torch.Tensor | list[int]) -> TextConditioning:
         rows = torch.as_tensor(rows, dtype=torch.long)
-        mask = None if self.encoder_attention_mask is None else self.encoder_attention_mask[rows.to(self.encoder_attention_mask.device)]
-        return TextConditioning([self.prompts[i] for i in rows.tolist()], self.input_ids[rows],
-                                self.encoder_hidden_states[rows.to(self.encoder_hidden_states.device)], mask)
+        mask = (
+            None
+            if self.encoder_attention_mask is None
+            else self.encoder_attention_mask[rows.to(self.encoder_attention_mask.device)]
+        )
+        return TextConditioning(
+            [self.prompts[i] for i in rows.tolist()],
+            self.input_ids[rows],
+            self.encoder_hidden_states[rows.to(self.encoder_hidden_states.device)],
+            mask,
+        )
 
     @staticmethod
     def cat(parts: list[TextConditioning]) -> TextConditioning:
         masks = [p.encoder_attention_mask for p in parts]
         mask = None if any(m is None for m in masks) else torch.cat(masks)
-        return TextConditioning([s for p in parts for s in p.prompts], torch.cat([p.input_ids for p in parts]),
-                                torch.cat([p.encoder_hidden_states for p in parts]), mask)
+        return TextConditioning(
+            [s for p in parts for s in p.prompts],
+            torch.cat([p.input_ids for p in parts]),
+            torch.cat([p.encoder_hidden_states for p in parts]),
+            mask,
+        )
 
 
 @dataclass
@@ -128,8 +140,13 @@ class BaseModel:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> TextConditioning:
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         input_ids = tokens.input_ids
         hidden = self.text_encoder(input_ids.to(self.text_encoder.device))[0]
         return TextConditioning(list(prompts), input_ids, hidden.to(self.dtype), self.cross_attention_mask(input_ids))
@@ -146,23 +163,43 @@ class BaseModel:
     def save_pretrained(self, path: str | Path) -> None:
         """Write a diffusers-format directory that load_base_model and StableDiffusionPipeline both read."""
         path = Path(path)
-        for name, module in (("unet", self.unet), ("text_encoder", self.text_encoder), ("vae", self.vae),
-                             ("tokenizer", self.tokenizer), ("scheduler", self.scheduler)):
+        for name, module in (
+            ("unet", self.unet),
+            ("text_encoder", self.text_encoder),
+            ("vae", self.vae),
+            ("tokenizer", self.tokenizer),
+            ("scheduler", self.scheduler),
+        ):
             if module is not None:
                 module.save_pretrained(path / name)
-        components = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-                      "tokenizer": ["transformers", "CLIPTokenizer"],
-                      "scheduler": ["diffusers", type(self.scheduler).__name__],
-                      "vae": ["diffusers", "AutoencoderKL"] if self.vae is not None else [None, None],
-                      "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None]}
-        index = {"_class_name": "StableDiffusionPipeline", **components, "requires_safety_checker": False,
-                 "sepen_model_id": self.model_id, "sepen_mask_padding": self.mask_padding,
-                 "sepen_defaults": self.defaults.to_dict()}
+        components = {
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "vae": ["diffusers", "AutoencoderKL"] if self.vae is not None else [None, None],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+        }
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            **components,
+            "requires_safety_checker": False,
+            "sepen_model_id": self.model_id,
+            "sepen_mask_padding": self.mask_padding,
+            "sepen_defaults": self.defaults.to_dict(),
+        }
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def load_base_model(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    model_id: str | None = None) -> BaseModel:
+def load_base_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    model_id: str | None = None,
+) -> BaseModel:
     """Load a local diffusers-format Stable Diffusion directory (SD 1.x / 2.x), offline."""
     import diffusers
 
@@ -181,47 +218,97 @@ def load_base_model(path: str | Path, *, device: str | torch.device = "cpu", dty
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", "DDIMScheduler"), DDIMScheduler)
         scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True) if (path / "vae").is_dir() else None
+        vae = (
+            AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+            if (path / "vae").is_dir()
+            else None
+        )
         defaults = ModelDefaults.from_dict(index.get("sepen_defaults", {}))
     except ConfigError as exc:
         raise ModelLoadError(f"{str(index_file)!r} has invalid {exc}") from exc
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load base model from {str(path)!r}: {exc}") from exc
-    model = BaseModel(unet, text_encoder, tokenizer, scheduler, vae,
-                      model_id or index.get("sepen_model_id") or path.resolve().name,
-                      mask_padding=bool(index.get("sepen_mask_padding", False)), defaults=defaults)
+    model = BaseModel(
+        unet,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        vae,
+        model_id or index.get("sepen_model_id") or path.resolve().name,
+        mask_padding=bool(index.get("sepen_mask_padding", False)),
+        defaults=defaults,
+    )
     return model.to(device, dtype)
 
 
 def tiny_unet_config(sample_size: int = 32) -> dict:
     """SD 1.x's UNet layout (16 attn2 layers, maps at latent/4 in down_blocks.2 and up_blocks.1), shrunk."""
-    return dict(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
-                block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 32, 64, 64),
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
 
 
-def build_tiny_model(seed: int = 0, *, sample_size: int = 32, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> BaseModel:
-    """A randomly initialised SD-1.x-shaped model (about 4 M parameters) with the real CLIP tokenizer; seconds on a CPU."""
+def build_tiny_model(
+    seed: int = 0, *, sample_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> BaseModel:
+    """A random SD-1.x-shaped model (about 4 M parameters) with the real CLIP tokenizer; seconds on a CPU."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config(sample_size))
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                num_attention_heads=2, max_position_embeddings=77, projection_dim=32))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-                        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=sample_size * 2)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    model = BaseModel(unet.eval(), text_encoder.eval(), load_clip_tokenizer(), scheduler, vae.eval(), f"{TINY_MODEL_ID}-{seed}")
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=sample_size * 2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    model = BaseModel(
+        unet.eval(), text_encoder.eval(), load_clip_tokenizer(), scheduler, vae.eval(), f"{TINY_MODEL_ID}-{seed}"
+    )
     return model.to(device, dtype)
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_model(spec: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
-               model_id: str | None = None) -> BaseModel:
+def load_model(
+    spec: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    model_id: str | None = None,
+) -> BaseModel:
     """The one way a model is named: "toy" (the bundled toy-world model), "tiny" or "tiny:SEED" (the tiny
     random model), or a local diffusers-format Stable Diffusion directory. dtype: a DTYPES name or a torch dtype;
     model_id: the name adapters record as their base model (default: the model's own id)."""

@@ -18,8 +18,9 @@ from sepen_core.models import BaseModel, TextConditioning
 from sepen_core.prompts import ConceptSet, TrainingPrompt, fill_template
 
 
-def pseudo_latents(model: BaseModel, count: int, size: int, generator: torch.Generator,
-                   timesteps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pseudo_latents(
+    model: BaseModel, count: int, size: int, generator: torch.Generator, timesteps: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free noisy latents x_t (METHOD.md section 4): a Gaussian x0 = randn * the VAE's scaling factor
     stands in for encoded images, noised at `timesteps` (None: drawn uniformly, after both noises).
     Returns (x_t (count, C, size, size), t (count,)) on the CPU."""
@@ -64,8 +65,9 @@ def make_training_batch(model: BaseModel, concepts: ConceptSet, config: Finetune
     cond = model.encode_prompts([p.prompt for p in prompts])
     targets = map_targets(model, cond, [p.concepts for p in prompts], config.maps.map_downsample, (size, size))
     prior_cond = model.encode_prompts([p.prior_prompt for p in prompts]) if config.prior_weight > 0 else None
-    return TrainingBatch(prompts, latents.to(model.device, model.dtype), timesteps.to(model.device), cond, targets,
-                         prior_cond)
+    return TrainingBatch(
+        prompts, latents.to(model.device, model.dtype), timesteps.to(model.device), cond, targets, prior_cond
+    )
 
 
 @dataclass
@@ -77,11 +79,22 @@ class StepOutput:
 def sepen_objective(model: BaseModel, batch: TrainingBatch, config: FinetuneConfig) -> StepOutput:
     """The SepEn loss of one batch, ready for backward (plus the prior loss when its weight is > 0)."""
     maps_cfg = config.maps
-    recorder = capture_maps(model.unet, batch.latents, batch.timesteps, batch.cond, batch.targets,
-                            local_gradients=config.grad_mode == "local")
+    recorder = capture_maps(
+        model.unet,
+        batch.latents,
+        batch.timesteps,
+        batch.cond,
+        batch.targets,
+        local_gradients=config.grad_mode == "local",
+    )
     maps = recorder.maps(maps_cfg.normalization)
-    loss = sepen_loss(maps, batch.targets.valid, lambda_sep=config.lambda_sep, lambda_en=config.lambda_en,
-                      sigma=maps_cfg.smoothing_sigma)
+    loss = sepen_loss(
+        maps,
+        batch.targets.valid,
+        lambda_sep=config.lambda_sep,
+        lambda_en=config.lambda_en,
+        sigma=maps_cfg.smoothing_sigma,
+    )
     if config.prior_weight > 0:
         noise_pred = unet_forward(model.unet, batch.latents, batch.timesteps, batch.prior_cond)
         base_pred = base_key_forward(model.unet, model.base_keys, batch.latents, batch.timesteps, batch.prior_cond)

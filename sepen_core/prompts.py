@@ -38,7 +38,9 @@ def template_slots(template: str) -> int:
     found = _SLOT_PATTERN.findall(template)
     n = len(found)
     if n < 1 or sorted(found) != list(SLOTS[:n]):
-        raise ConfigError("templates", f"template {template!r} must name its slots {{A}}, {{B}}, ... each once, in any order")
+        raise ConfigError(
+            "templates", f"template {template!r} must name its slots {{A}}, {{B}}, ... each once, in any order"
+        )
     return n
 
 
@@ -80,7 +82,9 @@ class ConceptSet:
         object.__setattr__(self, "held_out", held_out)
         object.__setattr__(self, "templates", tuple(self.templates))
         if bool(groups) == bool(collection):
-            raise ConfigError("concepts", "give either groups (concept pairs) or a collection, not both and not neither")
+            raise ConfigError(
+                "concepts", "give either groups (concept pairs) or a collection, not both and not neither"
+            )
         if template_slots(self.prior_template) != 1:
             raise ConfigError("prior_template", "must have exactly one slot, {A}")
         for t in self.templates:
@@ -100,7 +104,9 @@ class ConceptSet:
                 raise ConfigError("collection", "a concept appears twice")
             missing = [c for c in held_out if c not in collection]
             if missing:
-                raise ConfigError("held_out", f"{missing[0]!r} is not in the collection; held-out concepts must be listed in it")
+                raise ConfigError(
+                    "held_out", f"{missing[0]!r} is not in the collection; held-out concepts must be listed in it"
+                )
             if len(self.training_concepts) < 2:
                 raise ConfigError("collection", "needs at least 2 concepts that are not held out")
             if self.templates and not self.templates_for(2):
@@ -143,14 +149,25 @@ class ConceptSet:
             concepts = tuple(rng.sample(pool, 2))
         template = rng.choice(self.templates_for(len(concepts)))
         single = concepts[rng.randrange(len(concepts))]
-        return TrainingPrompt(fill_template(template, concepts), concepts, fill_template(self.prior_template, (single,)))
+        return TrainingPrompt(
+            fill_template(template, concepts), concepts, fill_template(self.prior_template, (single,))
+        )
 
     def to_dict(self) -> dict:
-        return {"groups": [list(g) for g in self.groups], "collection": list(self.collection),
-                "held_out": list(self.held_out), "templates": list(self.templates), "prior_template": self.prior_template}
+        return {
+            "groups": [list(g) for g in self.groups],
+            "collection": list(self.collection),
+            "held_out": list(self.held_out),
+            "templates": list(self.templates),
+            "prior_template": self.prior_template,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> ConceptSet:
-        return cls(groups=tuple(tuple(g) for g in data.get("groups", ())), collection=tuple(data.get("collection", ())),
-                   held_out=tuple(data.get("held_out", ())), templates=tuple(data.get("templates", ())),
-                   prior_template=data.get("prior_template", PRIOR_TEMPLATE))
+        return cls(
+            groups=tuple(tuple(g) for g in data.get("groups", ())),
+            collection=tuple(data.get("collection", ())),
+            held_out=tuple(data.get("held_out", ())),
+            templates=tuple(data.get("templates", ())),
+            prior_template=data.get("prior_template", PRIOR_TEMPLATE),
+        )

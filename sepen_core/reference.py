@@ -23,6 +23,11 @@ def reference_objective(model: BaseModel, batch: TrainingBatch, config: Finetune
     with installed_processors(unet, explicit):
         unet_forward(unet, batch.latents, batch.timesteps, batch.cond)
     maps = recorder.maps(maps_cfg.normalization)
-    loss = sepen_loss(maps, batch.targets.valid, lambda_sep=config.lambda_sep, lambda_en=config.lambda_en,
-                      sigma=maps_cfg.smoothing_sigma)
+    loss = sepen_loss(
+        maps,
+        batch.targets.valid,
+        lambda_sep=config.lambda_sep,
+        lambda_en=config.lambda_en,
+        sigma=maps_cfg.smoothing_sigma,
+    )
     return StepOutput(loss, maps.detach())

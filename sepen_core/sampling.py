@@ -96,8 +96,13 @@ class _Denoiser:
             noise_pred = uncond_pred + self.guidance_scale * (cond_pred - uncond_pred)
         return self.scheduler.step(noise_pred, t, latents, **self.step_kwargs).prev_sample
 
-    def denoise(self, latents: torch.Tensor, excite: AttendExcite | None, on_step: Callable[[int, int], None] | None,
-                should_cancel: Callable[[], bool] | None) -> torch.Tensor:
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        excite: AttendExcite | None,
+        on_step: Callable[[int, int], None] | None,
+        should_cancel: Callable[[], bool] | None,
+    ) -> torch.Tensor:
         """Every step of the schedule from the initial noise (scaled here), polling should_cancel before each."""
         latents = latents * self.scheduler.init_noise_sigma
         timesteps = self.scheduler.timesteps
@@ -124,10 +129,17 @@ def _to_images(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
-def generate(model: BaseModel, prompt: str, config: SampleConfig | None = None, *,
-             adapter: KeyProjectionAdapter | None = None, concepts: list[str] | None = None,
-             attend_excite: AttendExciteConfig | None = None, on_step: Callable[[int, int], None] | None = None,
-             should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
+def generate(
+    model: BaseModel,
+    prompt: str,
+    config: SampleConfig | None = None,
+    *,
+    adapter: KeyProjectionAdapter | None = None,
+    concepts: list[str] | None = None,
+    attend_excite: AttendExciteConfig | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> GenerationResult:
     """Sample config.num_images images of `prompt`; image i starts from the noise of seed config.seed + i.
 
     With an adapter, its keys are applied for this call only (the unconditional branch uses them

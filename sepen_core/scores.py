@@ -49,8 +49,10 @@ def object_scores(maps: torch.Tensor, concepts: Sequence[Sequence[str]], sigma: 
     scores = []
     for n, names in enumerate(concepts):
         object_peaks = {c: float(peaks[n, k]) for k, c in enumerate(names)}
-        overlaps = {pair_name(a, b): float(per_pair[n, pair_index[i, j]])
-                    for (i, a), (j, b) in itertools.combinations(enumerate(names), 2)}
+        overlaps = {
+            pair_name(a, b): float(per_pair[n, pair_index[i, j]])
+            for (i, a), (j, b) in itertools.combinations(enumerate(names), 2)
+        }
         scores.append(MapScores(object_peaks, overlaps, min(object_peaks.values())))
     return scores
 
@@ -65,5 +67,8 @@ def _mean_by_name(values: list[dict[str, float]]) -> dict[str, float]:
 
 def mean_scores(scores: Sequence[MapScores]) -> MapScores:
     """The scores of several samples averaged (see MapScores)."""
-    return MapScores(_mean_by_name([s.peaks for s in scores]), _mean_by_name([s.overlaps for s in scores]),
-                     sum(s.min_peak for s in scores) / len(scores))
+    return MapScores(
+        _mean_by_name([s.peaks for s in scores]),
+        _mean_by_name([s.overlaps for s in scores]),
+        sum(s.min_peak for s in scores) / len(scores),
+    )

@@ -1,4 +1,4 @@
-"""The typed job contract between gateway and worker: each kind's request, progress and result as the job row stores them.
+"""The typed job contract of gateway and worker: each kind's request, progress and result as a job row stores them.
 
 The gateway builds a request model and stores `model_dump()`; the worker reads it back with
 `parse_request`, so a row the gateway did not write fails loudly instead of deep inside a job.
@@ -37,6 +37,7 @@ class Contract(BaseModel):
 
 # ---- requests ------------------------------------------------------------------------------------
 
+
 def _at_most(values: dict[str, Any], bounds: dict[str, float], where: str) -> None:
     for name, bound in bounds.items():
         value = values.get(name)
@@ -67,15 +68,25 @@ class GenerateRequest(Contract):
 
     @model_validator(mode="after")
     def _within_limits(self) -> GenerateRequest:
-        _at_most(self.sample, {"num_images": Limits.max_images, "num_inference_steps": Limits.max_sample_steps,
-                               "guidance_scale": Limits.max_guidance, "height": Limits.max_side,
-                               "width": Limits.max_side}, "sample")
+        _at_most(
+            self.sample,
+            {
+                "num_images": Limits.max_images,
+                "num_inference_steps": Limits.max_sample_steps,
+                "guidance_scale": Limits.max_guidance,
+                "height": Limits.max_side,
+                "width": Limits.max_side,
+            },
+            "sample",
+        )
         return self
 
 
 JobRequest = FinetuneRequest | GenerateRequest
 REQUESTS: dict[str, type[FinetuneRequest] | type[GenerateRequest]] = {
-    "finetune": FinetuneRequest, "generate": GenerateRequest}
+    "finetune": FinetuneRequest,
+    "generate": GenerateRequest,
+}
 
 
 def parse_request(kind: str, stored: dict[str, Any]) -> JobRequest:
@@ -89,6 +100,7 @@ def request_json(request: JobRequest) -> dict[str, Any]:
 
 
 # ---- progress ------------------------------------------------------------------------------------
+
 
 class Losses(Contract):
     total: float
@@ -114,6 +126,7 @@ class GenerateProgress(Contract):
 
 
 # ---- results -------------------------------------------------------------------------------------
+
 
 class CurvePoint(Contract):
     step: int
@@ -163,9 +176,13 @@ class GenerateResult(Contract):
 
 JobResult = FinetuneResult | GenerateResult
 RESULTS: dict[str, type[FinetuneResult] | type[GenerateResult]] = {
-    "finetune": FinetuneResult, "generate": GenerateResult}
+    "finetune": FinetuneResult,
+    "generate": GenerateResult,
+}
 PROGRESS: dict[str, type[FinetuneProgress] | type[GenerateProgress]] = {
-    "finetune": FinetuneProgress, "generate": GenerateProgress}
+    "finetune": FinetuneProgress,
+    "generate": GenerateProgress,
+}
 
 
 def parse_result(kind: str, stored: dict[str, Any] | None) -> JobResult | None:

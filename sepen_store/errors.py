@@ -1,10 +1,10 @@
 """The exception tree of sepen_store; the gateway maps each to an HTTP status, and each declares its error `code`.
 
-    StoreError
-    ├── NotFound            a job, adapter, version, model or key does not exist for this tenant (404)
-    ├── Conflict            the request contradicts stored state (409)
-    │   └── IllegalTransition   a job cannot move from its status to the one asked for
-    └── Unauthorized        missing, unknown or revoked API key (401)
+StoreError
+├── NotFound            a job, adapter, version, model or key does not exist for this tenant (404)
+├── Conflict            the request contradicts stored state (409)
+│   └── IllegalTransition   a job cannot move from its status to the one asked for
+└── Unauthorized        missing, unknown or revoked API key (401)
 """
 
 

@@ -28,8 +28,9 @@ def replace_images(session: Session, job_id: str, pngs: list[tuple[str, int, byt
 
 def get_image(session: Session, job_id: str, kind: str, index: int) -> Blob:
     """A stored image or heatmap; NotFound (kind 'image' or 'heatmap') when the job has none at that index."""
-    blob_id = session.scalar(select(JobImage.blob_id).where(JobImage.job_id == job_id, JobImage.kind == kind,
-                                                            JobImage.index == index))
+    blob_id = session.scalar(
+        select(JobImage.blob_id).where(JobImage.job_id == job_id, JobImage.kind == kind, JobImage.index == index)
+    )
     if blob_id is None:
         raise NotFound(kind, f"{job_id}/{index}")
     return get_blob(session, blob_id)

@@ -29,7 +29,9 @@ TRANSITIONS = {
     "queued": {"running", "canceled"},
     "running": {"succeeded", "failed", "canceling", "queued"},
     "canceling": {"canceled", "succeeded", "failed", "queued"},
-    "succeeded": set(), "failed": set(), "canceled": set(),
+    "succeeded": set(),
+    "failed": set(),
+    "canceled": set(),
 }
 
 
@@ -41,8 +43,9 @@ def check_transition(job: Job, wanted: str) -> None:
 def _update_where(session: Session, job_id: str, *conditions, returning: tuple = (), **values):
     """UPDATE jobs SET values WHERE id = job_id AND conditions, committed: the one way a job row changes after
     its insert. Returns the RETURNING row (None when no row matched) or, without `returning`, the matched count."""
-    statement = (update(Job).execution_options(synchronize_session=False)
-                 .where(Job.id == job_id, *conditions).values(**values))
+    statement = (
+        update(Job).execution_options(synchronize_session=False).where(Job.id == job_id, *conditions).values(**values)
+    )
     if returning:
         row = session.execute(statement.returning(*returning)).first()
         session.commit()
@@ -56,8 +59,15 @@ def request_hash(kind: str, request: dict) -> str:
     return hashlib.sha256(json.dumps({"kind": kind, "request": request}, sort_keys=True).encode()).hexdigest()
 
 
-def create_job(session: Session, tenant: str, kind: str, request: dict, *, idempotency_key: str | None = None,
-               adapter_version_id: str | None = None) -> tuple[Job, bool]:
+def create_job(
+    session: Session,
+    tenant: str,
+    kind: str,
+    request: dict,
+    *,
+    idempotency_key: str | None = None,
+    adapter_version_id: str | None = None,
+) -> tuple[Job, bool]:
     """Insert and commit a queued job; with an idempotency key already used by this tenant, return that
     job instead (created=False), or raise Conflict if the key came with a different request."""
     digest = request_hash(kind, request)
@@ -68,8 +78,16 @@ def create_job(session: Session, tenant: str, kind: str, request: dict, *, idemp
     # enqueued_at is set optimistically (the caller sends right after the commit, and clears it with
     # mark_not_enqueued if the broker refuses): one round trip less per submission. A crash between the
     # commit and the send leaves a job the reconciler re-sends once requeue_after_s has passed.
-    job = Job(tenant=tenant, kind=kind, request=request, request_hash=digest, idempotency_key=idempotency_key,
-              adapter_version_id=adapter_version_id, status="queued", enqueued_at=utcnow())
+    job = Job(
+        tenant=tenant,
+        kind=kind,
+        request=request,
+        request_hash=digest,
+        idempotency_key=idempotency_key,
+        adapter_version_id=adapter_version_id,
+        status="queued",
+        enqueued_at=utcnow(),
+    )
     session.add(job)
     try:
         session.commit()
@@ -96,8 +114,15 @@ def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, tenant: str, *, status: str | None = None, kind: str | None = None,
-              cursor: str | None = None, limit: int = 20) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session,
+    tenant: str,
+    *,
+    status: str | None = None,
+    kind: str | None = None,
+    cursor: str | None = None,
+    limit: int = 20,
+) -> tuple[list[Job], str | None]:
     """Newest first; `cursor` is the next_cursor of the previous page (keyset pagination on created_at, id)."""
     query = select(Job).where(Job.tenant == tenant)
     if status:
@@ -134,8 +159,9 @@ def request_cancel(session: Session, tenant: str, job_id: str) -> Job:
     if job.status in ("canceling", "canceled"):
         return job
     if job.status == "queued":
-        done = _update_where(session, job_id, Job.status == "queued", status="canceled", cancel_requested=True,
-                             finished_at=utcnow())
+        done = _update_where(
+            session, job_id, Job.status == "queued", status="canceled", cancel_requested=True, finished_at=utcnow()
+        )
     else:
         check_transition(job, "canceling")
         done = _update_where(session, job_id, Job.status == "running", status="canceling", cancel_requested=True)
@@ -160,8 +186,17 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Cla
     now = utcnow()
     stale = now - timedelta(seconds=lease_s)
     claimable = or_(Job.status == "queued", and_(Job.status.in_(ACTIVE), Job.heartbeat_at < stale))
-    result = _update_where(session, job_id, claimable, returning=(Job.attempts, Job.cancel_requested), status="running",
-                           attempts=Job.attempts + 1, worker=worker, started_at=now, heartbeat_at=now)
+    result = _update_where(
+        session,
+        job_id,
+        claimable,
+        returning=(Job.attempts, Job.cancel_requested),
+        status="running",
+        attempts=Job.attempts + 1,
+        worker=worker,
+        started_at=now,
+        heartbeat_at=now,
+    )
     if result is None:
         return None
     return Claim(job_id, result.attempts, result.attempts > 1)
@@ -187,13 +222,26 @@ def heartbeat(session: Session, claim: Claim, progress: dict | None = None) -> b
     return bool(row.cancel_requested)
 
 
-def finish_job(session: Session, claim: Claim, status: str, *, result: dict | None = None, error_code: str | None = None,
-               error_message: str | None = None, progress: dict | None = None) -> bool:
+def finish_job(
+    session: Session,
+    claim: Claim,
+    status: str,
+    *,
+    result: dict | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    progress: dict | None = None,
+) -> bool:
     """Move an owned running/canceling job to a terminal status; False if the claim was lost."""
     if status not in TERMINAL:
         raise ValueError(status)
-    values: dict = {"status": status, "finished_at": utcnow(), "result": result, "error_code": error_code,
-                    "error_message": error_message}
+    values: dict = {
+        "status": status,
+        "finished_at": utcnow(),
+        "result": result,
+        "error_code": error_code,
+        "error_message": error_message,
+    }
     if progress is not None:
         values["progress"] = progress
     return _update_where(session, claim.job_id, *_owned(claim), **values) == 1
@@ -205,8 +253,18 @@ def jobs_to_reenqueue(session: Session, *, requeue_after_s: float, lease_s: floa
     now = utcnow()
     waited = now - timedelta(seconds=requeue_after_s)
     stale = now - timedelta(seconds=lease_s)
-    rows = session.execute(select(Job.id, Job.kind).where(or_(
-        and_(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < waited)),
-        and_(Job.status.in_(ACTIVE), Job.heartbeat_at < stale, or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)),
-    )).order_by(Job.created_at)).all()
+    rows = session.execute(
+        select(Job.id, Job.kind)
+        .where(
+            or_(
+                and_(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < waited)),
+                and_(
+                    Job.status.in_(ACTIVE),
+                    Job.heartbeat_at < stale,
+                    or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
+                ),
+            )
+        )
+        .order_by(Job.created_at)
+    ).all()
     return [(r.id, r.kind) for r in rows]

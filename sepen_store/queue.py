@@ -20,12 +20,19 @@ def broker_settings(settings: Settings) -> tuple[str, dict]:
         folder = (settings.data_dir / "broker").resolve()
         for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
-        return "filesystem://", {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                                 "processed_folder": str(folder / "processed"), "store_processed": False,
-                                 "control_folder": str(folder / "control")}
+        return "filesystem://", {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "control_folder": str(folder / "control"),
+        }
     # Short socket timeouts: a gateway whose broker is down must answer (the job is already stored), not hang.
-    return settings.broker_url, {"visibility_timeout": settings.visibility_timeout_s, "socket_connect_timeout": 2,
-                                 "socket_timeout": 5}
+    return settings.broker_url, {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+    }
 
 
 def make_celery(settings: Settings, *, fail_fast: bool = False) -> Celery:

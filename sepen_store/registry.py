@@ -24,7 +24,9 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     """'name' (latest) or 'name@N' -> (name, N or None); ValueError says what is wrong."""
     name, sep, version = ref.partition("@")
     if not NAME_PATTERN.match(name):
-        raise ValueError("adapter name must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit")
+        raise ValueError(
+            "adapter name must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        )
     if not sep:
         return name, None
     if not version.isdigit() or int(version) < 1:
@@ -32,8 +34,18 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
-def publish_version(session: Session, *, tenant: str, name: str, job_id: str, data: bytes, base_model: str,
-                    base_fingerprint: str, sha256: str, metadata: dict) -> AdapterVersion:
+def publish_version(
+    session: Session,
+    *,
+    tenant: str,
+    name: str,
+    job_id: str,
+    data: bytes,
+    base_model: str,
+    base_fingerprint: str,
+    sha256: str,
+    metadata: dict,
+) -> AdapterVersion:
     """Store a finetune job's adapter as the next version of `name`; a second call for the same job
     returns the version the first one made."""
     existing = version_of_job(session, job_id)
@@ -48,15 +60,27 @@ def publish_version(session: Session, *, tenant: str, name: str, job_id: str, da
                 session.flush()
             # Take the number with a conditional bump: two publishers never get the same N.
             taken = adapter.next_version
-            bumped = session.execute(update(Adapter).execution_options(synchronize_session=False).where(Adapter.id == adapter.id, Adapter.next_version == taken)
-                                     .values(next_version=taken + 1))
+            bumped = session.execute(
+                update(Adapter)
+                .execution_options(synchronize_session=False)
+                .where(Adapter.id == adapter.id, Adapter.next_version == taken)
+                .values(next_version=taken + 1)
+            )
             if bumped.rowcount != 1:
                 session.rollback()
                 continue
             blob = put_blob(session, data, ADAPTER_CONTENT_TYPE)
-            version = AdapterVersion(adapter_id=adapter.id, version=taken, job_id=job_id, base_model=base_model,
-                                     base_fingerprint=base_fingerprint, sha256=sha256, size=len(data), meta=metadata,
-                                     blob_id=blob.id)
+            version = AdapterVersion(
+                adapter_id=adapter.id,
+                version=taken,
+                job_id=job_id,
+                base_model=base_model,
+                base_fingerprint=base_fingerprint,
+                sha256=sha256,
+                size=len(data),
+                meta=metadata,
+                blob_id=blob.id,
+            )
             session.add(version)
             session.commit()
             return version
@@ -99,7 +123,9 @@ def list_adapters(session: Session, tenant: str) -> list[tuple[Adapter, int, int
     rows = session.execute(
         select(Adapter, func.count(AdapterVersion.id), func.max(AdapterVersion.version))
         .outerjoin(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
-        .where(Adapter.tenant == tenant).group_by(Adapter.id).order_by(Adapter.name)
+        .where(Adapter.tenant == tenant)
+        .group_by(Adapter.id)
+        .order_by(Adapter.name)
     ).all()
     return [(a, n, latest) for a, n, latest in rows]
 
@@ -126,11 +152,19 @@ def version_bytes(session: Session, version: AdapterVersion) -> bytes:
 def delete_version(session: Session, tenant: str, name: str, number: int) -> None:
     """Delete `name@N` unless a queued or running job will use it (Conflict names the job)."""
     version = resolve(session, tenant, f"{name}@{number}")
-    user = session.scalar(select(Job.id).where(Job.adapter_version_id == version.id,
-                                               Job.status.in_(("queued", "running", "canceling"))).limit(1))
+    user = session.scalar(
+        select(Job.id)
+        .where(Job.adapter_version_id == version.id, Job.status.in_(("queued", "running", "canceling")))
+        .limit(1)
+    )
     if user is not None:
         raise Conflict(f"adapter {name}@{number} is used by job {user}, which has not finished; cancel it or wait")
-    session.execute(update(Job).execution_options(synchronize_session=False).where(Job.adapter_version_id == version.id).values(adapter_version_id=None))
+    session.execute(
+        update(Job)
+        .execution_options(synchronize_session=False)
+        .where(Job.adapter_version_id == version.id)
+        .values(adapter_version_id=None)
+    )
     blob_id = version.blob_id
     session.delete(version)
     session.flush()

@@ -48,13 +48,16 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="empty: an SQLite file under data_dir (embedded)")
     broker_url: str = Field("", description="empty: a filesystem broker under data_dir (embedded)")
     visibility_timeout_s: int = Field(3600, ge=1)
-    models: Annotated[dict[str, str], NoDecode] = Field(
-        default_factory=lambda: dict(DEFAULT_MODELS))
+    models: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_MODELS))
     default_model: str = ""  # empty: the first of the models given, or sepen-toy when none are given
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   **sources: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        **sources: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)  # the environment only through from_env()
 
     @classmethod
@@ -85,8 +88,10 @@ class Settings(BaseSettings):
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{(self.data_dir / 'sepen.db').resolve()}")
         if self.default_model not in self.models:
-            raise ValueError(f"{ENV_PREFIX}DEFAULT_MODEL {self.default_model!r} is not one of the models of "
-                             f"{ENV_PREFIX}MODELS ({', '.join(self.models)}); name one of them or leave it empty")
+            raise ValueError(
+                f"{ENV_PREFIX}DEFAULT_MODEL {self.default_model!r} is not one of the models of "
+                f"{ENV_PREFIX}MODELS ({', '.join(self.models)}); name one of them or leave it empty"
+            )
         return self
 
     @property

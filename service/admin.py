@@ -1,4 +1,4 @@
-"""`sepen-admin`: operator commands: migrate the database, create and revoke API keys (settings from SEPEN_* variables)."""
+"""`sepen-admin`: migrate the database, create and revoke API keys (settings from SEPEN_* variables)."""
 
 from __future__ import annotations
 

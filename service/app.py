@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app(settings)` wires the engine, sessions, Celery client, error handlers and routes."""
+"""The FastAPI app: `create_app(settings)` wires the engine, sessions, Celery client, error handlers and routes."""
 
 from __future__ import annotations
 

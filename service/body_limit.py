@@ -15,7 +15,7 @@ from service.errors import error_response
 
 
 class BodyTooLarge(HTTPException):
-    """Raised from `receive` while the route reads the body; FastAPI re-raises HTTPExceptions, so our handler answers."""
+    """Raised from `receive` while the route reads the body; FastAPI re-raises HTTPExceptions: our handler answers."""
 
     def __init__(self, max_bytes: int):
         super().__init__(413, f"the request body is larger than this service accepts ({max_bytes} bytes)")

@@ -35,14 +35,21 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 bearer = HTTPBearer(auto_error=False, description="an API key from `sepen-admin create-key`")
 
 
-def get_tenant(session: SessionDep,
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+def get_tenant(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
     """The tenant owning the request's API key; Unauthorized (401) when it is missing, unknown or revoked."""
     return authenticate(session, credentials.credentials if credentials else None)
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
 
-IdempotencyKeyDep = Annotated[str | None, Header(
-    alias="Idempotency-Key", min_length=1, max_length=128,
-    description="retrying a POST with the same key returns the job the first try created, and queues nothing new")]
+IdempotencyKeyDep = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=128,
+        description="retrying a POST with the same key returns the job the first try created, and queues nothing new",
+    ),
+]

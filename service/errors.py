@@ -1,13 +1,13 @@
 """One JSON error shape for every failure, and the exception handlers that produce it.
 
-    {"error": {"code": "job_not_found", "message": "job 'abc' not found", "field": null}}
+{"error": {"code": "job_not_found", "message": "job 'abc' not found", "field": null}}
 
-    ApiError                 raised by routes with an explicit status, code and field
-    sepen_store NotFound     404 <kind>_not_found        Conflict        409 conflict
-    sepen_store Unauthorized 401 (WWW-Authenticate)      IllegalTransition 409 illegal_transition
-    RequestValidationError   422 validation_error, `field` = the dotted path of the value at fault
-    HTTPException            its status (404 unknown path, 405, 413 body too large...)
-    anything else            500 internal_error, logged
+ApiError                 raised by routes with an explicit status, code and field
+sepen_store NotFound     404 <kind>_not_found        Conflict        409 conflict
+sepen_store Unauthorized 401 (WWW-Authenticate)      IllegalTransition 409 illegal_transition
+RequestValidationError   422 validation_error, `field` = the dotted path of the value at fault
+HTTPException            its status (404 unknown path, 405, 413 body too large...)
+anything else            500 internal_error, logged
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ def invalid_setting(exc: ConfigError, field: str) -> ApiError:
     return ApiError(422, "validation_error", f"{field}: {message}", field=field)
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status, headers=headers)
+def error_response(
+    status: int, code: str, message: str, field: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "field": field}}, status_code=status, headers=headers
+    )
 
 
 def field_path(loc: tuple | list) -> str | None:
@@ -107,7 +111,9 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = _HTTP_CODES.get(exc.status_code) or HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    code = _HTTP_CODES.get(exc.status_code) or HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace(
+        "-", "_"
+    )
     message = exc.detail if isinstance(exc.detail, str) else str(jsonable_encoder(exc.detail))
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 

@@ -49,6 +49,7 @@ class RequestBody(BaseModel):
 
 # ---- errors -------------------------------------------------------------------------------------
 
+
 class ErrorDetail(BaseModel):
     code: str = Field(examples=["job_not_found"])
     message: str
@@ -61,28 +62,38 @@ class ErrorOut(BaseModel):
 
 # ---- POST /finetune -----------------------------------------------------------------------------
 
+
 def _collection(value: Any, handler) -> Any:
     # Without this, pydantic reports one error per union member, under loc parts like 'list[str]'.
     try:
         return handler(value)
     except ValidationError:
         raise PydanticCustomError(
-            "collection_type", f"must be a list of at most {Limits.max_collection} concept names (each 1-100 characters) "
-                               f"or the string {LARGE_SCALE!r}") from None
+            "collection_type",
+            f"must be a list of at most {Limits.max_collection} concept names (each 1-100 characters) "
+            f"or the string {LARGE_SCALE!r}",
+        ) from None
 
 
 class ConceptsIn(RequestBody):
     """Exactly one of: `pairs`; `collection` (+ optional `held_out`); `collection: "large-scale"`."""
 
-    pairs: Annotated[list[Annotated[list[ConceptName], Field(min_length=2, max_length=8)]] | None,
-                     Field(max_length=Limits.max_concept_groups, description="concept groups of 2-8 concepts, each trained together",
-                           examples=[[["cat", "dog"]]])] = None
-    collection: Annotated[Annotated[list[ConceptName], Field(max_length=Limits.max_collection)] | Literal["large-scale"] | None,
-                          WrapValidator(_collection),
-                          Field(description="many concepts paired at random, or 'large-scale' for the project's "
-                                            "220-concept set")] = None
-    held_out: list[ConceptName] | None = Field(None, max_length=Limits.max_collection,
-                                               description="concepts of the collection never used in finetuning")
+    pairs: Annotated[
+        list[Annotated[list[ConceptName], Field(min_length=2, max_length=8)]] | None,
+        Field(
+            max_length=Limits.max_concept_groups,
+            description="concept groups of 2-8 concepts, each trained together",
+            examples=[[["cat", "dog"]]],
+        ),
+    ] = None
+    collection: Annotated[
+        Annotated[list[ConceptName], Field(max_length=Limits.max_collection)] | Literal["large-scale"] | None,
+        WrapValidator(_collection),
+        Field(description="many concepts paired at random, or 'large-scale' for the project's 220-concept set"),
+    ] = None
+    held_out: list[ConceptName] | None = Field(
+        None, max_length=Limits.max_collection, description="concepts of the collection never used in finetuning"
+    )
 
 
 class RecipeIn(RequestBody):
@@ -108,7 +119,9 @@ def _adapter_ref(value: str | None, *, versioned: bool) -> str | None:
     except ValueError as exc:
         raise PydanticCustomError("adapter_ref", str(exc)) from None
     if version is not None and not versioned:
-        raise PydanticCustomError("adapter_ref", "give the adapter name without '@N': each finetune publishes its next version")
+        raise PydanticCustomError(
+            "adapter_ref", "give the adapter name without '@N': each finetune publishes its next version"
+        )
     return value
 
 
@@ -116,8 +129,12 @@ class FinetuneIn(RequestBody):
     adapter: str = Field(description="adapter name; the job publishes its next version name@N", examples=["cat-dog"])
     model: str | None = Field(None, description="base model name (GET /models); default: the service's default model")
     concepts: ConceptsIn
-    templates: list[Template] | None = Field(None, max_length=100, examples=[["a photo of a {A} and a {B}"]],
-                                             description="prompt templates with slots {A}, {B}, ...")
+    templates: list[Template] | None = Field(
+        None,
+        max_length=100,
+        examples=[["a photo of a {A} and a {B}"]],
+        description="prompt templates with slots {A}, {B}, ...",
+    )
     recipe: RecipeIn = Field(default_factory=RecipeIn)
 
     @field_validator("adapter")
@@ -128,6 +145,7 @@ class FinetuneIn(RequestBody):
 
 # ---- POST /generate -----------------------------------------------------------------------------
 
+
 def concept_in_prompt(concept: str, prompt: str) -> bool:
     """A whole-word (case-insensitive, as CLIP lowercases) occurrence of the concept in the prompt."""
     return re.search(rf"(?<!\w){re.escape(concept.strip())}(?!\w)", prompt, re.IGNORECASE) is not None
@@ -135,19 +153,36 @@ def concept_in_prompt(concept: str, prompt: str) -> bool:
 
 class GenerateIn(RequestBody):
     prompt: str = Field(min_length=1, max_length=Limits.max_prompt, examples=["a photo of a cat and a dog"])
-    model: str | None = Field(None, description="base model name; default: the adapter's base model, else the service's default")
+    model: str | None = Field(
+        None, description="base model name; default: the adapter's base model, else the service's default"
+    )
     adapter: str | None = Field(None, description="'name' (its latest version) or 'name@N'", examples=["cat-dog@1"])
     images: StrictInt = Field(1, ge=1, le=Limits.max_images)
-    steps: StrictInt | None = Field(None, ge=1, le=Limits.max_sample_steps, description="denoising steps; default: the model's")
-    guidance: float | None = Field(None, ge=0, le=Limits.max_guidance, description="classifier-free guidance scale; default: the model's")
-    height: StrictInt | None = Field(None, ge=Limits.min_side, le=Limits.max_side, multiple_of=8, description="pixels; default: the model's own size")
+    steps: StrictInt | None = Field(
+        None, ge=1, le=Limits.max_sample_steps, description="denoising steps; default: the model's"
+    )
+    guidance: float | None = Field(
+        None, ge=0, le=Limits.max_guidance, description="classifier-free guidance scale; default: the model's"
+    )
+    height: StrictInt | None = Field(
+        None, ge=Limits.min_side, le=Limits.max_side, multiple_of=8, description="pixels; default: the model's own size"
+    )
     width: StrictInt | None = Field(None, ge=Limits.min_side, le=Limits.max_side, multiple_of=8)
-    seed: StrictInt | None = Field(None, ge=0, lt=2**31, description="image i uses seed + i; omitted: a random seed, stored")
+    seed: StrictInt | None = Field(
+        None, ge=0, lt=2**31, description="image i uses seed + i; omitted: a random seed, stored"
+    )
     negative_prompt: str = Field("", max_length=Limits.max_prompt)
-    concepts: list[ConceptName] | None = Field(None, min_length=2, max_length=8, examples=[["cat", "dog"]],
-                                              description="objects of the prompt whose attention heatmaps to render")
+    concepts: list[ConceptName] | None = Field(
+        None,
+        min_length=2,
+        max_length=8,
+        examples=[["cat", "dog"]],
+        description="objects of the prompt whose attention heatmaps to render",
+    )
     normalization: Literal[NORMALIZATIONS] | None = Field(None, description="heatmaps' maps; default: the model's")  # type: ignore[valid-type]
-    map_downsample: StrictInt | None = Field(None, description="heatmaps read attention at image size / this; default: the model's")
+    map_downsample: StrictInt | None = Field(
+        None, description="heatmaps read attention at image size / this; default: the model's"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -172,13 +207,17 @@ class GenerateIn(RequestBody):
         if prompt is not None:
             missing = [c for c in value if not concept_in_prompt(c, prompt)]
             if missing:
-                raise PydanticCustomError("concepts", "{missing} must appear in the prompt as whole words; "
-                                                      "add it to the prompt or remove it from concepts",
-                                          {"missing": repr(missing[0])})
+                raise PydanticCustomError(
+                    "concepts",
+                    "{missing} must appear in the prompt as whole words; "
+                    "add it to the prompt or remove it from concepts",
+                    {"missing": repr(missing[0])},
+                )
         return [c.strip() for c in value]
 
 
 # ---- jobs ---------------------------------------------------------------------------------------
+
 
 class JobError(BaseModel):
     code: str
@@ -215,9 +254,14 @@ def result_out(job_url: str, result: JobResult | None) -> FinetuneResultOut | Ge
     if isinstance(result, FinetuneResult):
         return FinetuneResultOut(**dict(result), weights_url=weights_url(result.name, result.version))
     if isinstance(result, GenerateResult):
-        images = [GeneratedImageOut(**dict(image), url=f"{job_url}/images/{image.index}",
-                                    heatmap_url=f"{job_url}/heatmaps/{image.index}" if image.heatmap else None)
-                  for image in result.images]
+        images = [
+            GeneratedImageOut(
+                **dict(image),
+                url=f"{job_url}/images/{image.index}",
+                heatmap_url=f"{job_url}/heatmaps/{image.index}" if image.heatmap else None,
+            )
+            for image in result.images
+        ]
         return GenerateResultOut(**{**dict(result), "images": images})
     return None
 
@@ -239,7 +283,8 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     progress: FinetuneProgress | GenerateProgress | None = Field(
-        description="what the worker last reported: step and total, and for a finetune its ETA, losses and maps")
+        description="what the worker last reported: step and total, and for a finetune its ETA, losses and maps"
+    )
     result: FinetuneResultOut | GenerateResultOut | None
     error: JobError | None
     request: dict[str, Any]
@@ -250,14 +295,27 @@ class JobOut(BaseModel):
         url = f"/jobs/{job.id}"
         result = result_out(url, parse_result(job.kind, job.result))
         images = result.images if isinstance(result, GenerateResultOut) else []
-        links = JobLinks(self=url, cancel=None if job.status in TERMINAL else f"{url}/cancel",
-                         images=[image.url for image in images],
-                         heatmaps=[image.heatmap_url for image in images if image.heatmap_url],
-                         adapter=_adapter_link(result))
+        links = JobLinks(
+            self=url,
+            cancel=None if job.status in TERMINAL else f"{url}/cancel",
+            images=[image.url for image in images],
+            heatmaps=[image.heatmap_url for image in images if image.heatmap_url],
+            adapter=_adapter_link(result),
+        )
         error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
-        return cls(id=job.id, kind=job.kind, status=job.status, created_at=job.created_at, started_at=job.started_at,
-                   finished_at=job.finished_at, progress=parse_progress(job.kind, job.progress), result=result,
-                   error=error, request=job.request, links=links)
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            progress=parse_progress(job.kind, job.progress),
+            result=result,
+            error=error,
+            request=job.request,
+            links=links,
+        )
 
 
 class SubmittedJob(BaseModel):
@@ -271,6 +329,7 @@ class JobPage(BaseModel):
 
 
 # ---- adapters and models ------------------------------------------------------------------------
+
 
 class AdapterSummary(BaseModel):
     name: str
@@ -293,10 +352,18 @@ class AdapterVersionOut(BaseModel):
 
     @classmethod
     def of(cls, name: str, version: AdapterVersion) -> AdapterVersionOut:
-        return cls(version=version.version, ref=f"{name}@{version.version}", base_model=version.base_model,
-                   base_fingerprint=version.base_fingerprint, sha256=version.sha256, size=version.size,
-                   created_at=version.created_at, metadata=version.meta, job_id=version.job_id,
-                   weights=f"/adapters/{name}/{version.version}/weights")
+        return cls(
+            version=version.version,
+            ref=f"{name}@{version.version}",
+            base_model=version.base_model,
+            base_fingerprint=version.base_fingerprint,
+            sha256=version.sha256,
+            size=version.size,
+            created_at=version.created_at,
+            metadata=version.meta,
+            job_id=version.job_id,
+            weights=f"/adapters/{name}/{version.version}/weights",
+        )
 
 
 class AdapterOut(BaseModel):
@@ -306,8 +373,11 @@ class AdapterOut(BaseModel):
 
     @classmethod
     def of(cls, adapter: Adapter) -> AdapterOut:
-        return cls(name=adapter.name, created_at=adapter.created_at,
-                   versions=[AdapterVersionOut.of(adapter.name, v) for v in adapter.versions])
+        return cls(
+            name=adapter.name,
+            created_at=adapter.created_at,
+            versions=[AdapterVersionOut.of(adapter.name, v) for v in adapter.versions],
+        )
 
 
 class ModelOut(BaseModel):

@@ -1,4 +1,4 @@
-"""Submitting a job: store it (idempotently) and commit, then send its broker message, surviving a broker that is down."""
+"""Submitting a job: store it (idempotently) and commit, then send its broker message, surviving a broker outage."""
 
 from __future__ import annotations
 
@@ -19,25 +19,49 @@ from service.schemas import ErrorOut, JobOut, SubmittedJob
 logger = logging.getLogger(__name__)
 
 # The OpenAPI answers of POST /finetune and POST /generate besides their 202.
-SUBMIT_RESPONSES = {200: {"model": SubmittedJob, "description": "an Idempotency-Key replay: the job the first try created"},
-                    404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+SUBMIT_RESPONSES = {
+    200: {"model": SubmittedJob, "description": "an Idempotency-Key replay: the job the first try created"},
+    404: {"model": ErrorOut},
+    409: {"model": ErrorOut},
+    413: {"model": ErrorOut},
+    422: {"model": ErrorOut},
+}
 
 
-def submit_job(session: Session, celery: Celery, tenant: str, request: JobRequest, *,
-               idempotency_key: str | None, adapter_version_id: str | None = None) -> tuple[Job, bool]:
+def submit_job(
+    session: Session,
+    celery: Celery,
+    tenant: str,
+    request: JobRequest,
+    *,
+    idempotency_key: str | None,
+    adapter_version_id: str | None = None,
+) -> tuple[Job, bool]:
     """The stored job and whether this call created it (False: an Idempotency-Key retry, nothing is sent again)."""
     kind = request.kind
     try:
-        job, created = create_job(session, tenant, kind, request_json(request), idempotency_key=idempotency_key,
-                                  adapter_version_id=adapter_version_id)
+        job, created = create_job(
+            session,
+            tenant,
+            kind,
+            request_json(request),
+            idempotency_key=idempotency_key,
+            adapter_version_id=adapter_version_id,
+        )
     except Conflict as exc:
-        raise ApiError(409, "idempotency_key_reused", f"{exc}; use a new Idempotency-Key for a new request",
-                       field="Idempotency-Key") from exc
+        raise ApiError(
+            409,
+            "idempotency_key_reused",
+            f"{exc}; use a new Idempotency-Key for a new request",
+            field="Idempotency-Key",
+        ) from exc
     if created:
         try:
             enqueue(celery, kind, job.id)
         except Exception as exc:  # any broker failure: the row is committed, the reconciler re-sends queued jobs
-            logger.warning("job %s stored but not enqueued (broker unavailable: %s); the reconciler will send it", job.id, exc)
+            logger.warning(
+                "job %s stored but not enqueued (broker unavailable: %s); the reconciler will send it", job.id, exc
+            )
             mark_not_enqueued(session, job.id)
     return job, created
 

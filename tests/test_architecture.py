@@ -7,8 +7,21 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN_IN_CORE = {"fastapi", "starlette", "sqlalchemy", "alembic", "celery", "redis", "kombu", "psycopg", "psycopg2",
-                     "service", "worker", "sepen_store", "migrations"}
+FORBIDDEN_IN_CORE = {
+    "fastapi",
+    "starlette",
+    "sqlalchemy",
+    "alembic",
+    "celery",
+    "redis",
+    "kombu",
+    "psycopg",
+    "psycopg2",
+    "service",
+    "worker",
+    "sepen_store",
+    "migrations",
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -32,9 +45,11 @@ def test_core_imports_no_service_layers_and_reads_no_environment():
 
 
 def test_gateway_facing_modules_do_not_import_torch():
-    code = ("import sys, sepen_core, sepen_core.config, sepen_core.errors, sepen_core.prompts; "
-            "sepen_core.ConceptSet; sepen_core.FinetuneConfig; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, sepen_core, sepen_core.config, sepen_core.errors, sepen_core.prompts; "
+        "sepen_core.ConceptSet; sepen_core.FinetuneConfig; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
 
@@ -52,9 +67,11 @@ def test_only_sepen_store_touches_tables():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sqlalchemy":
                 names = {alias.name for alias in node.names}
-                assert node.module == "sqlalchemy.orm" and names <= {"Session", "sessionmaker"}, \
+                assert node.module == "sqlalchemy.orm" and names <= {"Session", "sessionmaker"}, (
                     f"{path.relative_to(ROOT)} imports {names} from {node.module}"
+                )
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SESSION_WRITES:
                 owner = node.func.value
-                assert not (isinstance(owner, ast.Name) and owner.id in ("session", "db")), \
+                assert not (isinstance(owner, ast.Name) and owner.id in ("session", "db")), (
                     f"{path.relative_to(ROOT)}:{node.lineno} calls session.{node.func.attr}; add a sepen_store function"
+                )

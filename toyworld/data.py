@@ -1,4 +1,4 @@
-"""Base-training data: a seeded mix of single-object scenes and training-pair scenes, with empty captions for guidance."""
+"""Base-training data: a seeded mix of single-object and training-pair scenes, with empty captions for guidance."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ class DataMix:
     empty_caption_fraction: float = 0.1
 
     def __post_init__(self):
-        if not (0 <= self.pair_fraction and 0 <= self.triple_fraction and self.pair_fraction + self.triple_fraction <= 1):
+        if not (
+            0 <= self.pair_fraction and 0 <= self.triple_fraction and self.pair_fraction + self.triple_fraction <= 1
+        ):
             raise ValueError("DataMix: pair_fraction and triple_fraction must be >= 0 with a sum <= 1")
         if not 0 <= self.empty_caption_fraction < 1:
             raise ValueError("DataMix: empty_caption_fraction must be in [0, 1)")

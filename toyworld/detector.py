@@ -1,11 +1,11 @@
 """A programmatic object detector for the toy world: palette colour -> connected components -> shape -> noun.
 
-A pixel takes the nearest glyph colour when it lies within `max_colour_distance` (RGB, 0..255) of
-it (the palette's colours are at least 127 apart; dark edge pixels and black stay background). Each 4-connected component of one
-colour with at least `min_area` pixels is an object candidate; its shape is the world's glyph shape
-whose mask, drawn into the component's bounding box, has the highest IoU with it (bars are told from
-compact shapes by the box's aspect ratio first). A candidate is a detection of the noun that has its
-colour and its shape (world v2 draws two nouns in each colour, a disc and a bar).
+A pixel takes the nearest glyph colour when it lies within `max_colour_distance` (RGB, 0..255) of it
+(the palette's colours are at least 127 apart; dark edge pixels and black stay background). Each
+4-connected component of one colour with at least `min_area` pixels is an object candidate; its shape
+is the world's glyph shape whose mask, drawn into the component's bounding box, has the highest IoU
+with it (bars are told from compact shapes by the box's aspect ratio first). A candidate is a detection
+of the noun that has its colour and its shape (world v2 draws two nouns in each colour: a disc, a bar).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     seen = np.zeros_like(mask, dtype=bool)
     height, width = mask.shape
     components = []
-    for start in zip(*np.nonzero(mask)):
+    for start in zip(*np.nonzero(mask), strict=False):
         if seen[start]:
             continue
         seen[start] = True
@@ -94,7 +94,8 @@ def classify_shape(component: np.ndarray, shapes: tuple[str, ...] = SHAPES) -> t
         shapes = ("vbar",)
     else:
         shapes = tuple(s for s in shapes if s not in ("hbar", "vbar")) or tuple(
-            s for s in SHAPES if s not in ("hbar", "vbar"))
+            s for s in SHAPES if s not in ("hbar", "vbar")
+        )
     best, best_iou = shapes[0], -1.0
     for shape in shapes:
         template = shape_mask(shape, int(width), int(height))
@@ -104,8 +105,9 @@ def classify_shape(component: np.ndarray, shapes: tuple[str, ...] = SHAPES) -> t
     return best, best_iou
 
 
-def find_candidates(world: World, image, *, max_colour_distance: float = MAX_COLOUR_DISTANCE,
-                    min_area: int = MIN_AREA) -> list[Candidate]:
+def find_candidates(
+    world: World, image, *, max_colour_distance: float = MAX_COLOUR_DISTANCE, min_area: int = MIN_AREA
+) -> list[Candidate]:
     """Every component of a glyph colour with at least min_area pixels, largest first."""
     labels = colour_labels(world, to_rgb_array(image), max_colour_distance)
     world_shapes = tuple(dict.fromkeys(g.shape for g in world.glyphs))
@@ -119,8 +121,16 @@ def find_candidates(world: World, image, *, max_colour_distance: float = MAX_COL
             top, left = component.min(axis=0)
             bottom, right = component.max(axis=0)
             noun = next((n for n in nouns if world.glyph(n).shape == shape), None)
-            candidates.append(Candidate(nouns, shape, iou, len(component),
-                                        (int(left), int(top), int(right - left + 1), int(bottom - top + 1)), noun))
+            candidates.append(
+                Candidate(
+                    nouns,
+                    shape,
+                    iou,
+                    len(component),
+                    (int(left), int(top), int(right - left + 1), int(bottom - top + 1)),
+                    noun,
+                )
+            )
     return sorted(candidates, key=lambda c: -c.area)
 
 

@@ -55,8 +55,12 @@ def group_prompts(world: World, group: str) -> list[tuple[str, ...]]:
         pairs = list(world.train_pairs)
     else:
         unseen = set(world.unseen_in_finetuning)
-        wanted = {"heldout_pairs": (0, 1, 2), "heldout_seen_seen": (0,), "heldout_seen_unseen": (1,),
-                  "heldout_unseen_unseen": (2,)}[group]
+        wanted = {
+            "heldout_pairs": (0, 1, 2),
+            "heldout_seen_seen": (0,),
+            "heldout_seen_unseen": (1,),
+            "heldout_unseen_unseen": (2,),
+        }[group]
         pairs = [p for p in world.heldout_pairs if sum(n in unseen for n in p) in wanted]
     return [order for a, b in pairs for order in ((a, b), (b, a))]
 
@@ -76,7 +80,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def evaluate(model: BaseModel, world: World, config: EvalConfig | None = None) -> tuple[dict, dict[str, list[Image.Image]]]:
+def evaluate(
+    model: BaseModel, world: World, config: EvalConfig | None = None
+) -> tuple[dict, dict[str, list[Image.Image]]]:
     """-> ({group: numbers}, {group: the first image of each prompt, for a preview})."""
     config = config or EvalConfig()
     results, previews = {}, {}
@@ -86,11 +92,15 @@ def evaluate(model: BaseModel, world: World, config: EvalConfig | None = None) -
         success = exact = colour_only = 0
         per_noun: dict[str, list[int]] = {}
         previews[group] = []
-        for j, (nouns, count) in enumerate(zip(prompts, counts)):
+        for j, (nouns, count) in enumerate(zip(prompts, counts, strict=True)):
             if count == 0:
                 continue
-            sample = SampleConfig(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                                  num_images=count, seed=config.seed + 1000 * j)
+            sample = SampleConfig(
+                num_inference_steps=config.num_inference_steps,
+                guidance_scale=config.guidance_scale,
+                num_images=count,
+                seed=config.seed + 1000 * j,
+            )
             result = generate(model, caption(nouns), sample)
             previews[group].append(result.images[0])
             for pixels in result.pixels:
@@ -103,9 +113,14 @@ def evaluate(model: BaseModel, world: World, config: EvalConfig | None = None) -
                     per_noun.setdefault(noun, []).append(int(noun in detected))
         n = sum(counts)
         low, high = wilson_interval(success, n)
-        results[group] = {"n": n, "success": success / n, "success_ci95": [low, high], "exact": exact / n,
-                          "colour_only": colour_only / n,
-                          "per_noun_detected": {k: sum(v) / len(v) for k, v in sorted(per_noun.items())}}
+        results[group] = {
+            "n": n,
+            "success": success / n,
+            "success_ci95": [low, high],
+            "exact": exact / n,
+            "colour_only": colour_only / n,
+            "per_noun_detected": {k: sum(v) / len(v) for k, v in sorted(per_noun.items())},
+        }
     return results, previews
 
 
@@ -136,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     config = EvalConfig(args.samples, args.steps, args.guidance, args.seed, tuple(args.groups))
     results, previews = evaluate(load_base_model(model_dir), world, config)
     out = Path(args.out)
-    out.write_text(json.dumps({"model": str(model_dir), "config": config.to_dict(), "results": results}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"model": str(model_dir), "config": config.to_dict(), "results": results}, indent=2) + "\n"
+    )
     preview_grid(previews).save(out.with_suffix(".png"))
     for group, numbers in results.items():
         print(f"{group}: success {numbers['success']:.3f} (n={numbers['n']}), exact {numbers['exact']:.3f}")

@@ -1,4 +1,4 @@
-"""Build world v2 (world-v2.json) from its stated design: 24 nouns, Zipf frequencies, sparse co-occurrence, three pair roles.
+"""Build world v2 (world-v2.json) from its design: 24 nouns, Zipf frequencies, sparse co-occurrence, three pair roles.
 
     python -m toyworld.make_world --out toyworld/world-v2.json
 
@@ -30,16 +30,33 @@ import numpy as np
 from toyworld.world import World
 
 COLOURS = {  # name: RGB; all bright and at least 127 apart, so blurred (dark) edges never read as a glyph colour
-    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-    "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255), "orange": (255, 128, 0),
-    "azure": (0, 128, 255), "pink": (255, 128, 255), "lime": (128, 255, 0), "purple": (128, 0, 255),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255),
+    "cyan": (0, 255, 255),
+    "white": (255, 255, 255),
+    "orange": (255, 128, 0),
+    "azure": (0, 128, 255),
+    "pink": (255, 128, 255),
+    "lime": (128, 255, 0),
+    "purple": (128, 0, 255),
 }
 # colour: (disc noun, bar noun); every noun is one CLIP BPE token and starts with a consonant ("a ...").
 NOUNS = {
-    "red": ("cherry", "brick"), "green": ("melon", "bench"), "blue": ("planet", "bus"),
-    "yellow": ("lemon", "banana"), "magenta": ("donut", "sofa"), "cyan": ("bubble", "boat"),
-    "white": ("moon", "fence"), "orange": ("coin", "pencil"), "azure": ("ball", "train"),
-    "pink": ("peach", "plank"), "lime": ("button", "ladder"), "purple": ("plate", "truck"),
+    "red": ("cherry", "brick"),
+    "green": ("melon", "bench"),
+    "blue": ("planet", "bus"),
+    "yellow": ("lemon", "banana"),
+    "magenta": ("donut", "sofa"),
+    "cyan": ("bubble", "boat"),
+    "white": ("moon", "fence"),
+    "orange": ("coin", "pencil"),
+    "azure": ("ball", "train"),
+    "pink": ("peach", "plank"),
+    "lime": ("button", "ladder"),
+    "purple": ("plate", "truck"),
 }
 SEED = 2026
 TRAIN_PARTNERS = 4
@@ -50,7 +67,7 @@ def frequency_ranks(rng: np.random.Generator) -> list[str]:
     """All nouns, most frequent first: a shuffled disc noun, a shuffled bar noun, alternating."""
     discs = [NOUNS[c][0] for c in rng.permutation(list(NOUNS))]
     bars = [NOUNS[c][1] for c in rng.permutation(list(NOUNS))]
-    return [noun for pair in zip(discs, bars) for noun in pair]
+    return [noun for pair in zip(discs, bars, strict=True) for noun in pair]
 
 
 def hamiltonian_cycles(nouns: list[str], count: int, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -90,21 +107,43 @@ def build_world(seed: int = SEED) -> World:
     rng = np.random.default_rng(seed)
     ranked = frequency_ranks(rng)
     unseen = ranked[2::3]
-    glyphs = [{"noun": noun, "shape": shape, "colour": list(COLOURS[colour]),
-               "frequency": round(1 / (ranked.index(noun) + 1), 6)}
-              for colour, nouns in NOUNS.items() for noun, shape in zip(nouns, ("disc", "hbar"))]
+    glyphs = [
+        {
+            "noun": noun,
+            "shape": shape,
+            "colour": list(COLOURS[colour]),
+            "frequency": round(1 / (ranked.index(noun) + 1), 6),
+        }
+        for colour, nouns in NOUNS.items()
+        for noun, shape in zip(nouns, ("disc", "hbar"), strict=True)
+    ]
     train = hamiltonian_cycles(ranked, TRAIN_PARTNERS // 2, rng)
     heldout = [p for p in combinations(sorted(ranked), 2) if frozenset(p) not in {frozenset(t) for t in train}]
     by_unseen = {k: [p for p in heldout if sum(n in unseen for n in p) == k] for k in (0, 1, 2)}
     validation = balanced_pairs(by_unseen[0], GROUP_SIZES["validation"], rng)
     seen_seen = [p for p in by_unseen[0] if p not in validation]
-    test = (balanced_pairs(seen_seen, GROUP_SIZES["test_seen_seen"], rng)
-            + balanced_pairs(by_unseen[1], GROUP_SIZES["test_seen_unseen"], rng)
-            + balanced_pairs(by_unseen[2], GROUP_SIZES["test_unseen_unseen"], rng))
-    return World.from_dict({
-        "version": 2, "image_size": 32, "min_size": 8, "max_size": 11, "bar_ratio": 2.5, "gap": 2, "margin": 1,
-        "glyphs": glyphs, "unseen_in_finetuning": sorted(unseen), "train_pairs": train,
-        "heldout_pairs": heldout, "validation_pairs": validation, "test_pairs": test})
+    test = (
+        balanced_pairs(seen_seen, GROUP_SIZES["test_seen_seen"], rng)
+        + balanced_pairs(by_unseen[1], GROUP_SIZES["test_seen_unseen"], rng)
+        + balanced_pairs(by_unseen[2], GROUP_SIZES["test_unseen_unseen"], rng)
+    )
+    return World.from_dict(
+        {
+            "version": 2,
+            "image_size": 32,
+            "min_size": 8,
+            "max_size": 11,
+            "bar_ratio": 2.5,
+            "gap": 2,
+            "margin": 1,
+            "glyphs": glyphs,
+            "unseen_in_finetuning": sorted(unseen),
+            "train_pairs": train,
+            "heldout_pairs": heldout,
+            "validation_pairs": validation,
+            "test_pairs": test,
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,12 +152,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     world = build_world(args.seed)
-    about = ("Toy world v2 (toyworld/README.md; built by toyworld/make_world.py). train_pairs are the only two-object "
-             "captions of base training; validation_pairs choose recipes and settings; test_pairs fill the final table; "
-             "unseen_in_finetuning nouns are never used by SepEn finetuning; frequency weighs single-object captions.")
+    about = (
+        "Toy world v2 (toyworld/README.md; built by toyworld/make_world.py). train_pairs are the only two-object "
+        "captions of base training; validation_pairs choose recipes and settings; test_pairs fill the final table; "
+        "unseen_in_finetuning nouns are never used by SepEn finetuning; frequency weighs single-object captions."
+    )
     Path(args.out).write_text(json.dumps({"about": about, **world.to_dict()}, indent=1) + "\n")
-    print(f"wrote {args.out}: {len(world.nouns)} nouns, {len(world.train_pairs)} training pairs, "
-          f"{len(world.validation_pairs)} validation and {len(world.test_pairs)} test pairs")
+    print(
+        f"wrote {args.out}: {len(world.nouns)} nouns, {len(world.train_pairs)} training pairs, "
+        f"{len(world.validation_pairs)} validation and {len(world.test_pairs)} test pairs"
+    )
 
 
 if __name__ == "__main__":

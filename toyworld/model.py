@@ -1,4 +1,4 @@
-"""The toy base model: a pixel-space UNet with cross-attention at 16x16 and 8x8, a small CLIP text encoder, v-prediction."""
+"""The toy base model: a pixel-space UNet with cross-attention at 16x16 and 8x8, a small CLIP text encoder, v-pred."""
 
 from __future__ import annotations
 
@@ -56,11 +56,18 @@ class ToyModelConfig:
 
 def unet_config(config: ToyModelConfig) -> dict:
     levels = len(config.block_out_channels)
-    return dict(sample_size=config.image_size, in_channels=3, out_channels=3, layers_per_block=config.layers_per_block,
-                block_out_channels=config.block_out_channels, norm_num_groups=config.norm_num_groups,
-                cross_attention_dim=config.text_hidden_size, attention_head_dim=config.attention_heads,
-                down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-                up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",))
+    return dict(
+        sample_size=config.image_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=config.layers_per_block,
+        block_out_channels=config.block_out_channels,
+        norm_num_groups=config.norm_num_groups,
+        cross_attention_dim=config.text_hidden_size,
+        attention_head_dim=config.attention_heads,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+    )
 
 
 def build_toy_model(config: ToyModelConfig | None = None, seed: int = 0) -> BaseModel:
@@ -70,24 +77,51 @@ def build_toy_model(config: ToyModelConfig | None = None, seed: int = 0) -> Base
     unet = UNet2DConditionModel(**unet_config(config))
     tokenizer = load_clip_tokenizer()
     tokenizer.model_max_length = config.max_length  # saved in the tokenizer's config: samplers and pipelines respect it
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=config.text_hidden_size, intermediate_size=config.text_intermediate_size,
-        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads, max_position_embeddings=config.max_length,
-        projection_dim=config.text_hidden_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule=config.beta_schedule, beta_start=config.beta_start,
-                              beta_end=config.beta_end, prediction_type=config.prediction_type, clip_sample=True,
-                              clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing")
-    return BaseModel(unet.eval(), text_encoder.eval(), tokenizer, scheduler, None, TOY_MODEL_ID, mask_padding=True,
-                     defaults=TOY_DEFAULTS)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=config.text_hidden_size,
+            intermediate_size=config.text_intermediate_size,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=config.max_length,
+            projection_dim=config.text_hidden_size,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=config.beta_schedule,
+        beta_start=config.beta_start,
+        beta_end=config.beta_end,
+        prediction_type=config.prediction_type,
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="trailing",
+    )
+    return BaseModel(
+        unet.eval(),
+        text_encoder.eval(),
+        tokenizer,
+        scheduler,
+        None,
+        TOY_MODEL_ID,
+        mask_padding=True,
+        defaults=TOY_DEFAULTS,
+    )
 
 
 def trainable_conditioning(model: BaseModel, prompts: list[str]) -> TextConditioning:
     """model.encode_prompts with autograd through the text encoder (it trains jointly with the UNet).
 
     Same tokens, hidden states and cross-attention mask as sampling sees (a test checks it)."""
-    tokens = model.tokenizer(prompts, padding="max_length", max_length=model.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+    tokens = model.tokenizer(
+        prompts, padding="max_length", max_length=model.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     input_ids = tokens.input_ids  # (B, T)
     hidden = model.text_encoder(input_ids.to(model.device))[0]  # (B, T, D)
     return TextConditioning(list(prompts), input_ids, hidden, model.cross_attention_mask(input_ids))

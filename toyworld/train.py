@@ -106,8 +106,10 @@ class EMA:
 
 
 def trained_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
-    return {**{f"unet.{k}": p for k, p in model.unet.named_parameters()},
-            **{f"text_encoder.{k}": p for k, p in model.text_encoder.named_parameters()}}
+    return {
+        **{f"unet.{k}": p for k, p in model.unet.named_parameters()},
+        **{f"text_encoder.{k}": p for k, p in model.text_encoder.named_parameters()},
+    }
 
 
 def training_loss(model: BaseModel, world: World, config: TrainConfig, step: int) -> torch.Tensor:
@@ -128,15 +130,29 @@ def training_loss(model: BaseModel, world: World, config: TrainConfig, step: int
     return F.mse_loss(prediction.float(), target)
 
 
-def save_checkpoint(directory: Path, step: int, config: TrainConfig, params: dict, ema: EMA,
-                    optimizer: torch.optim.AdamW, evals: list[dict]) -> None:
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    config: TrainConfig,
+    params: dict,
+    ema: EMA,
+    optimizer: torch.optim.AdamW,
+    evals: list[dict],
+) -> None:
     """Weights, AdamW moments and the EMA weights (as extras) through sepen_core.checkpoints."""
-    write_checkpoint(directory, step, params, optimizer, {"run": config.fingerprint(), "evals": evals},
-                     extra={f"ema/{name}": shadow for name, shadow in ema.shadow.items()})
+    write_checkpoint(
+        directory,
+        step,
+        params,
+        optimizer,
+        {"run": config.fingerprint(), "evals": evals},
+        extra={f"ema/{name}": shadow for name, shadow in ema.shadow.items()},
+    )
 
 
-def load_checkpoint(directory: Path, config: TrainConfig, params: dict, ema: EMA,
-                    optimizer: torch.optim.AdamW) -> tuple[int, list[dict]]:
+def load_checkpoint(
+    directory: Path, config: TrainConfig, params: dict, ema: EMA, optimizer: torch.optim.AdamW
+) -> tuple[int, list[dict]]:
     state = read_checkpoint_state(directory)
     if state is None:
         return 0, []
@@ -158,15 +174,26 @@ def run_eval(model: BaseModel, world: World, ema: EMA, eval_config: EvalConfig, 
     finally:
         ema.swap()
     preview_grid(previews).save(directory / f"eval-{step:07d}.png")
-    summary = {"step": step, "seconds": round(time.perf_counter() - began, 1), "config": eval_config.to_dict(),
-               "results": results}
+    summary = {
+        "step": step,
+        "seconds": round(time.perf_counter() - began, 1),
+        "config": eval_config.to_dict(),
+        "results": results,
+    }
     print(json.dumps({"eval_step": step, **{g: round(r["success"], 3) for g, r in results.items()}}), flush=True)
     return summary
 
 
-def train(directory: str | Path, config: TrainConfig, *, world: World | None = None,
-          eval_config: EvalConfig | None = None, cadence: Cadence = Cadence(), device: str = "cpu",
-          time_budget_s: float | None = None) -> Path:
+def train(
+    directory: str | Path,
+    config: TrainConfig,
+    *,
+    world: World | None = None,
+    eval_config: EvalConfig | None = None,
+    cadence: Cadence = Cadence(),
+    device: str = "cpu",
+    time_budget_s: float | None = None,
+) -> Path:
     """Train (or resume) into `directory`; returns the saved model's directory. eval_config None: no evaluation.
     Raises CheckpointError when `directory` holds a checkpoint of a run with other settings.
 
@@ -183,8 +210,9 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
     params = trained_parameters(model)
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, betas=config.adam_betas,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params.values(), lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay
+    )
     ema = EMA(params, config.ema_decay)
     start, evals = load_checkpoint(directory, config, params, ema, optimizer)
     log_file = directory / "log.jsonl"
@@ -204,8 +232,10 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
             fits = min(requested_steps, max(step + 1, step + int(left / pace)))
             if fits != config.steps:
                 config = dataclasses.replace(config, steps=fits)
-                print(f"time budget {time_budget_s:.0f}s at {pace * 1000:.1f} ms/step: training {config.steps} steps",
-                      flush=True)
+                print(
+                    f"time budget {time_budget_s:.0f}s at {pace * 1000:.1f} ms/step: training {config.steps} steps",
+                    flush=True,
+                )
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         loss = training_loss(model, world, config, step)
@@ -218,8 +248,13 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
         done = step + 1
         if done % cadence.log_every == 0 or done == config.steps:
             now = time.perf_counter()
-            row = {"step": done, "loss": round(sum(window) / len(window), 5), "lr": learning_rate(config, step),
-                   "seconds_per_step": round((now - window_began) / len(window), 3), "elapsed": round(now - began, 1)}
+            row = {
+                "step": done,
+                "loss": round(sum(window) / len(window), 5),
+                "lr": learning_rate(config, step),
+                "seconds_per_step": round((now - window_began) / len(window), 3),
+                "elapsed": round(now - began, 1),
+            }
             with log_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
@@ -242,12 +277,20 @@ def train(directory: str | Path, config: TrainConfig, *, world: World | None = N
     (model_dir / "world.json").write_text(json.dumps(world.to_dict(), indent=1) + "\n")
     log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
     speeds = [row["seconds_per_step"] for row in log[1:]] or [row["seconds_per_step"] for row in log]
-    summary = {"config": config.to_dict(), "seed": config.seed, "data_mix": config.data.to_dict(),
-               "steps": config.steps, "threads": torch.get_num_threads(),
-               "median_seconds_per_step": float(np.median(speeds)) if speeds else None,
-               "parameters": {"unet": sum(p.numel() for p in model.unet.parameters()),
-                              "text_encoder": sum(p.numel() for p in model.text_encoder.parameters())},
-               "final_loss": log[-1]["loss"] if log else None, "evals": evals}
+    summary = {
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "data_mix": config.data.to_dict(),
+        "steps": config.steps,
+        "threads": torch.get_num_threads(),
+        "median_seconds_per_step": float(np.median(speeds)) if speeds else None,
+        "parameters": {
+            "unet": sum(p.numel() for p in model.unet.parameters()),
+            "text_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
+        },
+        "final_loss": log[-1]["loss"] if log else None,
+        "evals": evals,
+    }
     (model_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"saved {model_dir}", flush=True)
     return model_dir
@@ -263,31 +306,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps)
     parser.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--bf16", action="store_true",
-                        help="bf16 autocast (about 25%% faster on a CPU with avx512_bf16)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast (about 25%% faster on a CPU with avx512_bf16)"
+    )
     parser.add_argument("--pair-fraction", type=float, default=DataMix.pair_fraction)
     parser.add_argument("--triple-fraction", type=float, default=DataMix.triple_fraction)
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at the end)")
-    parser.add_argument("--eval-samples", type=int, default=EvalConfig.samples_per_group,
-                        help="per group; 0 skips evaluation")
+    parser.add_argument(
+        "--eval-samples", type=int, default=EvalConfig.samples_per_group, help="per group; 0 skips evaluation"
+    )
     parser.add_argument("--eval-guidance", type=float, default=EvalConfig.guidance_scale)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--time-budget", type=float, help="seconds: shorten the run to fit (see train())")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=args.warmup,
-                         ema_decay=args.ema_decay, seed=args.seed, bf16=args.bf16,
-                         data=DataMix(pair_fraction=args.pair_fraction, triple_fraction=args.triple_fraction))
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        bf16=args.bf16,
+        data=DataMix(pair_fraction=args.pair_fraction, triple_fraction=args.triple_fraction),
+    )
     eval_config = None
     if args.eval_samples > 0:
         eval_config = EvalConfig(samples_per_group=args.eval_samples, guidance_scale=args.eval_guidance)
     cadence = Cadence(log_every=args.log_every, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
     try:
-        train(args.out, config, world=load_world(args.world), eval_config=eval_config, cadence=cadence,
-              device=args.device, time_budget_s=args.time_budget)
+        train(
+            args.out,
+            config,
+            world=load_world(args.world),
+            eval_config=eval_config,
+            cadence=cadence,
+            device=args.device,
+            time_budget_s=args.time_budget,
+        )
     except CheckpointError as exc:
         raise SystemExit(f"{exc}; use another --out") from None
 

@@ -1,4 +1,4 @@
-"""The toy world: single-token nouns drawn as glyphs on a black canvas; scenes, captions and renders, deterministic from a seed."""
+"""The toy world: single-token nouns drawn as glyphs on black; scenes, captions, renders, deterministic from a seed."""
 
 from __future__ import annotations
 
@@ -11,7 +11,20 @@ from pathlib import Path
 import numpy as np
 
 WORLD_FILE = Path(__file__).with_name("world.json")
-SHAPES = ("disc", "square", "ring", "frame", "tri_up", "tri_down", "tri_left", "tri_right", "plus", "diamond", "hbar", "vbar")
+SHAPES = (
+    "disc",
+    "square",
+    "ring",
+    "frame",
+    "tri_up",
+    "tri_down",
+    "tri_left",
+    "tri_right",
+    "plus",
+    "diamond",
+    "hbar",
+    "vbar",
+)
 RING_HOLE = 0.5  # hole radius (ring) or half-side (frame) as a fraction of the glyph's half-size
 PLUS_ARM = 0.36  # half-width of the plus's arms as a fraction of its half-size
 
@@ -86,7 +99,11 @@ class World:
     def pair_role(self, a: str, b: str) -> str:
         """'train', 'validation', 'test' or 'heldout' (never together in training, in no evaluation role)."""
         pair = frozenset((a, b))
-        for role, pairs in (("train", self.train_pairs), ("validation", self.validation_pairs), ("test", self.test_pairs)):
+        for role, pairs in (
+            ("train", self.train_pairs),
+            ("validation", self.validation_pairs),
+            ("test", self.test_pairs),
+        ):
             if pair in {frozenset(p) for p in pairs}:
                 return role
         return "heldout"
@@ -94,19 +111,37 @@ class World:
     @classmethod
     def from_dict(cls, data: dict) -> World:
         pairs = {key: tuple(tuple(p) for p in data.get(key, ())) for key in PAIR_LISTS}
-        return cls(image_size=int(data["image_size"]), min_size=int(data["min_size"]), max_size=int(data["max_size"]),
-                   bar_ratio=float(data["bar_ratio"]), gap=int(data["gap"]), margin=int(data["margin"]),
-                   glyphs=tuple(Glyph(g["noun"], g["shape"], tuple(g["colour"]), float(g.get("frequency", 1.0)))
-                                for g in data["glyphs"]),
-                   unseen_in_finetuning=tuple(data["unseen_in_finetuning"]), version=int(data.get("version", 1)), **pairs)
+        return cls(
+            image_size=int(data["image_size"]),
+            min_size=int(data["min_size"]),
+            max_size=int(data["max_size"]),
+            bar_ratio=float(data["bar_ratio"]),
+            gap=int(data["gap"]),
+            margin=int(data["margin"]),
+            glyphs=tuple(
+                Glyph(g["noun"], g["shape"], tuple(g["colour"]), float(g.get("frequency", 1.0))) for g in data["glyphs"]
+            ),
+            unseen_in_finetuning=tuple(data["unseen_in_finetuning"]),
+            version=int(data.get("version", 1)),
+            **pairs,
+        )
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "image_size": self.image_size, "min_size": self.min_size,
-                "max_size": self.max_size, "bar_ratio": self.bar_ratio, "gap": self.gap, "margin": self.margin,
-                "glyphs": [{"noun": g.noun, "shape": g.shape, "colour": list(g.colour), "frequency": g.frequency}
-                           for g in self.glyphs],
-                "unseen_in_finetuning": list(self.unseen_in_finetuning),
-                **{key: [list(p) for p in getattr(self, key)] for key in PAIR_LISTS}}
+        return {
+            "version": self.version,
+            "image_size": self.image_size,
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "bar_ratio": self.bar_ratio,
+            "gap": self.gap,
+            "margin": self.margin,
+            "glyphs": [
+                {"noun": g.noun, "shape": g.shape, "colour": list(g.colour), "frequency": g.frequency}
+                for g in self.glyphs
+            ],
+            "unseen_in_finetuning": list(self.unseen_in_finetuning),
+            **{key: [list(p) for p in getattr(self, key)] for key in PAIR_LISTS},
+        }
 
 
 PAIR_LISTS = ("train_pairs", "heldout_pairs", "validation_pairs", "test_pairs")
@@ -117,7 +152,7 @@ def load_world(path: str | Path = WORLD_FILE) -> World:
 
 
 def caption(nouns: tuple[str, ...] | list[str]) -> str:
-    """'a moon' / 'a moon and a heart' / 'a moon, a heart and a star' (always "a": the article carries no information)."""
+    """'a moon' / 'a moon and a heart' / 'a moon, a heart and a star' (always "a": the article carries nothing)."""
     items = [f"a {n}" for n in nouns]
     if len(items) <= 1:
         return "".join(items)
@@ -132,11 +167,18 @@ def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
     v, u = np.meshgrid(v, u, indexing="ij")  # (H, W) each
     radius2, box = u**2 + v**2, np.maximum(abs(u), abs(v))
     masks = {
-        "disc": radius2 <= 1, "square": box <= 1, "hbar": box <= 1, "vbar": box <= 1,
-        "ring": (radius2 <= 1) & (radius2 >= RING_HOLE**2), "frame": box >= RING_HOLE,
-        "tri_up": abs(u) <= (v + 1) / 2, "tri_down": abs(u) <= (1 - v) / 2,
-        "tri_left": abs(v) <= (u + 1) / 2, "tri_right": abs(v) <= (1 - u) / 2,
-        "plus": (abs(u) <= PLUS_ARM) | (abs(v) <= PLUS_ARM), "diamond": abs(u) + abs(v) <= 1,
+        "disc": radius2 <= 1,
+        "square": box <= 1,
+        "hbar": box <= 1,
+        "vbar": box <= 1,
+        "ring": (radius2 <= 1) & (radius2 >= RING_HOLE**2),
+        "frame": box >= RING_HOLE,
+        "tri_up": abs(u) <= (v + 1) / 2,
+        "tri_down": abs(u) <= (1 - v) / 2,
+        "tri_left": abs(v) <= (u + 1) / 2,
+        "tri_right": abs(v) <= (1 - u) / 2,
+        "plus": (abs(u) <= PLUS_ARM) | (abs(v) <= PLUS_ARM),
+        "diamond": abs(u) + abs(v) <= 1,
     }
     mask = masks[shape]
     mask.setflags(write=False)  # cached: shared by every caller
@@ -172,8 +214,12 @@ class Scene:
 
 
 def _apart(a: PlacedObject, b: PlacedObject, gap: int) -> bool:
-    return (a.x + a.width + gap <= b.x or b.x + b.width + gap <= a.x or
-            a.y + a.height + gap <= b.y or b.y + b.height + gap <= a.y)
+    return (
+        a.x + a.width + gap <= b.x
+        or b.x + b.width + gap <= a.x
+        or a.y + a.height + gap <= b.y
+        or b.y + b.height + gap <= a.y
+    )
 
 
 def sample_scene(world: World, nouns: tuple[str, ...] | list[str], rng: np.random.Generator) -> Scene:
@@ -185,8 +231,13 @@ def sample_scene(world: World, nouns: tuple[str, ...] | list[str], rng: np.rando
             size = int(rng.integers(world.min_size, world.max_size + 1))
             width, height = glyph_box(world, world.glyph(noun).shape, size)
             for _ in range(50):
-                obj = PlacedObject(noun, int(rng.integers(lo, world.image_size - lo - width + 1)),
-                                   int(rng.integers(lo, world.image_size - lo - height + 1)), width, height)
+                obj = PlacedObject(
+                    noun,
+                    int(rng.integers(lo, world.image_size - lo - width + 1)),
+                    int(rng.integers(lo, world.image_size - lo - height + 1)),
+                    width,
+                    height,
+                )
                 if all(_apart(obj, other, world.gap) for other in placed):
                     placed.append(obj)
                     break
@@ -202,7 +253,7 @@ def render(world: World, scene: Scene) -> np.ndarray:
     image = np.zeros((world.image_size, world.image_size, 3), dtype=np.uint8)
     for obj in scene.objects:
         glyph = world.glyph(obj.noun)
-        region = image[obj.y:obj.y + obj.height, obj.x:obj.x + obj.width]  # (h, w, 3) view
+        region = image[obj.y : obj.y + obj.height, obj.x : obj.x + obj.width]  # (h, w, 3) view
         region[shape_mask(glyph.shape, obj.width, obj.height)] = glyph.colour
     return image
 

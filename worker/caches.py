@@ -25,7 +25,9 @@ class ModelCache:
             source = self.settings.models.get(name)
             if source is None:
                 raise NotFound("model", name)
-            self.models[name] = load_model(source, device=self.settings.device, dtype=self.settings.dtype, model_id=name)
+            self.models[name] = load_model(
+                source, device=self.settings.device, dtype=self.settings.dtype, model_id=name
+            )
         return self.models[name]
 
 

@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sepen-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--queues", default="finetune,generate", help="comma-separated: finetune, generate")
     parser.add_argument("--loglevel", default="INFO")
-    parser.add_argument("--hostname", default="sepen@%h", help="Celery node name; give each worker on a host its own (default sepen@%%h)")
+    parser.add_argument(
+        "--hostname",
+        default="sepen@%h",
+        help="Celery node name; give each worker on a host its own (default sepen@%%h)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -77,9 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     runtime = Runtime.create(settings, session_factory(make_engine(settings.database_url)))
     register_tasks(app, runtime)
     start_reconciler(make_celery(settings, fail_fast=True), runtime)
-    worker_args = ["worker", "--pool=solo", "--concurrency=1", f"--queues={','.join(QUEUES[k] for k in kinds)}",
-                   f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle",
-                   f"--hostname={args.hostname}"]
+    worker_args = [
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        f"--queues={','.join(QUEUES[k] for k in kinds)}",
+        f"--loglevel={args.loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        f"--hostname={args.hostname}",
+    ]
     app.worker_main(worker_args)
     return 0
 

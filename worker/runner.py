@@ -120,9 +120,14 @@ class Runtime:
                 log.warning("job %s was taken over by another worker; dropping this attempt", job_id)
                 return None
             with self.sessions() as session:
-                finished = finish_job(session, claim, status, result=result,
-                                      error_code=failure.code if failure else None,
-                                      error_message=str(failure) if failure else None)
+                finished = finish_job(
+                    session,
+                    claim,
+                    status,
+                    result=result,
+                    error_code=failure.code if failure else None,
+                    error_message=str(failure) if failure else None,
+                )
                 if finished and kind == "finetune":
                     delete_checkpoint(session, job_id)
             return status if finished else None
@@ -146,29 +151,54 @@ class Runtime:
         before = probe(model, probes, config)
         with tempfile.TemporaryDirectory(prefix=f"sepen-{job.id[:8]}-") as directory:
             resumed_from = self._restore_checkpoint(job.id, Path(directory)) if claim.resumed else 0
-            checkpoints = Checkpoints(directory, every=self.settings.checkpoint_every,
-                                      on_write=lambda d, step: self._store_checkpoint(job.id, d, step))
+            checkpoints = Checkpoints(
+                directory,
+                every=self.settings.checkpoint_every,
+                on_write=lambda d, step: self._store_checkpoint(job.id, d, step),
+            )
             result = finetune(
-                model, concepts, config, should_cancel=reporter.should_cancel, checkpoint_dir=checkpoints,
-                on_step=lambda report: reporter.progress(step_progress(report).model_dump(),
-                                                         force=report.step == report.total_steps),
-                adapter_metadata={"name": request.adapter, "job_id": job.id, "tenant": job.tenant,
-                                  "model": request.model})
+                model,
+                concepts,
+                config,
+                should_cancel=reporter.should_cancel,
+                checkpoint_dir=checkpoints,
+                on_step=lambda report: reporter.progress(
+                    step_progress(report).model_dump(), force=report.step == report.total_steps
+                ),
+                adapter_metadata={
+                    "name": request.adapter,
+                    "job_id": job.id,
+                    "tenant": job.tenant,
+                    "model": request.model,
+                },
+            )
         after = probe(model, probes, config, result.adapter)
-        summary = FinetuneSummary(loss_curve=loss_curve(result.history), final=step_progress(result.history[-1]),
-                                  resumed_from_step=resumed_from,
-                                  diagnostics=[ProbeDiagnosis(prompt=b["prompt"], before=b, after=a)
-                                               for b, a in zip(before, after)])
+        summary = FinetuneSummary(
+            loss_curve=loss_curve(result.history),
+            final=step_progress(result.history[-1]),
+            resumed_from_step=resumed_from,
+            diagnostics=[
+                ProbeDiagnosis(prompt=b["prompt"], before=b, after=a) for b, a in zip(before, after, strict=True)
+            ],
+        )
         return self._publish(job, request, result.adapter, summary)
 
-    def _publish(self, job: Job, request: FinetuneRequest, adapter: KeyProjectionAdapter,
-                 summary: FinetuneSummary) -> FinetuneResult:
+    def _publish(
+        self, job: Job, request: FinetuneRequest, adapter: KeyProjectionAdapter, summary: FinetuneSummary
+    ) -> FinetuneResult:
         adapter.metadata["summary"] = summary.model_dump()
         with self.sessions() as session:
-            version = publish_version(session, tenant=job.tenant, name=request.adapter, job_id=job.id,
-                                      data=adapter.to_bytes(), base_model=request.model,
-                                      base_fingerprint=adapter.base_fingerprint, sha256=adapter.sha256,
-                                      metadata=adapter.metadata)
+            version = publish_version(
+                session,
+                tenant=job.tenant,
+                name=request.adapter,
+                job_id=job.id,
+                data=adapter.to_bytes(),
+                base_model=request.model,
+                base_fingerprint=adapter.base_fingerprint,
+                sha256=adapter.sha256,
+                metadata=adapter.metadata,
+            )
             return finetune_result(request.adapter, version)
 
     def _store_checkpoint(self, job_id: str, directory: Path, step: int) -> None:
@@ -199,23 +229,40 @@ class Runtime:
             raise JobFailure("adapter_not_found", f"adapter {request.adapter} was deleted before the job ran")
         model = self.models.get(request.model)
         config = model.defaults.sample_config(request.sample)
-        result = generate(model, request.prompt, config, adapter=adapter, concepts=request.concepts or None,
-                          on_step=lambda i, n: reporter.progress(GenerateProgress(step=i, total=n).model_dump(),
-                                                                 force=i == n),
-                          should_cancel=reporter.should_cancel)
+        result = generate(
+            model,
+            request.prompt,
+            config,
+            adapter=adapter,
+            concepts=request.concepts or None,
+            on_step=lambda i, n: reporter.progress(GenerateProgress(step=i, total=n).model_dump(), force=i == n),
+            should_cancel=reporter.should_cancel,
+        )
         pngs, images = [], []
         for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            metadata = sample_metadata(request.prompt, seed, config, model=request.model, adapter=request.adapter,
-                                       job=job.id)
+            metadata = sample_metadata(
+                request.prompt, seed, config, model=request.model, adapter=request.adapter, job=job.id
+            )
             pngs.append(("image", i, png_bytes(image, metadata)))
             if result.scores is not None:
                 pngs.append(("heatmap", i, png_bytes(result.heatmap(i), metadata)))
-            images.append(GeneratedImage(index=i, seed=seed, heatmap=result.scores is not None,
-                                         scores=result.scores[i].to_dict() if result.scores is not None else None))
+            images.append(
+                GeneratedImage(
+                    index=i,
+                    seed=seed,
+                    heatmap=result.scores is not None,
+                    scores=result.scores[i].to_dict() if result.scores is not None else None,
+                )
+            )
         with self.sessions() as session:
             replace_images(session, job.id, pngs)
-        return GenerateResult(images=images, adapter=request.adapter, model=request.model, concepts=request.concepts,
-                              sample=config.to_dict())
+        return GenerateResult(
+            images=images,
+            adapter=request.adapter,
+            model=request.model,
+            concepts=request.concepts,
+            sample=config.to_dict(),
+        )
 
 
 def probe_prompts(concepts: ConceptSet) -> list[tuple[str, tuple[str, ...]]]:
@@ -223,35 +270,62 @@ def probe_prompts(concepts: ConceptSet) -> list[tuple[str, tuple[str, ...]]]:
     if concepts.groups:
         return [(fill_template(concepts.templates_for(len(g))[0], g), g) for g in concepts.groups[:PROBE_PROMPTS]]
     seen, held = concepts.training_concepts, concepts.held_out
-    pairs = [(seen[0], seen[1])] + ([(held[0], held[1])] if len(held) >= 2 else []) + ([(seen[0], held[0])] if held else [])
+    pairs = (
+        [(seen[0], seen[1])] + ([(held[0], held[1])] if len(held) >= 2 else []) + ([(seen[0], held[0])] if held else [])
+    )
     return [(fill_template(concepts.templates_for(2)[0], p), p) for p in pairs[:PROBE_PROMPTS]]
 
 
-def probe(model: BaseModel, probes: list[tuple[str, tuple[str, ...]]], config: FinetuneConfig,
-          adapter: KeyProjectionAdapter | None = None) -> list[dict]:
+def probe(
+    model: BaseModel,
+    probes: list[tuple[str, tuple[str, ...]]],
+    config: FinetuneConfig,
+    adapter: KeyProjectionAdapter | None = None,
+) -> list[dict]:
     """The attention diagnostics of each probe prompt, with the base keys or with `adapter`."""
-    return [diagnose(model, prompt, list(concepts), maps=config.maps, samples=PROBE_SAMPLES, adapter=adapter).to_dict()
-            for prompt, concepts in probes]
+    return [
+        diagnose(model, prompt, list(concepts), maps=config.maps, samples=PROBE_SAMPLES, adapter=adapter).to_dict()
+        for prompt, concepts in probes
+    ]
 
 
 def step_progress(report: StepReport) -> FinetuneProgress:
-    return FinetuneProgress(step=report.step, total=report.total_steps, eta_s=round(report.eta, 1),
-                            elapsed_s=round(report.elapsed, 1),
-                            losses=Losses(total=report.loss, separate=report.separate, enhance=report.enhance,
-                                          prior=report.prior),
-                            min_peak=report.min_peak, overlap=report.overlap, peaks=report.peaks)
+    return FinetuneProgress(
+        step=report.step,
+        total=report.total_steps,
+        eta_s=round(report.eta, 1),
+        elapsed_s=round(report.elapsed, 1),
+        losses=Losses(total=report.loss, separate=report.separate, enhance=report.enhance, prior=report.prior),
+        min_peak=report.min_peak,
+        overlap=report.overlap,
+        peaks=report.peaks,
+    )
 
 
 def loss_curve(history: list[StepReport]) -> list[CurvePoint]:
     """At most about LOSS_CURVE_POINTS evenly spaced steps, always ending with the last one."""
     stride = max(1, len(history) // LOSS_CURVE_POINTS)
     kept = history[::stride] + ([history[-1]] if (len(history) - 1) % stride else [])
-    return [CurvePoint(step=r.step, loss=r.loss, separate=r.separate, enhance=r.enhance, prior=r.prior,
-                       min_peak=r.min_peak, overlap=r.overlap) for r in kept]
+    return [
+        CurvePoint(
+            step=r.step,
+            loss=r.loss,
+            separate=r.separate,
+            enhance=r.enhance,
+            prior=r.prior,
+            min_peak=r.min_peak,
+            overlap=r.overlap,
+        )
+        for r in kept
+    ]
 
 
 def finetune_result(name: str, version: AdapterVersion) -> FinetuneResult:
     summary = version.meta.get("summary")
-    return FinetuneResult(adapter=f"{name}@{version.version}", name=name, version=version.version,
-                          sha256=version.sha256, summary=FinetuneSummary.model_validate(summary) if summary else None)
-
+    return FinetuneResult(
+        adapter=f"{name}@{version.version}",
+        name=name,
+        version=version.version,
+        sha256=version.sha256,
+        summary=FinetuneSummary.model_validate(summary) if summary else None,
+    )

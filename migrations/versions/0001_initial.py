@@ -26,7 +26,8 @@ def upgrade() -> None:
         sa.Column("name", sa.String(128), nullable=False),
         sa.Column("prefix", sa.String(16), nullable=False),
         sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
-        ts("created_at", False), ts("revoked_at"),
+        ts("created_at", False),
+        ts("revoked_at"),
     )
     op.create_index("ix_api_keys_tenant", "api_keys", ["tenant"])
     op.create_table(
@@ -79,7 +80,11 @@ def upgrade() -> None:
         sa.Column("cancel_requested", sa.Boolean, nullable=False),
         sa.Column("attempts", sa.Integer, nullable=False),
         sa.Column("worker", sa.String(128)),
-        ts("created_at", False), ts("enqueued_at"), ts("started_at"), ts("heartbeat_at"), ts("finished_at"),
+        ts("created_at", False),
+        ts("enqueued_at"),
+        ts("started_at"),
+        ts("heartbeat_at"),
+        ts("finished_at"),
         sa.UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
     op.create_index("ix_jobs_tenant_created", "jobs", ["tenant", "created_at", "id"])

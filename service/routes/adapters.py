@@ -1,4 +1,4 @@
-"""Adapters: a tenant's adapters and their immutable versions, a version's safetensors weights, and deleting a version."""
+"""Adapters: a tenant's adapters and immutable versions, a version's safetensors weights, deleting a version."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, examples=[1])]
 
 @router.get("", response_model=list[AdapterSummary])
 def list_tenant_adapters(tenant: TenantDep, session: SessionDep) -> list[AdapterSummary]:
-    return [AdapterSummary(name=adapter.name, versions=count, latest=latest, created_at=adapter.created_at)
-            for adapter, count, latest in list_adapters(session, tenant)]
+    return [
+        AdapterSummary(name=adapter.name, versions=count, latest=latest, created_at=adapter.created_at)
+        for adapter, count, latest in list_adapters(session, tenant)
+    ]
 
 
 @router.get("/{name}", response_model=AdapterOut, responses={404: {"model": ErrorOut}})
@@ -38,24 +40,39 @@ def _find_version(session: Session, tenant: str, name: str, number: int) -> Adap
         raise NotFound("adapter", name) from exc
 
 
-@router.get("/{name}/{version}/weights", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}, "description": "the adapter as safetensors"},
-                       404: {"model": ErrorOut}})
-def download_weights(name: AdapterName, version: VersionNumber, request: Request, tenant: TenantDep,
-                     session: SessionDep) -> Response:
+@router.get(
+    "/{name}/{version}/weights",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the adapter as safetensors"},
+        404: {"model": ErrorOut},
+    },
+)
+def download_weights(
+    name: AdapterName, version: VersionNumber, request: Request, tenant: TenantDep, session: SessionDep
+) -> Response:
     """The version's safetensors file; its ETag is the file's sha256, so If-None-Match saves a download."""
     found = _find_version(session, tenant, name, version)
     etag = f'"{found.sha256}"'
-    headers = {"ETag": etag, "Content-Disposition": f'attachment; filename="{name}@{version}.safetensors"',
-               "Cache-Control": "private, max-age=31536000, immutable"}  # name@N never changes
+    headers = {
+        "ETag": etag,
+        "Content-Disposition": f'attachment; filename="{name}@{version}.safetensors"',
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }  # name@N never changes
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return Response(version_bytes(session, found), media_type="application/octet-stream", headers=headers)
 
 
-@router.delete("/{name}/{version}", status_code=204, response_class=Response,
-               responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut, "description": "an unfinished job uses it"}})
-def delete_adapter_version(name: AdapterName, version: VersionNumber, tenant: TenantDep, session: SessionDep) -> Response:
+@router.delete(
+    "/{name}/{version}",
+    status_code=204,
+    response_class=Response,
+    responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut, "description": "an unfinished job uses it"}},
+)
+def delete_adapter_version(
+    name: AdapterName, version: VersionNumber, tenant: TenantDep, session: SessionDep
+) -> Response:
     """Delete name@N for good (its number is never reused), unless a queued or running job will use it."""
     _find_version(session, tenant, name, version)
     try:

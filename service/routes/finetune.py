@@ -17,8 +17,14 @@ from service.submission import SUBMIT_RESPONSES, submit_job, submitted
 router = APIRouter(tags=["finetune"])
 
 # ConceptSet's field names -> the request's.
-_CONCEPT_FIELDS = {"groups": "concepts.pairs", "collection": "concepts.collection", "held_out": "concepts.held_out",
-                   "templates": "templates", "concepts": "concepts", "prior_template": "concepts"}
+_CONCEPT_FIELDS = {
+    "groups": "concepts.pairs",
+    "collection": "concepts.collection",
+    "held_out": "concepts.held_out",
+    "templates": "templates",
+    "concepts": "concepts",
+    "prior_template": "concepts",
+}
 _MAP_FIELDS = ("normalization", "map_downsample")
 
 
@@ -27,26 +33,38 @@ def build_concept_set(body: FinetuneIn) -> ConceptSet:
     templates = tuple(body.templates or ())
     given = [name for name in ("pairs", "collection") if getattr(concepts, name) is not None]
     if len(given) != 1:
-        raise ApiError(422, "validation_error", "concepts: give exactly one of 'pairs' or 'collection'", field="concepts")
+        raise ApiError(
+            422, "validation_error", "concepts: give exactly one of 'pairs' or 'collection'", field="concepts"
+        )
     try:
         if concepts.pairs is not None:
             if concepts.held_out:
-                raise ApiError(422, "validation_error", "concepts.held_out: held-out concepts only apply to a collection",
-                               field="concepts.held_out")
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    "concepts.held_out: held-out concepts only apply to a collection",
+                    field="concepts.held_out",
+                )
             return ConceptSet.pairs(*concepts.pairs, templates=templates)
         if concepts.collection == LARGE_SCALE:
             if concepts.held_out:
-                raise ApiError(422, "validation_error", "concepts.held_out: the large-scale collection has a fixed held-out "
-                                                       "list; remove held_out or list the collection yourself",
-                               field="concepts.held_out")
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    "concepts.held_out: the large-scale collection has a fixed held-out "
+                    "list; remove held_out or list the collection yourself",
+                    field="concepts.held_out",
+                )
             return ConceptSet.large_scale(templates=templates)
-        return ConceptSet(collection=tuple(concepts.collection), held_out=tuple(concepts.held_out or ()), templates=templates)
+        return ConceptSet(
+            collection=tuple(concepts.collection), held_out=tuple(concepts.held_out or ()), templates=templates
+        )
     except ConfigError as exc:
         raise invalid_setting(exc, _CONCEPT_FIELDS.get(exc.field, "concepts")) from exc
 
 
 def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> dict:
-    """The request's overrides, checked against the paper's recipe for the mode (pairs, or large-scale for a collection).
+    """The request's overrides, checked against the paper's recipe for the mode (pairs; large-scale for a collection).
 
     Only they are stored: the worker lays them over the model's own recipe (ModelDefaults)."""
     given = recipe.model_dump(exclude_none=True)
@@ -59,8 +77,15 @@ def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> dict:
 
 
 @router.post("/finetune", status_code=202, response_model=SubmittedJob, responses=SUBMIT_RESPONSES)
-def submit_finetune(body: FinetuneIn, response: Response, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-                    celery: CeleryDep, idempotency_key: IdempotencyKeyDep = None) -> SubmittedJob:
+def submit_finetune(
+    body: FinetuneIn,
+    response: Response,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> SubmittedJob:
     """Queue a SepEn finetune that publishes the next version of adapter `adapter`; poll the job at `url`."""
     model = resolve_model(settings, body.model)
     concept_set = build_concept_set(body)

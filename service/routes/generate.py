@@ -23,8 +23,14 @@ from service.submission import SUBMIT_RESPONSES, submit_job, submitted
 router = APIRouter(tags=["generate"])
 
 # SampleConfig's field names -> the request's.
-_SAMPLE_FIELDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images": "images",
-                  "maps": "normalization", "normalization": "normalization", "map_downsample": "map_downsample"}
+_SAMPLE_FIELDS = {
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance",
+    "num_images": "images",
+    "maps": "normalization",
+    "normalization": "normalization",
+    "map_downsample": "map_downsample",
+}
 SEED_RANGE = 2**31
 
 
@@ -43,14 +49,25 @@ def pick_model(settings: Settings, requested: str | None, version: AdapterVersio
         return trained_on or settings.default_model
     model = resolve_model(settings, requested)
     if trained_on is not None and trained_on != model:
-        raise ApiError(422, "validation_error", f"model: adapter {ref} was finetuned on {trained_on!r}, not {model!r}; "
-                                                f"use model {trained_on!r} or omit it", field="model")
+        raise ApiError(
+            422,
+            "validation_error",
+            f"model: adapter {ref} was finetuned on {trained_on!r}, not {model!r}; use model {trained_on!r} or omit it",
+            field="model",
+        )
     return model
 
 
 @router.post("/generate", status_code=202, response_model=SubmittedJob, responses=SUBMIT_RESPONSES)
-def submit_generate(body: GenerateIn, response: Response, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-                    celery: CeleryDep, idempotency_key: IdempotencyKeyDep = None) -> SubmittedJob:
+def submit_generate(
+    body: GenerateIn,
+    response: Response,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> SubmittedJob:
     """Queue sampling `images` images of `prompt`, optionally with an adapter and per-concept heatmaps."""
     if body.model is not None:
         resolve_model(settings, body.model)
@@ -59,23 +76,46 @@ def submit_generate(body: GenerateIn, response: Response, tenant: TenantDep, ses
         try:
             version = resolve(session, tenant, body.adapter)
         except NotFound as exc:
-            raise ApiError(404, "adapter_not_found", f"adapter {body.adapter!r} not found (GET /adapters lists yours)",
-                           field="adapter") from exc
+            raise ApiError(
+                404,
+                "adapter_not_found",
+                f"adapter {body.adapter!r} not found (GET /adapters lists yours)",
+                field="adapter",
+            ) from exc
         ref = f"{parse_ref(body.adapter)[0]}@{version.version}"
     model = pick_model(settings, body.model, version, ref)
     seed = body.seed if body.seed is not None else pick_seed(tenant, idempotency_key)
     # Only what the request gives is stored: the worker fills the rest from the model's defaults.
-    given = {"num_inference_steps": body.steps, "guidance_scale": body.guidance, "height": body.height, "width": body.width}
-    sample = {**{k: v for k, v in given.items() if v is not None}, "num_images": body.images, "seed": seed,
-              "negative_prompt": body.negative_prompt,
-              "maps": {k: v for k, v in {"normalization": body.normalization, "map_downsample": body.map_downsample}.items()
-                       if v is not None}}
+    given = {
+        "num_inference_steps": body.steps,
+        "guidance_scale": body.guidance,
+        "height": body.height,
+        "width": body.width,
+    }
+    sample = {
+        **{k: v for k, v in given.items() if v is not None},
+        "num_images": body.images,
+        "seed": seed,
+        "negative_prompt": body.negative_prompt,
+        "maps": {
+            k: v
+            for k, v in {"normalization": body.normalization, "map_downsample": body.map_downsample}.items()
+            if v is not None
+        },
+    }
     try:
         SampleConfig.from_dict(sample)
     except ConfigError as exc:
         raise invalid_setting(exc, _SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
-    request = GenerateRequest(prompt=body.prompt, model=model, adapter=ref, concepts=list(body.concepts or []),
-                              sample=sample)
-    job, created = submit_job(session, celery, tenant, request, idempotency_key=idempotency_key,
-                              adapter_version_id=version.id if version is not None else None)
+    request = GenerateRequest(
+        prompt=body.prompt, model=model, adapter=ref, concepts=list(body.concepts or []), sample=sample
+    )
+    job, created = submit_job(
+        session,
+        celery,
+        tenant,
+        request,
+        idempotency_key=idempotency_key,
+        adapter_version_id=version.id if version is not None else None,
+    )
     return submitted(response, job, created)

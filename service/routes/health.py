@@ -41,6 +41,7 @@ def readyz(request: Request) -> JSONResponse:
     if not failed:
         return JSONResponse(ReadinessOut(status="ok", checks=checks).model_dump(exclude_none=True))
     message = "; ".join(f"{name} {checks[name]}" for name in failed)
-    body = ReadinessOut(status="unavailable", checks=checks,
-                        error={"code": "not_ready", "message": message, "field": None})
+    body = ReadinessOut(
+        status="unavailable", checks=checks, error={"code": "not_ready", "message": message, "field": None}
+    )
     return JSONResponse(body.model_dump(), status_code=503)

@@ -1,4 +1,4 @@
-"""Jobs: read one, list a tenant's (newest first, keyset pages), cancel, and fetch a finished job's images and heatmaps."""
+"""Jobs: read one, list a tenant's (newest first, keyset pages), cancel, fetch a finished job's images and heatmaps."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ PNG = {200: {"content": {"image/png": {}}, "description": "PNG bytes"}, 404: {"m
 
 @router.get("", response_model=JobPage, responses={422: {"model": ErrorOut}})
 def list_tenant_jobs(
-    tenant: TenantDep, session: SessionDep,
+    tenant: TenantDep,
+    session: SessionDep,
     status: Annotated[Literal[STATUSES] | None, Query(description="only jobs in this status")] = None,  # type: ignore[valid-type]
     kind: Annotated[Literal["finetune", "generate"] | None, Query()] = None,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
@@ -31,8 +32,12 @@ def list_tenant_jobs(
     try:
         jobs, next_cursor = list_jobs(session, tenant, status=status, kind=kind, cursor=cursor, limit=limit)
     except ValueError as exc:
-        raise ApiError(422, "validation_error", "cursor: not a next_cursor this API returned; start again without it",
-                       field="cursor") from exc
+        raise ApiError(
+            422,
+            "validation_error",
+            "cursor: not a next_cursor this API returned; start again without it",
+            field="cursor",
+        ) from exc
     return JobPage(jobs=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
 
 
@@ -41,8 +46,12 @@ def read_job(job_id: JobId, tenant: TenantDep, session: SessionDep) -> JobOut:
     return JobOut.of(get_job(session, tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
-             responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut, "description": "the job has already finished"}})
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut, "description": "the job has already finished"}},
+)
 def cancel_job(job_id: JobId, tenant: TenantDep, session: SessionDep) -> JobOut:
     """A queued job is canceled at once; a running one becomes `canceling` and stops at its next step."""
     return JobOut.of(request_cancel(session, tenant, job_id))
@@ -64,6 +73,8 @@ def read_image(job_id: JobId, index: ImageIndex, request: Request, tenant: Tenan
 
 
 @router.get("/{job_id}/heatmaps/{index}", response_class=Response, responses=PNG)
-def read_heatmap(job_id: JobId, index: ImageIndex, request: Request, tenant: TenantDep, session: SessionDep) -> Response:
+def read_heatmap(
+    job_id: JobId, index: ImageIndex, request: Request, tenant: TenantDep, session: SessionDep
+) -> Response:
     """The image with each concept's attention map drawn over it (generate jobs given `concepts`)."""
     return _png(request, session, tenant, job_id, "heatmap", index)

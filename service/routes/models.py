@@ -17,8 +17,12 @@ def resolve_model(settings: Settings, name: str | None) -> str:
     if name is None:
         return settings.default_model
     if name not in settings.models:
-        raise ApiError(404, "model_not_found", f"model {name!r} not found; available: {sorted(settings.models)} (GET /models)",
-                       field="model")
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model {name!r} not found; available: {sorted(settings.models)} (GET /models)",
+            field="model",
+        )
     return name
 
 

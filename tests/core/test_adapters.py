@@ -19,8 +19,12 @@ from sepen_core.sampling import generate
 
 @pytest.fixture(scope="module")
 def adapter(tiny_model):
-    return finetune(tiny_model, ConceptSet.pairs(("cat", "dog")), FinetuneConfig(steps=2, batch_size=2, learning_rate=1e-2),
-                    adapter_metadata={"name": "cat-dog", "job_id": "job-1"}).adapter
+    return finetune(
+        tiny_model,
+        ConceptSet.pairs(("cat", "dog")),
+        FinetuneConfig(steps=2, batch_size=2, learning_rate=1e-2),
+        adapter_metadata={"name": "cat-dog", "job_id": "job-1"},
+    ).adapter
 
 
 def test_file_holds_16_fp16_key_deltas_and_metadata(adapter, tiny_model, tmp_path):
@@ -69,8 +73,14 @@ def test_plain_diffusers_pipeline_gives_the_same_images(adapter, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True, safety_checker=None)
     adapter.apply(pipe)
     prompt, seeds = "a photo of a cat and a dog", [5, 6]
-    theirs = pipe(prompt, num_inference_steps=4, guidance_scale=6.0, num_images_per_prompt=2,
-                  generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images
+    theirs = pipe(
+        prompt,
+        num_inference_steps=4,
+        guidance_scale=6.0,
+        num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
     ours = generate(model, prompt, SampleConfig(num_inference_steps=4, num_images=2, seed=5), adapter=adapter).pixels
     base = generate(model, prompt, SampleConfig(num_inference_steps=4, num_images=2, seed=5)).pixels
     assert np.abs(theirs - ours.permute(0, 2, 3, 1).numpy()).max() < 1e-4

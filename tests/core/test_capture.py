@@ -18,8 +18,10 @@ from sepen_core.concepts import concept_token_mask, content_token_mask, locate_c
 from sepen_core.errors import ConfigError
 
 SD1_MAP_LAYERS = [
-    "down_blocks.2.attentions.0.transformer_blocks.0.attn2", "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
-    "up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+    "down_blocks.2.attentions.0.transformer_blocks.0.attn2",
+    "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
     "up_blocks.1.attentions.2.transformer_blocks.0.attn2",
 ]
 
@@ -52,8 +54,10 @@ def test_capture_stops_after_last_map_layer_and_restores_processors(tiny_model):
     unet = tiny_model.unet
     before = {k: type(v) for k, v in unet.attn_processors.items()}
     called = []
-    hooks = [unet.up_blocks[2].register_forward_pre_hook(lambda *a: called.append("up2")),
-             unet.up_blocks[1].register_forward_pre_hook(lambda *a: called.append("up1"))]
+    hooks = [
+        unet.up_blocks[2].register_forward_pre_hook(lambda *a: called.append("up2")),
+        unet.up_blocks[1].register_forward_pre_hook(lambda *a: called.append("up1")),
+    ]
     try:
         latents, t, cond, mask, *_ = inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])
         recorder = capture_maps(unet, latents, t, cond, targets(mask, torch.ones(1, 77)))
@@ -103,8 +107,13 @@ def test_maps_are_per_sample(tiny_model):
     latents, t, cond, mask, valid, content = inputs(tiny_model, prompts, [["cat", "dog"], ["horse", "hippopotamus"]])
     both = capture_maps(tiny_model.unet, latents, t, cond, targets(mask, content)).maps()
     for b in range(2):
-        alone = capture_maps(tiny_model.unet, latents[b : b + 1], t[b : b + 1], cond.select([b]),
-                             targets(mask[b : b + 1], content[b : b + 1])).maps()
+        alone = capture_maps(
+            tiny_model.unet,
+            latents[b : b + 1],
+            t[b : b + 1],
+            cond.select([b]),
+            targets(mask[b : b + 1], content[b : b + 1]),
+        ).maps()
         assert torch.allclose(both[b : b + 1], alone, atol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""The `sepen` CLI end to end: finetune, generate, inspect on the tiny model; the toy model as the default; readable errors."""
+"""The `sepen` CLI end to end: finetune, generate, inspect on the tiny model; the toy model by default; clear errors."""
 
 import json
 import subprocess
@@ -10,20 +10,57 @@ from sepen_core.adapters import KeyProjectionAdapter
 
 
 def sepen(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "sepen_core.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "sepen_core.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_finetune_generate_inspect(tmp_path):
     adapter_path = tmp_path / "cat-dog.safetensors"
-    run = sepen("finetune", "--model", "tiny", "--pair", "cat", "dog", "--steps", "3", "--lr", "1e-2", "--batch-size", "2",
-                "--normalization", "content", "--out", str(adapter_path), cwd=tmp_path)
+    run = sepen(
+        "finetune",
+        "--model",
+        "tiny",
+        "--pair",
+        "cat",
+        "dog",
+        "--steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "2",
+        "--normalization",
+        "content",
+        "--out",
+        str(adapter_path),
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     assert "loss" in run.stdout and adapter_path.exists()
     adapter = KeyProjectionAdapter.load(adapter_path)
     assert adapter.metadata["name"] == "cat-dog" and adapter.metadata["steps"] == 3
 
-    run = sepen("generate", "a photo of a cat and a dog", "--model", "tiny", "--adapter", str(adapter_path), "--concepts", "cat", "dog",
-                "--images", "2", "--steps", "3", "--seed", "7", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    run = sepen(
+        "generate",
+        "a photo of a cat and a dog",
+        "--model",
+        "tiny",
+        "--adapter",
+        str(adapter_path),
+        "--concepts",
+        "cat",
+        "dog",
+        "--images",
+        "2",
+        "--steps",
+        "3",
+        "--seed",
+        "7",
+        "--out",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     image = Image.open(tmp_path / "out" / "image-1.png")
     assert image.size == (64, 64) and image.text["seed"] == "8" and image.text["prompt"] == "a photo of a cat and a dog"
@@ -32,8 +69,21 @@ def test_finetune_generate_inspect(tmp_path):
     assert len(scores) == 2 and set(scores[0]["peaks"]) == {"cat", "dog"}
     assert Image.open(tmp_path / "out" / "heatmap-0.png").size[0] == 3 * 128
 
-    run = sepen("inspect", "a photo of a cat and a dog", "--model", "tiny", "--concepts", "cat", "dog", "--adapter", str(adapter_path),
-                "--samples", "4", "--json", cwd=tmp_path)
+    run = sepen(
+        "inspect",
+        "a photo of a cat and a dog",
+        "--model",
+        "tiny",
+        "--concepts",
+        "cat",
+        "dog",
+        "--adapter",
+        str(adapter_path),
+        "--samples",
+        "4",
+        "--json",
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert set(report) == {"base", "adapter"} and report["base"]["samples"] == 4
@@ -53,14 +103,20 @@ def test_default_model_is_the_toy_model_with_its_own_settings(tmp_path):
     run = sepen("generate", "a cherry", "--adapter", str(adapter_path), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     image = Image.open(tmp_path / "out" / "image-0.png")
-    assert image.text["model"] == "sepen-toyworld" and image.text["steps"] == "20" and image.text["guidance_scale"] == "1.0"
+    assert (
+        image.text["model"] == "sepen-toyworld"
+        and image.text["steps"] == "20"
+        and image.text["guidance_scale"] == "1.0"
+    )
     assert image.size == (32, 32) and "cherry" in detect(load_world(), image)
 
 
 def test_errors_are_one_readable_line(tmp_path):
     run = sepen("inspect", "a photo of a cat", "--concepts", "cat", "zebra", cwd=tmp_path)
     assert run.returncode == 2
-    assert run.stderr.strip().endswith("error: concept 'zebra' does not appear in the prompt as a whole word sequence (prompt: 'a photo of a cat')")
+    assert run.stderr.strip().endswith(
+        "error: concept 'zebra' does not appear in the prompt as a whole word sequence (prompt: 'a photo of a cat')"
+    )
     run = sepen("finetune", "--pair", "cat", "dog", "--steps", "0", "--out", "x.safetensors", cwd=tmp_path)
     assert run.returncode == 2 and "steps: must be an integer from 1" in run.stderr
     run = sepen("generate", "a cat", "--model", str(tmp_path / "missing"), cwd=tmp_path)

@@ -9,12 +9,23 @@ from sepen_core.errors import ConfigError
 from sepen_core.prompts import ConceptSet, default_group_template
 
 
-@pytest.mark.parametrize("cls, field, value", [
-    (FinetuneConfig, "steps", 0), (FinetuneConfig, "learning_rate", -1.0), (FinetuneConfig, "batch_size", 1000),
-    (FinetuneConfig, "grad_mode", "fast"), (FinetuneConfig, "prior_weight", -0.1), (FinetuneConfig, "latent_size", 30),
-    (SampleConfig, "num_inference_steps", 0), (SampleConfig, "height", 100), (SampleConfig, "num_images", 65),
-    (SampleConfig, "guidance_scale", 99.0), (MapConfig, "normalization", "softmax"), (MapConfig, "map_downsample", 3),
-])
+@pytest.mark.parametrize(
+    "cls, field, value",
+    [
+        (FinetuneConfig, "steps", 0),
+        (FinetuneConfig, "learning_rate", -1.0),
+        (FinetuneConfig, "batch_size", 1000),
+        (FinetuneConfig, "grad_mode", "fast"),
+        (FinetuneConfig, "prior_weight", -0.1),
+        (FinetuneConfig, "latent_size", 30),
+        (SampleConfig, "num_inference_steps", 0),
+        (SampleConfig, "height", 100),
+        (SampleConfig, "num_images", 65),
+        (SampleConfig, "guidance_scale", 99.0),
+        (MapConfig, "normalization", "softmax"),
+        (MapConfig, "map_downsample", 3),
+    ],
+)
 def test_out_of_range_values_name_their_field(cls, field, value):
     with pytest.raises(ConfigError) as info:
         cls(**{field: value})
@@ -36,17 +47,20 @@ def test_group_templates():
     assert triple.prompt == "a photo of a cat, a dog and a bird" and triple.concepts == ("cat", "dog", "bird")
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(groups=(("cat",),)), "groups"),
-    (dict(groups=(("cat", "cat"),)), "groups"),
-    (dict(groups=(("cat", "dog"),), collection=("a", "b")), "concepts"),
-    (dict(), "concepts"),
-    (dict(collection=("cat", "dog"), held_out=("cow",)), "held_out"),
-    (dict(collection=("cat", "dog"), held_out=("dog",)), "collection"),
-    (dict(groups=(("cat", "dog"),), templates=("a {A} and a {C}",)), "templates"),
-    (dict(groups=(("cat", "dog"),), templates=("a {A} alone",)), "templates"),
-    (dict(groups=(("cat", "{dog}"),)), "groups"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(groups=(("cat",),)), "groups"),
+        (dict(groups=(("cat", "cat"),)), "groups"),
+        (dict(groups=(("cat", "dog"),), collection=("a", "b")), "concepts"),
+        (dict(), "concepts"),
+        (dict(collection=("cat", "dog"), held_out=("cow",)), "held_out"),
+        (dict(collection=("cat", "dog"), held_out=("dog",)), "collection"),
+        (dict(groups=(("cat", "dog"),), templates=("a {A} and a {C}",)), "templates"),
+        (dict(groups=(("cat", "dog"),), templates=("a {A} alone",)), "templates"),
+        (dict(groups=(("cat", "{dog}"),)), "groups"),
+    ],
+)
 def test_bad_concept_sets(kwargs, field):
     with pytest.raises(ConfigError) as info:
         ConceptSet(**kwargs)
@@ -61,26 +75,40 @@ def test_large_scale_set_holds_out_twenty():
 
 
 def test_model_defaults_sit_between_the_papers_recipe_and_the_request():
-    defaults = ModelDefaults(sample={"guidance_scale": 1.0, "num_inference_steps": 20}, maps={"map_downsample": 2},
-                             finetune={"learning_rate": 1e-3}, large_scale={"steps": 300})
+    defaults = ModelDefaults(
+        sample={"guidance_scale": 1.0, "num_inference_steps": 20},
+        maps={"map_downsample": 2},
+        finetune={"learning_rate": 1e-3},
+        large_scale={"steps": 300},
+    )
     sample = defaults.sample_config({"num_inference_steps": 5, "seed": 3, "maps": {"normalization": "content"}})
     assert (sample.num_inference_steps, sample.guidance_scale, sample.seed) == (5, 1.0, 3)
     assert sample.maps == MapConfig(map_downsample=2, normalization="content")
     pairs = defaults.finetune_config("groups", {"steps": 7, "maps": {"map_downsample": 4}})
     assert (pairs.steps, pairs.learning_rate, pairs.maps.map_downsample) == (7, 1e-3, 4)
     collection = defaults.finetune_config("collection")
-    assert (collection.steps, collection.learning_rate, collection.prior_weight) == (300, 4e-6, 0.5)  # the paper's, but steps
+    assert (collection.steps, collection.learning_rate, collection.prior_weight) == (
+        300,
+        4e-6,
+        0.5,
+    )  # the paper's, but steps
     assert collection.maps.map_downsample == 2
-    assert ModelDefaults().finetune_config("groups") == FinetuneConfig() and ModelDefaults().sample_config() == SampleConfig()
+    assert (
+        ModelDefaults().finetune_config("groups") == FinetuneConfig()
+        and ModelDefaults().sample_config() == SampleConfig()
+    )
     assert ModelDefaults.from_dict(defaults.to_dict()) == defaults
 
 
-@pytest.mark.parametrize("section, value, field", [
-    ("sample", {"guidance_scale": -1}, "sepen_defaults.guidance_scale"),
-    ("maps", {"map_downsample": 3}, "sepen_defaults.map_downsample"),
-    ("finetune", {"sceps": 3}, "sepen_defaults.sceps"),
-    ("large_scale", {"maps": {}}, "large_scale"),
-])
+@pytest.mark.parametrize(
+    "section, value, field",
+    [
+        ("sample", {"guidance_scale": -1}, "sepen_defaults.guidance_scale"),
+        ("maps", {"map_downsample": 3}, "sepen_defaults.map_downsample"),
+        ("finetune", {"sceps": 3}, "sepen_defaults.sceps"),
+        ("large_scale", {"maps": {}}, "large_scale"),
+    ],
+)
 def test_model_defaults_are_checked_when_made(section, value, field):
     with pytest.raises(ConfigError) as caught:
         ModelDefaults(**{section: value})

@@ -58,8 +58,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_model, tmp_path, 
     full = finetune(tiny_model, PAIR, config)
     polls = iter([False, False, True])
     with pytest.raises(Canceled) as info:
-        finetune(tiny_model, PAIR, config, checkpoint_dir=Checkpoints(tmp_path, every=1),
-                 should_cancel=lambda: next(polls))
+        finetune(
+            tiny_model, PAIR, config, checkpoint_dir=Checkpoints(tmp_path, every=1), should_cancel=lambda: next(polls)
+        )
     assert info.value.step == 2
     assert (tmp_path / "checkpoint.json").exists()
     seen = []
@@ -80,8 +81,12 @@ def test_checkpoint_of_another_run_is_refused(tiny_model, tmp_path):
 
 def test_progress_reports(tiny_model):
     reports = []
-    finetune(tiny_model, ConceptSet.pairs(("cat", "dog"), ("car", "tree", "cup")), FinetuneConfig(steps=3, **FAST),
-             on_step=reports.append)
+    finetune(
+        tiny_model,
+        ConceptSet.pairs(("cat", "dog"), ("car", "tree", "cup")),
+        FinetuneConfig(steps=3, **FAST),
+        on_step=reports.append,
+    )
     assert [r.step for r in reports] == [1, 2, 3] and all(r.total_steps == 3 for r in reports)
     for r in reports:
         assert r.loss == pytest.approx(1.0 * r.separate + 0.5 * r.enhance, rel=1e-5)

@@ -1,4 +1,4 @@
-"""The early-exit exact path gives the same to_k gradients as the naive whole-UNet reference; `local` is an approximation."""
+"""The early-exit exact path gives the to_k gradients of the naive whole-UNet reference; `local` approximates them."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Checks the fixed 220-concept large-scale collection: counts, uniqueness, no nested names, and clean CLIP tokenisation."""
+"""The fixed 220-concept large-scale collection: counts, uniqueness, no nested names, clean CLIP tokenisation."""
 
 import json
 import re
@@ -20,12 +20,7 @@ def concepts():
 
 @pytest.fixture(scope="module")
 def all_names(concepts):
-    return [
-        name
-        for split in ("seen", "held_out")
-        for kind in ("animals", "objects")
-        for name in concepts[split][kind]
-    ]
+    return [name for split in ("seen", "held_out") for kind in ("animals", "objects") for name in concepts[split][kind]]
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +64,7 @@ def test_held_out_disjoint_from_seen(concepts):
 
 
 def test_no_name_is_whole_word_part_of_another(all_names):
-    nested = [
-        (a, b)
-        for a in all_names
-        for b in all_names
-        if a != b and re.search(r"\b" + re.escape(a) + r"\b", b)
-    ]
+    nested = [(a, b) for a in all_names for b in all_names if a != b and re.search(r"\b" + re.escape(a) + r"\b", b)]
     assert not nested, nested
 
 
@@ -98,10 +88,5 @@ def test_clip_tokenisation(all_names, tokenizer):
         assert contains(prompt_ids, token_ids[b]), (a, b)
 
     # no name's token sequence sits inside another's (e.g. "boat" in "sailboat")
-    nested = [
-        (a, b)
-        for a in all_names
-        for b in all_names
-        if a != b and contains(token_ids[b], token_ids[a])
-    ]
+    nested = [(a, b) for a in all_names for b in all_names if a != b and contains(token_ids[b], token_ids[a])]
     assert not nested, nested

@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from sepen_core.losses import (enhance_loss, gaussian_kernel, peak_activation, prior_loss, separate_loss, sepen_loss,
-                               smooth_maps, soft_iou)
+from sepen_core.losses import (
+    enhance_loss,
+    gaussian_kernel,
+    peak_activation,
+    prior_loss,
+    separate_loss,
+    sepen_loss,
+    smooth_maps,
+    soft_iou,
+)
 
 
 def two_maps(m1, m2):
@@ -65,7 +73,9 @@ def test_padded_objects_are_ignored():
     maps = torch.stack([torch.stack([a, b, a]), torch.stack([a, a, torch.zeros(2, 2)])])  # (2, 3, 2, 2)
     valid = torch.tensor([[True, True, False], [True, True, False]])
     sep = separate_loss(maps, valid)
-    assert sep.tolist() == pytest.approx([0.0, 0.5], abs=1e-5)  # the padded third map (a copy of a, or zeros) plays no part
+    assert sep.tolist() == pytest.approx(
+        [0.0, 0.5], abs=1e-5
+    )  # the padded third map (a copy of a, or zeros) plays no part
     en = enhance_loss(maps, valid)
     assert torch.isfinite(en).all() and en[0].item() == pytest.approx(en[1].item())
 

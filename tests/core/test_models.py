@@ -40,7 +40,9 @@ def test_model_defaults_are_saved_with_the_model_and_checked_on_load(tmp_path):
     import json
 
     model = build_tiny_model(seed=0)
-    model.defaults = ModelDefaults(sample={"guidance_scale": 1.0}, maps={"map_downsample": 2}, finetune={"learning_rate": 1e-3})
+    model.defaults = ModelDefaults(
+        sample={"guidance_scale": 1.0}, maps={"map_downsample": 2}, finetune={"learning_rate": 1e-3}
+    )
     model.save_pretrained(tmp_path / "m")
     assert load_base_model(tmp_path / "m").defaults == model.defaults
     index_file = tmp_path / "m" / "model_index.json"
@@ -52,7 +54,7 @@ def test_model_defaults_are_saved_with_the_model_and_checked_on_load(tmp_path):
 
 
 def test_sd2_layout_loads_finetunes_and_samples(tmp_path):
-    """SD 2.x differs by linear projections, per-block head counts, upcast attention, v-prediction and a '!' pad token."""
+    """SD 2.x differs by linear projections, per-block head counts, upcast attention, v-prediction, a '!' pad token."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -63,23 +65,51 @@ def test_sd2_layout_loads_finetunes_and_samples(tmp_path):
     from sepen_core.sampling import generate
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**{**tiny_unet_config(), "use_linear_projection": True, "upcast_attention": True,
-                                   "attention_head_dim": (2, 4, 8, 8)})
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        hidden_act="gelu", pad_token_id=1))
+    unet = UNet2DConditionModel(
+        **{
+            **tiny_unet_config(),
+            "use_linear_projection": True,
+            "upcast_attention": True,
+            "attention_head_dim": (2, 4, 8, 8),
+        }
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            hidden_act="gelu",
+            pad_token_id=1,
+        )
+    )
     tokenizer = load_clip_tokenizer()
     tokenizer.pad_token = "!"
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     BaseModel(unet, text, tokenizer, scheduler, None, "tiny-sd2").save_pretrained(tmp_path / "sd2")
 
     model = load_base_model(tmp_path / "sd2")
     assert model.vae is None and model.scheduler.config.prediction_type == "v_prediction"
     assert model.tokenizer.pad_token == "!" and model.noise_scheduler.config.prediction_type == "v_prediction"
-    result = finetune(model, ConceptSet.pairs(("cat", "dog")), FinetuneConfig(steps=2, batch_size=2, learning_rate=1e-2))
+    result = finetune(
+        model, ConceptSet.pairs(("cat", "dog")), FinetuneConfig(steps=2, batch_size=2, learning_rate=1e-2)
+    )
     assert len(result.adapter.deltas) == 16 and any(d.abs().max() > 0 for d in result.adapter.deltas.values())
-    images = generate(model, "a photo of a cat and a dog", SampleConfig(num_inference_steps=2), adapter=result.adapter,
-                      concepts=["cat", "dog"])
+    images = generate(
+        model,
+        "a photo of a cat and a dog",
+        SampleConfig(num_inference_steps=2),
+        adapter=result.adapter,
+        concepts=["cat", "dog"],
+    )
     assert images.images[0].size == (32, 32) and images.maps.shape == (1, 2, 8, 8)
 
 

@@ -53,9 +53,24 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--maxmemory-policy", "noeviction", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxmemory-policy",
+                "noeviction",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_until(lambda: socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close() is None, 10, "redis")
 
     def stop(self) -> None:
@@ -80,14 +95,21 @@ class Deployment:
     gateway: subprocess.Popen | None = None
 
     def admin(self, *args: str) -> str:
-        run = subprocess.run([str(BIN / "sepen-admin"), *args], env=self.env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        run = subprocess.run(
+            [str(BIN / "sepen-admin"), *args], env=self.env, capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
         assert run.returncode == 0, run.stderr
         return run.stdout.strip()
 
     def start_worker(self) -> subprocess.Popen:
         log = open(self.logs / f"worker-{len(self.workers)}.log", "w")
-        proc = subprocess.Popen([str(BIN / "sepen-worker"), "--loglevel", "INFO"], env=self.env, cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(BIN / "sepen-worker"), "--loglevel", "INFO"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.workers.append(proc)
         return proc
 
@@ -99,8 +121,24 @@ class Deployment:
         port = int(self.base_url.rsplit(":", 1)[1])
         log = open(self.logs / "gateway.log", "w")
         self.gateway = subprocess.Popen(
-            [str(BIN / "uvicorn"), "--factory", "service.app:app_from_env", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--log-level", "warning"], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            [
+                str(BIN / "uvicorn"),
+                "--factory",
+                "service.app:app_from_env",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         wait_until(lambda: httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200, 60, "the gateway")
 
     def client(self, key: str) -> httpx.Client:
@@ -120,8 +158,16 @@ class Deployment:
 
 def service_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEPEN_")}
-    env.update({"SEPEN_JOB_LEASE_S": "6", "SEPEN_REQUEUE_AFTER_S": "4", "SEPEN_RECONCILE_INTERVAL_S": "1",
-                "SEPEN_PROGRESS_INTERVAL_S": "0.2", "SEPEN_CHECKPOINT_EVERY": "5", "OMP_NUM_THREADS": "1"})
+    env.update(
+        {
+            "SEPEN_JOB_LEASE_S": "6",
+            "SEPEN_REQUEUE_AFTER_S": "4",
+            "SEPEN_RECONCILE_INTERVAL_S": "1",
+            "SEPEN_PROGRESS_INTERVAL_S": "0.2",
+            "SEPEN_CHECKPOINT_EVERY": "5",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     env.update(settings)
     return env
 
@@ -135,8 +181,9 @@ def deployment(request, tmp_path_factory):
         redis = RedisServer(tmp_path_factory.mktemp("redis"))
         redis.start()
         database = stack.enter_context(postgres_database("sepen_e2e"))
-        env = service_env(SEPEN_DATABASE_URL=database,
-                          SEPEN_BROKER_URL=redis.url, SEPEN_DATA_DIR=str(tmp_path_factory.mktemp("data")))
+        env = service_env(
+            SEPEN_DATABASE_URL=database, SEPEN_BROKER_URL=redis.url, SEPEN_DATA_DIR=str(tmp_path_factory.mktemp("data"))
+        )
     else:
         redis = None
         env = service_env(SEPEN_DATA_DIR=str(tmp_path_factory.mktemp("embedded")))
@@ -161,7 +208,9 @@ def other_key(deployment) -> str:
     return deployment.admin("create-key", "--tenant", "globex").split()[-1]
 
 
-def wait_for_job(client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 180) -> dict:
+def wait_for_job(
+    client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 180
+) -> dict:
     def done():
         job = client.get(f"/jobs/{job_id}").json()
         return job if job["status"] in statuses else None

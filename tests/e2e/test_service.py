@@ -16,8 +16,13 @@ TINY_RECIPE = {"steps": 8, "batch_size": 2, "learning_rate": 0.02, "normalizatio
 
 
 def submit_finetune(client, name, steps=8, **extra):
-    body = {"adapter": name, "model": "sepen-tiny", "concepts": {"pairs": [["cat", "dog"]]},
-            "recipe": {**TINY_RECIPE, "steps": steps}, **extra}
+    body = {
+        "adapter": name,
+        "model": "sepen-tiny",
+        "concepts": {"pairs": [["cat", "dog"]]},
+        "recipe": {**TINY_RECIPE, "steps": steps},
+        **extra,
+    }
     response = client.post("/finetune", json=body)
     assert response.status_code == 202, response.text
     return response.json()["job"]
@@ -26,8 +31,10 @@ def submit_finetune(client, name, steps=8, **extra):
 def test_finetune_then_generate_with_the_new_version(deployment, api_key):
     """On the default model (the bundled toy model) with its own recipe and sampling settings."""
     with deployment.client(api_key) as client:
-        response = client.post("/finetune", json={"adapter": "cherry-box", "concepts": {"pairs": [["cherry", "box"]]},
-                                                  "recipe": {"steps": 8}})
+        response = client.post(
+            "/finetune",
+            json={"adapter": "cherry-box", "concepts": {"pairs": [["cherry", "box"]]}, "recipe": {"steps": 8}},
+        )
         assert response.status_code == 202, response.text
         job = response.json()["job"]
         assert job["status"] == "queued" and job["kind"] == "finetune"
@@ -39,14 +46,26 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
         assert len(summary["loss_curve"]) == 8 and summary["diagnostics"][0]["before"]["concepts"] == ["cherry", "box"]
         assert done["progress"]["step"] == 8 and done["progress"]["total"] == 8
 
-        response = client.post("/generate", json={"prompt": "a cherry and a box", "adapter": "cherry-box@1",
-                                                  "images": 2, "seed": 11, "concepts": ["cherry", "box"]})
+        response = client.post(
+            "/generate",
+            json={
+                "prompt": "a cherry and a box",
+                "adapter": "cherry-box@1",
+                "images": 2,
+                "seed": 11,
+                "concepts": ["cherry", "box"],
+            },
+        )
         assert response.status_code == 202, response.text
         gen = wait_for_job(client, response.json()["job"]["id"])
         assert gen["status"] == "succeeded", gen
         assert [i["seed"] for i in gen["result"]["images"]] == [11, 12]
         sample = gen["result"]["sample"]  # the toy model's own settings filled what the request left out
-        assert sample["num_inference_steps"] == 20 and sample["guidance_scale"] == 1.0 and sample["maps"]["map_downsample"] == 2
+        assert (
+            sample["num_inference_steps"] == 20
+            and sample["guidance_scale"] == 1.0
+            and sample["maps"]["map_downsample"] == 2
+        )
 
         png = client.get(f"/jobs/{gen['id']}/images/1")
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
@@ -71,8 +90,11 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
 def test_cancel_a_queued_and_a_running_job(deployment, api_key):
     with deployment.client(api_key) as client:
         running = submit_finetune(client, "long-one", steps=400)
-        wait_until(lambda: (client.get(f"/jobs/{running['id']}").json().get("progress") or {}).get("step", 0) >= 2,
-                   120, "the long finetune to start")
+        wait_until(
+            lambda: (client.get(f"/jobs/{running['id']}").json().get("progress") or {}).get("step", 0) >= 2,
+            120,
+            "the long finetune to start",
+        )
         queued = submit_finetune(client, "never-runs", steps=5)  # the solo worker is busy: this one waits
         response = client.post(f"/jobs/{queued['id']}/cancel")
         assert response.status_code == 202 and response.json()["status"] == "canceled"
@@ -88,8 +110,11 @@ def test_cancel_a_queued_and_a_running_job(deployment, api_key):
 def test_killed_worker_resumes_and_yields_exactly_one_version(deployment, api_key):
     with deployment.client(api_key) as client:
         job = submit_finetune(client, "survivor", steps=40)
-        wait_until(lambda: (client.get(f"/jobs/{job['id']}").json().get("progress") or {}).get("step", 0) >= 12,
-                   120, "the finetune to pass its first checkpoints")
+        wait_until(
+            lambda: (client.get(f"/jobs/{job['id']}").json().get("progress") or {}).get("step", 0) >= 12,
+            120,
+            "the finetune to pass its first checkpoints",
+        )
         victim = next(w for w in deployment.workers if w.poll() is None)
         deployment.kill_worker(victim)
         assert client.get(f"/jobs/{job['id']}").json()["status"] == "running"  # orphaned until its lease runs out
@@ -127,8 +152,11 @@ def test_broker_restart_loses_no_queued_job(deployment, api_key):
 
 
 def test_client_errors(deployment, api_key, other_key):
-    with deployment.client(api_key) as client, deployment.client(other_key) as other, \
-            deployment.client("sk_sepen_wrong") as stranger:
+    with (
+        deployment.client(api_key) as client,
+        deployment.client(other_key) as other,
+        deployment.client("sk_sepen_wrong") as stranger,
+    ):
         assert stranger.get("/jobs").status_code == 401
         job = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 2}).json()["job"]
         assert other.get(f"/jobs/{job['id']}").status_code == 404
@@ -139,8 +167,9 @@ def test_client_errors(deployment, api_key, other_key):
         assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
         unknown_model = client.post("/generate", json={"prompt": "a cat", "model": "sd-9"})
         assert unknown_model.status_code == 404 and "sd-9" in unknown_model.json()["error"]["message"]
-        huge = client.post("/generate", content=json.dumps({"prompt": "x" * 2_000_000}),
-                           headers={"content-type": "application/json"})
+        huge = client.post(
+            "/generate", content=json.dumps({"prompt": "x" * 2_000_000}), headers={"content-type": "application/json"}
+        )
         assert huge.status_code == 413
         wait_for_job(client, job["id"])
 
@@ -155,5 +184,9 @@ def test_the_default_model_draws_what_the_prompt_names(deployment, api_key):
         job = wait_for_job(client, response.json()["job"]["id"])
         assert job["status"] == "succeeded", job
         images = [Image.open(io.BytesIO(client.get(f"/jobs/{job['id']}/images/{i}").content)) for i in range(2)]
-        assert images[0].size == (32, 32) and images[0].text["model"] == "sepen-toy" and images[0].text["guidance_scale"] == "1.0"
+        assert (
+            images[0].size == (32, 32)
+            and images[0].text["model"] == "sepen-toy"
+            and images[0].text["guidance_scale"] == "1.0"
+        )
         assert any("cherry" in detect(load_world(), image) for image in images)

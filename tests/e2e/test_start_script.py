@@ -16,8 +16,14 @@ def test_start_serves_the_embedded_default_and_stops_cleanly(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEPEN_")}
     env.update(SEPEN_DATA_DIR=str(tmp_path / "var"), PORT=str(port), OMP_NUM_THREADS="1")
-    script = subprocess.Popen([str(ROOT / "scripts" / "start")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    script = subprocess.Popen(
+        [str(ROOT / "scripts" / "start")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200, 240, "scripts/start to serve")

@@ -1,4 +1,4 @@
-"""Gateway fixtures: a fresh Postgres database migrated with Alembic, Redis db 14 as the broker, an app, and API keys."""
+"""Gateway fixtures: a fresh Postgres database migrated with Alembic, Redis db 14 as the broker, an app, API keys."""
 
 from __future__ import annotations
 
@@ -40,8 +40,13 @@ def redis_client():
 
 @pytest.fixture(scope="session")
 def service_settings(pg_url, redis_client, tmp_path_factory) -> GatewaySettings:
-    return GatewaySettings(data_dir=tmp_path_factory.mktemp("sepen"), database_url=pg_url, broker_url=REDIS_URL, models=MODELS,
-                    default_model="sepen-tiny")
+    return GatewaySettings(
+        data_dir=tmp_path_factory.mktemp("sepen"),
+        database_url=pg_url,
+        broker_url=REDIS_URL,
+        models=MODELS,
+        default_model="sepen-tiny",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -109,10 +114,20 @@ def other_auth(other_api_key) -> dict[str, str]:
 def publish(db):
     """publish(tenant, name, data=...) stores a new adapter version as a finetune job would (no worker needed)."""
 
-    def publish_adapter(tenant: str, name: str, data: bytes = b"not really safetensors", base_model: str = "sepen-tiny"):
-        return publish_version(db, tenant=tenant, name=name, job_id=new_id(), data=data, base_model=base_model,
-                               base_fingerprint="f" * 64, sha256=hashlib.sha256(data).hexdigest(),
-                               metadata={"concepts": [["cat", "dog"]], "steps": 3})
+    def publish_adapter(
+        tenant: str, name: str, data: bytes = b"not really safetensors", base_model: str = "sepen-tiny"
+    ):
+        return publish_version(
+            db,
+            tenant=tenant,
+            name=name,
+            job_id=new_id(),
+            data=data,
+            base_model=base_model,
+            base_fingerprint="f" * 64,
+            sha256=hashlib.sha256(data).hexdigest(),
+            metadata={"concepts": [["cat", "dog"]], "steps": 3},
+        )
 
     return publish_adapter
 

@@ -9,9 +9,18 @@ from sepen_store.auth import revoke_api_key
 from service.app import create_app
 
 PROTECTED = [
-    ("POST", "/finetune"), ("POST", "/generate"), ("GET", "/jobs"), ("GET", "/jobs/abc"), ("POST", "/jobs/abc/cancel"),
-    ("GET", "/jobs/abc/images/0"), ("GET", "/jobs/abc/heatmaps/0"), ("GET", "/adapters"), ("GET", "/adapters/x"),
-    ("GET", "/adapters/x/1/weights"), ("DELETE", "/adapters/x/1"), ("GET", "/models"),
+    ("POST", "/finetune"),
+    ("POST", "/generate"),
+    ("GET", "/jobs"),
+    ("GET", "/jobs/abc"),
+    ("POST", "/jobs/abc/cancel"),
+    ("GET", "/jobs/abc/images/0"),
+    ("GET", "/jobs/abc/heatmaps/0"),
+    ("GET", "/adapters"),
+    ("GET", "/adapters/x"),
+    ("GET", "/adapters/x/1/weights"),
+    ("DELETE", "/adapters/x/1"),
+    ("GET", "/models"),
 ]
 
 
@@ -60,12 +69,16 @@ def test_readyz_names_a_database_that_is_down(service_settings):
         response = client.get("/readyz")
         assert client.get("/healthz").status_code == 200  # liveness does no I/O
     assert response.status_code == 503
-    assert response.json()["checks"]["database"].startswith("unavailable") and response.json()["checks"]["broker"] == "ok"
+    assert (
+        response.json()["checks"]["database"].startswith("unavailable") and response.json()["checks"]["broker"] == "ok"
+    )
 
 
 def test_models(client, auth):
-    assert client.get("/models", headers=auth).json() == [{"name": "sepen-tiny", "default": True},
-                                                           {"name": "sd15", "default": False}]
+    assert client.get("/models", headers=auth).json() == [
+        {"name": "sepen-tiny", "default": True},
+        {"name": "sd15", "default": False},
+    ]
 
 
 def test_unknown_path_and_method_use_the_error_shape(client, auth, error_of):
@@ -78,9 +91,20 @@ def test_unknown_path_and_method_use_the_error_shape(client, auth, error_of):
 def test_openapi_lists_every_path_and_the_bearer_scheme(client):
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]) >= {
-        "/finetune", "/generate", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/images/{index}",
-        "/jobs/{job_id}/heatmaps/{index}", "/adapters", "/adapters/{name}", "/adapters/{name}/{version}/weights",
-        "/adapters/{name}/{version}", "/models", "/healthz", "/readyz",
+        "/finetune",
+        "/generate",
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/cancel",
+        "/jobs/{job_id}/images/{index}",
+        "/jobs/{job_id}/heatmaps/{index}",
+        "/adapters",
+        "/adapters/{name}",
+        "/adapters/{name}/{version}/weights",
+        "/adapters/{name}/{version}",
+        "/models",
+        "/healthz",
+        "/readyz",
     }
     assert any(scheme.get("scheme") == "bearer" for scheme in spec["components"]["securitySchemes"].values())
     assert "delete" in spec["paths"]["/adapters/{name}/{version}"]

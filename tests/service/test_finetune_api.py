@@ -1,5 +1,5 @@
-"""POST /finetune: the request's overrides stored for the worker to lay over the model's recipe, 422s naming the request field,
-idempotency, a broker that is down."""
+"""POST /finetune: the request's overrides stored for the worker to lay over the model's recipe, 422s naming
+the request field, idempotency, a broker that is down."""
 
 from __future__ import annotations
 
@@ -30,23 +30,38 @@ def test_pairs_get_the_papers_pair_recipe_and_are_enqueued(client, auth, db, red
     assert body["url"] == f"/jobs/{job['id']}" == response.headers["location"]
     assert job["kind"] == "finetune" and job["status"] == "queued"
     assert job["links"]["self"] == body["url"] and job["links"]["cancel"] == f"{body['url']}/cancel"
-    assert job["request"] == {"adapter": "cat-dog", "model": "sepen-tiny",
-                              "concepts": _json(ConceptSet.pairs(("cat", "dog")).to_dict()),
-                              "recipe": {"maps": {}}}
-    assert ModelDefaults().finetune_config("groups", job["request"]["recipe"]) == FinetuneConfig()  # a model without defaults
+    assert job["request"] == {
+        "adapter": "cat-dog",
+        "model": "sepen-tiny",
+        "concepts": _json(ConceptSet.pairs(("cat", "dog")).to_dict()),
+        "recipe": {"maps": {}},
+    }
+    assert (
+        ModelDefaults().finetune_config("groups", job["request"]["recipe"]) == FinetuneConfig()
+    )  # a model without defaults
     assert redis_client.llen("sepen.finetune") == before + 1
     assert db.get(Job, job["id"]).enqueued_at is not None
 
 
 def test_collection_gets_the_large_scale_recipe_with_overrides(client, auth):
-    body = {"adapter": "animals", "model": "sd15", "templates": ["a {A} next to a {B}"],
-            "concepts": {"collection": ["cat", "dog", "cow", "owl"], "held_out": ["owl"]},
-            "recipe": {"steps": 50, "normalization": "content", "map_downsample": 2, "grad_mode": "local"}}
+    body = {
+        "adapter": "animals",
+        "model": "sd15",
+        "templates": ["a {A} next to a {B}"],
+        "concepts": {"collection": ["cat", "dog", "cow", "owl"], "held_out": ["owl"]},
+        "recipe": {"steps": 50, "normalization": "content", "map_downsample": 2, "grad_mode": "local"},
+    }
     response = client.post("/finetune", json=body, headers=auth)
     assert response.status_code == 202, response.text
     request = response.json()["job"]["request"]
-    assert request["recipe"] == {"steps": 50, "grad_mode": "local", "maps": {"map_downsample": 2, "normalization": "content"}}
-    expected = FinetuneConfig.large_scale(steps=50, grad_mode="local", maps=MapConfig(map_downsample=2, normalization="content"))
+    assert request["recipe"] == {
+        "steps": 50,
+        "grad_mode": "local",
+        "maps": {"map_downsample": 2, "normalization": "content"},
+    }
+    expected = FinetuneConfig.large_scale(
+        steps=50, grad_mode="local", maps=MapConfig(map_downsample=2, normalization="content")
+    )
     resolved = ModelDefaults().finetune_config("collection", request["recipe"])
     assert resolved == expected and resolved.learning_rate == 4e-6 and resolved.prior_weight == 0.5
     assert request["model"] == "sd15"
@@ -54,7 +69,9 @@ def test_collection_gets_the_large_scale_recipe_with_overrides(client, auth):
 
 
 def test_large_scale_collection(client, auth):
-    response = client.post("/finetune", json={"adapter": "big", "concepts": {"collection": "large-scale"}}, headers=auth)
+    response = client.post(
+        "/finetune", json={"adapter": "big", "concepts": {"collection": "large-scale"}}, headers=auth
+    )
     assert response.status_code == 202, response.text
     request = response.json()["job"]["request"]
     assert request["concepts"] == _json(ConceptSet.large_scale().to_dict())

@@ -18,8 +18,13 @@ def test_defaults_and_a_stored_random_seed(client, auth, db, redis_client):
     request = job["request"]
     seed = request["sample"]["seed"]
     assert isinstance(seed, int) and 0 <= seed < 2**31
-    assert request == {"prompt": PROMPT, "model": "sepen-tiny", "adapter": None, "concepts": [],
-                       "sample": {"num_images": 1, "seed": seed, "negative_prompt": "", "maps": {}}}
+    assert request == {
+        "prompt": PROMPT,
+        "model": "sepen-tiny",
+        "adapter": None,
+        "concepts": [],
+        "sample": {"num_images": 1, "seed": seed, "negative_prompt": "", "maps": {}},
+    }
     assert ModelDefaults().sample_config(request["sample"]) == SampleConfig(seed=seed)  # a model without defaults
     assert job["kind"] == "generate" and job["status"] == "queued"
     assert redis_client.llen("sepen.generate") == before + 1
@@ -27,15 +32,37 @@ def test_defaults_and_a_stored_random_seed(client, auth, db, redis_client):
 
 
 def test_every_setting_reaches_the_sample_config(client, auth):
-    body = {"prompt": PROMPT, "model": "sd15", "images": 3, "steps": 20, "guidance": 7.5, "height": 256, "width": 128,
-            "seed": 42, "negative_prompt": "blurry", "concepts": ["cat", "dog"], "normalization": "content", "map_downsample": 2}
+    body = {
+        "prompt": PROMPT,
+        "model": "sd15",
+        "images": 3,
+        "steps": 20,
+        "guidance": 7.5,
+        "height": 256,
+        "width": 128,
+        "seed": 42,
+        "negative_prompt": "blurry",
+        "concepts": ["cat", "dog"],
+        "normalization": "content",
+        "map_downsample": 2,
+    }
     response = client.post("/generate", json=body, headers=auth)
     assert response.status_code == 202, response.text
     request = response.json()["job"]["request"]
     assert request["model"] == "sd15" and request["concepts"] == ["cat", "dog"]
-    resolved = ModelDefaults(sample={"guidance_scale": 1.0}, maps={"map_downsample": 4}).sample_config(request["sample"])
-    assert resolved == SampleConfig(num_inference_steps=20, guidance_scale=7.5, height=256, width=128, num_images=3, seed=42,
-                                    negative_prompt="blurry", maps=MapConfig(normalization="content", map_downsample=2))
+    resolved = ModelDefaults(sample={"guidance_scale": 1.0}, maps={"map_downsample": 4}).sample_config(
+        request["sample"]
+    )
+    assert resolved == SampleConfig(
+        num_inference_steps=20,
+        guidance_scale=7.5,
+        height=256,
+        width=128,
+        num_images=3,
+        seed=42,
+        negative_prompt="blurry",
+        maps=MapConfig(normalization="content", map_downsample=2),
+    )
 
 
 def test_adapter_is_pinned_to_a_version(client, auth, tenant, publish, db):
@@ -54,7 +81,9 @@ def test_model_follows_the_adapters_base_model(client, auth, tenant, publish, er
     publish(tenant, "sd-style", base_model="sd15")
     response = client.post("/generate", json={"prompt": PROMPT, "adapter": "sd-style"}, headers=auth)
     assert response.status_code == 202 and response.json()["job"]["request"]["model"] == "sd15"
-    mismatch = client.post("/generate", json={"prompt": PROMPT, "adapter": "sd-style", "model": "sepen-tiny"}, headers=auth)
+    mismatch = client.post(
+        "/generate", json={"prompt": PROMPT, "adapter": "sd-style", "model": "sepen-tiny"}, headers=auth
+    )
     assert mismatch.status_code == 422 and error_of(mismatch)["field"] == "model"
 
 

@@ -24,8 +24,19 @@ def test_read_a_job(client, auth):
     assert response.status_code == 200
     job = response.json()
     assert job["id"] == job_id and job["status"] == "queued" and job["progress"] is None and job["error"] is None
-    assert set(job) == {"id", "kind", "status", "created_at", "started_at", "finished_at", "progress", "result", "error",
-                        "request", "links"}
+    assert set(job) == {
+        "id",
+        "kind",
+        "status",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "progress",
+        "result",
+        "error",
+        "request",
+        "links",
+    }
 
 
 def test_unknown_and_other_tenants_jobs_are_404(client, auth, other_auth, error_of):
@@ -57,10 +68,23 @@ def test_cancel_a_running_job_then_a_finished_one(client, auth, db, error_of):
 
     other_id = _submit(client, auth)
     other = claim_job(db, other_id, "test-worker", lease_s=60)
-    progress = {"step": 200, "total": 200, "eta_s": 0.0, "elapsed_s": 31.5, "min_peak": 0.7, "overlap": 0.1,
-                "losses": {"total": 0.2, "separate": 0.1, "enhance": 0.2, "prior": None}, "peaks": {"cat": 0.7}}
-    assert finish_job(db, other, "succeeded", progress=progress,
-                      result={"adapter": "cat-dog@1", "name": "cat-dog", "version": 1, "sha256": "0" * 64, "summary": None})
+    progress = {
+        "step": 200,
+        "total": 200,
+        "eta_s": 0.0,
+        "elapsed_s": 31.5,
+        "min_peak": 0.7,
+        "overlap": 0.1,
+        "losses": {"total": 0.2, "separate": 0.1, "enhance": 0.2, "prior": None},
+        "peaks": {"cat": 0.7},
+    }
+    assert finish_job(
+        db,
+        other,
+        "succeeded",
+        progress=progress,
+        result={"adapter": "cat-dog@1", "name": "cat-dog", "version": 1, "sha256": "0" * 64, "summary": None},
+    )
     done = client.post(f"/jobs/{other_id}/cancel", headers=auth)
     assert done.status_code == 409
     assert error_of(done)["code"] == "illegal_transition"
@@ -107,10 +131,17 @@ def test_jobs_list_is_per_tenant(client, auth, other_auth):
     assert client.get("/jobs", headers=other_auth).json() == {"jobs": [], "next_cursor": None}
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"status": "done"}, "status"), ({"kind": "train"}, "kind"), ({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
-    ({"limit": "many"}, "limit"), ({"cursor": "yesterday_abc"}, "cursor"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"status": "done"}, "status"),
+        ({"kind": "train"}, "kind"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"cursor": "yesterday_abc"}, "cursor"),
+    ],
+)
 def test_invalid_list_parameters_are_422(client, auth, error_of, params, field):
     response = client.get("/jobs", params=params, headers=auth)
     assert response.status_code == 422
@@ -120,7 +151,9 @@ def test_invalid_list_parameters_are_422(client, auth, error_of, params, field):
 @pytest.fixture
 def finished_generate_job(db, tenant) -> str:
     """A generate job as a worker leaves it: succeeded, one image and one heatmap stored as blobs."""
-    job = Job(tenant=tenant, kind="generate", status="succeeded", request={"prompt": "a cat and a dog"}, request_hash="0" * 64)
+    job = Job(
+        tenant=tenant, kind="generate", status="succeeded", request={"prompt": "a cat and a dog"}, request_hash="0" * 64
+    )
     db.add(job)
     db.flush()
     job.result = generate_result([{"index": 0, "seed": 7, "heatmap": True, "scores": {}}])
@@ -153,14 +186,23 @@ def generate_result(images: list[dict], adapter: str | None = None) -> dict:
     return {"images": images, "adapter": adapter, "model": "sepen-tiny", "concepts": [], "sample": {}}
 
 
-@pytest.mark.parametrize("images, image_links, heatmap_links", [
-    ([], [], []),
-    ([{"index": 0, "seed": 1, "heatmap": False}, {"index": 1, "seed": 2, "heatmap": False}], [0, 1], []),
-    ([{"index": 3, "seed": 1, "heatmap": True}], [3], [3]),
-])
+@pytest.mark.parametrize(
+    "images, image_links, heatmap_links",
+    [
+        ([], [], []),
+        ([{"index": 0, "seed": 1, "heatmap": False}, {"index": 1, "seed": 2, "heatmap": False}], [0, 1], []),
+        ([{"index": 3, "seed": 1, "heatmap": True}], [3], [3]),
+    ],
+)
 def test_image_links_follow_the_result(client, auth, db, tenant, images, image_links, heatmap_links):
-    job = Job(tenant=tenant, kind="generate", status="succeeded", request={}, request_hash="0" * 64,
-              result=generate_result(images, adapter="cat-dog@2"))
+    job = Job(
+        tenant=tenant,
+        kind="generate",
+        status="succeeded",
+        request={},
+        request_hash="0" * 64,
+        result=generate_result(images, adapter="cat-dog@2"),
+    )
     db.add(job)
     db.commit()
     body = client.get(f"/jobs/{job.id}", headers=auth).json()
@@ -175,8 +217,9 @@ def test_a_stored_result_outside_the_contract_is_refused_not_reshaped(db, tenant
 
     from service.schemas import JobOut
 
-    job = Job(tenant=tenant, kind="generate", status="succeeded", request={}, request_hash="0" * 64,
-              result={"images": "oops"})
+    job = Job(
+        tenant=tenant, kind="generate", status="succeeded", request={}, request_hash="0" * 64, result={"images": "oops"}
+    )
     db.add(job)
     db.commit()
     with pytest.raises(ValidationError):

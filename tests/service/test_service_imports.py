@@ -30,13 +30,17 @@ def test_service_imports_only_what_the_architecture_allows():
             top = name.split(".")[0]
             assert top not in FORBIDDEN, f"{path.relative_to(ROOT)} imports {name}"
             if top == "sepen_core":
-                assert name in ALLOWED_CORE, f"{path.relative_to(ROOT)} imports {name}; only {sorted(ALLOWED_CORE)} lack torch"
+                assert name in ALLOWED_CORE, (
+                    f"{path.relative_to(ROOT)} imports {name}; only {sorted(ALLOWED_CORE)} lack torch"
+                )
 
 
 def test_importing_and_building_the_app_loads_no_torch(tmp_path):
-    code = ("import sys; from service.app import create_app; from sepen_store.settings import GatewaySettings; "
-            f"app = create_app(GatewaySettings(data_dir={str(tmp_path)!r})); app.openapi(); import service.admin; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'safetensors', 'worker') if m in sys.modules))")
+    code = (
+        "import sys; from service.app import create_app; from sepen_store.settings import GatewaySettings; "
+        f"app = create_app(GatewaySettings(data_dir={str(tmp_path)!r})); app.openapi(); import service.admin; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'safetensors', 'worker') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -11,12 +11,22 @@ from sqlalchemy import update
 from sepen_store.auth import authenticate, create_api_key, revoke_api_key
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.errors import Conflict, IllegalTransition, NotFound, Unauthorized
-from sepen_store.jobs import (LostClaim, claim_job, create_job, finish_job, get_job, heartbeat, jobs_to_reenqueue,
-                              list_jobs, mark_enqueued, mark_not_enqueued, request_cancel)
+from sepen_store.jobs import (
+    LostClaim,
+    claim_job,
+    create_job,
+    finish_job,
+    get_job,
+    heartbeat,
+    jobs_to_reenqueue,
+    list_jobs,
+    mark_enqueued,
+    mark_not_enqueued,
+    request_cancel,
+)
 from sepen_store.registry import delete_version, list_adapters, parse_ref, publish_version, resolve, version_bytes
 from sepen_store.tables import Job, utcnow
 from tests.conftest import postgres_database
-
 
 
 @pytest.fixture(params=["sqlite", "postgres"], scope="module")
@@ -130,9 +140,20 @@ def test_pagination_is_newest_first_without_gaps(sessions):
 
 def test_versions_are_immutable_and_one_per_job(sessions):
     with sessions() as s:
+
         def publish(job_id, data):
-            return publish_version(s, tenant="acme", name="cat-dog", job_id=job_id, data=data, base_model="tiny",
-                                   base_fingerprint="f" * 64, sha256="0" * 64, metadata={"name": "cat-dog"})
+            return publish_version(
+                s,
+                tenant="acme",
+                name="cat-dog",
+                job_id=job_id,
+                data=data,
+                base_model="tiny",
+                base_fingerprint="f" * 64,
+                sha256="0" * 64,
+                metadata={"name": "cat-dog"},
+            )
+
         v1 = publish("job-1", b"one")
         assert publish("job-1", b"one again").id == v1.id  # a retried job does not make a second version
         v2 = publish("job-2", b"two")

@@ -48,8 +48,17 @@ def test_items_spread_over_prompts_with_distinct_seeds():
 
 def test_methods_two_finetune_seeds_ablations_and_a_selection():
     names = [m.name for m in methods(BenchmarkConfig())]
-    assert names == ["base", "sepen-pairs-s0", "sepen-pairs-s1", "sepen-large-s0", "sepen-large-s1", "attend-excite",
-                     "sepen-pairs-content", "sepen-pairs-separate-only", "sepen-pairs-enhance-only"]
+    assert names == [
+        "base",
+        "sepen-pairs-s0",
+        "sepen-pairs-s1",
+        "sepen-large-s0",
+        "sepen-large-s1",
+        "attend-excite",
+        "sepen-pairs-content",
+        "sepen-pairs-separate-only",
+        "sepen-pairs-enhance-only",
+    ]
     assert [m.name for m in methods(BenchmarkConfig(only_methods=("attend-excite",)))] == ["base", "attend-excite"]
     with pytest.raises(ValueError, match="sepen-huge"):
         methods(BenchmarkConfig(only_methods=("sepen-huge",)))
@@ -68,11 +77,18 @@ def test_paired_statistics():
 
 def test_reduced_benchmark_end_to_end(tmp_path):
     torch.set_num_threads(1)
-    config = BenchmarkConfig(items_per_group=4, finetune_seeds=(0,), finetune_steps=2, ablations=False,
-                             timing_repeats=1, timing_images=2, grid_columns=4)
+    config = BenchmarkConfig(
+        items_per_group=4,
+        finetune_seeds=(0,),
+        finetune_steps=2,
+        ablations=False,
+        timing_repeats=1,
+        timing_images=2,
+        grid_columns=4,
+    )
     report = run(load_base_model(BUNDLED_MODEL_DIR), load_world(), config, tmp_path, log=lambda line: None)
     assert list(report["methods"]) == ["base", "sepen-pairs-s0", "sepen-large-s0", "attend-excite"]
-    for name, method in report["methods"].items():
+    for method in report["methods"].values():
         for group in GROUPS:
             summary = method["summary"][group]
             assert summary["n"] == 4 and 0 <= summary["success"] <= 1 and len(method["outcomes"][group]) == 4
@@ -82,7 +98,9 @@ def test_reduced_benchmark_end_to_end(tmp_path):
     assert all(d["difference"] == 0 for d in base["vs_base"].values())
     for name in ("sepen-pairs-s0", "sepen-large-s0"):
         finetune = report["methods"][name]["finetune"]
-        assert finetune["recipe"]["steps"] == 2 and finetune["recipe"]["learning_rate"] == 1e-3  # the toy model's recipe
+        assert (
+            finetune["recipe"]["steps"] == 2 and finetune["recipe"]["learning_rate"] == 1e-3
+        )  # the toy model's recipe
         # The adapter changes the maps while sampling: the same items, other peaks.
         assert report["methods"][name]["summary"]["seen_pairs"]["min_peak"] != base["summary"]["seen_pairs"]["min_peak"]
     assert report["methods"]["sepen-large-s0"]["finetune"]["recipe"]["prior_weight"] == 0.5

@@ -19,8 +19,9 @@ def test_bundled_model_draws_the_named_single_objects():
     nouns = [g.noun for g in world.glyphs]
     hits = 0
     for i, noun in enumerate(nouns):
-        result = generate(model, f"a {noun}", model.defaults.sample_config({"num_images": 2, "seed": 100 + 2 * i}),
-                          concepts=[noun])
+        result = generate(
+            model, f"a {noun}", model.defaults.sample_config({"num_images": 2, "seed": 100 + 2 * i}), concepts=[noun]
+        )
         assert result.maps.shape == (2, 1, 16, 16)
         hits += sum(noun in detect(world, image) for image in result.images)
     # 96% [90, 98] on 100 samples in its evaluation; 24 samples here, so allow for sampling noise.

@@ -15,7 +15,7 @@ def test_batches_are_seeded_pixels_in_range_with_matching_captions():
     assert batch.images.shape == (16, 3, 32, 32) and batch.images.dtype == torch.float32
     assert batch.images.min() >= -1 and batch.images.max() <= 1 and (batch.images == -1).float().mean() > 0.5
     assert torch.equal(batch.images, again.images) and batch.captions == again.captions
-    for text, nouns in zip(batch.captions, batch.nouns):
+    for text, nouns in zip(batch.captions, batch.nouns, strict=True):
         assert text in ("", caption(nouns))
 
 
@@ -25,12 +25,12 @@ def test_mix_has_the_intended_proportions_and_never_a_heldout_pair():
     kinds, captions, seen_pairs = Counter(), Counter(), set()
     for seed in range(150):
         batch = training_batch(world, mix, 32, seed)
-        for text, nouns in zip(batch.captions, batch.nouns):
+        for text, nouns in zip(batch.captions, batch.nouns, strict=True):
             kinds[len(nouns)] += 1
             captions["empty" if text == "" else "captioned"] += 1
             assert len(set(nouns)) == len(nouns)
             for i, a in enumerate(nouns):
-                for b in nouns[i + 1:]:
+                for b in nouns[i + 1 :]:
                     assert not world.is_heldout(a, b), f"held-out pair {a}+{b} in the training data"
                     seen_pairs.add(frozenset((a, b)))
     total = sum(kinds.values())

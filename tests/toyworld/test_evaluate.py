@@ -7,8 +7,14 @@ from toyworld.world import load_world
 def test_groups_follow_the_split_in_both_caption_orders():
     world = load_world()
     sizes = {group: len(group_prompts(world, group)) for group in GROUPS}
-    assert sizes == {"single": 12, "train_pairs": 90, "heldout_pairs": 42, "heldout_seen_seen": 18,
-                     "heldout_seen_unseen": 18, "heldout_unseen_unseen": 6}
+    assert sizes == {
+        "single": 12,
+        "train_pairs": 90,
+        "heldout_pairs": 42,
+        "heldout_seen_seen": 18,
+        "heldout_seen_unseen": 18,
+        "heldout_unseen_unseen": 6,
+    }
     unseen = set(world.unseen_in_finetuning)
     assert all(set(p) <= unseen for p in group_prompts(world, "heldout_unseen_unseen"))
     assert all(not set(p) & unseen for p in group_prompts(world, "heldout_seen_seen"))

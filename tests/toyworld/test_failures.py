@@ -33,4 +33,8 @@ def test_absent_twice_wrong_shape_and_fused():
 
 def test_count_kinds():
     assert count_kinds([{"bus": "absent"}, {}, {"a": "twice", "b": "absent"}]) == {
-        "absent": 2, "wrong_shape": 0, "fused": 0, "twice": 1}
+        "absent": 2,
+        "wrong_shape": 0,
+        "fused": 0,
+        "twice": 1,
+    }

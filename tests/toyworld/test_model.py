@@ -19,7 +19,9 @@ def toy_model():
 def test_layout_pixel_space_and_map_layers(toy_model):
     assert toy_model.vae is None and toy_model.mask_padding and toy_model.tokenizer.model_max_length == 16
     assert toy_model.unet.config.in_channels == 3 and toy_model.scheduler.config.prediction_type == "v_prediction"
-    assert len(map_layers(toy_model.unet, toy_model.defaults.maps["map_downsample"])) == 3  # 16x16: down_blocks.1, up_blocks.1 (x2)
+    assert (
+        len(map_layers(toy_model.unet, toy_model.defaults.maps["map_downsample"])) == 3
+    )  # 16x16: down_blocks.1, up_blocks.1 (x2)
     assert len(map_layers(toy_model.unet, 4)) == 4  # 8x8: down_blocks.2, mid_block, up_blocks.0 (x2)
     with pytest.raises(ConfigError):
         map_layers(toy_model.unet, 1)

@@ -13,8 +13,18 @@ from toyworld.train import Cadence, TrainConfig, main, train
 
 def test_train_resume_and_saved_model(tmp_path):
     began = time.perf_counter()
-    common = ["--batch-size", "8", "--warmup", "4", "--checkpoint-every", "5", "--log-every", "5",
-              "--eval-samples", "0"]
+    common = [
+        "--batch-size",
+        "8",
+        "--warmup",
+        "4",
+        "--checkpoint-every",
+        "5",
+        "--log-every",
+        "5",
+        "--eval-samples",
+        "0",
+    ]
     main(["--out", str(tmp_path / "resumed"), "--steps", "10", *common])
     assert json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())["step"] == 10
     main(["--out", str(tmp_path / "resumed"), "--steps", "20", *common])  # resumes at 10 (steps may be extended)
@@ -27,8 +37,9 @@ def test_train_resume_and_saved_model(tmp_path):
     cadence = Cadence(log_every=5, checkpoint_every=5)
     train(tmp_path / "a", replace(config, steps=10), cadence=cadence)
     train(tmp_path / "a", config, cadence=cadence)
-    model_dir = train(tmp_path / "b", config, eval_config=EvalConfig(samples_per_group=2, num_inference_steps=2),
-                      cadence=cadence)
+    model_dir = train(
+        tmp_path / "b", config, eval_config=EvalConfig(samples_per_group=2, num_inference_steps=2), cadence=cadence
+    )
     a, b = load_base_model(tmp_path / "a" / "model"), load_base_model(model_dir)
     for (name, pa), pb in zip(a.unet.state_dict().items(), b.unet.state_dict().values(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-6), name

@@ -85,7 +85,10 @@ def test_world_v2_is_what_make_world_builds_and_keeps_its_roles_apart():
     assert all(sum(noun in p for p in train) == 4 for noun in world.nouns)
     ranked = sorted(world.glyphs, key=lambda g: -g.frequency)
     assert ranked[0].frequency / ranked[-1].frequency == pytest.approx(len(ranked), rel=1e-3)  # Zipf: 1/rank
-    assert world.pair_role(*world.validation_pairs[0]) == "validation" and world.pair_role(*world.train_pairs[0]) == "train"
+    assert (
+        world.pair_role(*world.validation_pairs[0]) == "validation"
+        and world.pair_role(*world.train_pairs[0]) == "train"
+    )
 
 
 def test_v2_singles_follow_the_nouns_frequencies():

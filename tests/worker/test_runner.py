@@ -27,8 +27,13 @@ def submit(runtime, kind, request):
 
 
 def generate_request(prompt="a photo of a cat and a dog", concepts=None):
-    return {"prompt": prompt, "model": "sepen-tiny", "adapter": None, "concepts": concepts or [],
-            "sample": SampleConfig(num_inference_steps=2).to_dict()}
+    return {
+        "prompt": prompt,
+        "model": "sepen-tiny",
+        "adapter": None,
+        "concepts": concepts or [],
+        "sample": SampleConfig(num_inference_steps=2).to_dict(),
+    }
 
 
 def job_row(runtime, job_id):
@@ -69,9 +74,16 @@ def test_bad_concepts_fail_with_a_named_error(runtime):
     assert runtime.run("generate", job_id) == "failed"
     row = job_row(runtime, job_id)
     assert row.error_code == "concept_not_found" and "'dogs'" in row.error_message
-    finetune = submit(runtime, "finetune", {"adapter": "x", "model": "sepen-tiny",
-                                            "concepts": ConceptSet.pairs(("cat", "dog"), templates=("a {A} and {B}s",)).to_dict(),
-                                            "recipe": FinetuneConfig(steps=2, batch_size=1).to_dict()})
+    finetune = submit(
+        runtime,
+        "finetune",
+        {
+            "adapter": "x",
+            "model": "sepen-tiny",
+            "concepts": ConceptSet.pairs(("cat", "dog"), templates=("a {A} and {B}s",)).to_dict(),
+            "recipe": FinetuneConfig(steps=2, batch_size=1).to_dict(),
+        },
+    )
     assert runtime.run("finetune", finetune) == "failed"
     assert job_row(runtime, finetune).error_code == "concept_not_found"
 
