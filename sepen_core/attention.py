@@ -160,6 +160,21 @@ class MapRecorder:
             maps = maps / (self.content_sum / self.count).clamp_min(CONTENT_EPS)[:, None, :]
         return maps.reshape(*maps.shape[:2], *self.grid)  # (B, K, H, W)
 
+    def mark(self) -> tuple:
+        """The running sums now, for `maps_since` (per-step maps of a sampling run)."""
+        return self.object_sum, self.content_sum, self.count
+
+    def maps_since(self, mark: tuple, normalization: str = "raw") -> torch.Tensor:
+        """(B, K, H, W) object maps of what was recorded after `mark` (as `maps`, over that window only)."""
+        object_sum, content_sum, count = mark
+        calls = self.count - count
+        if calls == 0:
+            raise RuntimeError("nothing was recorded since the mark")
+        maps = (self.object_sum - object_sum) / calls  # (B, K, H*W)
+        if normalization == "content":
+            maps = maps / ((self.content_sum - content_sum) / calls).clamp_min(CONTENT_EPS)[:, None, :]
+        return maps.reshape(*maps.shape[:2], *self.grid)  # (B, K, H, W)
+
     def token_probs(self) -> torch.Tensor:
         """(B, H*W, T) attention probabilities averaged over heads, layers and calls (needs keep_tokens)."""
         if self.token_sum is None or self.count == 0:

@@ -36,6 +36,8 @@ class GenerationResult:
     concepts: list[str] = field(default_factory=list)
     maps: torch.Tensor | None = None  # (N, K, h, w), averaged over heads, layers and timesteps
     scores: list[MapScores] | None = None
+    # step_scores[s][i]: image i's scores from the maps of denoising step s alone (when the object is decided)
+    step_scores: list[list[MapScores]] | None = None
 
     def heatmap(self, index: int) -> Image.Image:
         if self.maps is None or self.scores is None:
@@ -163,10 +165,26 @@ def generate(
     if attend_excite is not None:
         excite = AttendExcite(attend_excite, model.unet, cond, targets, config.num_inference_steps)
 
+    step_scores = None
+    if recorder is not None:
+        step_scores, mark = [], [recorder.mark()]
+
+        def score_step(i: int, total: int) -> None:
+            step_maps = recorder.maps_since(mark[0], config.maps.normalization).cpu()
+            step_scores.append(object_scores(step_maps, [concepts] * n, config.maps.smoothing_sigma))
+            mark[0] = recorder.mark()
+            if on_step is not None:
+                on_step(i, total)
+
     with adapter.applied(model) if adapter is not None else nullcontext(), installed_processors(model.unet, processors):
-        latents = denoiser.denoise(_initial_noise(model, seeds, latent_size), excite, on_step, should_cancel)
+        latents = denoiser.denoise(
+            _initial_noise(model, seeds, latent_size),
+            excite,
+            on_step if recorder is None else score_step,
+            should_cancel,
+        )
         pixels = _decode(model, latents)
 
     maps = None if recorder is None else recorder.maps(config.maps.normalization).cpu()
     scores = None if maps is None else object_scores(maps, [concepts] * n, config.maps.smoothing_sigma)
-    return GenerationResult(prompt, _to_images(pixels), pixels.cpu(), seeds, concepts, maps, scores)
+    return GenerationResult(prompt, _to_images(pixels), pixels.cpu(), seeds, concepts, maps, scores, step_scores)

@@ -2,9 +2,12 @@
 
 Groups: "single" (every noun), "train_pairs" and "heldout_pairs" (both caption orders of each
 pair), and the held-out pairs split like the paper's test groups by unseen_in_finetuning nouns:
-"heldout_seen_seen", "heldout_seen_unseen", "heldout_unseen_unseen". A group's samples are spread
-as evenly as possible over its prompts; prompt j's images use seeds seed + 1000 * j + i, so two
-models evaluated with the same config see the same noise (paired comparisons).
+"heldout_seen_seen", "heldout_seen_unseen", "heldout_unseen_unseen". World v2 adds its pair roles:
+"validation" (the only pairs that choose anything) and "test_seen_seen", "test_seen_unseen",
+"test_unseen_unseen" (the final table's). A group's samples are spread as evenly as possible over
+its prompts; prompt j's images use seeds seed + 1000 * j + i, so two models evaluated with the same
+config see the same noise (paired comparisons). Pair groups also report why images failed
+(toyworld.failures) and, per denoising step, whether the maps predicted it (toyworld.premise).
 """
 
 from __future__ import annotations
@@ -23,9 +26,18 @@ from sepen_core.config import SampleConfig
 from sepen_core.models import BaseModel, load_base_model
 from sepen_core.sampling import generate
 from toyworld.detector import detect, exact_success, find_candidates, object_success
+from toyworld.failures import count_kinds, failure_kinds
+from toyworld.premise import PairSample, early_summary, step_aucs
 from toyworld.world import World, caption, load_world
 
-GROUPS = ("single", "train_pairs", "heldout_pairs", "heldout_seen_seen", "heldout_seen_unseen", "heldout_unseen_unseen")
+HELDOUT_GROUPS = {
+    "heldout_pairs": (0, 1, 2),
+    "heldout_seen_seen": (0,),
+    "heldout_seen_unseen": (1,),
+    "heldout_unseen_unseen": (2,),
+}
+TEST_GROUPS = {"test_seen_seen": 0, "test_seen_unseen": 1, "test_unseen_unseen": 2}  # unseen nouns in the pair
+GROUPS = ("single", "train_pairs", *HELDOUT_GROUPS, "validation", *TEST_GROUPS)
 
 
 @dataclass(frozen=True)
@@ -51,17 +63,17 @@ def group_prompts(world: World, group: str) -> list[tuple[str, ...]]:
     """The noun tuples (caption order) a group samples."""
     if group == "single":
         return [(n,) for n in world.nouns]
+    unseen = set(world.unseen_in_finetuning)
     if group == "train_pairs":
         pairs = list(world.train_pairs)
+    elif group == "validation":
+        pairs = list(world.validation_pairs)
+    elif group in TEST_GROUPS:
+        pairs = [p for p in world.test_pairs if sum(n in unseen for n in p) == TEST_GROUPS[group]]
     else:
-        unseen = set(world.unseen_in_finetuning)
-        wanted = {
-            "heldout_pairs": (0, 1, 2),
-            "heldout_seen_seen": (0,),
-            "heldout_seen_unseen": (1,),
-            "heldout_unseen_unseen": (2,),
-        }[group]
-        pairs = [p for p in world.heldout_pairs if sum(n in unseen for n in p) in wanted]
+        pairs = [p for p in world.heldout_pairs if sum(n in unseen for n in p) in HELDOUT_GROUPS[group]]
+    if not pairs:
+        raise ValueError(f"world has no {group} pairs (world v1 has no validation or test roles)")
     return [order for a, b in pairs for order in ((a, b), (b, a))]
 
 
@@ -87,41 +99,55 @@ def evaluate(
     config = config or EvalConfig()
     results, previews = {}, {}
     for group in config.groups:
-        prompts = group_prompts(world, group)
-        counts = spread(config.samples_per_group, len(prompts))
-        success = exact = colour_only = 0
-        per_noun: dict[str, list[int]] = {}
-        previews[group] = []
-        for j, (nouns, count) in enumerate(zip(prompts, counts, strict=True)):
-            if count == 0:
-                continue
-            sample = SampleConfig(
-                num_inference_steps=config.num_inference_steps,
-                guidance_scale=config.guidance_scale,
-                num_images=count,
-                seed=config.seed + 1000 * j,
-            )
-            result = generate(model, caption(nouns), sample)
-            previews[group].append(result.images[0])
-            for pixels in result.pixels:
-                detected = detect(world, pixels)
-                ok = object_success(detected, nouns)
-                success += ok
-                exact += exact_success(detected, nouns)
-                colour_only += set(nouns) <= {n for c in find_candidates(world, pixels) for n in c.colour_nouns}
-                for noun in nouns:
-                    per_noun.setdefault(noun, []).append(int(noun in detected))
-        n = sum(counts)
-        low, high = wilson_interval(success, n)
-        results[group] = {
-            "n": n,
-            "success": success / n,
-            "success_ci95": [low, high],
-            "exact": exact / n,
-            "colour_only": colour_only / n,
-            "per_noun_detected": {k: sum(v) / len(v) for k, v in sorted(per_noun.items())},
-        }
+        results[group], previews[group] = evaluate_group(model, world, config, group_prompts(world, group))
     return results, previews
+
+
+def evaluate_group(
+    model: BaseModel, world: World, config: EvalConfig, prompts: list[tuple[str, ...]]
+) -> tuple[dict, list[Image.Image]]:
+    """One group's numbers and previews; pair prompts are sampled with their maps recorded (for the premise)."""
+    counts = spread(config.samples_per_group, len(prompts))
+    success = exact = colour_only = 0
+    per_noun: dict[str, list[int]] = {}
+    failures, pair_samples, previews = [], [], []
+    for j, (nouns, count) in enumerate(zip(prompts, counts, strict=True)):
+        if count == 0:
+            continue
+        sample = SampleConfig(
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            num_images=count,
+            seed=config.seed + 1000 * j,
+        )
+        result = generate(model, caption(nouns), sample, concepts=list(nouns) if len(nouns) > 1 else None)
+        previews.append(result.images[0])
+        for i, pixels in enumerate(result.pixels):
+            detected = detect(world, pixels)
+            ok = object_success(detected, nouns)
+            success += ok
+            exact += exact_success(detected, nouns)
+            colour_only += set(nouns) <= {n for c in find_candidates(world, pixels) for n in c.colour_nouns}
+            for noun in nouns:
+                per_noun.setdefault(noun, []).append(int(noun in detected))
+            if len(nouns) > 1:
+                failures.append(failure_kinds(world, pixels, nouns))
+                step_peaks = [step[i].peaks for step in result.step_scores]
+                pair_samples.append(PairSample(tuple(nouns), frozenset(detected), step_peaks))
+    n = sum(counts)
+    low, high = wilson_interval(success, n)
+    numbers = {
+        "n": n,
+        "success": success / n,
+        "success_ci95": [low, high],
+        "exact": exact / n,
+        "colour_only": colour_only / n,
+        "per_noun_detected": {k: sum(v) / len(v) for k, v in sorted(per_noun.items())},
+    }
+    if pair_samples:
+        steps = step_aucs(pair_samples)
+        numbers.update(failure_kinds=count_kinds(failures), premise_early=early_summary(steps), premise_steps=steps)
+    return numbers, previews
 
 
 def preview_grid(previews: dict[str, list[Image.Image]], columns: int = 16, scale: int = 2) -> Image.Image:
@@ -156,7 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     preview_grid(previews).save(out.with_suffix(".png"))
     for group, numbers in results.items():
-        print(f"{group}: success {numbers['success']:.3f} (n={numbers['n']}), exact {numbers['exact']:.3f}")
+        line = f"{group}: success {numbers['success']:.3f} (n={numbers['n']}), exact {numbers['exact']:.3f}"
+        if "failure_kinds" in numbers:
+            early = {k: None if v is None else round(v, 3) for k, v in numbers["premise_early"].items()}
+            line += f"; missing objects by kind {numbers['failure_kinds']}; early-step AUCs {early}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,17 @@ def test_maps_and_scores_of_the_conditional_branch(tiny_model):
     assert unguided.maps.shape == (1, 2, 8, 8)
 
 
+def test_each_denoising_step_has_its_own_scores(tiny_model):
+    steps = 4
+    result = generate(
+        tiny_model, PROMPT, SampleConfig(num_inference_steps=steps, num_images=2), concepts=["cat", "dog"]
+    )
+    assert len(result.step_scores) == steps and all(len(per_image) == 2 for per_image in result.step_scores)
+    assert all(set(s.peaks) == {"cat", "dog"} for per_image in result.step_scores for s in per_image)
+    first, last = result.step_scores[0][0], result.step_scores[-1][0]
+    assert first.peaks != last.peaks  # the maps change along the trajectory
+
+
 def test_missing_concept_is_refused_before_sampling(tiny_model):
     with pytest.raises(ConceptError, match="'horse'"):
         generate(
