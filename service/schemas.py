@@ -41,6 +41,9 @@ ConceptName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 Template = Annotated[str, StringConstraints(min_length=1, max_length=300)]
 
 
+Normalization = Literal[NORMALIZATIONS]  # type: ignore[valid-type]
+
+
 class RequestBody(BaseModel):
     """Unknown fields are an error: a misspelt setting must not be silently ignored."""
 
@@ -107,7 +110,7 @@ class RecipeIn(RequestBody):
     prior_weight: float | None = None
     seed: StrictInt | None = None
     grad_mode: Literal[GRAD_MODES] | None = None  # type: ignore[valid-type]
-    normalization: Literal[NORMALIZATIONS] | None = None  # type: ignore[valid-type]
+    normalization: Normalization | None = None
     map_downsample: StrictInt | None = None
 
 
@@ -179,7 +182,7 @@ class GenerateIn(RequestBody):
         examples=[["cat", "dog"]],
         description="objects of the prompt whose attention heatmaps to render",
     )
-    normalization: Literal[NORMALIZATIONS] | None = Field(None, description="heatmaps' maps; default: the model's")  # type: ignore[valid-type]
+    normalization: Normalization | None = Field(None, description="heatmaps' maps; default: the model's")
     map_downsample: StrictInt | None = Field(
         None, description="heatmaps read attention at image size / this; default: the model's"
     )

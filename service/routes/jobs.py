@@ -17,6 +17,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 JobId = Annotated[str, Path(max_length=64, description="a job id as POST /finetune or /generate returned it")]
 ImageIndex = Annotated[int, Path(ge=0, le=10_000, description="0-based, in the order of the job's result")]
+Status = Literal[STATUSES]  # type: ignore[valid-type]
 PNG = {200: {"content": {"image/png": {}}, "description": "PNG bytes"}, 404: {"model": ErrorOut}}
 
 
@@ -24,7 +25,7 @@ PNG = {200: {"content": {"image/png": {}}, "description": "PNG bytes"}, 404: {"m
 def list_tenant_jobs(
     tenant: TenantDep,
     session: SessionDep,
-    status: Annotated[Literal[STATUSES] | None, Query(description="only jobs in this status")] = None,  # type: ignore[valid-type]
+    status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
     kind: Annotated[Literal["finetune", "generate"] | None, Query()] = None,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
