@@ -113,13 +113,15 @@ class BaseModel:
         # Training noise follows the model's own beta schedule and prediction type.
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
 
+    # Read from a base key, which `to()` moves with the model: diffusers' ModelMixin.device walks the modules
+    # (offload hooks), and hot loops ask for the device several times per step (the GPU profile in toyworld/README).
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return next(iter(self.base_keys.values())).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return next(iter(self.base_keys.values())).dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -148,7 +150,7 @@ class BaseModel:
             return_tensors="pt",
         )
         input_ids = tokens.input_ids
-        hidden = self.text_encoder(input_ids.to(self.text_encoder.device))[0]
+        hidden = self.text_encoder(input_ids.to(self.device))[0]
         return TextConditioning(list(prompts), input_ids, hidden.to(self.dtype), self.cross_attention_mask(input_ids))
 
     def cross_attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
