@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from sepen_core.config import BUNDLED_SOURCE, DTYPE_NAMES, ModelDefaults, SampleConfig
+from sepen_core.config import BUNDLED_SOURCE, DTYPE_NAMES, GRAD_MODES, LATENT_SOURCES, ModelDefaults, SampleConfig
 from sepen_core.errors import SepenError
 from sepen_core.prompts import ConceptSet
 
@@ -71,6 +71,8 @@ def cmd_finetune(args) -> int:
             "lambda_en": args.lambda_en,
             "grad_mode": args.grad_mode,
             "seed": args.seed,
+            "latents": args.latents,
+            "latent_pool": args.latent_pool,
         }
     )
     # Bad settings fail before the model loads.
@@ -229,7 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior-weight", type=float, help="prior (norm) loss weight (default 0 pairs, 0.5 collection)")
     p.add_argument("--lambda-sep", type=float)
     p.add_argument("--lambda-en", type=float)
-    p.add_argument("--grad-mode", choices=["exact", "local"])
+    p.add_argument("--grad-mode", choices=GRAD_MODES)
+    p.add_argument(
+        "--latents",
+        choices=LATENT_SOURCES,
+        help="training x0: pseudo (Gaussian, the paper; default) or generated (the model's own samples)",
+    )
+    p.add_argument("--latent-pool", type=int, help="with --latents generated: how many samples to make (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from one if present")
     p.add_argument("--checkpoint-every", type=int, default=50)

@@ -14,6 +14,7 @@ from sepen_core.errors import ConfigError
 
 NORMALIZATIONS = ("raw", "content")
 GRAD_MODES = ("exact", "local")
+LATENT_SOURCES = ("pseudo", "generated")
 # Model sources that are not directories (models.load_model): the bundled toy-world model, the tiny random model.
 BUNDLED_SOURCE = "toy"
 TINY_SOURCE = "tiny"
@@ -76,6 +77,10 @@ class FinetuneConfig(_Serializable):
     adam_epsilon: float = 1e-8
     # Side of the pseudo-latents in latent pixels; None uses the UNet's sample_size.
     latent_size: int | None = None
+    # Where each step's clean x0 comes from: "pseudo" (the paper: Gaussian latents) or "generated" (the base
+    # model's own samples of training prompts, made once before training: still no training images).
+    latents: str = "pseudo"
+    latent_pool: int = 64  # "generated": how many samples are made and drawn from
     maps: MapConfig = field(default_factory=MapConfig)
 
     def __post_init__(self):
@@ -108,6 +113,12 @@ class FinetuneConfig(_Serializable):
             or (isinstance(self.latent_size, int) and 8 <= self.latent_size <= 256 and self.latent_size % 8 == 0),
             "latent_size",
             "must be a multiple of 8 from 8 to 256, or null for the model's own",
+        )
+        _check(self.latents in LATENT_SOURCES, "latents", f"must be one of {LATENT_SOURCES}")
+        _check(
+            isinstance(self.latent_pool, int) and 1 <= self.latent_pool <= 4096,
+            "latent_pool",
+            "must be an integer from 1 to 4096",
         )
         if isinstance(self.maps, dict):  # from_dict / JSON
             object.__setattr__(self, "maps", MapConfig.from_dict(self.maps))

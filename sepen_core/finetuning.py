@@ -24,7 +24,14 @@ from sepen_core.checkpoints import read_checkpoint_state, restore_checkpoint, wr
 from sepen_core.config import FinetuneConfig
 from sepen_core.errors import Canceled, CheckpointError
 from sepen_core.models import BaseModel
-from sepen_core.objective import StepOutput, TrainingBatch, check_concepts, make_training_batch, sepen_objective
+from sepen_core.objective import (
+    StepOutput,
+    TrainingBatch,
+    check_concepts,
+    generated_pool,
+    make_training_batch,
+    sepen_objective,
+)
 from sepen_core.prompts import ConceptSet
 from sepen_core.scores import mean_scores, object_scores
 
@@ -161,6 +168,8 @@ def finetune(
     autocast = torch.autocast(model.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     try:
         start, history = (0, [])
+        # Made with the base keys, before a checkpoint's weights are restored.
+        pool = generated_pool(model, concepts, config) if config.latents == "generated" else None
         if checkpoints is not None:
             start, history = _load_checkpoint(checkpoints.directory, fingerprint, params, optimizer)
         for p in params.values():
@@ -169,7 +178,7 @@ def finetune(
         for step in range(start, config.steps):
             if should_cancel is not None and should_cancel():
                 raise Canceled(step)
-            batch = make_training_batch(model, concepts, config, step)
+            batch = make_training_batch(model, concepts, config, step, pool)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
                 out = sepen_objective(model, batch, config)

@@ -26,11 +26,57 @@ def pseudo_latents(
     Returns (x_t (count, C, size, size), t (count,)) on the CPU."""
     shape = (count, model.unet.config.in_channels, size, size)
     clean = torch.randn(shape, generator=generator) * model.latent_scaling_factor
-    noise = torch.randn(shape, generator=generator)
+    return noised(model, clean, generator, timesteps)
+
+
+def noised(
+    model: BaseModel, clean: torch.Tensor, generator: torch.Generator, timesteps: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, t): clean x0 (N, C, h, w) noised by the model's training schedule at `timesteps` (None: uniform)."""
+    noise = torch.randn(clean.shape, generator=generator)
     if timesteps is None:
         num_train = model.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_train, (count,), generator=generator)
+        timesteps = torch.randint(0, num_train, (clean.shape[0],), generator=generator)
     return model.noise_scheduler.add_noise(clean, noise, timesteps), timesteps
+
+
+@dataclass(frozen=True)
+class LatentPool:
+    """The base model's own samples of training prompts (recipe latents="generated"), each step's clean x0."""
+
+    prompts: list[TrainingPrompt]
+    latents: torch.Tensor  # (N, C, h, w) on the CPU: prompts[i]'s sample
+
+
+def generated_pool(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig) -> LatentPool:
+    """config.latent_pool samples of prompts drawn like training prompts, with the model's current keys and
+    its own sampling settings; the same seed always gives the same pool (a resumed run remakes it)."""
+    from sepen_core.sampling import generate  # sampling imports what this module does: import it late
+
+    rng = random.Random(step_seed(config.seed, POOL_STEP))
+    prompts = [concepts.sample(rng) for _ in range(config.latent_pool)]
+    size = config.latent_size or model.unet.config.sample_size
+    side = size * model.vae_scale_factor
+    by_text: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_text.setdefault(prompt.prompt, []).append(i)
+    latents: list[torch.Tensor | None] = [None] * len(prompts)
+    for j, (text, rows) in enumerate(by_text.items()):
+        sample = model.defaults.sample_config(
+            {
+                "num_images": len(rows),
+                "seed": step_seed(config.seed, POOL_STEP + 1 + j) % (2**31 - 4096),
+                "height": side,
+                "width": side,
+            }
+        )
+        result = generate(model, text, sample)
+        for row, latent in zip(rows, result.latents, strict=True):
+            latents[row] = latent
+    return LatentPool(prompts, torch.stack(latents))
+
+
+POOL_STEP = 2**40  # the pool's seeds come from step numbers no training step reaches
 
 
 @dataclass
@@ -56,12 +102,20 @@ def check_concepts(model: BaseModel, concepts: ConceptSet) -> None:
         locate_concepts(model.tokenizer, fill_template(template, group), group)
 
 
-def make_training_batch(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig, step: int) -> TrainingBatch:
+def make_training_batch(
+    model: BaseModel, concepts: ConceptSet, config: FinetuneConfig, step: int, pool: LatentPool | None = None
+) -> TrainingBatch:
+    """This step's prompts and noisy latents: pseudo-latents, or (with a pool) the pool's samples and their prompts."""
     rng = random.Random(step_seed(config.seed, step))
     generator = torch.Generator().manual_seed(step_seed(config.seed, step))
-    prompts = [concepts.sample(rng) for _ in range(config.batch_size)]
     size = config.latent_size or model.unet.config.sample_size
-    latents, timesteps = pseudo_latents(model, config.batch_size, size, generator)
+    if pool is None:
+        prompts = [concepts.sample(rng) for _ in range(config.batch_size)]
+        latents, timesteps = pseudo_latents(model, config.batch_size, size, generator)
+    else:
+        rows = [rng.randrange(len(pool.prompts)) for _ in range(config.batch_size)]
+        prompts = [pool.prompts[r] for r in rows]
+        latents, timesteps = noised(model, pool.latents[rows].float(), generator)
     cond = model.encode_prompts([p.prompt for p in prompts])
     targets = map_targets(model, cond, [p.concepts for p in prompts], config.maps.map_downsample, (size, size))
     prior_cond = model.encode_prompts([p.prior_prompt for p in prompts]) if config.prior_weight > 0 else None

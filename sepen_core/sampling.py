@@ -38,6 +38,7 @@ class GenerationResult:
     scores: list[MapScores] | None = None
     # step_scores[s][i]: image i's scores from the maps of denoising step s alone (when the object is decided)
     step_scores: list[list[MapScores]] | None = None
+    latents: torch.Tensor | None = None  # (N, C, h, w): the final latents, before the VAE decodes them
 
     def heatmap(self, index: int) -> Image.Image:
         if self.maps is None or self.scores is None:
@@ -187,4 +188,6 @@ def generate(
 
     maps = None if recorder is None else recorder.maps(config.maps.normalization).cpu()
     scores = None if maps is None else object_scores(maps, [concepts] * n, config.maps.smoothing_sigma)
-    return GenerationResult(prompt, _to_images(pixels), pixels.cpu(), seeds, concepts, maps, scores, step_scores)
+    return GenerationResult(
+        prompt, _to_images(pixels), pixels.cpu(), seeds, concepts, maps, scores, step_scores, latents.cpu()
+    )

@@ -20,6 +20,7 @@ class Limits:
 
     max_finetune_steps = 100_000
     max_batch_size = 64
+    max_latent_pool = 1_024
     max_concept_groups = 500
     max_collection = 5_000
     max_images = 8
@@ -54,7 +55,12 @@ class FinetuneRequest(Contract):
 
     @model_validator(mode="after")
     def _within_limits(self) -> FinetuneRequest:
-        _at_most(self.recipe, {"steps": Limits.max_finetune_steps, "batch_size": Limits.max_batch_size}, "recipe")
+        bounds = {
+            "steps": Limits.max_finetune_steps,
+            "batch_size": Limits.max_batch_size,
+            "latent_pool": Limits.max_latent_pool,
+        }
+        _at_most(self.recipe, bounds, "recipe")
         return self
 
 

@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from sepen_core.config import GRAD_MODES, NORMALIZATIONS
+from sepen_core.config import GRAD_MODES, LATENT_SOURCES, NORMALIZATIONS
 from sepen_store.contract import (
     FinetuneProgress,
     FinetuneResult,
@@ -111,6 +111,10 @@ class RecipeIn(RequestBody):
     seed: StrictInt | None = None
     grad_mode: Literal[GRAD_MODES] | None = None  # type: ignore[valid-type]
     normalization: Normalization | None = None
+    latents: Literal[LATENT_SOURCES] | None = Field(  # type: ignore[valid-type]
+        None, description="training x0: 'pseudo' (Gaussian, the paper) or 'generated' (the model's own samples)"
+    )
+    latent_pool: StrictInt | None = Field(None, ge=1, le=Limits.max_latent_pool)
     map_downsample: StrictInt | None = None
 
 

@@ -1,15 +1,17 @@
 """Finetuning trains only attn2.to_k, is seeded, resumes exactly, reports progress, cancels, and works."""
 
+import dataclasses
 import random
 
 import pytest
 import torch
 
-from sepen_core.config import FinetuneConfig, MapConfig
+from sepen_core.config import FinetuneConfig, MapConfig, ModelDefaults
 from sepen_core.diagnostics import diagnose
 from sepen_core.errors import Canceled, CheckpointError, ConceptError
 from sepen_core.finetuning import Checkpoints, finetune
 from sepen_core.prompts import ConceptSet
+from sepen_core.sampling import generate
 
 PAIR = ConceptSet.pairs(("cat", "dog"))
 FAST = dict(batch_size=2, learning_rate=1e-2)
@@ -129,3 +131,42 @@ def test_sepen_lifts_the_weak_object_and_separates_maps(tiny_model):
     assert after.overlaps["cat & dog"] < 0.8 * before.overlaps["cat & dog"]
     first, last = result.history[:5], result.history[-5:]
     assert sum(r.loss for r in last) < sum(r.loss for r in first)
+
+
+def test_generated_latents_train_on_the_models_own_samples_and_resume_exactly(tiny_model, tmp_path):
+    from sepen_core.objective import generated_pool, make_training_batch
+
+    # the pool is sampled with the model's own settings: two unguided steps keep this test fast
+    tiny_model = dataclasses.replace(
+        tiny_model, defaults=ModelDefaults(sample={"num_inference_steps": 2, "guidance_scale": 1.0})
+    )
+    config = FinetuneConfig(steps=3, latents="generated", latent_pool=4, **FAST)
+    pool = generated_pool(tiny_model, PAIR, config)
+    again = generated_pool(tiny_model, PAIR, config)
+    assert pool.latents.shape == (4, 4, 32, 32) and torch.equal(pool.latents, again.latents)
+    own = generate(tiny_model, pool.prompts[0].prompt, tiny_model.defaults.sample_config({"num_images": 4}))
+    assert not torch.equal(pool.latents, torch.zeros_like(pool.latents)) and own.latents.shape == pool.latents.shape
+    batch = make_training_batch(tiny_model, PAIR, config, step=0, pool=pool)
+    assert all(p in pool.prompts for p in batch.prompts)
+    pseudo = make_training_batch(tiny_model, PAIR, FinetuneConfig(steps=3, **FAST), step=0)
+    assert not torch.equal(batch.latents, pseudo.latents)
+
+    full = finetune(tiny_model, PAIR, config)
+    polls = iter([False, True])
+    with pytest.raises(Canceled):
+        finetune(
+            tiny_model, PAIR, config, checkpoint_dir=Checkpoints(tmp_path, every=1), should_cancel=lambda: next(polls)
+        )
+    resumed = finetune(tiny_model, PAIR, config, checkpoint_dir=Checkpoints(tmp_path, every=1))
+    assert resumed.resumed_from_step == 1 and resumed.adapter.sha256 == full.adapter.sha256
+    assert full.adapter.metadata["recipe"]["latents"] == "generated"
+    assert full.adapter.sha256 != finetune(tiny_model, PAIR, FinetuneConfig(steps=3, **FAST)).adapter.sha256
+
+
+def test_unknown_latent_source_names_the_field():
+    from sepen_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="latents"):
+        FinetuneConfig(latents="images")
+    with pytest.raises(ConfigError, match="latent_pool"):
+        FinetuneConfig(latent_pool=0)

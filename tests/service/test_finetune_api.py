@@ -49,7 +49,14 @@ def test_collection_gets_the_large_scale_recipe_with_overrides(client, auth):
         "model": "sd15",
         "templates": ["a {A} next to a {B}"],
         "concepts": {"collection": ["cat", "dog", "cow", "owl"], "held_out": ["owl"]},
-        "recipe": {"steps": 50, "normalization": "content", "map_downsample": 2, "grad_mode": "local"},
+        "recipe": {
+            "steps": 50,
+            "normalization": "content",
+            "map_downsample": 2,
+            "grad_mode": "local",
+            "latents": "generated",
+            "latent_pool": 128,
+        },
     }
     response = client.post("/finetune", json=body, headers=auth)
     assert response.status_code == 202, response.text
@@ -57,10 +64,16 @@ def test_collection_gets_the_large_scale_recipe_with_overrides(client, auth):
     assert request["recipe"] == {
         "steps": 50,
         "grad_mode": "local",
+        "latents": "generated",
+        "latent_pool": 128,
         "maps": {"map_downsample": 2, "normalization": "content"},
     }
     expected = FinetuneConfig.large_scale(
-        steps=50, grad_mode="local", maps=MapConfig(map_downsample=2, normalization="content")
+        steps=50,
+        grad_mode="local",
+        latents="generated",
+        latent_pool=128,
+        maps=MapConfig(map_downsample=2, normalization="content"),
     )
     resolved = ModelDefaults().finetune_config("collection", request["recipe"])
     assert resolved == expected and resolved.learning_rate == 4e-6 and resolved.prior_weight == 0.5
@@ -107,6 +120,8 @@ INVALID = [
     ("recipe.grad_mode", "fast", "recipe.grad_mode"),
     ("recipe.normalization", "softmax", "recipe.normalization"),
     ("recipe.map_downsample", 3, "recipe.map_downsample"),
+    ("recipe.latents", "images", "recipe.latents"),
+    ("recipe.latent_pool", 5000, "recipe.latent_pool"),
     ("recipe.stepz", 10, "recipe.stepz"),
     ("recipe", [1], "recipe"),
     ("unknown", 1, "unknown"),
