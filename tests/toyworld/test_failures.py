@@ -38,3 +38,14 @@ def test_count_kinds():
         "fused": 0,
         "twice": 1,
     }
+
+
+def test_audit_sheet_labels_each_generated_image():
+    from sepen_core.models import BUNDLED_MODEL_DIR, load_base_model
+    from toyworld.audit import CELL, LABEL, audit_sheet
+
+    v1 = load_world()
+    sheet = audit_sheet(load_base_model(BUNDLED_MODEL_DIR), v1, images=3, columns=2, group="heldout_pairs")
+    assert sheet.size == (2 * CELL, 2 * (CELL + 2 * LABEL))
+    first_cell = np.asarray(sheet.crop((0, LABEL, CELL, LABEL + CELL)))
+    assert first_cell.max() > 200  # a drawn glyph, not an empty cell
