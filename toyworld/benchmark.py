@@ -7,7 +7,9 @@ seeds, 95% confidence intervals, per-image cost and image grids.
 Groups (the split is in toyworld/README.md):
   single          every noun alone
   seen_pairs      the 27 training pairs of the 9 finetuning nouns: what "SepEn on training pairs" finetunes on
-  heldout_pairs   the 9 held-out pairs of finetuning nouns: never together in base training nor in SepEn's pairs
+  heldout_seen_seen  the 9 held-out pairs of finetuning nouns: never together in base training nor in SepEn's pairs
+                     (the same group as toyworld.evaluate's; results.json of runs before it was renamed say
+                     "heldout_pairs")
   unseen_concept  the 12 held-out pairs with a noun SepEn never sees (candle, flag, wedge)
 Both caption orders of each pair are prompts. Every method samples the same items from the same noise
 (item i of prompt j of group g starts from seed + 100000 g + 1000 j + i), so differences are paired:
@@ -40,7 +42,7 @@ from toyworld.detector import detect, exact_success, object_success
 from toyworld.evaluate import group_prompts, spread, wilson_interval
 from toyworld.world import World, caption, load_world
 
-GROUPS = ("single", "seen_pairs", "heldout_pairs", "unseen_concept")
+GROUPS = ("single", "seen_pairs", "heldout_seen_seen", "unseen_concept")
 # The world's caption forms: SepEn finetunes on prompts worded as the benchmark samples them.
 TEMPLATE, PRIOR_TEMPLATE = "a {A} and a {B}", "a {A}"
 GRID_METHODS = ("base", "sepen-pairs-s0", "sepen-large-s0", "attend-excite")
@@ -130,7 +132,7 @@ def group_pairs(world: World, group: str) -> list[tuple[str, ...]]:
         return group_prompts(world, "heldout_seen_unseen") + group_prompts(world, "heldout_unseen_unseen")
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; choose from {GROUPS}")
-    return group_prompts(world, {"single": "single", "heldout_pairs": "heldout_seen_seen"}[group])
+    return group_prompts(world, group)  # "single", "heldout_seen_seen": the evaluation's own groups
 
 
 def group_items(world: World, group: str, n: int, seed: int) -> list[tuple[tuple[str, ...], list[int]]]:

@@ -25,10 +25,15 @@ def test_groups_follow_the_split():
     world = load_world()
     unseen = set(world.unseen_in_finetuning)
     sizes = {g: len(group_pairs(world, g)) for g in GROUPS}
-    assert sizes == {"single": 12, "seen_pairs": 54, "heldout_pairs": 18, "unseen_concept": 24}  # pairs in both orders
+    assert sizes == {
+        "single": 12,
+        "seen_pairs": 54,
+        "heldout_seen_seen": 18,
+        "unseen_concept": 24,
+    }  # pairs in both orders
     train, held = {frozenset(p) for p in world.train_pairs}, {frozenset(p) for p in world.heldout_pairs}
     assert all(frozenset(p) in train and not set(p) & unseen for p in group_pairs(world, "seen_pairs"))
-    assert all(frozenset(p) in held and not set(p) & unseen for p in group_pairs(world, "heldout_pairs"))
+    assert all(frozenset(p) in held and not set(p) & unseen for p in group_pairs(world, "heldout_seen_seen"))
     assert all(frozenset(p) in held and set(p) & unseen for p in group_pairs(world, "unseen_concept"))
     pairs = sepen_concepts(world, "pairs")
     assert {frozenset(g) for g in pairs.groups} == {frozenset(p) for p in group_pairs(world, "seen_pairs")}
