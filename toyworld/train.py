@@ -199,8 +199,8 @@ def train(
 
     time_budget_s (a borrowed GPU, a session's CPU): after 50 steps, and every 200 steps until the learning
     rate starts to decay, set `steps` (at most the requested number) to what fits in the budget at the pace
-    measured so far, so the schedule still ends with its decay and the run ends with a saved model on time
-    even when the machine's load changes."""
+    of the last (up to) 200 steps, so the schedule still ends with its decay and the run ends with a saved
+    model on time even when the machine's load changes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     world = world or load_world()
@@ -223,11 +223,12 @@ def train(
     print(f"training {config.steps} steps into {directory}{resuming}", flush=True)
 
     began, window, window_began = time.perf_counter(), [], time.perf_counter()
-    step, requested_steps = start, config.steps
+    step, requested_steps, pace_mark = start, config.steps, (start, time.perf_counter())
     while step < config.steps:
         replan = step - start >= 50 and (step - start) % 200 == 50 and step < config.steps * (1 - config.decay_fraction)
         if time_budget_s is not None and replan:
-            pace = (time.perf_counter() - began) / (step - start)
+            pace = (time.perf_counter() - pace_mark[1]) / (step - pace_mark[0])  # the recent pace: the load changes
+            pace_mark = (step, time.perf_counter())
             left = time_budget_s - (time.perf_counter() - began)
             fits = min(requested_steps, max(step + 1, step + int(left / pace)))
             if fits != config.steps:
