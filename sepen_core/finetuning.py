@@ -88,8 +88,11 @@ class Checkpoints:
 
 def run_fingerprint(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig) -> str:
     """Identifies a run: a checkpoint resumes only the run that wrote it."""
+    recipe = config.to_dict()
+    if config.latents == "pseudo":  # runs from before the latents option existed keep their fingerprint
+        del recipe["latents"], recipe["latent_pool"]
     blob = json.dumps(
-        {"config": config.to_dict(), "concepts": concepts.to_dict(), "base": model.base_fingerprint}, sort_keys=True
+        {"config": recipe, "concepts": concepts.to_dict(), "base": model.base_fingerprint}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -169,7 +172,7 @@ def finetune(
     try:
         start, history = (0, [])
         # Made with the base keys, before a checkpoint's weights are restored.
-        pool = generated_pool(model, concepts, config) if config.latents == "generated" else None
+        pool = generated_pool(model, concepts, config, should_cancel) if config.latents == "generated" else None
         if checkpoints is not None:
             start, history = _load_checkpoint(checkpoints.directory, fingerprint, params, optimizer)
         for p in params.values():

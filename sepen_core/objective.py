@@ -5,6 +5,7 @@ early-exit forward that reads the maps (exact or local gradients), plus the opti
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from sepen_core.attention import MapTargets, base_key_forward, capture_maps, map
 from sepen_core.checkpoints import step_seed
 from sepen_core.concepts import locate_concepts
 from sepen_core.config import FinetuneConfig
+from sepen_core.errors import Canceled
 from sepen_core.losses import SepenLoss, prior_loss, sepen_loss
 from sepen_core.models import BaseModel, TextConditioning
 from sepen_core.prompts import ConceptSet, TrainingPrompt, fill_template
@@ -48,9 +50,12 @@ class LatentPool:
     latents: torch.Tensor  # (N, C, h, w) on the CPU: prompts[i]'s sample
 
 
-def generated_pool(model: BaseModel, concepts: ConceptSet, config: FinetuneConfig) -> LatentPool:
+def generated_pool(
+    model: BaseModel, concepts: ConceptSet, config: FinetuneConfig, should_cancel: Callable[[], bool] | None = None
+) -> LatentPool:
     """config.latent_pool samples of prompts drawn like training prompts, with the model's current keys and
-    its own sampling settings; the same seed always gives the same pool (a resumed run remakes it)."""
+    its own sampling settings, config.batch_size images per sampling call (memory stays a training step's);
+    the same seed always gives the same pool (a resumed run remakes it)."""
     from sepen_core.sampling import generate  # sampling imports what this module does: import it late
 
     rng = random.Random(step_seed(config.seed, POOL_STEP))
@@ -60,8 +65,13 @@ def generated_pool(model: BaseModel, concepts: ConceptSet, config: FinetuneConfi
     by_text: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         by_text.setdefault(prompt.prompt, []).append(i)
+    calls = [
+        (text, rows[k : k + config.batch_size])
+        for text, rows in by_text.items()
+        for k in range(0, len(rows), config.batch_size)
+    ]
     latents: list[torch.Tensor | None] = [None] * len(prompts)
-    for j, (text, rows) in enumerate(by_text.items()):
+    for j, (text, rows) in enumerate(calls):
         sample = model.defaults.sample_config(
             {
                 "num_images": len(rows),
@@ -70,7 +80,10 @@ def generated_pool(model: BaseModel, concepts: ConceptSet, config: FinetuneConfi
                 "width": side,
             }
         )
-        result = generate(model, text, sample)
+        try:
+            result = generate(model, text, sample, should_cancel=should_cancel)
+        except Canceled:
+            raise Canceled(0) from None  # no training step ran yet
         for row, latent in zip(rows, result.latents, strict=True):
             latents[row] = latent
     return LatentPool(prompts, torch.stack(latents))

@@ -40,14 +40,20 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def upgrade_database(url: str, revision: str = "head") -> None:
-    """Apply the Alembic migrations in migrations/ to the database at `url`."""
-    from alembic import command
+def alembic_config(url: str):
+    """Alembic's configuration for the migrations in migrations/, against the database at `url`."""
     from alembic.config import Config
 
     config = Config(str(ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(ROOT / "migrations"))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade_database(url: str, revision: str = "head") -> None:
+    """Apply the Alembic migrations in migrations/ to the database at `url`."""
+    from alembic import command
+
     if url.startswith("sqlite"):
         make_engine(url).dispose()  # creates the parent directory
-    command.upgrade(config, revision)
+    command.upgrade(alembic_config(url), revision)

@@ -78,7 +78,10 @@ class Settings(BaseSettings):
     @classmethod
     def _default_model(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("default_model"):
-            given = parse_models(data["models"]) if data.get("models") else None
+            try:
+                given = parse_models(data["models"]) if data.get("models") else None
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX}MODELS: {exc}") from None
             data = {**data, "default_model": next(iter(given)) if given else "sepen-toy"}
         return data
 

@@ -192,3 +192,46 @@ def test_api_keys_are_hashed_and_revocable(sessions):
         assert revoke_api_key(s, key[:15]) == 1
         with pytest.raises(Unauthorized, match="revoked"):
             authenticate(s, key)
+
+
+def test_migration_0002_moves_stored_results_to_the_typed_contract_and_back(sessions):
+    from alembic import command
+
+    from sepen_store.contract import parse_result
+    from sepen_store.database import alembic_config
+
+    generate = {
+        "images": [
+            {"index": 0, "seed": 3, "heatmap": True, "scores": {"peaks": {}}},
+            {"index": 1, "seed": 4, "heatmap": False, "scores": None},
+        ],
+        "adapter": None,
+        "model": "sepen-toy",
+        "concepts": [],
+        "sample": {},
+    }
+    finetune = {"adapter": "cat-dog@2", "name": "cat-dog", "version": 2, "sha256": "0" * 64, "summary": None}
+    with sessions() as session:
+        ids = []
+        for kind, result in (("generate", generate), ("finetune", finetune)):
+            job = Job(
+                tenant="migrations", kind=kind, request={}, request_hash="0" * 64, status="succeeded", result=result
+            )
+            session.add(job)
+            session.commit()
+            ids.append(job.id)
+    url = sessions.kw["bind"].url.render_as_string(hide_password=False)
+    command.downgrade(alembic_config(url), "0001")
+    try:
+        with sessions() as session:
+            old_generate, old_finetune = (session.get(Job, i, populate_existing=True).result for i in ids)
+        assert old_generate["images"][0]["url"] == f"/jobs/{ids[0]}/images/0"
+        assert old_generate["images"][0]["heatmap_url"] == f"/jobs/{ids[0]}/heatmaps/0"
+        assert "heatmap_url" not in old_generate["images"][1] and "heatmap" not in old_generate["images"][1]
+        assert old_finetune["weights_url"] == "/adapters/cat-dog/2/weights"
+    finally:
+        upgrade_database(url)
+    with sessions() as session:
+        new_generate, new_finetune = (session.get(Job, i, populate_existing=True).result for i in ids)
+    assert new_generate == generate and new_finetune == finetune
+    assert parse_result("generate", new_generate).images[0].heatmap and parse_result("finetune", new_finetune)
