@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sepen_core.attention import unet_forward
 from sepen_core.checkpoints import read_checkpoint_state, restore_checkpoint, step_seed, write_checkpoint
 from sepen_core.errors import CheckpointError
-from sepen_core.models import BaseModel
+from sepen_core.models import BaseModel, load_base_model
 from toyworld.data import DataMix, training_batch
 from toyworld.evaluate import EvalConfig, evaluate, preview_grid
 from toyworld.model import ToyModelConfig, build_toy_model, trainable_conditioning
@@ -51,13 +51,29 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for the forward pass (weights, loss and optimiser stay fp32)
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
     data: DataMix = field(default_factory=DataMix)
+    # A saved model (DIR/model of an earlier run) whose weights start this run instead of a random init: a warm
+    # start with a fresh optimiser and warmup, for a run that a session's time cut short.
+    init_from: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
         """Identifies a run for resuming; `steps` is left out so that a finished run can be extended."""
-        return hashlib.sha256(json.dumps({**self.to_dict(), "steps": None}, sort_keys=True).encode()).hexdigest()
+        settings = {**self.to_dict(), "steps": None}
+        if self.init_from is None:  # runs from before warm starts existed keep their fingerprint
+            del settings["init_from"]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def warm_start(model: BaseModel, source: Path) -> None:
+    """Copy a saved toy model's UNet and text-encoder weights into `model` (same ToyModelConfig required)."""
+    saved = load_base_model(source)
+    for name in ("unet", "text_encoder"):
+        mine, theirs = getattr(model, name).state_dict(), getattr(saved, name).state_dict()
+        if {k: v.shape for k, v in mine.items()} != {k: v.shape for k, v in theirs.items()}:
+            raise CheckpointError(f"{source}: its {name} has another shape than this run's model config")
+        getattr(model, name).load_state_dict(theirs)
 
 
 @dataclass(frozen=True)
@@ -204,7 +220,10 @@ def train(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     world = world or load_world()
-    model = build_toy_model(config.model, seed=config.seed).to(device)
+    model = build_toy_model(config.model, seed=config.seed)
+    if config.init_from is not None:
+        warm_start(model, Path(config.init_from))
+    model = model.to(device)
     model.unet.train()
     model.text_encoder.train()
     params = trained_parameters(model)
@@ -322,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--time-budget", type=float, help="seconds: shorten the run to fit (see train())")
+    parser.add_argument("--init-from", help="start from this saved model's weights (a warm start; see TrainConfig)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = TrainConfig(
@@ -333,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         bf16=args.bf16,
         data=DataMix(pair_fraction=args.pair_fraction, triple_fraction=args.triple_fraction),
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
     )
     eval_config = None
     if args.eval_samples > 0:

@@ -4,6 +4,7 @@ import json
 import time
 from dataclasses import replace
 
+import pytest
 import torch
 
 from sepen_core.models import load_base_model
@@ -51,3 +52,20 @@ def test_train_resume_and_saved_model(tmp_path):
     # 80 steps at batch 8 and a small evaluation: about 50 s on the slowest CI machine seen (2-core EPYC, fp32);
     # the bound catches a step that became several times slower, not machine noise.
     assert time.perf_counter() - began < 180
+
+
+def test_warm_start_copies_a_saved_models_weights_and_refuses_another_shape(tmp_path):
+    from sepen_core.errors import CheckpointError
+    from toyworld.model import ToyModelConfig, build_toy_model
+    from toyworld.train import warm_start
+
+    saved = train(tmp_path / "a", TrainConfig(steps=2, batch_size=2, warmup_steps=1), cadence=Cadence(log_every=1))
+    model = build_toy_model(seed=5)
+    warm_start(model, saved)
+    reference = load_base_model(saved)
+    for (name, mine), theirs in zip(model.unet.state_dict().items(), reference.unet.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs), name
+    assert TrainConfig(init_from=str(saved)).fingerprint() != TrainConfig().fingerprint()
+    wider = build_toy_model(ToyModelConfig(block_out_channels=(32, 64, 128)))
+    with pytest.raises(CheckpointError, match="another shape"):
+        warm_start(wider, saved)
