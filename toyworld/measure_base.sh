@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 $py -m toyworld.evaluate --model "$model" --out "$out/gates.json" --groups single train_pairs validation \
     --samples 240 --threads "$threads"
-for guidance in 1.5 2.5; do
+for guidance in 1.5 2.0; do
   $py -m toyworld.evaluate --model "$model" --out "$out/validation-guidance-$guidance.json" --groups validation \
       --samples 96 --guidance "$guidance" --threads "$threads"
 done
