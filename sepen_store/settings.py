@@ -87,7 +87,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
-        object.__setattr__(self, "data_dir", Path(self.data_dir))
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{(self.data_dir / 'sepen.db').resolve()}")
         if self.default_model not in self.models:

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from sepen_core.config import SampleConfig
 from sepen_core.models import load_base_model
 from sepen_core.sampling import generate
-from toyworld.detector import detect
+from toyworld.detector import detections, find_candidates
 from toyworld.evaluate import group_prompts
 from toyworld.failures import failure_kinds
 from toyworld.world import World, caption, load_world
@@ -39,8 +39,9 @@ def audit_sheet(model, world: World, images: int, columns: int = 8, group: str =
             model, caption(nouns), SampleConfig(num_inference_steps=20, guidance_scale=1.0, seed=SEED + k)
         )
         pixels = result.pixels[0]
-        found = detect(world, pixels)
-        kinds = failure_kinds(world, pixels, nouns)
+        candidates = find_candidates(world, pixels)
+        found = detections(candidates)
+        kinds = failure_kinds(candidates, nouns)
         x, y = (k % columns) * CELL, (k // columns) * (CELL + 2 * LABEL)
         sheet.paste(result.images[0].resize((CELL, CELL), Image.NEAREST), (x, y + LABEL))
         draw.text((x + 2, y + 2), f"{k}: {' + '.join(nouns)}", fill=(0, 0, 0))

@@ -136,7 +136,12 @@ def find_candidates(
 
 def detect(world: World, image, **kwargs) -> list[str]:
     """The nouns detected in an image (one entry per object, so a noun drawn twice appears twice), sorted."""
-    return sorted(c.noun for c in find_candidates(world, image, **kwargs) if c.noun is not None)
+    return detections(find_candidates(world, image, **kwargs))
+
+
+def detections(candidates: list[Candidate]) -> list[str]:
+    """The detected nouns among candidates, sorted (one entry per object)."""
+    return sorted(c.noun for c in candidates if c.noun is not None)
 
 
 def object_success(detected: list[str], named: tuple[str, ...] | list[str]) -> bool:

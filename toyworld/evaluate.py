@@ -25,7 +25,7 @@ from PIL import Image
 from sepen_core.config import SampleConfig
 from sepen_core.models import BaseModel, load_base_model
 from sepen_core.sampling import generate
-from toyworld.detector import detect, exact_success, find_candidates, object_success
+from toyworld.detector import detections, exact_success, find_candidates, object_success
 from toyworld.failures import count_kinds, failure_kinds
 from toyworld.premise import PairSample, early_summary, step_aucs
 from toyworld.world import World, caption, load_world
@@ -123,15 +123,16 @@ def evaluate_group(
         result = generate(model, caption(nouns), sample, concepts=list(nouns) if len(nouns) > 1 else None)
         previews.append(result.images[0])
         for i, pixels in enumerate(result.pixels):
-            detected = detect(world, pixels)
+            candidates = find_candidates(world, pixels)  # once per image: detections, colours, failure kinds
+            detected = detections(candidates)
             ok = object_success(detected, nouns)
             success += ok
             exact += exact_success(detected, nouns)
-            colour_only += set(nouns) <= {n for c in find_candidates(world, pixels) for n in c.colour_nouns}
+            colour_only += set(nouns) <= {n for c in candidates for n in c.colour_nouns}
             for noun in nouns:
                 per_noun.setdefault(noun, []).append(int(noun in detected))
             if len(nouns) > 1:
-                failures.append(failure_kinds(world, pixels, nouns))
+                failures.append(failure_kinds(candidates, nouns))
                 step_peaks = [step[i].peaks for step in result.step_scores]
                 pair_samples.append(PairSample(tuple(nouns), frozenset(detected), step_peaks))
     n = sum(counts)

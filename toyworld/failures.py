@@ -13,8 +13,7 @@ main one), ``twice`` and ``fused`` are the paper's other compositional failures.
 
 from __future__ import annotations
 
-from toyworld.detector import Candidate, find_candidates
-from toyworld.world import World
+from toyworld.detector import Candidate
 
 KINDS = ("absent", "wrong_shape", "fused", "twice")
 
@@ -26,9 +25,9 @@ def _touching(a: Candidate, b: Candidate) -> bool:
     return ax <= bx + bw and bx <= ax + aw and ay <= by + bh and by <= ay + ah
 
 
-def failure_kinds(world: World, image, named: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """{missing noun: its failure kind} for the named nouns the detector did not find (empty on success)."""
-    candidates = find_candidates(world, image)
+def failure_kinds(candidates: list[Candidate], named: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """{missing noun: its failure kind} for the named nouns the detector did not find (empty on success);
+    candidates: the image's find_candidates()."""
     detected = [c.noun for c in candidates if c.noun is not None]
     kinds = {}
     for noun in dict.fromkeys(named):

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toyworld.detector import find_candidates
 from toyworld.failures import count_kinds, failure_kinds
 from toyworld.world import PlacedObject, Scene, load_world, render
 
@@ -16,19 +17,19 @@ def scene(*objects: tuple[str, int, int, int, int]) -> np.ndarray:
 
 def test_success_has_no_failure():
     image = scene(("cherry", 2, 2, 9, 9), ("bus", 16, 16, 10, 4))
-    assert failure_kinds(WORLD, image, ("cherry", "bus")) == {}
+    assert failure_kinds(find_candidates(WORLD, image), ("cherry", "bus")) == {}
 
 
 def test_absent_twice_wrong_shape_and_fused():
     only_cherry = scene(("cherry", 2, 2, 9, 9))
-    assert failure_kinds(WORLD, only_cherry, ("cherry", "bus")) == {"bus": "absent"}
+    assert failure_kinds(find_candidates(WORLD, only_cherry), ("cherry", "bus")) == {"bus": "absent"}
     two_cherries = scene(("cherry", 2, 2, 9, 9), ("cherry", 18, 18, 9, 9))
-    assert failure_kinds(WORLD, two_cherries, ("cherry", "bus")) == {"bus": "twice"}
+    assert failure_kinds(find_candidates(WORLD, two_cherries), ("cherry", "bus")) == {"bus": "twice"}
     blue_disc = scene(("cherry", 2, 2, 9, 9), ("planet", 18, 18, 9, 9))  # bus is a blue bar; planet a blue disc
-    assert failure_kinds(WORLD, blue_disc, ("cherry", "bus")) == {"bus": "wrong_shape"}
+    assert failure_kinds(find_candidates(WORLD, blue_disc), ("cherry", "bus")) == {"bus": "wrong_shape"}
     glued = scene(("cherry", 2, 2, 9, 9))
     glued[2:11, 11:14] = WORLD.glyph("planet").colour  # a blue square block touching the cherry: not a bus
-    assert failure_kinds(WORLD, glued, ("cherry", "bus")) == {"bus": "fused"}
+    assert failure_kinds(find_candidates(WORLD, glued), ("cherry", "bus")) == {"bus": "fused"}
 
 
 def test_count_kinds():
