@@ -49,3 +49,17 @@ def test_dockerfile_builds_a_torch_free_api_image():
     api_stage = text.split("FROM base AS api")[1].split("FROM base AS worker")[0]
     assert "pip install --no-deps ." in api_stage and "'torch' not in sys.modules" in api_stage
     assert ".[service]" not in api_stage
+
+
+def test_every_relative_link_in_the_docs_resolves_inside_the_repository():
+    """A clone has only the repository: a link to a file outside it (or to a missing one) is broken for users."""
+    tracked = subprocess.run(["git", "ls-files", "*.md"], capture_output=True, text=True, cwd=ROOT, check=True)
+    pages = [ROOT / name for name in tracked.stdout.split()]
+    assert pages
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            resolved = (page.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT), f"{page.relative_to(ROOT)} links outside the repository: {target}"
+            assert resolved.exists(), f"{page.relative_to(ROOT)} links to a missing file: {target}"
