@@ -3,9 +3,9 @@
 # Writes gpu.json, gpu.md and gpu.log to $OUT (default bench/out). Measured on an H100: ~95 s for the
 # benchmark, ~2.5 min wall with the install (budget: ~6 minutes in all).
 #
-# Dependencies: `pip install -e .` installs the package and its deps. Where a CUDA torch is already
-# installed, the package goes in with --no-deps (so pip does not swap that torch for the pinned CPU
-# build) and only the missing non-torch deps are installed. Offline machines: set WHEELS to a folder
+# Dependencies: `pip install -e ".[ml]"` installs the package and the library's deps (its ml extra). Where a
+# CUDA torch is already installed, the package goes in with --no-deps (so pip does not swap that torch for the
+# pinned CPU build) and only the missing non-torch deps are installed. Offline machines: set WHEELS to a folder
 # of wheels (e.g. diffusers + importlib_metadata) and they are installed from there, no index.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ export PYTHONUNBUFFERED=1
         || echo "(could not install the non-torch deps: offline? set WHEELS)"
     fi
   else
-    $PIP install -e .
+    $PIP install -e ".[ml]"
   fi
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sepen_core.config import BUNDLED_SOURCE, DTYPE_NAMES, GRAD_MODES, LATENT_SOURCES, ModelDefaults, SampleConfig
 from sepen_core.errors import SepenError
+from sepen_core.extras import require, version
 from sepen_core.prompts import ConceptSet
 
 DEFAULT_MODEL = BUNDLED_SOURCE
@@ -191,9 +192,23 @@ def cmd_export_tiny_model(args) -> int:
     return 0
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless it has no default or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        silent = action.default is None or action.default is False or action.default in (argparse.SUPPRESS, "", [])
+        if silent or "default" in help_text or not action.option_strings:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sepen", description="Separate-and-Enhance compositional finetuning.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    # Every option's help shows its default; "the model's" means the model's own (model_index.json sepen_defaults).
+    subcommand = {"formatter_class": _ShowDefaults}
 
     def model_args(p):
         p.add_argument(
@@ -202,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="toy (the bundled toy-world model; the default), a diffusers SD directory, or tiny / tiny:SEED",
         )
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
-        p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
+        p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES, help="weights' precision")
         p.add_argument(
             "--normalization",
             choices=["raw", "content"],
@@ -213,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--map-downsample", type=int, help="read maps at latent size / this (default: the model's, else 4)"
         )
 
-    p = sub.add_parser("finetune", help="finetune attn2.to_k on concepts and write an adapter")
+    p = sub.add_parser("finetune", help="finetune attn2.to_k on concepts and write an adapter", **subcommand)
     model_args(p)
     p.add_argument(
         "--pair", nargs="+", action="append", metavar="CONCEPT", help="a concept pair (or group); repeatable"
@@ -223,64 +238,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON file {collection: [...], held_out: [...]}, or 'large-scale' for the bundled 220 concepts",
     )
     p.add_argument("--template", action="append", default=[], help="prompt template with slots {A}, {B}...; repeatable")
-    p.add_argument("--steps", type=int)
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the model's, else the paper's 200)")
     p.add_argument(
         "--lr", type=float, help="learning rate (default: the model's, else the paper's 8e-6 pairs, 4e-6 collection)"
     )
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="prompts per step (default: the model's, else 4)")
     p.add_argument("--prior-weight", type=float, help="prior (norm) loss weight (default 0 pairs, 0.5 collection)")
-    p.add_argument("--lambda-sep", type=float)
-    p.add_argument("--lambda-en", type=float)
-    p.add_argument("--grad-mode", choices=GRAD_MODES)
+    p.add_argument("--lambda-sep", type=float, help="Separate loss weight (default: the model's, else 1.0)")
+    p.add_argument("--lambda-en", type=float, help="Enhance loss weight (default: the model's, else 0.5)")
+    p.add_argument(
+        "--grad-mode", choices=GRAD_MODES, help="how the loss reaches the keys (default: the model's, else exact)"
+    )
     p.add_argument(
         "--latents",
         choices=LATENT_SOURCES,
         help="training x0: pseudo (Gaussian, the paper; default) or generated (the model's own samples)",
     )
     p.add_argument("--latent-pool", type=int, help="with --latents generated: how many samples to make (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the training prompts, noise and timesteps")
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from one if present")
-    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("--name", help="adapter name stored in its metadata (default: file stem)")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     p.set_defaults(run=cmd_finetune)
 
-    p = sub.add_parser("generate", help="sample images, optionally with an adapter and object maps")
+    p = sub.add_parser("generate", help="sample images, optionally with an adapter and object maps", **subcommand)
     model_args(p)
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="what to draw")
     p.add_argument("--adapter", help="adapter .safetensors file")
     p.add_argument("--concepts", nargs="+", help="record these objects' attention maps and scores")
-    p.add_argument("--images", type=int, default=1)
+    p.add_argument("--images", type=int, default=1, help="how many images (image i uses seed + i)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 50)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, else 6.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
+    p.add_argument("--negative-prompt", default="", help="what guidance steers away from")
     p.add_argument("--out", default="out", help="output directory")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser(
-        "inspect", help="each object's peak activation and pairwise overlap, before and after an adapter"
+        "inspect", help="each object's peak activation and pairwise overlap, before and after an adapter", **subcommand
     )
     model_args(p)
-    p.add_argument("prompt")
-    p.add_argument("--concepts", nargs="+", required=True)
-    p.add_argument("--adapter")
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("prompt", help="the prompt whose attention maps to measure")
+    p.add_argument("--concepts", nargs="+", required=True, help="the objects of the prompt to measure")
+    p.add_argument("--adapter", help="adapter .safetensors file to compare against the base keys")
+    p.add_argument("--samples", type=int, default=16, help="noise samples the statistics average over")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise samples")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_inspect)
 
-    p = sub.add_parser("export-tiny-model", help="write the tiny random model as a diffusers directory")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("export-tiny-model", help="write the tiny random model as a diffusers directory", **subcommand)
+    p.add_argument("out", help="directory to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(run=cmd_export_tiny_model)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    require("sepen", "ml")  # every command runs a model; --help and --version need no extra
     try:
         return args.run(args)
     except SepenError as exc:

@@ -18,11 +18,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sepen_core.config import BUNDLED_SOURCE, TINY_SOURCE, ModelDefaults
 from sepen_core.errors import ConfigError, ModelLoadError
+from sepen_core.model_card import BUNDLED_MODEL_DIR
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "clip_tokenizer"
 # The project's own small text-to-image model of the toy world (toyworld/README.md), trained by
 # `python -m toyworld.train`: 32x32 pixel space, sample it at guidance 1.0 and read its maps at downsample 2.
-BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "sepen-toy"
 TINY_MODEL_ID = "sepen-tiny-random"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ COLLECTION_TEMPLATES = ("a photo of a {A} and a {B}", "a photo of a {A} with a {
 PRIOR_TEMPLATE = "a photo of a {A}"
 LARGE_SCALE_CONCEPTS = Path(__file__).parent / "data" / "large_scale_concepts.json"
 
-_SLOT_PATTERN = re.compile(r"\{([^{}]*)\}")
+_FORMATTER = string.Formatter()
 _MAX_GROUP = 8
 
 
@@ -34,12 +33,21 @@ def default_group_template(size: int) -> str:
 
 
 def template_slots(template: str) -> int:
-    """Number of concept slots in a template; its slots must be exactly {A}..{X}, each once."""
-    found = _SLOT_PATTERN.findall(template)
+    """Number of concept slots in a template; its slots must be exactly {A}..{X}, each once. Parsed as
+    str.format (fill_template) parses it, so a stray brace or a format spec fails here, not while training."""
+    try:
+        fields = [
+            (name, spec, conversion) for _, name, spec, conversion in _FORMATTER.parse(template) if name is not None
+        ]
+    except ValueError:  # a single '{' or '}'
+        fields = []
+    found = [name for name, spec, conversion in fields if not spec and conversion is None]
     n = len(found)
-    if n < 1 or sorted(found) != list(SLOTS[:n]):
+    if n < 1 or len(fields) != n or sorted(found) != list(SLOTS[:n]):
         raise ConfigError(
-            "templates", f"template {template!r} must name its slots {{A}}, {{B}}, ... each once, in any order"
+            "templates",
+            f"template {template[:80]!r} must name its slots {{A}}, {{B}}, ... each once, in any order, "
+            "with no stray braces",
         )
     return n
 

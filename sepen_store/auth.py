@@ -21,8 +21,10 @@ def hash_key(key: str) -> str:
 
 def create_api_key(session: Session, tenant: str, name: str = "") -> str:
     """Create a key for `tenant` and return it; only its hash is stored, so it is shown once."""
-    if not tenant or len(tenant) > 64:
-        raise ValueError("tenant must be 1-64 characters")
+    if not tenant or len(tenant) > 64 or not tenant.isprintable() or tenant != tenant.strip():
+        raise ValueError("tenant must be 1-64 printable characters, with no control characters or outer spaces")
+    if len(name) > 128 or not name.isprintable():
+        raise ValueError("the key's name must be at most 128 printable characters")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(ApiKey(tenant=tenant, name=name, prefix=key[: len(KEY_PREFIX) + 6], key_hash=hash_key(key)))
     session.commit()
@@ -40,6 +42,8 @@ def authenticate(session: Session, key: str | None) -> str:
 
 
 def revoke_api_key(session: Session, prefix: str) -> int:
+    if len(prefix) > 16 or not prefix.isprintable():  # no stored prefix looks like this (and NUL breaks Postgres)
+        return 0
     rows = list(session.scalars(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))))
     for row in rows:
         row.revoked_at = utcnow()

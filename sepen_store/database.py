@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-ROOT = Path(__file__).resolve().parents[1]
+MIGRATIONS = "migrations"  # the Alembic scripts live inside sepen_store, so every installation carries them
 
 
 def make_engine(url: str) -> Engine:
@@ -40,18 +41,26 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def migrations_dir() -> Path:
+    """The directory of the Alembic scripts (env.py, versions/) in the installed sepen_store package (a directory
+    on disk, as pip installs it: Alembic reads the scripts as files)."""
+    return Path(str(resources.files("sepen_store").joinpath(MIGRATIONS)))
+
+
 def alembic_config(url: str):
-    """Alembic's configuration for the migrations in migrations/, against the database at `url`."""
+    """Alembic's configuration, built here rather than read from an ini file: the migrations of
+    sepen_store/migrations/ against the database at `url`. The one place that knows where they live."""
     from alembic.config import Config
 
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("path_separator", "os")
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 
 def upgrade_database(url: str, revision: str = "head") -> None:
-    """Apply the Alembic migrations in migrations/ to the database at `url`."""
+    """Apply the Alembic migrations of sepen_store/migrations/ to the database at `url`."""
     from alembic import command
 
     if url.startswith("sqlite"):

@@ -4,7 +4,8 @@ StoreError
 ├── NotFound            a job, adapter, version, model or key does not exist for this tenant (404)
 ├── Conflict            the request contradicts stored state (409)
 │   └── IllegalTransition   a job cannot move from its status to the one asked for
-└── Unauthorized        missing, unknown or revoked API key (401)
+├── Unauthorized        missing, unknown or revoked API key (401)
+└── QuotaExceeded       a tenant is at a cap: queued jobs, or compute seconds today (429)
 """
 
 
@@ -43,3 +44,12 @@ class IllegalTransition(Conflict):
 
 class Unauthorized(StoreError):
     code = "unauthorized"
+
+
+class QuotaExceeded(StoreError):
+    """A tenant may not queue another job now: `code` names the cap, `retry_after_s` when to try again."""
+
+    def __init__(self, code: str, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s

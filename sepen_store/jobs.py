@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sepen_store.errors import Conflict, IllegalTransition, NotFound
-from sepen_store.tables import Job, utcnow
+from sepen_store.tables import Job, UTCDateTime, seconds_between, utcnow
 
 STATUSES = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
 ACTIVE = ("running", "canceling")
@@ -114,6 +115,9 @@ def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
     return job
 
 
+_CURSOR = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{6})?\+00:00)_([0-9a-f]{32})", re.ASCII)
+
+
 def list_jobs(
     session: Session,
     tenant: str,
@@ -130,11 +134,15 @@ def list_jobs(
     if kind:
         query = query.where(Job.kind == kind)
     if cursor:
-        stamp, _, last_id = cursor.partition("_")
+        # Only the shape next_cursor has: a UTC time and a job id (other offsets can overflow, NUL breaks Postgres).
+        match = _CURSOR.fullmatch(cursor)
         try:
-            after = datetime.fromisoformat(stamp)
-        except ValueError as exc:
-            raise ValueError("cursor is not one this API returned") from exc
+            after = datetime.fromisoformat(match[1]) if match else None
+        except ValueError:
+            after = None
+        if after is None:
+            raise ValueError("cursor is not one this API returned")
+        last_id = match[2]
         query = query.where(or_(Job.created_at < after, and_(Job.created_at == after, Job.id < last_id)))
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     next_cursor = None
@@ -176,12 +184,14 @@ class Claim:
     job_id: str
     attempt: int
     resumed: bool  # an earlier attempt ran (and may have left a checkpoint)
+    cancel_requested: bool = False  # asked before this claim (a reclaimed job keeps its cancel request)
 
 
 def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Claim | None:
     """Take a queued job, or one whose worker stopped heart-beating; None if another worker has it or it is done.
 
-    A redelivered message for a job already claimed or finished is therefore a no-op.
+    A redelivered message for a job already claimed or finished is therefore a no-op. A job reclaimed while
+    'canceling' stays 'canceling' (the claim's cancel_requested is set): its cancel is not forgotten.
     """
     now = utcnow()
     stale = now - timedelta(seconds=lease_s)
@@ -191,7 +201,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Cla
         job_id,
         claimable,
         returning=(Job.attempts, Job.cancel_requested),
-        status="running",
+        status=case((Job.cancel_requested, "canceling"), else_="running"),
         attempts=Job.attempts + 1,
         worker=worker,
         started_at=now,
@@ -199,7 +209,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Cla
     )
     if result is None:
         return None
-    return Claim(job_id, result.attempts, result.attempts > 1)
+    return Claim(job_id, result.attempts, result.attempts > 1, bool(result.cancel_requested))
 
 
 def _owned(claim: Claim) -> tuple:
@@ -211,9 +221,16 @@ class LostClaim(Exception):
     """This worker's attempt no longer owns the job (it was reclaimed after a stale heartbeat)."""
 
 
+def _compute_until(now: datetime):
+    """The job's compute_s plus the time since its attempt's last heartbeat (a claim sets heartbeat_at), in SQL."""
+    return Job.compute_s + func.coalesce(seconds_between(Job.heartbeat_at, literal(now, UTCDateTime())), 0.0)
+
+
 def heartbeat(session: Session, claim: Claim, progress: dict | None = None) -> bool:
-    """Record progress and liveness; returns True when cancellation was requested."""
-    values: dict = {"heartbeat_at": utcnow()}
+    """Record progress and liveness, and add the time since the last heartbeat to the job's compute_s; returns
+    True when cancellation was requested."""
+    now = utcnow()
+    values: dict = {"heartbeat_at": now, "compute_s": _compute_until(now)}
     if progress is not None:
         values["progress"] = progress
     row = _update_where(session, claim.job_id, *_owned(claim), returning=(Job.cancel_requested,), **values)
@@ -235,9 +252,11 @@ def finish_job(
     """Move an owned running/canceling job to a terminal status; False if the claim was lost."""
     if status not in TERMINAL:
         raise ValueError(status)
+    now = utcnow()
     values: dict = {
         "status": status,
-        "finished_at": utcnow(),
+        "finished_at": now,
+        "compute_s": _compute_until(now),
         "result": result,
         "error_code": error_code,
         "error_message": error_message,
@@ -247,24 +266,38 @@ def finish_job(
     return _update_where(session, claim.job_id, *_owned(claim), **values) == 1
 
 
-def jobs_to_reenqueue(session: Session, *, requeue_after_s: float, lease_s: float) -> list[tuple[str, str]]:
-    """(id, kind) of jobs whose broker message may be lost: queued and never sent or sent long ago, or
-    running with a stale heartbeat. Sending one twice is harmless: claims are conditional."""
+def _resend_due(requeue_after_s: float, lease_s: float):
+    """Jobs whose broker message may be lost: queued and never sent or sent long ago, or running with a stale
+    heartbeat and not re-sent since it went stale."""
     now = utcnow()
     waited = now - timedelta(seconds=requeue_after_s)
     stale = now - timedelta(seconds=lease_s)
-    rows = session.execute(
-        select(Job.id, Job.kind)
-        .where(
-            or_(
-                and_(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < waited)),
-                and_(
-                    Job.status.in_(ACTIVE),
-                    Job.heartbeat_at < stale,
-                    or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale),
-                ),
-            )
+    return or_(
+        and_(Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < waited)),
+        and_(Job.status.in_(ACTIVE), Job.heartbeat_at < stale, or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale)),
+    )
+
+
+def take_resends(
+    session: Session, *, requeue_after_s: float, lease_s: float, limit: int = 500
+) -> list[tuple[str, str, str]]:
+    """(id, kind, status) of the jobs due for a re-send (oldest first), each taken by a conditional update of its
+    enqueued_at: across all workers' reconcilers a job is taken at most once per period. The taker sends its
+    message, or decides it is still in the broker, or calls mark_not_enqueued if the send fails."""
+    due = list(
+        session.execute(
+            select(Job.id).where(_resend_due(requeue_after_s, lease_s)).order_by(Job.created_at).limit(limit)
+        ).scalars()
+    )
+    taken = []
+    for job_id in due:
+        row = _update_where(
+            session,
+            job_id,
+            _resend_due(requeue_after_s, lease_s),
+            returning=(Job.kind, Job.status),
+            enqueued_at=utcnow(),
         )
-        .order_by(Job.created_at)
-    ).all()
-    return [(r.id, r.kind) for r in rows]
+        if row is not None:
+            taken.append((job_id, row.kind, row.status))
+    return taken

@@ -6,11 +6,18 @@ separate queues so a long finetune never holds up image requests on a generate w
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import time
+from pathlib import Path
+
 from celery import Celery
 from kombu import Queue
 
 from sepen_store.settings import Settings
 
+log = logging.getLogger(__name__)
 QUEUES = {"finetune": "sepen.finetune", "generate": "sepen.generate"}
 TASKS = {"finetune": "sepen.run_finetune", "generate": "sepen.run_generate"}
 
@@ -62,3 +69,46 @@ def make_celery(settings: Settings, *, fail_fast: bool = False) -> Celery:
 def enqueue(app: Celery, kind: str, job_id: str) -> None:
     """Send a job's message; raises kombu/redis errors if the broker is down (the reconciler retries)."""
     app.send_task(TASKS[kind], args=[job_id], queue=QUEUES[kind], retry=False)
+
+
+def jobs_in_broker(app: Celery, *, taken_within_s: float) -> set[str] | None:
+    """The ids of jobs whose messages wait in the broker's queues, or were taken by a worker less than
+    `taken_within_s` ago and not yet acknowledged; None when the broker cannot be inspected (a transport
+    other than Redis or the embedded filesystem one). Raises the transport's errors when it is down."""
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        transport = connection.transport.driver_type
+        if transport == "redis":
+            messages = _redis_messages(channel, taken_within_s)
+        elif transport == "filesystem":
+            folder = Path(channel.data_folder_in)
+            messages = [json.loads(path.read_bytes()) for path in folder.glob("*.msg") if path.is_file()]
+        else:
+            return None
+    return {job_id for job_id in map(_job_of, messages) if job_id}
+
+
+def _redis_messages(channel, taken_within_s: float) -> list[dict]:
+    client = channel.client
+    queued = [
+        raw
+        for queue in QUEUES.values()
+        for key in dict.fromkeys(channel._q_for_pri(queue, pri) for pri in channel.priority_steps)
+        for raw in client.lrange(key, 0, -1)
+    ]
+    recent = client.zrangebyscore(channel.unacked_index_key, time.time() - taken_within_s, "+inf")
+    taken = [raw for raw in (client.hmget(channel.unacked_key, recent) if recent else []) if raw]
+    return [json.loads(raw) for raw in queued] + [json.loads(raw)[0] for raw in taken]
+
+
+def _job_of(message: dict) -> str | None:
+    """The job id a Celery (protocol 2) message carries as its one argument."""
+    try:
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]) if args else None
+    except (KeyError, ValueError, TypeError, IndexError):
+        log.debug("a broker message that is not a sepen job: %.200r", message)
+        return None

@@ -16,21 +16,24 @@ from sepen_store.blobs import delete_blob, get_blob, put_blob
 from sepen_store.errors import Conflict, NotFound
 from sepen_store.tables import Adapter, AdapterVersion, Job
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # whole names only: fullmatch (`$` would allow a newline)
+# ASCII digits only: str.isdigit() also takes '١' and '²'. The column is a 32-bit integer.
+VERSION_PATTERN = re.compile(r"[0-9]{1,10}")
+MAX_VERSION = 2**31 - 1
 ADAPTER_CONTENT_TYPE = "application/vnd.sepen.adapter+safetensors"
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """'name' (latest) or 'name@N' -> (name, N or None); ValueError says what is wrong."""
     name, sep, version = ref.partition("@")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ValueError(
             "adapter name must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
         )
     if not sep:
         return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise ValueError("adapter version must be a positive integer, as in name@3")
+    if not VERSION_PATTERN.fullmatch(version) or not 1 <= int(version) <= MAX_VERSION:
+        raise ValueError(f"adapter version must be a whole number from 1 to {MAX_VERSION}, as in name@3")
     return name, int(version)
 
 
@@ -131,6 +134,8 @@ def list_adapters(session: Session, tenant: str) -> list[tuple[Adapter, int, int
 
 
 def get_adapter(session: Session, tenant: str, name: str) -> Adapter:
+    if not NAME_PATTERN.fullmatch(name):  # it cannot exist (and a NUL would break the query)
+        raise NotFound("adapter", name)
     adapter = session.scalar(select(Adapter).where(Adapter.tenant == tenant, Adapter.name == name))
     if adapter is None:
         raise NotFound("adapter", name)

@@ -108,6 +108,11 @@ class GatewaySettings(Settings):
     """The API process's own settings."""
 
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    # Limits and quotas; 0 = unlimited. The request rate is per API key, counted in the broker's Redis (shared by
+    # every gateway process) or in memory (embedded mode); the caps are per tenant, checked when a job is submitted.
+    rate_limit_per_minute: int = Field(600, ge=0)
+    max_queued_jobs_per_tenant: int = Field(1000, ge=0)
+    compute_seconds_per_day: int = Field(28_800, ge=0)  # 8 hours of a worker per tenant and UTC day
 
 
 class WorkerSettings(Settings):
@@ -121,6 +126,11 @@ class WorkerSettings(Settings):
     reconcile_interval_s: float = Field(30.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
     adapter_cache_size: int = Field(8, ge=1)
+    # A job's process is stopped when an attempt runs longer than its kind's limit (the job fails with
+    # time_limit_exceeded), or when it has not stopped this long after a cancel (within one long step).
+    generate_time_limit_s: float = Field(900.0, gt=0)
+    finetune_time_limit_s: float = Field(43200.0, gt=0)
+    cancel_grace_s: float = Field(5.0, ge=0)
 
     @field_validator("dtype")
     @classmethod

@@ -1,7 +1,7 @@
 """SQLAlchemy 2 tables of the service: API keys, jobs, adapters and their versions, images, checkpoints, blobs.
 
 Portable between Postgres (full deployment) and SQLite (embedded default); Alembic revisions in
-migrations/ create exactly these.
+sepen_store/migrations/ create exactly these.
 """
 
 from __future__ import annotations
@@ -9,8 +9,22 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
 
@@ -35,6 +49,25 @@ class UTCDateTime(TypeDecorator):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class seconds_between(FunctionElement):  # noqa: N801 - used like a SQL function: seconds_between(start, end)
+    """Seconds from one timestamp to another, in SQL, on both backends (each spells it its own way)."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(seconds_between, "postgresql")
+def _seconds_between_postgres(element, compiler, **kw):
+    start, end = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"EXTRACT(EPOCH FROM ({end} - {start}))"
+
+
+@compiles(seconds_between, "sqlite")
+def _seconds_between_sqlite(element, compiler, **kw):
+    start, end = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
 
 
 class Base(DeclarativeBase):
@@ -70,6 +103,8 @@ class Job(Base):
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),  # a tenant's queued jobs (quotas)
+        Index("ix_jobs_tenant_finished", "tenant", "finished_at"),  # a tenant's compute today (quotas)
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(String(64))
@@ -91,6 +126,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    # Seconds the job's attempts have run, added at each heartbeat and at its end (an attempt whose worker
+    # died keeps what it ran until its last heartbeat): what the compute quota counts.
+    compute_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Adapter(Base):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sepen_store.auth import create_api_key, revoke_api_key
-from sepen_store.database import make_engine, session_factory, upgrade_database
-from sepen_store.settings import Settings
+from sepen_core.extras import require, version
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sepen-admin", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply the database migrations (safe to repeat)")
     create = sub.add_parser("create-key", help="create an API key for a tenant and print it (it is shown only once)")
@@ -24,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    require("sepen-admin", "api", part="store")  # before the imports the store extra brings
+    from sepen_store.auth import create_api_key, revoke_api_key
+    from sepen_store.database import make_engine, session_factory, upgrade_database
+    from sepen_store.settings import Settings
+
     settings = Settings.from_env()
     if args.command == "migrate":
         upgrade_database(settings.database_url)

@@ -10,9 +10,11 @@ from fastapi import FastAPI
 
 from sepen_store.database import make_engine, session_factory
 from sepen_store.queue import make_celery
+from sepen_store.rate_limits import RateLimiter, shared_counter_url
 from sepen_store.settings import GatewaySettings
 from service.body_limit import BodySizeLimit
-from service.errors import add_error_handlers
+from service.errors import ErrorsAsResponses, add_error_handlers
+from service.rate_limits import RateLimitHeaders
 from service.routes import adapters, finetune, generate, health, jobs, models
 
 DESCRIPTION = """\
@@ -22,6 +24,12 @@ SepEn compositional finetuning of Stable-Diffusion-style models, as jobs.
 `POST /generate` queues sampling, optionally with an adapter and per-concept heatmaps. Both answer
 202 with the job; poll `GET /jobs/{id}`. Send `Authorization: Bearer <key>` (keys come from
 `sepen-admin create-key`). Every error has the shape `{"error": {"code", "message", "field"}}`.
+
+Limits: each API key may send a number of requests per minute (429 `rate_limited` past it, with
+`Retry-After`; every authenticated answer carries `RateLimit-Limit`, `RateLimit-Remaining` and
+`RateLimit-Reset`); each tenant may have a number of queued jobs (429 `queued_jobs_limit`) and
+compute seconds per UTC day (429 `compute_quota_exceeded`). While the database is not answering,
+requests get 503 with `Retry-After`.
 """
 
 
@@ -35,20 +43,31 @@ def _version() -> str:
 def create_app(settings: GatewaySettings) -> FastAPI:
     engine = make_engine(settings.database_url)
     celery = make_celery(settings, fail_fast=True)  # the gateway only sends; a broker outage must not stall requests
+    # Counted in the broker's Redis when there is one (shared by every gateway process), else in memory.
+    rate_limiter = RateLimiter(settings.rate_limit_per_minute, shared_counter_url(settings.broker_url))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         celery.close()
+        app.state.rate_limiter.close()
         engine.dispose()
 
-    app = FastAPI(title="sepen", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    # strict_content_type=False: a JSON body sent without a Content-Type is read as JSON (one sent as another
+    # media type gets 415 naming it).
+    app = FastAPI(
+        title="sepen", version=_version(), description=DESCRIPTION, lifespan=lifespan, strict_content_type=False
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
     app.state.celery = celery
+    app.state.rate_limiter = rate_limiter
     add_error_handlers(app)
+    # Each add_middleware wraps the ones before: ErrorsAsResponses (see service.errors) takes whatever escapes.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RateLimitHeaders)
+    app.add_middleware(ErrorsAsResponses)
     for module in (finetune, generate, jobs, adapters, models, health):
         app.include_router(module.router)
     return app

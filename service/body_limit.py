@@ -31,7 +31,7 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             response = error_response(413, "body_too_large", BodyTooLarge(self.max_bytes).detail)
             await response(scope, receive, send)
             return

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from sepen_store.auth import authenticate
 from sepen_store.settings import GatewaySettings
+from service.rate_limits import enforce_rate_limit
 
 
 def get_settings(request: Request) -> GatewaySettings:
@@ -36,10 +37,16 @@ bearer = HTTPBearer(auto_error=False, description="an API key from `sepen-admin 
 
 
 def get_tenant(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
-    """The tenant owning the request's API key; Unauthorized (401) when it is missing, unknown or revoked."""
-    return authenticate(session, credentials.credentials if credentials else None)
+    """The tenant owning the request's API key; Unauthorized (401) when it is missing, unknown or revoked, and
+    429 when the key is past its rate limit (counted only for valid keys)."""
+    key = credentials.credentials if credentials else None
+    tenant = authenticate(session, key)
+    enforce_rate_limit(request, key)
+    return tenant
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
@@ -50,6 +57,8 @@ IdempotencyKeyDep = Annotated[
         alias="Idempotency-Key",
         min_length=1,
         max_length=128,
-        description="retrying a POST with the same key returns the job the first try created, and queues nothing new",
+        pattern=r"^[!-~]+$",  # visible ASCII: no spaces, no control characters
+        description="retrying a POST with the same key returns the job the first try created, and queues nothing "
+        "new; 1-128 visible ASCII characters",
     ),
 ]

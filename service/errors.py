@@ -5,9 +5,16 @@
 ApiError                 raised by routes with an explicit status, code and field
 sepen_store NotFound     404 <kind>_not_found        Conflict        409 conflict
 sepen_store Unauthorized 401 (WWW-Authenticate)      IllegalTransition 409 illegal_transition
-RequestValidationError   422 validation_error, `field` = the dotted path of the value at fault
-HTTPException            its status (404 unknown path, 405, 413 body too large...)
+sepen_store QuotaExceeded 429 (Retry-After)          queued_jobs_limit, compute_quota_exceeded
+RequestValidationError   422 validation_error, `field` = the dotted path of the value at fault;
+                         415 unsupported_media_type for a body sent as something other than JSON
+HTTPException            its status (404 unknown path, 405, 413 body too large, 400 a body that is not UTF-8...)
+a dependency outage      503 database_unavailable | broker_unavailable (Retry-After), the driver's text only logged
 anything else            500 internal_error, logged
+
+The last two are answered by `ErrorsAsResponses`, the app's outermost own middleware: an exception that reached
+Starlette's ServerErrorMiddleware would be answered too, but then re-raised to the server, which closes the
+connection.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sepen_core.errors import ConfigError
-from sepen_store.errors import Conflict, NotFound, Unauthorized
+from sepen_store.availability import OUTAGE_RETRY_AFTER_S, outage_of
+from sepen_store.errors import Conflict, NotFound, QuotaExceeded, Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +40,15 @@ BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 _LOCATION_SOURCES = ("body", "query", "path", "header", "cookie")
 _UNION_TAG = re.compile(r"[\[\]'(),]|^(str|int|float|bool|list|dict|none|function-\w+)$")
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 415: "unsupported_media_type"}
+_BODY_NOT_AN_OBJECT = ("model_type", "model_attributes_type", "dict_type")
+# FastAPI's message when the body cannot be decoded (json.loads of bytes that are not UTF-8/16/32).
+_UNPARSABLE_BODY = "There was an error parsing the body"
+# What a value that fails a path, query or header pattern must look like, by field.
+PATTERN_HINTS = {
+    "job_id": "not a job id: job ids are 32 hex digits, as POST /finetune and POST /generate return them",
+    "name": "adapter names are 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit",
+    "Idempotency-Key": "use 1-128 visible ASCII characters (no spaces or control characters)",
+}
 
 
 class ApiError(Exception):
@@ -81,9 +99,16 @@ def describe_validation_error(error: dict) -> tuple[str | None, str]:
         return field, f"add the required field '{field}'" if field else "send a JSON object as the request body"
     if kind == "extra_forbidden":
         return field, f"'{field}' is not a field of this request; remove it (see /docs for the fields)"
-    if kind in ("model_attributes_type", "dict_type") and field is None:
+    if kind in _BODY_NOT_AN_OBJECT and field is None:
         return None, "the request body must be a JSON object"
+    if kind == "string_pattern_mismatch" and field in PATTERN_HINTS:
+        return field, f"{field}: {PATTERN_HINTS[field]}"
     return field, f"{field}: {message}" if field else message
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return not media or media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -102,8 +127,21 @@ async def _unauthorized(request: Request, exc: Unauthorized) -> JSONResponse:
     return error_response(401, exc.code, str(exc), headers=BEARER_CHALLENGE)
 
 
+async def _quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
+    return error_response(429, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    content_type = request.headers.get("content-type")
+    if errors and errors[0].get("type") in _BODY_NOT_AN_OBJECT and tuple(errors[0].get("loc", ())) == ("body",):
+        if not _is_json(content_type):  # FastAPI parses only JSON media types: the body reached us as bytes
+            return error_response(
+                415,
+                "unsupported_media_type",
+                f"the request body must be a JSON object sent as 'Content-Type: application/json' "
+                f"(this request said {content_type[:100]!r})",
+            )
     field, message = describe_validation_error(errors[0]) if errors else (None, "invalid request")
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
@@ -115,12 +153,51 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         "-", "_"
     )
     message = exc.detail if isinstance(exc.detail, str) else str(jsonable_encoder(exc.detail))
+    if exc.status_code == 400 and message == _UNPARSABLE_BODY:
+        code, message = "invalid_body", "the request body is not UTF-8 text; send a JSON object encoded as UTF-8"
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 
-async def _internal(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+def unexpected_error_response(exc: Exception, method: str, path: str) -> JSONResponse:
+    """503 naming the dependency that is down (its driver's text only in the log), else 500 internal_error."""
+    dependency = outage_of(exc)
+    if dependency is not None:
+        logger.warning("%s unavailable on %s %s: %s", dependency, method, path, exc)
+        return error_response(
+            503,
+            f"{dependency}_unavailable",
+            f"the service's {dependency} is not answering; try again in a few seconds",
+            headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)},
+        )
+    logger.error("unhandled error on %s %s", method, path, exc_info=exc)
     return error_response(500, "internal_error", "the service failed to handle this request; it was logged")
+
+
+class ErrorsAsResponses:
+    """Answer an exception that no handler took as an ordinary JSON response, so the connection stays open."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            if started:  # half a response is out: nothing left to do but let the server close the connection
+                raise
+            response = unexpected_error_response(exc, scope.get("method", ""), scope.get("path", ""))
+            await response(scope, receive, send)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -128,6 +205,6 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NotFound, _not_found)
     app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(Unauthorized, _unauthorized)
+    app.add_exception_handler(QuotaExceeded, _quota)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(Exception, _internal)

@@ -7,9 +7,12 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictFloat,
     StrictInt,
     StringConstraints,
     ValidationError,
@@ -20,6 +23,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from sepen_core.config import GRAD_MODES, LATENT_SOURCES, NORMALIZATIONS
+from sepen_core.errors import ConfigError
+from sepen_core.prompts import template_slots
 from sepen_store.contract import (
     FinetuneProgress,
     FinetuneResult,
@@ -36,18 +41,71 @@ from sepen_store.registry import parse_ref
 from sepen_store.tables import Adapter, AdapterVersion, Job
 
 LARGE_SCALE = "large-scale"
+SEED_LIMIT = 2**31
 
-ConceptName = Annotated[str, StringConstraints(min_length=1, max_length=100)]
-Template = Annotated[str, StringConstraints(min_length=1, max_length=300)]
+
+# ---- values every request body shares ------------------------------------------------------------
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 5.0: a float with no fraction is taken as the int it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds: int) -> Any:
+    """An integer as JSON Schema means it (5 or 5.0; never 5.5, "5" or true) within `bounds` (ge, le, lt,
+    multiple_of). The bounds sit before the validator: after it, pydantic would not put them in the JSON schema."""
+    return Annotated[StrictInt, Field(**bounds), BeforeValidator(_integral)]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_SPACING = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # prompts may hold tabs and newlines
+
+
+def _no_control(value: str) -> str:
+    if _CONTROL.search(value):
+        raise PydanticCustomError("control_character", "must not contain control characters (such as NUL)")
+    return value
+
+
+def _no_control_but_spacing(value: str) -> str:
+    if _CONTROL_BUT_SPACING.search(value):
+        raise PydanticCustomError(
+            "control_character", "must not contain control characters (such as NUL) other than tabs and newlines"
+        )
+    return value
+
+
+def _template(value: str) -> str:
+    try:
+        template_slots(value)  # what the worker's str.format will parse: a stray brace fails here, not there
+    except ConfigError as exc:
+        raise PydanticCustomError("template", exc.message) from None
+    return value
+
+
+NO_CONTROL = Field(json_schema_extra={"pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*$"})
+NO_CONTROL_BUT_SPACING = Field(json_schema_extra={"pattern": "^[^\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]*$"})
+ConceptName = Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(_no_control), NO_CONTROL]
+Template = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=300),
+    AfterValidator(_no_control_but_spacing),
+    AfterValidator(_template),
+    NO_CONTROL_BUT_SPACING,
+]
+Prompt = Annotated[str, AfterValidator(_no_control_but_spacing), NO_CONTROL_BUT_SPACING]
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_no_control), NO_CONTROL]
 
 
 Normalization = Literal[NORMALIZATIONS]  # type: ignore[valid-type]
 
 
 class RequestBody(BaseModel):
-    """Unknown fields are an error: a misspelt setting must not be silently ignored."""
+    """Unknown fields are an error: a misspelt setting must not be silently ignored. Numbers are finite (JSON
+    has no NaN; the stored request must stay JSON)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -102,20 +160,20 @@ class ConceptsIn(RequestBody):
 class RecipeIn(RequestBody):
     """Overrides of the recipe's defaults (the paper's pair recipe, or its large-scale recipe for a collection)."""
 
-    steps: StrictInt | None = Field(None, ge=1, le=Limits.max_finetune_steps)
-    learning_rate: float | None = None
-    batch_size: StrictInt | None = Field(None, ge=1, le=Limits.max_batch_size)
-    lambda_sep: float | None = None
-    lambda_en: float | None = None
-    prior_weight: float | None = None
-    seed: StrictInt | None = None
+    steps: json_int(ge=1, le=Limits.max_finetune_steps) | None = None
+    learning_rate: StrictFloat | None = Field(None, gt=0, le=1)
+    batch_size: json_int(ge=1, le=Limits.max_batch_size) | None = None
+    lambda_sep: StrictFloat | None = Field(None, ge=0, le=100)
+    lambda_en: StrictFloat | None = Field(None, ge=0, le=100)
+    prior_weight: StrictFloat | None = Field(None, ge=0, le=100)
+    seed: json_int(ge=0, lt=SEED_LIMIT) | None = None
     grad_mode: Literal[GRAD_MODES] | None = None  # type: ignore[valid-type]
     normalization: Normalization | None = None
     latents: Literal[LATENT_SOURCES] | None = Field(  # type: ignore[valid-type]
         None, description="training x0: 'pseudo' (Gaussian, the paper) or 'generated' (the model's own samples)"
     )
-    latent_pool: StrictInt | None = Field(None, ge=1, le=Limits.max_latent_pool)
-    map_downsample: StrictInt | None = None
+    latent_pool: json_int(ge=1, le=Limits.max_latent_pool) | None = None
+    map_downsample: json_int(ge=1, le=32) | None = Field(None, description="a power of two from 1 to 32")
 
 
 def _adapter_ref(value: str | None, *, versioned: bool) -> str | None:
@@ -133,8 +191,12 @@ def _adapter_ref(value: str | None, *, versioned: bool) -> str | None:
 
 
 class FinetuneIn(RequestBody):
-    adapter: str = Field(description="adapter name; the job publishes its next version name@N", examples=["cat-dog"])
-    model: str | None = Field(None, description="base model name (GET /models); default: the service's default model")
+    adapter: str = Field(
+        max_length=64, description="adapter name; the job publishes its next version name@N", examples=["cat-dog"]
+    )
+    model: ModelName | None = Field(
+        None, description="base model name (GET /models); default: the service's default model"
+    )
     concepts: ConceptsIn
     templates: list[Template] | None = Field(
         None,
@@ -159,26 +221,28 @@ def concept_in_prompt(concept: str, prompt: str) -> bool:
 
 
 class GenerateIn(RequestBody):
-    prompt: str = Field(min_length=1, max_length=Limits.max_prompt, examples=["a photo of a cat and a dog"])
-    model: str | None = Field(
+    prompt: Prompt = Field(min_length=1, max_length=Limits.max_prompt, examples=["a photo of a cat and a dog"])
+    model: ModelName | None = Field(
         None, description="base model name; default: the adapter's base model, else the service's default"
     )
-    adapter: str | None = Field(None, description="'name' (its latest version) or 'name@N'", examples=["cat-dog@1"])
-    images: StrictInt = Field(1, ge=1, le=Limits.max_images)
-    steps: StrictInt | None = Field(
-        None, ge=1, le=Limits.max_sample_steps, description="denoising steps; default: the model's"
+    adapter: str | None = Field(
+        None, max_length=80, description="'name' (its latest version) or 'name@N'", examples=["cat-dog@1"]
     )
-    guidance: float | None = Field(
+    images: json_int(ge=1, le=Limits.max_images) = 1
+    steps: json_int(ge=1, le=Limits.max_sample_steps) | None = Field(
+        None, description="denoising steps; default: the model's"
+    )
+    guidance: StrictFloat | None = Field(
         None, ge=0, le=Limits.max_guidance, description="classifier-free guidance scale; default: the model's"
     )
-    height: StrictInt | None = Field(
-        None, ge=Limits.min_side, le=Limits.max_side, multiple_of=8, description="pixels; default: the model's own size"
+    height: json_int(ge=Limits.min_side, le=Limits.max_side, multiple_of=8) | None = Field(
+        None, description="pixels, a multiple of 8; default: the model's own size"
     )
-    width: StrictInt | None = Field(None, ge=Limits.min_side, le=Limits.max_side, multiple_of=8)
-    seed: StrictInt | None = Field(
-        None, ge=0, lt=2**31, description="image i uses seed + i; omitted: a random seed, stored"
+    width: json_int(ge=Limits.min_side, le=Limits.max_side, multiple_of=8) | None = None
+    seed: json_int(ge=0, lt=SEED_LIMIT) | None = Field(
+        None, description="image i uses seed + i; omitted: a random seed, stored"
     )
-    negative_prompt: str = Field("", max_length=Limits.max_prompt)
+    negative_prompt: Prompt = Field("", max_length=Limits.max_prompt)
     concepts: list[ConceptName] | None = Field(
         None,
         min_length=2,
@@ -187,8 +251,9 @@ class GenerateIn(RequestBody):
         description="objects of the prompt whose attention heatmaps to render",
     )
     normalization: Normalization | None = Field(None, description="heatmaps' maps; default: the model's")
-    map_downsample: StrictInt | None = Field(
-        None, description="heatmaps read attention at image size / this; default: the model's"
+    map_downsample: json_int(ge=1, le=32) | None = Field(
+        None,
+        description="heatmaps read attention at image size / this (1, 2, 4 ... 32); default: the model's",
     )
 
     @field_validator("prompt")

@@ -12,20 +12,42 @@ from sepen_store.contract import JobRequest, request_json
 from sepen_store.errors import Conflict
 from sepen_store.jobs import create_job, mark_not_enqueued
 from sepen_store.queue import enqueue
+from sepen_store.quotas import Quotas, check_quotas
+from sepen_store.settings import GatewaySettings
 from sepen_store.tables import Job
 from service.errors import ApiError
-from service.schemas import ErrorOut, JobOut, SubmittedJob
+from service.openapi import AUTHENTICATED, LOCATION, RATE_LIMITED, WITH_BODY, errors, success
+from service.schemas import JobOut, SubmittedJob
 
 logger = logging.getLogger(__name__)
 
-# The OpenAPI answers of POST /finetune and POST /generate besides their 202.
-SUBMIT_RESPONSES = {
-    200: {"model": SubmittedJob, "description": "an Idempotency-Key replay: the job the first try created"},
-    404: {"model": ErrorOut},
-    409: {"model": ErrorOut},
-    413: {"model": ErrorOut},
-    422: {"model": ErrorOut},
+REPLAYED = {
+    "Idempotent-Replayed": {"description": "true: the job an earlier try created", "schema": {"type": "string"}}
 }
+
+# The OpenAPI answers of POST /finetune and POST /generate.
+SUBMIT_RESPONSES = {
+    **success(202, LOCATION, RATE_LIMITED, description="queued: the job, and its URL in `url` and Location"),
+    200: {
+        "model": SubmittedJob,
+        "description": "an Idempotency-Key replay: the job the first try created; nothing new is queued",
+        "headers": {**LOCATION, **REPLAYED, **RATE_LIMITED},
+    },
+    **errors(
+        *AUTHENTICATED,
+        *WITH_BODY,
+        404,
+        409,
+        s404="model_not_found, or adapter_not_found (generate)",
+        s409="idempotency_key_reused: the Idempotency-Key came with a different request",
+    ),
+}
+
+
+def quotas_of(settings: GatewaySettings) -> Quotas:
+    return Quotas(
+        max_queued_jobs=settings.max_queued_jobs_per_tenant, compute_seconds_per_day=settings.compute_seconds_per_day
+    )
 
 
 def submit_job(
@@ -33,12 +55,15 @@ def submit_job(
     celery: Celery,
     tenant: str,
     request: JobRequest,
+    settings: GatewaySettings,
     *,
     idempotency_key: str | None,
     adapter_version_id: str | None = None,
 ) -> tuple[Job, bool]:
-    """The stored job and whether this call created it (False: an Idempotency-Key retry, nothing is sent again)."""
+    """The stored job and whether this call created it (False: an Idempotency-Key retry, nothing is sent again).
+    QuotaExceeded (429) when the tenant is at a cap."""
     kind = request.kind
+    check_quotas(session, tenant, quotas_of(settings), idempotency_key=idempotency_key)
     try:
         job, created = create_job(
             session,

@@ -25,9 +25,10 @@ PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 @contextmanager
-def postgres_database(prefix: str):
-    """A fresh database on the local Postgres, migrated to head with Alembic, dropped afterwards.
-    Yields its SQLAlchemy URL. No Postgres is a failure, not a skip: these tests need the real server."""
+def postgres_database(prefix: str, migrate: bool = True):
+    """A fresh database on the local Postgres, migrated to head with Alembic (unless `migrate` is false: then
+    empty), dropped afterwards. Yields its SQLAlchemy URL. No Postgres is a failure, not a skip: these tests need
+    the real server."""
     import psycopg
 
     from sepen_store.database import upgrade_database
@@ -37,7 +38,8 @@ def postgres_database(prefix: str):
         conn.execute(f'CREATE DATABASE "{name}"')
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     try:
-        upgrade_database(url)
+        if migrate:
+            upgrade_database(url)
         yield url
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:

@@ -20,7 +20,6 @@ FORBIDDEN_IN_CORE = {
     "service",
     "worker",
     "sepen_store",
-    "migrations",
 }
 
 

@@ -1,54 +1,158 @@
-"""The deployment files hold together: compose parses offline and wires every service it promises,
-and .env.example lists every setting the service reads."""
+"""The deployment files hold together: compose parses offline (alone and with the GPU override) and wires every
+service it promises, the images install the extras the compose services need, and .env.example is true to the
+code and to compose."""
 
+import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
+import tomllib
 
 import pytest
-import yaml
 
-from sepen_store.settings import setting_names
+from sepen_store.settings import ALL_SETTINGS, setting_names
+from tests.deployment import (
+    COMPOSE,
+    COMPOSE_GPU,
+    DOCKERFILE,
+    ENV_EXAMPLE,
+    ROOT,
+    SUBSTITUTION,
+    app_services,
+    compose_defaults,
+    dockerfile_stages,
+    env_example,
+    load_compose,
+    stage_command,
+    stage_extras,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_ONLY = {"SEPEN_MODELS_DIR"}  # read by docker compose (a volume), not by the service
 
 
 def test_env_example_lists_every_setting():
-    listed = set(re.findall(r"^(SEPEN_[A-Z_]+)=", (ROOT / ".env.example").read_text(), re.M))
-    assert listed == setting_names()
+    listed = set(re.findall(r"^(SEPEN_[A-Z_]+)=", ENV_EXAMPLE.read_text(), re.M))
+    assert listed == setting_names() | COMPOSE_ONLY
+
+
+def test_env_example_values_are_the_code_defaults(monkeypatch):
+    """Every value .env.example gives is what the service does without it (an empty one means the default)."""
+    for name in [name for name in os.environ if name.startswith("SEPEN_")]:
+        monkeypatch.delenv(name)
+    for name, (value, _) in env_example().items():
+        if name in setting_names():
+            monkeypatch.setenv(name, value)
+    for cls in ALL_SETTINGS:
+        assert cls.from_env().model_dump() == cls().model_dump(), cls.__name__
+
+
+def test_env_example_names_every_value_compose_uses_instead():
+    """A variable a compose file fills with its own value when unset says so in .env.example, with that value."""
+    example = env_example()
+    for path in (COMPOSE, COMPOSE_GPU):
+        for name, default in compose_defaults(path).items():
+            assert name in example, f"{path.name} reads {name}, which .env.example does not list"
+            if default and default != example[name][0]:
+                note = f"# {path.name}: {default}"
+                assert any(line.startswith(note) for line in example[name][1]), f"{name}: .env.example lacks {note!r}"
 
 
 def test_compose_services_and_their_wiring():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose = load_compose()
     services = compose["services"]
     assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert list(app_services(compose)) == ["migrate", "api", "worker"]  # the order CI runs them in
     assert "noeviction" in services["redis"]["command"]
     assert services["migrate"]["command"] == ["sepen-admin", "migrate"]
+    assert services["api"]["command"][:3] == ["uvicorn", "--factory", "service.app:app_from_env"]
+    assert services["worker"]["command"][0] == "sepen-worker"
     assert services["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert services["worker"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["api"]["build"]["target"] == "api" and services["worker"]["build"]["target"] == "worker"
-    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["capabilities"] == ["gpu"] and gpu["count"] == 1
+    assert "deploy" not in services["worker"], "the default deployment must start on a machine without a GPU"
     for name in ("postgres", "redis", "api", "worker"):
         assert "healthcheck" in services[name], name
-    settings = set(services["api"]["environment"])
-    assert settings == setting_names() - {"SEPEN_DATA_DIR"}
+    for name in ("api", "worker"):  # the same model paths in every process that reads SEPEN_MODELS
+        assert "${SEPEN_MODELS_DIR:-./models}:/models:ro" in services[name]["volumes"], name
+    environment = services["api"]["environment"]
+    assert set(environment) == setting_names() - {"SEPEN_DATA_DIR"}
+    for name in ("migrate", "worker"):
+        assert services[name]["environment"] == environment, name
+    for name, value in environment.items():  # every setting, the URLs too, can come from .env
+        match = SUBSTITUTION.fullmatch(value)
+        assert match and match.group(1) == name, f"{name}: {value!r} does not come from ${{{name}}}"
+    assert compose_defaults(COMPOSE)["SEPEN_DEVICE"] in ("", "cpu")
+
+
+def test_gpu_override_reserves_a_gpu_for_the_worker_only():
+    override = load_compose(COMPOSE_GPU)["services"]
+    assert set(override) == {"worker"}
+    worker = override["worker"]
+    gpu = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"] and gpu["count"] == 1
+    assert worker["build"]["args"]["TORCH_VARIANT"] == "cuda"
+    assert compose_defaults(COMPOSE_GPU)["SEPEN_DEVICE"] == "cuda"
+
+
+def _compose_config(env_file, *files) -> subprocess.CompletedProcess:
+    command = ["docker-compose", "--env-file", str(env_file)]
+    for path in files:
+        command += ["-f", str(path)]
+    return subprocess.run([*command, "config"], capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian package) is not installed")
-def test_compose_file_validates_offline():
-    run = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr
+def test_compose_files_validate_offline_alone_and_with_the_gpu_override(tmp_path):
+    import yaml
+
+    empty_env = tmp_path / "empty.env"  # instead of a developer's .env
+    empty_env.write_text("")
+    cpu = _compose_config(empty_env, COMPOSE)
+    assert cpu.returncode == 0, cpu.stderr
+    worker = yaml.safe_load(cpu.stdout)["services"]["worker"]
+    assert "deploy" not in worker and worker["environment"]["SEPEN_DEVICE"] in ("", "cpu")
+    assert worker["environment"]["SEPEN_DATABASE_URL"] == "postgresql+psycopg://sepen:sepen@postgres:5432/sepen"
+
+    gpu = _compose_config(empty_env, COMPOSE, COMPOSE_GPU)
+    assert gpu.returncode == 0, gpu.stderr
+    services = yaml.safe_load(gpu.stdout)["services"]
+    worker = services["worker"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert worker["environment"]["SEPEN_DEVICE"] == "cuda" and worker["build"]["args"]["TORCH_VARIANT"] == "cuda"
+    assert worker["build"]["target"] == "worker" and worker["command"] == ["sepen-worker"]  # merged, not replaced
+    assert "deploy" not in services["api"] and services["api"]["environment"]["SEPEN_DEVICE"] in ("", "cpu")
 
 
-def test_dockerfile_builds_a_torch_free_api_image():
-    text = (ROOT / "Dockerfile").read_text()
-    assert "FROM base AS api" in text and "FROM base AS worker" in text
-    api_stage = text.split("FROM base AS api")[1].split("FROM base AS worker")[0]
-    assert "pip install --no-deps ." in api_stage and "'torch' not in sys.modules" in api_stage
-    assert ".[service]" not in api_stage
+def test_dockerfile_installs_each_image_with_its_extra():
+    stages = dockerfile_stages()
+    assert {"build", "base", "api", "worker"} <= set(stages)
+    assert stage_extras(stages["api"]) == ["api"] and stage_extras(stages["worker"]) == ["worker"]
+    api = " ".join(stages["api"])
+    assert "--no-deps" not in api and "fastapi" not in api, "the api image takes its packages from the api extra"
+    assert "'torch' not in sys.modules" in api and "find_spec('torch') is None" in api
+    worker = " ".join(stages["worker"])
+    assert "ARG TORCH_VARIANT=cpu" in worker and "download.pytorch.org/whl/cpu" in worker
+    # The images run what compose runs.
+    services = load_compose()["services"]
+    assert stage_command(stages["api"]) == services["api"]["command"]
+    assert stage_command(stages["worker"]) == services["worker"]["command"]
+    # The images install the wheel built from every package of pyproject.toml, and hold no source tree.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = [name.rstrip("*") for name in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]]
+    build = " ".join(stages["build"])
+    for package in packages:
+        assert f"COPY {package} ./{package}" in build, package
+    assert "pip wheel --no-deps -w /dist ." in build and "COPY migrations" not in build and "alembic.ini" not in build
+    for name in ("base", "api", "worker"):  # only the wheel comes in from the build stage
+        copies = [line for line in stages[name] if line.startswith("COPY")]
+        assert all(line.startswith("COPY --from=build /dist ") for line in copies), f"{name}: {copies}"
+
+
+def test_torch_is_pinned_to_one_version_everywhere():
+    files = [ROOT / "pyproject.toml", DOCKERFILE, ROOT / "scripts" / "bootstrap"]
+    pins = {path.name: set(re.findall(r"torch==([\w.+]+)", path.read_text())) for path in files}
+    assert all(pins.values()), pins
+    assert len(set().union(*pins.values())) == 1, pins
 
 
 def test_every_relative_link_in_the_docs_resolves_inside_the_repository():

@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from sepen_core.config import ModelDefaults
 from sepen_core.models import BaseModel, TextConditioning, load_clip_tokenizer
 
-TOY_MODEL_ID = "sepen-toyworld"
+TOY_MODEL_ID = "sepen-toy"  # the name the service serves it under (sepen_store.settings.DEFAULT_MODELS)
 # What the toy model needs where a request is silent (saved in its model_index.json).
 TOY_DEFAULTS = ModelDefaults(
     # 20 DDIM steps suffice at 32x32; classifier-free guidance above ~1.5 breaks this model (toyworld/README.md).

@@ -1,5 +1,5 @@
-"""`sepen-worker`: one Celery worker process (solo pool: CUDA does not survive fork) serving the
-finetune and/or generate queues, plus the reconciler that re-sends jobs whose messages were lost.
+"""`sepen-worker`: one Celery worker process (solo pool) serving the finetune and/or generate queues, its job
+process (worker/engine.py: the jobs' work, stoppable), and the reconciler that re-sends jobs whose messages were lost.
 
     sepen-worker                       # both queues
     sepen-worker --queues finetune     # a finetune-only GPU worker
@@ -13,9 +13,10 @@ import threading
 
 from celery import Celery
 
+from sepen_core.extras import version
 from sepen_store.database import make_engine, session_factory
-from sepen_store.jobs import jobs_to_reenqueue, mark_enqueued
-from sepen_store.queue import QUEUES, TASKS, enqueue, make_celery
+from sepen_store.jobs import mark_not_enqueued, take_resends
+from sepen_store.queue import QUEUES, TASKS, enqueue, jobs_in_broker, make_celery
 from sepen_store.settings import WorkerSettings
 from worker.runner import Runtime
 
@@ -33,16 +34,31 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
 
 
 def reconcile_once(app: Celery, runtime: Runtime) -> int:
-    """Re-send the message of every job that waited too long in 'queued' or whose worker went silent."""
+    """Re-send the messages that were really lost: of jobs queued for requeue_after_s whose message is neither in
+    the broker nor recently taken by a worker, and of running jobs whose worker went silent. Each due job is
+    taken by one reconciler per period, whichever worker it runs in. Returns how many messages it sent."""
     settings = runtime.settings
     with runtime.sessions() as session:
-        stuck = jobs_to_reenqueue(session, requeue_after_s=settings.requeue_after_s, lease_s=settings.job_lease_s)
-        for job_id, kind in stuck:
-            enqueue(app, kind, job_id)
-            mark_enqueued(session, job_id)
-    if stuck:
-        log.info("reconciler re-sent %d job(s): %s", len(stuck), ", ".join(j for j, _ in stuck))
-    return len(stuck)
+        taken = take_resends(session, requeue_after_s=settings.requeue_after_s, lease_s=settings.job_lease_s)
+        sent = []
+        try:
+            waiting = set()
+            if any(status == "queued" for _, _, status in taken):
+                waiting = jobs_in_broker(app, taken_within_s=settings.requeue_after_s) or set()
+            for job_id, kind, status in taken:
+                if status == "queued" and job_id in waiting:
+                    continue  # its message is still there: a busy worker, not a lost message
+                enqueue(app, kind, job_id)
+                sent.append(job_id)
+        except Exception:
+            for job_id, _, _ in taken:  # the broker is away: whichever reconciler comes next sends them
+                if job_id not in sent:
+                    mark_not_enqueued(session, job_id)
+            raise
+        finally:
+            if sent:
+                log.info("reconciler re-sent %d job(s): %s", len(sent), ", ".join(sent))
+    return len(sent)
 
 
 def start_reconciler(app: Celery, runtime: Runtime) -> threading.Thread:
@@ -62,6 +78,7 @@ def start_reconciler(app: Celery, runtime: Runtime) -> threading.Thread:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sepen-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--queues", default="finetune,generate", help="comma-separated: finetune, generate")
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument(
@@ -79,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--queues must name finetune and/or generate, not {unknown or kinds}")
     app = make_celery(settings)
     runtime = Runtime.create(settings, session_factory(make_engine(settings.database_url)))
+    runtime.jobs.start()  # the job process loads its imports while Celery connects
     register_tasks(app, runtime)
     start_reconciler(make_celery(settings, fail_fast=True), runtime)
     worker_args = [
@@ -91,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "--without-mingle",
         f"--hostname={args.hostname}",
     ]
-    app.worker_main(worker_args)
+    try:
+        app.worker_main(worker_args)
+    finally:
+        runtime.close()
     return 0
 
 

@@ -1,331 +1,102 @@
-"""Run one job: claim its row, read its typed request, call sepen_core, store what it made, record how it ended.
+"""Run one job: claim its row, hand its work to the job process, stop it on cancel or time limit, record how it ended.
 
-A finetune runs in four steps (load, probe, train, publish), a generate in three (load, sample, store).
-Every failure inside a job ends that job (failed, with the code its error class declares and its
-message) and leaves the worker serving; a job whose claim was taken over by another worker is
-dropped without writing.
+Every failure inside a job ends that job (failed, with the code its error class declares and its message)
+and leaves the worker serving; a job whose claim was taken over by another worker is dropped without
+writing. While the database is unreachable the worker waits (holding the one message it took) instead of
+failing the job or taking more messages.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
-import tarfile
-import tempfile
+import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
-import torch
-from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from sepen_core.adapters import KeyProjectionAdapter
-from sepen_core.config import FinetuneConfig
-from sepen_core.diagnostics import diagnose
-from sepen_core.errors import Canceled, SepenError
-from sepen_core.finetuning import Checkpoints, StepReport, finetune
-from sepen_core.images import png_bytes, sample_metadata
-from sepen_core.models import BaseModel
-from sepen_core.prompts import ConceptSet, fill_template
-from sepen_core.sampling import generate
-from sepen_store.contract import (
-    CurvePoint,
-    FinetuneProgress,
-    FinetuneRequest,
-    FinetuneResult,
-    FinetuneSummary,
-    GeneratedImage,
-    GenerateProgress,
-    GenerateResult,
-    JobRequest,
-    Losses,
-    ProbeDiagnosis,
-    parse_request,
-)
-from sepen_store.errors import StoreError
-from sepen_store.job_outputs import delete_checkpoint, load_checkpoint, replace_images, save_checkpoint
-from sepen_store.jobs import Claim, claim_job, finish_job, get_job
-from sepen_store.registry import publish_version, version_of_job
+from sepen_store.availability import outage_of
+from sepen_store.job_outputs import delete_checkpoint
+from sepen_store.jobs import Claim, claim_job, finish_job
 from sepen_store.settings import WorkerSettings
-from sepen_store.tables import AdapterVersion, Job
-from worker.caches import AdapterCache, ModelCache
+from worker.engine import InProcess, JobProcess, Outcome
 from worker.reporting import JobReporter
 
 log = logging.getLogger(__name__)
-LOSS_CURVE_POINTS = 200
-PROBE_PROMPTS = 4
-PROBE_SAMPLES = 8
-
-
-class JobFailure(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def failure_of(exc: BaseException) -> JobFailure:
-    """What went wrong as the error code a client sees: the code each error class declares."""
-    if isinstance(exc, JobFailure):
-        return exc
-    if isinstance(exc, (SepenError, StoreError)):
-        return JobFailure(exc.code, str(exc))
-    if isinstance(exc, ValidationError):
-        return JobFailure("invalid_request", f"the job's stored request does not fit the job contract: {exc}")
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return JobFailure("out_of_memory", f"the worker ran out of memory: {exc}".strip())
-    return JobFailure("internal_error", f"{type(exc).__name__}: {exc}")
+T = TypeVar("T")
 
 
 @dataclass
 class Runtime:
-    """What a worker process keeps between jobs."""
+    """What a worker process keeps between jobs: settings, database sessions and where job work runs."""
 
     settings: WorkerSettings
     sessions: sessionmaker[Session]
-    models: ModelCache
-    adapters: AdapterCache
-    worker_id: str = f"{socket.gethostname()}:{os.getpid()}"
+    jobs: JobProcess | InProcess
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     @classmethod
-    def create(cls, settings: WorkerSettings, sessions: sessionmaker[Session]) -> Runtime:
-        return cls(settings, sessions, ModelCache(settings), AdapterCache(settings.adapter_cache_size))
+    def create(cls, settings: WorkerSettings, sessions: sessionmaker[Session], *, in_process: bool = False) -> Runtime:
+        """in_process: run the work in this process (tests of the work); otherwise in a stoppable child."""
+        if in_process:
+            from worker.work import Work
+
+            return cls(settings, sessions, InProcess(Work.create(settings, sessions)))
+        return cls(settings, sessions, JobProcess(settings))
+
+    def time_limit_s(self, kind: str) -> float:
+        return self.settings.finetune_time_limit_s if kind == "finetune" else self.settings.generate_time_limit_s
 
     def run(self, kind: str, job_id: str) -> str | None:
         """Claim and run a job; returns its final status, or None if it was not ours to run."""
-        with self.sessions() as session:
-            claim = claim_job(session, job_id, f"{self.worker_id}:{uuid.uuid4().hex[:6]}", self.settings.job_lease_s)
+        me = f"{self.worker_id}:{uuid.uuid4().hex[:6]}"
+        claim = self.with_database(lambda s: claim_job(s, job_id, me, self.settings.job_lease_s))
         if claim is None:
             log.info("job %s is not claimable (already taken or finished); message dropped", job_id)
             return None
-        beat = max(0.5, min(10.0, self.settings.job_lease_s / 4))
+        if claim.cancel_requested:  # canceled while an earlier attempt ran, and that worker died
+            return self._finish(kind, claim, Outcome("canceled"))
+        beat = max(0.5, min(2.0, self.settings.job_lease_s / 4))
         with JobReporter(self.sessions, claim, interval_s=self.settings.progress_interval_s, beat_s=beat) as reporter:
-            status, result, failure = "succeeded", None, None
-            try:
-                if reporter.should_cancel():
-                    raise Canceled(0)
-                run = self._finetune if kind == "finetune" else self._generate
-                result = run(claim, reporter).model_dump()
-            except Canceled:
-                status = "canceled"
-            except Exception as exc:  # noqa: BLE001 - any crash ends this job, not the worker
-                failure = failure_of(exc)
-                status = "failed"
-                log.warning("job %s failed: %s", job_id, failure, exc_info=failure.code == "internal_error")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            if reporter.lost:
-                log.warning("job %s was taken over by another worker; dropping this attempt", job_id)
-                return None
-            with self.sessions() as session:
-                finished = finish_job(
-                    session,
-                    claim,
-                    status,
-                    result=result,
-                    error_code=failure.code if failure else None,
-                    error_message=str(failure) if failure else None,
-                )
-                if finished and kind == "finetune":
-                    delete_checkpoint(session, job_id)
-            return status if finished else None
+            outcome = self.jobs.run(kind, claim, reporter, self.time_limit_s(kind))
+        if reporter.lost:
+            log.warning("job %s was taken over by another worker; dropping this attempt", job_id)
+            return None
+        return self._finish(kind, claim, outcome)
 
-    def _load_request(self, claim: Claim) -> tuple[Job, JobRequest]:
-        with self.sessions() as session:
-            job = get_job(session, None, claim.job_id)
-            return job, parse_request(job.kind, job.request)
-
-    # -- finetune: load, probe, train, publish ---------------------------------------------------
-    def _finetune(self, claim: Claim, reporter: JobReporter) -> FinetuneResult:
-        job, request = self._load_request(claim)
-        with self.sessions() as session:
-            published = version_of_job(session, job.id)
-            if published is not None:  # an earlier attempt published and died before finishing the job
-                return finetune_result(request.adapter, published)
-        model = self.models.get(request.model)
-        concepts = ConceptSet.from_dict(request.concepts)
-        config = model.defaults.finetune_config(concepts.mode, request.recipe)
-        probes = probe_prompts(concepts)
-        before = probe(model, probes, config)
-        with tempfile.TemporaryDirectory(prefix=f"sepen-{job.id[:8]}-") as directory:
-            resumed_from = self._restore_checkpoint(job.id, Path(directory)) if claim.resumed else 0
-            checkpoints = Checkpoints(
-                directory,
-                every=self.settings.checkpoint_every,
-                on_write=lambda d, step: self._store_checkpoint(job.id, d, step),
-            )
-            result = finetune(
-                model,
-                concepts,
-                config,
-                should_cancel=reporter.should_cancel,
-                checkpoint_dir=checkpoints,
-                on_step=lambda report: reporter.progress(
-                    step_progress(report).model_dump(), force=report.step == report.total_steps
-                ),
-                adapter_metadata={
-                    "name": request.adapter,
-                    "job_id": job.id,
-                    "tenant": job.tenant,
-                    "model": request.model,
-                },
-            )
-        after = probe(model, probes, config, result.adapter)
-        summary = FinetuneSummary(
-            loss_curve=loss_curve(result.history),
-            final=step_progress(result.history[-1]),
-            resumed_from_step=resumed_from,
-            diagnostics=[
-                ProbeDiagnosis(prompt=b["prompt"], before=b, after=a) for b, a in zip(before, after, strict=True)
-            ],
-        )
-        return self._publish(job, request, result.adapter, summary)
-
-    def _publish(
-        self, job: Job, request: FinetuneRequest, adapter: KeyProjectionAdapter, summary: FinetuneSummary
-    ) -> FinetuneResult:
-        adapter.metadata["summary"] = summary.model_dump()
-        with self.sessions() as session:
-            version = publish_version(
+    def _finish(self, kind: str, claim: Claim, outcome: Outcome) -> str | None:
+        def record(session: Session) -> bool:
+            finished = finish_job(
                 session,
-                tenant=job.tenant,
-                name=request.adapter,
-                job_id=job.id,
-                data=adapter.to_bytes(),
-                base_model=request.model,
-                base_fingerprint=adapter.base_fingerprint,
-                sha256=adapter.sha256,
-                metadata=adapter.metadata,
+                claim,
+                outcome.status,
+                result=outcome.result,
+                error_code=outcome.code,
+                error_message=outcome.message,
             )
-            return finetune_result(request.adapter, version)
+            if finished and kind == "finetune":
+                delete_checkpoint(session, claim.job_id)
+            return finished
 
-    def _store_checkpoint(self, job_id: str, directory: Path, step: int) -> None:
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for path in sorted(directory.iterdir()):
-                tar.add(path, arcname=path.name)
-        with self.sessions() as session:
-            save_checkpoint(session, job_id, step, buffer.getvalue())
+        return outcome.status if self.with_database(record) else None
 
-    def _restore_checkpoint(self, job_id: str, directory: Path) -> int:
-        with self.sessions() as session:
-            stored = load_checkpoint(session, job_id)
-        if stored is None:
-            return 0
-        step, data = stored
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-            tar.extractall(directory, filter="data")
-        log.info("job %s resumes from its checkpoint at step %d", job_id, step)
-        return step
+    def with_database(self, step: Callable[[Session], T]) -> T:
+        """Run a database step, waiting (with back-off) through an outage instead of failing the job."""
+        delay = 0.5
+        while True:
+            try:
+                with self.sessions() as session:
+                    return step(session)
+            except Exception as exc:
+                if outage_of(exc) != "database":
+                    raise
+                log.warning("database unreachable; retrying in %.0f s (%s)", delay, type(exc).__name__)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
-    # -- generate: load, sample, store -----------------------------------------------------------
-    def _generate(self, claim: Claim, reporter: JobReporter) -> GenerateResult:
-        job, request = self._load_request(claim)
-        with self.sessions() as session:
-            adapter = self.adapters.get(session, job.adapter_version_id) if job.adapter_version_id else None
-        if request.adapter and adapter is None:
-            raise JobFailure("adapter_not_found", f"adapter {request.adapter} was deleted before the job ran")
-        model = self.models.get(request.model)
-        config = model.defaults.sample_config(request.sample)
-        result = generate(
-            model,
-            request.prompt,
-            config,
-            adapter=adapter,
-            concepts=request.concepts or None,
-            on_step=lambda i, n: reporter.progress(GenerateProgress(step=i, total=n).model_dump(), force=i == n),
-            should_cancel=reporter.should_cancel,
-        )
-        pngs, images = [], []
-        for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            metadata = sample_metadata(
-                request.prompt, seed, config, model=request.model, adapter=request.adapter, job=job.id
-            )
-            pngs.append(("image", i, png_bytes(image, metadata)))
-            if result.scores is not None:
-                pngs.append(("heatmap", i, png_bytes(result.heatmap(i), metadata)))
-            images.append(
-                GeneratedImage(
-                    index=i,
-                    seed=seed,
-                    heatmap=result.scores is not None,
-                    scores=result.scores[i].to_dict() if result.scores is not None else None,
-                )
-            )
-        with self.sessions() as session:
-            replace_images(session, job.id, pngs)
-        return GenerateResult(
-            images=images,
-            adapter=request.adapter,
-            model=request.model,
-            concepts=request.concepts,
-            sample=config.to_dict(),
-        )
-
-
-def probe_prompts(concepts: ConceptSet) -> list[tuple[str, tuple[str, ...]]]:
-    """A few prompts to diagnose before and after: the first groups, or seen and held-out pairs."""
-    if concepts.groups:
-        return [(fill_template(concepts.templates_for(len(g))[0], g), g) for g in concepts.groups[:PROBE_PROMPTS]]
-    seen, held = concepts.training_concepts, concepts.held_out
-    pairs = (
-        [(seen[0], seen[1])] + ([(held[0], held[1])] if len(held) >= 2 else []) + ([(seen[0], held[0])] if held else [])
-    )
-    return [(fill_template(concepts.templates_for(2)[0], p), p) for p in pairs[:PROBE_PROMPTS]]
-
-
-def probe(
-    model: BaseModel,
-    probes: list[tuple[str, tuple[str, ...]]],
-    config: FinetuneConfig,
-    adapter: KeyProjectionAdapter | None = None,
-) -> list[dict]:
-    """The attention diagnostics of each probe prompt, with the base keys or with `adapter`."""
-    return [
-        diagnose(model, prompt, list(concepts), maps=config.maps, samples=PROBE_SAMPLES, adapter=adapter).to_dict()
-        for prompt, concepts in probes
-    ]
-
-
-def step_progress(report: StepReport) -> FinetuneProgress:
-    return FinetuneProgress(
-        step=report.step,
-        total=report.total_steps,
-        eta_s=round(report.eta, 1),
-        elapsed_s=round(report.elapsed, 1),
-        losses=Losses(total=report.loss, separate=report.separate, enhance=report.enhance, prior=report.prior),
-        min_peak=report.min_peak,
-        overlap=report.overlap,
-        peaks=report.peaks,
-    )
-
-
-def loss_curve(history: list[StepReport]) -> list[CurvePoint]:
-    """At most about LOSS_CURVE_POINTS evenly spaced steps, always ending with the last one."""
-    stride = max(1, len(history) // LOSS_CURVE_POINTS)
-    kept = history[::stride] + ([history[-1]] if (len(history) - 1) % stride else [])
-    return [
-        CurvePoint(
-            step=r.step,
-            loss=r.loss,
-            separate=r.separate,
-            enhance=r.enhance,
-            prior=r.prior,
-            min_peak=r.min_peak,
-            overlap=r.overlap,
-        )
-        for r in kept
-    ]
-
-
-def finetune_result(name: str, version: AdapterVersion) -> FinetuneResult:
-    summary = version.meta.get("summary")
-    return FinetuneResult(
-        adapter=f"{name}@{version.version}",
-        name=name,
-        version=version.version,
-        sha256=version.sha256,
-        summary=FinetuneSummary.model_validate(summary) if summary else None,
-    )
+    def close(self) -> None:
+        self.jobs.close()

@@ -4,23 +4,48 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Response
 from sqlalchemy.orm import Session
 
 from sepen_store.errors import Conflict, NotFound
-from sepen_store.registry import delete_version, get_adapter, list_adapters, resolve, version_bytes
+from sepen_store.registry import (
+    MAX_VERSION,
+    NAME_PATTERN,
+    delete_version,
+    get_adapter,
+    list_adapters,
+    resolve,
+    version_bytes,
+)
 from sepen_store.tables import AdapterVersion
 from service.deps import SessionDep, TenantDep
 from service.errors import ApiError
-from service.schemas import AdapterOut, AdapterSummary, ErrorOut
+from service.openapi import AUTHENTICATED, ETAG, RATE_LIMITED, errors, success
+from service.routes.jobs import IfNoneMatch
+from service.schemas import AdapterOut, AdapterSummary
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
-AdapterName = Annotated[str, Path(max_length=64, examples=["cat-dog"])]
-VersionNumber = Annotated[int, Path(ge=1, le=2**31 - 1, examples=[1])]
+AdapterName = Annotated[
+    str,
+    Path(
+        pattern=f"^{NAME_PATTERN.pattern}$",
+        description="1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit",
+        examples=["cat-dog"],
+    ),
+]
+VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, examples=[1])]
+ADAPTER_ERRORS = errors(
+    *AUTHENTICATED, 404, 422, s404="adapter_not_found or adapter_version_not_found for this API key's tenant"
+)
 
 
-@router.get("", response_model=list[AdapterSummary])
+@router.get(
+    "",
+    response_model=list[AdapterSummary],
+    responses={**success(200, RATE_LIMITED), **errors(*AUTHENTICATED)},
+    operation_id="listAdapters",
+)
 def list_tenant_adapters(tenant: TenantDep, session: SessionDep) -> list[AdapterSummary]:
     return [
         AdapterSummary(name=adapter.name, versions=count, latest=latest, created_at=adapter.created_at)
@@ -28,7 +53,12 @@ def list_tenant_adapters(tenant: TenantDep, session: SessionDep) -> list[Adapter
     ]
 
 
-@router.get("/{name}", response_model=AdapterOut, responses={404: {"model": ErrorOut}})
+@router.get(
+    "/{name}",
+    response_model=AdapterOut,
+    responses={**success(200, RATE_LIMITED), **ADAPTER_ERRORS},
+    operation_id="getAdapter",
+)
 def read_adapter(name: AdapterName, tenant: TenantDep, session: SessionDep) -> AdapterOut:
     return AdapterOut.of(get_adapter(session, tenant, name))
 
@@ -44,12 +74,25 @@ def _find_version(session: Session, tenant: str, name: str, number: int) -> Adap
     "/{name}/{version}/weights",
     response_class=Response,
     responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "the adapter as safetensors"},
-        404: {"model": ErrorOut},
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the adapter as safetensors",
+            "headers": {
+                **ETAG,
+                "Content-Disposition": {
+                    "description": "attachment; filename=name@N.safetensors",
+                    "schema": {"type": "string"},
+                },
+                **RATE_LIMITED,
+            },
+        },
+        304: {"description": "not modified: If-None-Match matched the ETag", "headers": ETAG},
+        **ADAPTER_ERRORS,
     },
+    operation_id="downloadAdapterWeights",
 )
 def download_weights(
-    name: AdapterName, version: VersionNumber, request: Request, tenant: TenantDep, session: SessionDep
+    name: AdapterName, version: VersionNumber, tenant: TenantDep, session: SessionDep, if_none_match: IfNoneMatch = None
 ) -> Response:
     """The version's safetensors file; its ETag is the file's sha256, so If-None-Match saves a download."""
     found = _find_version(session, tenant, name, version)
@@ -59,7 +102,7 @@ def download_weights(
         "Content-Disposition": f'attachment; filename="{name}@{version}.safetensors"',
         "Cache-Control": "private, max-age=31536000, immutable",
     }  # name@N never changes
-    if request.headers.get("if-none-match") == etag:
+    if if_none_match == etag:
         return Response(status_code=304, headers=headers)
     return Response(version_bytes(session, found), media_type="application/octet-stream", headers=headers)
 
@@ -68,7 +111,12 @@ def download_weights(
     "/{name}/{version}",
     status_code=204,
     response_class=Response,
-    responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut, "description": "an unfinished job uses it"}},
+    responses={
+        **success(204, RATE_LIMITED, description="deleted"),
+        **ADAPTER_ERRORS,
+        **errors(409, s409="adapter_in_use: a queued or running job will use this version"),
+    },
+    operation_id="deleteAdapterVersion",
 )
 def delete_adapter_version(
     name: AdapterName, version: VersionNumber, tenant: TenantDep, session: SessionDep

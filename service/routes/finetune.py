@@ -76,7 +76,9 @@ def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> dict:
     return given
 
 
-@router.post("/finetune", status_code=202, response_model=SubmittedJob, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/finetune", status_code=202, response_model=SubmittedJob, responses=SUBMIT_RESPONSES, operation_id="submitFinetune"
+)
 def submit_finetune(
     body: FinetuneIn,
     response: Response,
@@ -91,5 +93,5 @@ def submit_finetune(
     concept_set = build_concept_set(body)
     recipe = build_recipe(body.recipe, concept_set)
     request = FinetuneRequest(adapter=body.adapter, model=model, concepts=concept_set.to_dict(), recipe=recipe)
-    job, created = submit_job(session, celery, tenant, request, idempotency_key=idempotency_key)
+    job, created = submit_job(session, celery, tenant, request, settings, idempotency_key=idempotency_key)
     return submitted(response, job, created)

@@ -58,7 +58,9 @@ def pick_model(settings: Settings, requested: str | None, version: AdapterVersio
     return model
 
 
-@router.post("/generate", status_code=202, response_model=SubmittedJob, responses=SUBMIT_RESPONSES)
+@router.post(
+    "/generate", status_code=202, response_model=SubmittedJob, responses=SUBMIT_RESPONSES, operation_id="submitGenerate"
+)
 def submit_generate(
     body: GenerateIn,
     response: Response,
@@ -115,6 +117,7 @@ def submit_generate(
         celery,
         tenant,
         request,
+        settings,
         idempotency_key=idempotency_key,
         adapter_version_id=version.id if version is not None else None,
     )

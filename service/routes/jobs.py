@@ -4,24 +4,45 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from sqlalchemy.orm import Session
 
 from sepen_store.job_outputs import get_image
 from sepen_store.jobs import STATUSES, get_job, list_jobs, request_cancel
 from service.deps import SessionDep, TenantDep
 from service.errors import ApiError
-from service.schemas import ErrorOut, JobOut, JobPage
+from service.openapi import AUTHENTICATED, ETAG, RATE_LIMITED, errors, success
+from service.schemas import JobOut, JobPage
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-JobId = Annotated[str, Path(max_length=64, description="a job id as POST /finetune or /generate returned it")]
+JobId = Annotated[
+    str,
+    Path(pattern=r"^[0-9a-f]{32}$", description="a job id (32 hex digits) as POST /finetune or /generate returned it"),
+]
 ImageIndex = Annotated[int, Path(ge=0, le=10_000, description="0-based, in the order of the job's result")]
+IfNoneMatch = Annotated[
+    str | None, Header(alias="If-None-Match", max_length=200, description="the ETag of a copy you have: 304 if same")
+]
 Status = Literal[STATUSES]  # type: ignore[valid-type]
-PNG = {200: {"content": {"image/png": {}}, "description": "PNG bytes"}, 404: {"model": ErrorOut}}
+JOB_ERRORS = errors(*AUTHENTICATED, 404, 422, s404="job_not_found: no such job for this API key's tenant")
+PNG = {
+    200: {
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "PNG bytes",
+        "headers": {**ETAG, **RATE_LIMITED},
+    },
+    304: {"description": "not modified: If-None-Match matched the ETag", "headers": ETAG},
+    **errors(*AUTHENTICATED, 404, 422, s404="job_not_found, or image_not_found / heatmap_not_found at that index"),
+}
 
 
-@router.get("", response_model=JobPage, responses={422: {"model": ErrorOut}})
+@router.get(
+    "",
+    response_model=JobPage,
+    responses={**success(200, RATE_LIMITED), **errors(*AUTHENTICATED, 422)},
+    operation_id="listJobs",
+)
 def list_tenant_jobs(
     tenant: TenantDep,
     session: SessionDep,
@@ -42,7 +63,9 @@ def list_tenant_jobs(
     return JobPage(jobs=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})
+@router.get(
+    "/{job_id}", response_model=JobOut, responses={**success(200, RATE_LIMITED), **JOB_ERRORS}, operation_id="getJob"
+)
 def read_job(job_id: JobId, tenant: TenantDep, session: SessionDep) -> JobOut:
     return JobOut.of(get_job(session, tenant, job_id))
 
@@ -51,31 +74,38 @@ def read_job(job_id: JobId, tenant: TenantDep, session: SessionDep) -> JobOut:
     "/{job_id}/cancel",
     status_code=202,
     response_model=JobOut,
-    responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut, "description": "the job has already finished"}},
+    responses={
+        **success(202, RATE_LIMITED),
+        **JOB_ERRORS,
+        **errors(409, s409="illegal_transition: the job has already finished"),
+    },
+    operation_id="cancelJob",
 )
 def cancel_job(job_id: JobId, tenant: TenantDep, session: SessionDep) -> JobOut:
     """A queued job is canceled at once; a running one becomes `canceling` and stops at its next step."""
     return JobOut.of(request_cancel(session, tenant, job_id))
 
 
-def _png(request: Request, session: Session, tenant: str, job_id: str, kind: str, index: int) -> Response:
+def _png(session: Session, tenant: str, job_id: str, kind: str, index: int, if_none_match: str | None) -> Response:
     get_job(session, tenant, job_id)  # another tenant's job is a 404 like a missing one
     blob = get_image(session, job_id, kind, index)
     etag = f'"{blob.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}  # a job's images never change
-    if request.headers.get("if-none-match") == etag:
+    if if_none_match == etag:
         return Response(status_code=304, headers=headers)
     return Response(blob.data, media_type="image/png", headers=headers)
 
 
-@router.get("/{job_id}/images/{index}", response_class=Response, responses=PNG)
-def read_image(job_id: JobId, index: ImageIndex, request: Request, tenant: TenantDep, session: SessionDep) -> Response:
-    return _png(request, session, tenant, job_id, "image", index)
+@router.get("/{job_id}/images/{index}", response_class=Response, responses=PNG, operation_id="getJobImage")
+def read_image(
+    job_id: JobId, index: ImageIndex, tenant: TenantDep, session: SessionDep, if_none_match: IfNoneMatch = None
+) -> Response:
+    return _png(session, tenant, job_id, "image", index, if_none_match)
 
 
-@router.get("/{job_id}/heatmaps/{index}", response_class=Response, responses=PNG)
+@router.get("/{job_id}/heatmaps/{index}", response_class=Response, responses=PNG, operation_id="getJobHeatmap")
 def read_heatmap(
-    job_id: JobId, index: ImageIndex, request: Request, tenant: TenantDep, session: SessionDep
+    job_id: JobId, index: ImageIndex, tenant: TenantDep, session: SessionDep, if_none_match: IfNoneMatch = None
 ) -> Response:
     """The image with each concept's attention map drawn over it (generate jobs given `concepts`)."""
-    return _png(request, session, tenant, job_id, "heatmap", index)
+    return _png(session, tenant, job_id, "heatmap", index, if_none_match)

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from sepen_store.settings import Settings
 from service.deps import SettingsDep, TenantDep
 from service.errors import ApiError
+from service.openapi import AUTHENTICATED, RATE_LIMITED, errors, success
 from service.schemas import ModelOut
 
 router = APIRouter(tags=["models"])
@@ -26,7 +27,7 @@ def resolve_model(settings: Settings, name: str | None) -> str:
     return name
 
 
-@router.get("/models")
+@router.get("/models", responses={**success(200, RATE_LIMITED), **errors(*AUTHENTICATED)}, operation_id="listModels")
 def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
     # Names only: the sources are server paths, no business of the client's.
     return [ModelOut(name=name, default=name == settings.default_model) for name in settings.models]

@@ -103,11 +103,7 @@ def test_default_model_is_the_toy_model_with_its_own_settings(tmp_path):
     run = sepen("generate", "a cherry", "--adapter", str(adapter_path), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     image = Image.open(tmp_path / "out" / "image-0.png")
-    assert (
-        image.text["model"] == "sepen-toyworld"
-        and image.text["steps"] == "20"
-        and image.text["guidance_scale"] == "1.0"
-    )
+    assert image.text["model"] == "sepen-toy" and image.text["steps"] == "20" and image.text["guidance_scale"] == "1.0"
     assert image.size == (32, 32) and "cherry" in detect(load_world(), image)
 
 
@@ -121,3 +117,21 @@ def test_errors_are_one_readable_line(tmp_path):
     assert run.returncode == 2 and "steps: must be an integer from 1" in run.stderr
     run = sepen("generate", "a cat", "--model", str(tmp_path / "missing"), cwd=tmp_path)
     assert run.returncode == 2 and "does not exist" in run.stderr
+
+
+def test_every_option_explains_itself_and_shows_its_default():
+    """`sepen CMD --help` gives each option a line of help, and a default where one applies."""
+    import argparse
+
+    from sepen_core.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"sepen {name} {action.option_strings or action.dest} has no help"
+        text = sub.format_help()
+        if any("--seed" in a.option_strings for a in sub._actions):
+            assert "(default: 0)" in " ".join(text.split()), f"sepen {name} --help does not show --seed's default"

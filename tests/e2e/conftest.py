@@ -101,11 +101,12 @@ class Deployment:
         assert run.returncode == 0, run.stderr
         return run.stdout.strip()
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, **env: str) -> subprocess.Popen:
+        """A `sepen-worker` process with the deployment's environment (and `env`'s changes to it)."""
         log = open(self.logs / f"worker-{len(self.workers)}.log", "w")
         proc = subprocess.Popen(
             [str(BIN / "sepen-worker"), "--loglevel", "INFO"],
-            env=self.env,
+            env={**self.env, **env},
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

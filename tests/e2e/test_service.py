@@ -4,7 +4,10 @@ Runs against Postgres + Redis + Celery workers, and again in the embedded mode."
 
 import io
 import json
+import re
+import time
 
+import psutil
 import pytest
 from PIL import Image
 
@@ -12,6 +15,7 @@ from sepen_core.adapters import KeyProjectionAdapter
 from tests.e2e.conftest import wait_for_job, wait_until
 
 # The tiny random model needs content maps and a large rate to move; its steps are slow enough to catch mid-run.
+RESENT = re.compile(r"reconciler re-sent \d+ job\(s\): (.+)")
 TINY_RECIPE = {"steps": 8, "batch_size": 2, "learning_rate": 0.02, "normalization": "content"}
 
 
@@ -116,7 +120,11 @@ def test_killed_worker_resumes_and_yields_exactly_one_version(deployment, api_ke
             "the finetune to pass its first checkpoints",
         )
         victim = next(w for w in deployment.workers if w.poll() is None)
+        job_processes = psutil.Process(victim.pid).children(recursive=True)
+        assert job_processes, "the worker runs its jobs in a child process"
         deployment.kill_worker(victim)
+        _, alive = psutil.wait_procs(job_processes, timeout=10)
+        assert not alive, "the job process outlived its killed worker"
         assert client.get(f"/jobs/{job['id']}").json()["status"] == "running"  # orphaned until its lease runs out
         deployment.start_worker()
         done = wait_for_job(client, job["id"], timeout=180)
@@ -126,9 +134,10 @@ def test_killed_worker_resumes_and_yields_exactly_one_version(deployment, api_ke
         assert [v["version"] for v in client.get("/adapters/survivor").json()["versions"]] == [1]
 
 
-def test_broker_restart_loses_no_queued_job(deployment, api_key):
-    """Jobs whose messages sat in Redis when it restarted (it keeps nothing on disk), and jobs sent
-    while it was down, all run once a worker is back."""
+def test_broker_restart_loses_no_queued_job_and_re_sends_each_lost_message_once(deployment, api_key):
+    """Jobs whose messages sat in Redis when it restarted (it keeps nothing on disk), and jobs sent while it
+    was down, all run once workers are back; two workers' reconcilers re-send each lost message once, and
+    never a message that is still waiting in the broker (the queue is longer than the re-send period)."""
     if deployment.redis is None:
         pytest.skip("the embedded mode has no broker server to restart")
     with deployment.client(api_key) as client:
@@ -138,17 +147,24 @@ def test_broker_restart_loses_no_queued_job(deployment, api_key):
                 worker.wait(30)
 
         def submit(seed):
-            response = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 2, "seed": seed})
+            response = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 12, "seed": seed})
             assert response.status_code == 202, response.text
             return response.json()["job"]["id"]
 
-        in_broker = [submit(seed) for seed in range(2)]
+        in_broker = [submit(seed) for seed in range(16)]
         deployment.redis.stop()
-        while_down = [submit(seed) for seed in range(2, 4)]  # stored even though they could not be sent
-        deployment.redis.start()  # an empty broker: the first two messages are gone
+        while_down = [submit(seed) for seed in range(16, 19)]  # stored even though they could not be sent
+        deployment.redis.start()  # an empty broker: the first sixteen messages are gone
+        first_new = len(deployment.workers)
+        deployment.start_worker()
         deployment.start_worker()
         for job_id in in_broker + while_down:
-            assert wait_for_job(client, job_id, timeout=120)["status"] == "succeeded"
+            assert wait_for_job(client, job_id, timeout=180)["status"] == "succeeded"
+        time.sleep(3)  # a few more reconciler rounds with nothing lost
+        logs = [(deployment.logs / f"worker-{i}.log").read_text() for i in range(first_new, first_new + 2)]
+        resent = [job for log in logs for line in RESENT.findall(log) for job in line.split(", ")]
+        print(f"re-sent messages: {len(resent)} for {len(in_broker + while_down)} lost")
+        assert sorted(resent) == sorted(in_broker + while_down)
 
 
 def test_client_errors(deployment, api_key, other_key):

@@ -1,9 +1,12 @@
-"""Gateway fixtures: a fresh Postgres database migrated with Alembic, Redis db 14 as the broker, an app, API keys."""
+"""Gateway fixtures: a fresh Postgres database migrated with Alembic, Redis db 14 as the broker, an app, API keys,
+and the same app with its broker or its database down."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -11,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from sepen_store.auth import create_api_key
 from sepen_store.database import make_engine, session_factory
+from sepen_store.rate_limits import RateLimiter
 from sepen_store.registry import publish_version
 from sepen_store.settings import GatewaySettings
 from sepen_store.tables import new_id
@@ -19,6 +23,7 @@ from tests.conftest import postgres_database
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
 CLOSED_BROKER_URL = "redis://127.0.0.1:6390/0"  # nothing listens here: a broker that is down
+CLOSED_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5499/sepen"  # nor here: a database that is down
 MODELS = {"sepen-tiny": "tiny", "sd15": "/models/sd15"}
 
 
@@ -60,6 +65,25 @@ def down_client(service_settings):
     """The same service, with its broker down."""
     with TestClient(create_app(service_settings.with_(broker_url=CLOSED_BROKER_URL))) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def db_down_client(service_settings):
+    """The same service, with its database down."""
+    with TestClient(create_app(service_settings.with_(database_url=CLOSED_DATABASE_URL))) as test_client:
+        yield test_client
+
+
+@contextmanager
+def swapped_rate_limiter(client: TestClient, limiter: RateLimiter) -> Iterator[TestClient]:
+    """The client's app counting with `limiter` (one with a fixed clock never meets a window's edge mid-test)."""
+    state = client.app.state
+    before, state.rate_limiter = state.rate_limiter, limiter
+    try:
+        yield client
+    finally:
+        state.rate_limiter = before
+        limiter.close()
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,8 @@ def test_unknown_adapter_or_version_is_404_naming_it(client, auth, tenant, publi
     assert client.get("/adapters/nope/1/weights", headers=auth).status_code == 404
     version = client.get("/adapters/cat-dog/5/weights", headers=auth)
     assert version.status_code == 404 and "cat-dog@5" in error_of(version)["message"]
-    assert client.get("/adapters/Bad%20Name/1/weights", headers=auth).status_code == 404
+    malformed = client.get("/adapters/Bad%20Name/1/weights", headers=auth)  # no adapter can have this name
+    assert malformed.status_code == 422 and error_of(malformed)["field"] == "name"
     assert client.get("/adapters/cat-dog/0/weights", headers=auth).status_code == 422
 
 

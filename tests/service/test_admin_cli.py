@@ -24,3 +24,13 @@ def test_create_key_refuses_a_bad_tenant(pg_url, monkeypatch, capsys):
     monkeypatch.setenv("SEPEN_DATABASE_URL", pg_url)
     assert main(["create-key", "--tenant", "x" * 65]) == 2
     assert "tenant" in capsys.readouterr().err
+
+
+def test_create_and_revoke_refuse_values_the_database_cannot_hold(pg_url, monkeypatch, capsys):
+    monkeypatch.setenv("SEPEN_DATABASE_URL", pg_url)
+    for tenant in ("a\x00b", "new\nline", " acme"):
+        assert main(["create-key", "--tenant", tenant]) == 2
+        assert "tenant" in capsys.readouterr().err
+    assert main(["create-key", "--tenant", "acme", "--name", "n" * 129]) == 2
+    assert main(["revoke-key", "sk_sepen_\x00"]) == 1  # matches nothing, and the query is never sent
+    assert "revoked 0" in capsys.readouterr().err

@@ -141,7 +141,7 @@ INVALID = [
     ("concepts.held_out", ["cat"], "concepts.held_out"),
     ("concepts.oops", 1, "concepts.oops"),
     ("templates", ["a photo of a {A}"], "templates"),
-    ("templates", ["a {A} and a {C}"], "templates"),
+    ("templates", ["a {A} and a {C}"], "templates.0"),
     ("templates", "a {A} and a {B}", "templates"),
 ]
 

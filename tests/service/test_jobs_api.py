@@ -46,8 +46,11 @@ def test_unknown_and_other_tenants_jobs_are_404(client, auth, other_auth, error_
         assert response.status_code == 404
         assert error_of(response)["code"] == "job_not_found"
     assert client.post(f"/jobs/{job_id}/cancel", headers=other_auth).status_code == 404
-    missing = client.get("/jobs/doesnotexist", headers=auth)
-    assert missing.status_code == 404 and "doesnotexist" in error_of(missing)["message"]
+    missing = client.get(f"/jobs/{'0' * 32}", headers=auth)
+    assert missing.status_code == 404 and "0" * 32 in error_of(missing)["message"]
+    malformed = client.get("/jobs/doesnotexist", headers=auth)  # not a job id at all
+    assert malformed.status_code == 422 and error_of(malformed)["field"] == "job_id"
+    assert "32 hex digits" in error_of(malformed)["message"]
 
 
 def test_cancel_a_queued_job(client, auth):

@@ -9,7 +9,7 @@ from sepen_core.prompts import ConceptSet
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.jobs import create_job, get_job
 from sepen_store.settings import WorkerSettings
-from worker import runner as runner_module
+from worker import work as work_module
 from worker.runner import Runtime
 
 
@@ -17,7 +17,7 @@ from worker.runner import Runtime
 def runtime(tmp_path):
     settings = WorkerSettings(data_dir=tmp_path, checkpoint_every=2, progress_interval_s=0.0)
     upgrade_database(settings.database_url)
-    return Runtime.create(settings, session_factory(make_engine(settings.database_url)))
+    return Runtime.create(settings, session_factory(make_engine(settings.database_url)), in_process=True)
 
 
 def submit(runtime, kind, request):
@@ -42,18 +42,18 @@ def job_row(runtime, job_id):
 
 
 def test_out_of_memory_fails_the_job_and_the_next_job_runs(runtime, monkeypatch):
-    real_generate = runner_module.generate
+    real_generate = work_module.generate
 
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(runner_module, "generate", exhausted)
+    monkeypatch.setattr(work_module, "generate", exhausted)
     first = submit(runtime, "generate", generate_request())
     assert runtime.run("generate", first) == "failed"
     row = job_row(runtime, first)
     assert row.error_code == "out_of_memory" and "20.00 GiB" in row.error_message
 
-    monkeypatch.setattr(runner_module, "generate", real_generate)
+    monkeypatch.setattr(work_module, "generate", real_generate)
     second = submit(runtime, "generate", generate_request())
     assert runtime.run("generate", second) == "succeeded"
     stored = job_row(runtime, second).result  # indices, not URLs: the gateway makes the links
@@ -62,7 +62,7 @@ def test_out_of_memory_fails_the_job_and_the_next_job_runs(runtime, monkeypatch)
 
 
 def test_unexpected_crash_is_an_internal_error_with_its_message(runtime, monkeypatch):
-    monkeypatch.setattr(runner_module, "generate", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(work_module, "generate", lambda *a, **k: 1 / 0)
     job_id = submit(runtime, "generate", generate_request())
     assert runtime.run("generate", job_id) == "failed"
     row = job_row(runtime, job_id)

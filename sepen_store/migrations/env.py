@@ -1,7 +1,6 @@
 """Alembic environment: migrates the database named by the config (or by the SEPEN_* settings)."""
 
 from alembic import context
-from sqlalchemy import pool
 
 from sepen_store.database import make_engine
 from sepen_store.settings import Settings
@@ -20,8 +19,7 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(url)
-    engine.pool = pool.NullPool(engine.pool._creator)
+    engine = make_engine(url)  # its own pool (swapping in another would skip the dialect's first-connect setup)
     with engine.connect() as connection:
         context.configure(
             connection=connection, target_metadata=Base.metadata, render_as_batch=url.startswith("sqlite")

@@ -1,0 +1,62 @@
+"""What a base model says about itself without being loaded (no torch): its native image size and its defaults,
+and the limits a service puts on one request for it. The gateway reads these; only workers load models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sepen_core.config import BUNDLED_SOURCE, TINY_SOURCE, ModelDefaults
+from sepen_core.errors import ModelLoadError
+
+BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "sepen-toy"
+TINY_NATIVE_SIDE = 64  # the tiny random model: a 32-pixel latent, a VAE that halves
+MAX_SIDE_FACTOR = 2  # a request may ask for up to twice the model's native height and width
+MAX_IMAGES = 8
+MAX_SAMPLE_STEPS = 200
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    native_height: int
+    native_width: int
+    defaults: ModelDefaults
+
+    @property
+    def max_height(self) -> int:
+        return self.native_height * MAX_SIDE_FACTOR
+
+    @property
+    def max_width(self) -> int:
+        return self.native_width * MAX_SIDE_FACTOR
+
+    def limits(self) -> dict[str, int]:
+        """One request's bounds for this model: image size, number of images and sampling steps."""
+        return {
+            "max_height": self.max_height,
+            "max_width": self.max_width,
+            "max_images": MAX_IMAGES,
+            "max_steps": MAX_SAMPLE_STEPS,
+        }
+
+
+def model_card(source: str) -> ModelCard:
+    """The card of a model source as SEPEN_MODELS names it: "toy", "tiny" / "tiny:SEED" or a diffusers directory."""
+    if source == TINY_SOURCE or source.startswith(f"{TINY_SOURCE}:"):
+        return ModelCard(TINY_NATIVE_SIDE, TINY_NATIVE_SIDE, ModelDefaults())
+    path = BUNDLED_MODEL_DIR if source == BUNDLED_SOURCE else Path(source)
+    try:
+        index = _json(path / "model_index.json")
+        unet = _json(path / "unet" / "config.json")
+        vae = _json(path / "vae" / "config.json") if (path / "vae").is_dir() else None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{source}: not a readable diffusers model directory ({exc})") from exc
+    side = unet.get("sample_size", 64)
+    latent_h, latent_w = (side, side) if isinstance(side, int) else side
+    scale = 1 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
+    return ModelCard(latent_h * scale, latent_w * scale, ModelDefaults.from_dict(index.get("sepen_defaults", {})))
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())

@@ -1,0 +1,30 @@
+"""Telling a dependency outage from a bug: which driver errors mean the database or the broker does not answer.
+
+The gateway answers those with 503 and Retry-After instead of 500, and says which dependency is down without
+the driver's text (it names hosts and ports).
+"""
+
+from __future__ import annotations
+
+import kombu.exceptions
+import redis.exceptions
+from sqlalchemy import exc as sa_exc
+
+OUTAGE_RETRY_AFTER_S = 5
+
+
+def outage_of(exc: BaseException) -> str | None:
+    """'database' or 'broker' when `exc` says that dependency is unreachable, overloaded or restarting; else None.
+
+    SQLAlchemy's OperationalError covers what a working query can meet from the server's side (connection
+    refused or lost, shutdown, too many clients, SQLite's "database is locked"); InterfaceError a connection
+    the driver lost; TimeoutError a pool with no free connection."""
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
+        return "database"
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return "database"
+    if isinstance(
+        exc, kombu.exceptions.OperationalError | redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+    ):
+        return "broker"
+    return None

@@ -1,0 +1,116 @@
+"""Jobs run in the worker's child job process: errors keep their codes, a time limit or a cancel stops a job
+inside one long step within seconds, a fresh process takes the stopped one's place, and a job reclaimed
+after its worker died keeps its cancel request."""
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from sepen_core.config import SampleConfig
+from sepen_store.database import make_engine, session_factory, upgrade_database
+from sepen_store.job_outputs import get_image
+from sepen_store.jobs import claim_job, create_job, get_job, request_cancel
+from sepen_store.settings import WorkerSettings
+from sepen_store.tables import Job, utcnow
+from worker.runner import Runtime
+
+# One denoising step of the tiny model at 256x256 with two images takes about a minute on a 2-core CPU: a job
+# that stays inside one step for far longer than the limits below.
+LONG_STEP = SampleConfig(num_inference_steps=1, height=256, width=256, num_images=2).to_dict()
+SHORT = SampleConfig(num_inference_steps=2).to_dict()
+
+
+@pytest.fixture
+def make_runtime(tmp_path):
+    runtimes = []
+
+    def make(**settings):
+        worker_settings = WorkerSettings(data_dir=tmp_path, progress_interval_s=0.0, job_lease_s=4, **settings)
+        upgrade_database(worker_settings.database_url)
+        runtime = Runtime.create(worker_settings, session_factory(make_engine(worker_settings.database_url)))
+        runtimes.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in runtimes:
+        runtime.close()
+
+
+def submit(runtime, sample, concepts=()):
+    request = {"prompt": "a cat and a dog", "model": "sepen-tiny", "adapter": None, "concepts": list(concepts)}
+    with runtime.sessions() as session:
+        return create_job(session, "acme", "generate", {**request, "sample": sample})[0].id
+
+
+def row(runtime, job_id):
+    with runtime.sessions() as session:
+        return get_job(session, None, job_id)
+
+
+def test_jobs_run_in_one_reused_process_and_errors_keep_their_codes(make_runtime):
+    runtime = make_runtime()
+    ok = submit(runtime, SHORT)
+    assert runtime.run("generate", ok) == "succeeded"
+    first_pid = runtime.jobs.pid
+    with runtime.sessions() as session:
+        assert get_image(session, ok, "image", 0).data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert row(runtime, ok).progress == {"step": 2, "total": 2}
+
+    bad = submit(runtime, SHORT, concepts=["cat", "dogs"])
+    assert runtime.run("generate", bad) == "failed"
+    assert row(runtime, bad).error_code == "concept_not_found" and "'dogs'" in row(runtime, bad).error_message
+    assert runtime.jobs.pid == first_pid  # a failed job does not cost the process its loaded models
+
+
+def test_a_time_limit_stops_a_job_inside_one_long_step(make_runtime):
+    runtime = make_runtime(generate_time_limit_s=3)
+    runtime.jobs.start()
+    old_pid = runtime.jobs.pid
+    long_job = submit(runtime, LONG_STEP)
+    started = time.monotonic()
+    assert runtime.run("generate", long_job) == "failed"
+    assert time.monotonic() - started < 20
+    failed = row(runtime, long_job)
+    assert failed.error_code == "time_limit_exceeded" and "SEPEN_GENERATE_TIME_LIMIT_S" in failed.error_message
+
+    after = submit(runtime, SHORT)
+    assert runtime.run("generate", after) == "succeeded"  # a fresh job process took the stopped one's place
+    assert runtime.jobs.pid not in (None, old_pid)
+
+
+def test_cancel_stops_a_job_inside_one_long_step_within_seconds(make_runtime):
+    runtime = make_runtime(cancel_grace_s=1)
+    job_id = submit(runtime, LONG_STEP)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("status", runtime.run("generate", job_id)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while row(runtime, job_id).status != "running":
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.1)
+    time.sleep(2)  # well inside its one step
+    with runtime.sessions() as session:
+        request_cancel(session, "acme", job_id)
+    asked = time.monotonic()
+    thread.join(30)
+    assert not thread.is_alive() and outcome["status"] == "canceled"
+    assert time.monotonic() - asked < 8  # a heartbeat (at most 1 s here) + the 1 s grace + stopping the process
+    assert row(runtime, job_id).status == "canceled"
+
+
+def test_a_reclaimed_job_keeps_its_cancel_request(make_runtime):
+    runtime = make_runtime()
+    job_id = submit(runtime, LONG_STEP)
+    with runtime.sessions() as session:
+        assert claim_job(session, job_id, "a-worker-that-dies", lease_s=4) is not None
+        assert request_cancel(session, "acme", job_id).status == "canceling"
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+        session.commit()
+    started = time.monotonic()
+    assert runtime.run("generate", job_id) == "canceled"
+    assert time.monotonic() - started < 5  # ended without running its minute-long step
+    done = row(runtime, job_id)
+    assert done.status == "canceled" and done.attempts == 2 and done.result is None

@@ -1,0 +1,214 @@
+"""Where a job's work runs: in a child process of the worker (JobProcess), which the worker can stop at any
+moment, even inside one long step, to honour a cancel or a time limit; a fresh child then takes its place.
+InProcess runs the same work in the worker itself (tests of the work; no hard stop).
+
+The child keeps the models and adapters it loaded between jobs, sends progress to the worker through a pipe
+and reads the cancel flag from an Event; it exits on its own when the worker dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sepen_store.jobs import Claim
+from sepen_store.settings import WorkerSettings
+from worker.reporting import JobReporter
+
+if TYPE_CHECKING:
+    from worker.work import Work
+
+log = logging.getLogger(__name__)
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job's work ended: succeeded with its result, canceled, or failed with an error code and message."""
+
+    status: str
+    result: dict | None = None
+    code: str | None = None
+    message: str | None = None
+
+
+def run_work(work: Work, kind: str, job_id: str, resumed: bool, control) -> Outcome:
+    """Run the work and turn whatever happened into an Outcome (every failure has its error code)."""
+    import torch
+
+    from sepen_core.errors import Canceled
+    from worker.work import failure_of
+
+    try:
+        return Outcome("succeeded", work.run(kind, job_id, resumed, control).model_dump())
+    except Canceled:
+        return Outcome("canceled")
+    except Exception as exc:  # noqa: BLE001 - any crash ends this job, not the worker
+        failure = failure_of(exc)
+        log.warning("job %s failed: %s", job_id, failure, exc_info=failure.code == "internal_error")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return Outcome("failed", code=failure.code, message=str(failure))
+
+
+class InProcess:
+    """The work in the worker's own process: cancel only between steps, no time limit."""
+
+    def __init__(self, work: Work):
+        self.work = work
+
+    def run(self, kind: str, claim: Claim, reporter: JobReporter, time_limit_s: float) -> Outcome:
+        return run_work(self.work, kind, claim.job_id, claim.resumed, reporter)
+
+    def close(self) -> None:
+        pass
+
+
+class JobProcess:
+    """One child process that runs jobs one at a time; stopped (and later replaced) when a job must end now."""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self._process: multiprocessing.Process | None = None
+        self._conn = None
+        self._cancel = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start the child if none is alive (the worker calls this at startup so the first job needn't wait)."""
+        if self._process is not None and self._process.is_alive():
+            return
+        context = multiprocessing.get_context("spawn")  # CUDA does not survive fork
+        self._conn, child_conn = context.Pipe()
+        self._cancel = context.Event()
+        self._process = context.Process(
+            target=serve,
+            args=(self.settings.model_dump(), child_conn, self._cancel, os.getpid(), logging.getLogger().level),
+            name="sepen-job",
+            daemon=True,
+        )
+        self._process.start()
+        child_conn.close()
+
+    def close(self) -> None:
+        """Stop the child now (what a job had not stored is lost; a finetune resumes from its checkpoint)."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(10)
+            self._conn.close()
+        self._process = self._conn = self._cancel = None
+
+    def run(self, kind: str, claim: Claim, reporter: JobReporter, time_limit_s: float) -> Outcome:
+        """Hand the job to the child and wait for its outcome, passing its progress on; stop the child when
+        the job is canceled and has not stopped within cancel_grace_s, or when it runs past time_limit_s."""
+        self.start()
+        self._cancel.clear()
+        self._conn.send((kind, claim.job_id, claim.resumed))
+        deadline = None  # counted from the child's "started": a fresh child's imports are not the job's time
+        canceled_at = None
+        while True:
+            try:
+                message = self._conn.recv() if self._conn.poll(POLL_S) else None
+            except (EOFError, OSError):
+                message = None
+            if message is not None:
+                if message[0] == "done":
+                    return message[1]
+                if message[0] == "started":
+                    deadline = time.monotonic() + time_limit_s
+                else:
+                    reporter.progress(message[1], force=message[2])
+            if not self._process.is_alive():
+                return self._crashed()
+            now = time.monotonic()
+            if reporter.should_cancel() and canceled_at is None:
+                self._cancel.set()
+                canceled_at = now
+            if canceled_at is not None and now - canceled_at > self.settings.cancel_grace_s:
+                log.warning(
+                    "job %s did not stop within %.0f s of its cancel; stopping its process",
+                    claim.job_id,
+                    self.settings.cancel_grace_s,
+                )
+                self.close()
+                return Outcome("canceled")
+            if deadline is not None and now > deadline:
+                self.close()
+                return Outcome(
+                    "failed",
+                    code="time_limit_exceeded",
+                    message=f"the {kind} job ran longer than its time limit of {time_limit_s:g} s "
+                    f"(SEPEN_{kind.upper()}_TIME_LIMIT_S) and was stopped",
+                )
+
+    def _crashed(self) -> Outcome:
+        code = self._process.exitcode
+        self.close()
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        hint = " (the machine may have run out of memory)" if code == -signal.SIGKILL else ""
+        return Outcome("failed", code="worker_crashed", message=f"the process running the job {how}{hint}")
+
+
+class PipeControl:
+    """The child's JobControl: progress goes to the worker through the pipe, cancel comes from the Event."""
+
+    def __init__(self, conn, cancel):
+        self.conn = conn
+        self.cancel = cancel
+
+    def progress(self, progress: dict, *, force: bool = False) -> None:
+        self.conn.send(("progress", progress, force))
+
+    def should_cancel(self) -> bool:
+        return self.cancel.is_set()
+
+
+def serve(settings: dict, conn, cancel, parent_pid: int, loglevel: int) -> None:
+    """The child's loop: take a job from the pipe, run it, send its Outcome; exit when the worker is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the worker's to handle
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s[job process]: %(message)s")
+    threading.Thread(target=_exit_with, args=(parent_pid,), name="parent-watch", daemon=True).start()
+
+    _quiet_libraries()
+    from sepen_store.database import make_engine, session_factory
+    from worker.work import Work
+
+    worker_settings = WorkerSettings(**settings)
+    work = Work.create(worker_settings, session_factory(make_engine(worker_settings.database_url)))
+    while True:
+        try:
+            kind, job_id, resumed = conn.recv()
+        except (EOFError, OSError):
+            return
+        conn.send(("started",))
+        outcome = run_work(work, kind, job_id, resumed, PipeControl(conn, cancel))
+        try:
+            conn.send(("done", outcome))
+        except OSError:
+            return
+
+
+def _exit_with(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _quiet_libraries() -> None:
+    """No progress bars or advice from diffusers and transformers in a service's logs; their errors still show."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()

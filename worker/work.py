@@ -1,0 +1,300 @@
+"""What a claimed job does, the heavy part: finetune (load, probe, train, publish) and generate (load, sample,
+store). It runs inside the worker's job process (worker/engine.py) or, for tests, in the worker itself; it
+writes outputs through the store, reports progress and reads the cancel flag through a JobControl, and
+never changes the job row's status (worker/runner.py does).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from pydantic import BaseModel as Contract
+from pydantic import ValidationError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sepen_core.adapters import KeyProjectionAdapter
+from sepen_core.config import FinetuneConfig
+from sepen_core.diagnostics import diagnose
+from sepen_core.errors import SepenError
+from sepen_core.finetuning import Checkpoints, StepReport, finetune
+from sepen_core.images import png_bytes, sample_metadata
+from sepen_core.models import BaseModel
+from sepen_core.prompts import ConceptSet, fill_template
+from sepen_core.sampling import generate
+from sepen_store.contract import (
+    CurvePoint,
+    FinetuneProgress,
+    FinetuneRequest,
+    FinetuneResult,
+    FinetuneSummary,
+    GeneratedImage,
+    GenerateProgress,
+    GenerateResult,
+    JobRequest,
+    Losses,
+    ProbeDiagnosis,
+    parse_request,
+)
+from sepen_store.errors import StoreError
+from sepen_store.job_outputs import load_checkpoint, replace_images, save_checkpoint
+from sepen_store.jobs import get_job
+from sepen_store.registry import publish_version, version_of_job
+from sepen_store.settings import WorkerSettings
+from sepen_store.tables import AdapterVersion, Job
+from worker.caches import AdapterCache, ModelCache
+
+log = logging.getLogger(__name__)
+LOSS_CURVE_POINTS = 200
+PROBE_PROMPTS = 4
+PROBE_SAMPLES = 8
+
+
+class JobControl(Protocol):
+    """The running job's link to its row, as the work sees it (worker/reporting.JobReporter in process)."""
+
+    def progress(self, progress: dict, *, force: bool = False) -> None: ...
+
+    def should_cancel(self) -> bool: ...
+
+
+class JobFailure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def failure_of(exc: BaseException) -> JobFailure:
+    """What went wrong as the error code a client sees: the code each error class declares."""
+    if isinstance(exc, JobFailure):
+        return exc
+    if isinstance(exc, (SepenError, StoreError)):
+        return JobFailure(exc.code, str(exc))
+    if isinstance(exc, ValidationError):
+        return JobFailure("invalid_request", f"the job's stored request does not fit the job contract: {exc}")
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return JobFailure("out_of_memory", f"the worker ran out of memory: {exc}".strip())
+    return JobFailure("internal_error", f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class Work:
+    """The models, adapters and database sessions the work of jobs needs, kept between jobs."""
+
+    settings: WorkerSettings
+    sessions: sessionmaker[Session]
+    models: ModelCache
+    adapters: AdapterCache
+
+    @classmethod
+    def create(cls, settings: WorkerSettings, sessions: sessionmaker[Session]) -> Work:
+        return cls(settings, sessions, ModelCache(settings), AdapterCache(settings.adapter_cache_size))
+
+    def run(self, kind: str, job_id: str, resumed: bool, control: JobControl) -> Contract:
+        """The job's typed result; raises what went wrong (see failure_of), or Canceled."""
+        step = self.finetune if kind == "finetune" else self.generate
+        return step(job_id, resumed, control)
+
+    def _load_request(self, job_id: str) -> tuple[Job, JobRequest]:
+        with self.sessions() as session:
+            job = get_job(session, None, job_id)
+            return job, parse_request(job.kind, job.request)
+
+    # -- finetune: load, probe, train, publish ---------------------------------------------------
+    def finetune(self, job_id: str, resumed: bool, control: JobControl) -> FinetuneResult:
+        job, request = self._load_request(job_id)
+        with self.sessions() as session:
+            published = version_of_job(session, job.id)
+            if published is not None:  # an earlier attempt published and died before finishing the job
+                return finetune_result(request.adapter, published)
+        model = self.models.get(request.model)
+        concepts = ConceptSet.from_dict(request.concepts)
+        config = model.defaults.finetune_config(concepts.mode, request.recipe)
+        probes = probe_prompts(concepts)
+        before = probe(model, probes, config)
+        with tempfile.TemporaryDirectory(prefix=f"sepen-{job.id[:8]}-") as directory:
+            resumed_from = self._restore_checkpoint(job.id, Path(directory)) if resumed else 0
+            checkpoints = Checkpoints(
+                directory,
+                every=self.settings.checkpoint_every,
+                on_write=lambda d, step: self._store_checkpoint(job.id, d, step),
+            )
+            result = finetune(
+                model,
+                concepts,
+                config,
+                should_cancel=control.should_cancel,
+                checkpoint_dir=checkpoints,
+                on_step=lambda report: control.progress(
+                    step_progress(report).model_dump(), force=report.step == report.total_steps
+                ),
+                adapter_metadata={
+                    "name": request.adapter,
+                    "job_id": job.id,
+                    "tenant": job.tenant,
+                    "model": request.model,
+                },
+            )
+        after = probe(model, probes, config, result.adapter)
+        summary = FinetuneSummary(
+            loss_curve=loss_curve(result.history),
+            final=step_progress(result.history[-1]),
+            resumed_from_step=resumed_from,
+            diagnostics=[
+                ProbeDiagnosis(prompt=b["prompt"], before=b, after=a) for b, a in zip(before, after, strict=True)
+            ],
+        )
+        return self._publish(job, request, result.adapter, summary)
+
+    def _publish(
+        self, job: Job, request: FinetuneRequest, adapter: KeyProjectionAdapter, summary: FinetuneSummary
+    ) -> FinetuneResult:
+        adapter.metadata["summary"] = summary.model_dump()
+        with self.sessions() as session:
+            version = publish_version(
+                session,
+                tenant=job.tenant,
+                name=request.adapter,
+                job_id=job.id,
+                data=adapter.to_bytes(),
+                base_model=request.model,
+                base_fingerprint=adapter.base_fingerprint,
+                sha256=adapter.sha256,
+                metadata=adapter.metadata,
+            )
+            return finetune_result(request.adapter, version)
+
+    def _store_checkpoint(self, job_id: str, directory: Path, step: int) -> None:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for path in sorted(directory.iterdir()):
+                tar.add(path, arcname=path.name)
+        with self.sessions() as session:
+            save_checkpoint(session, job_id, step, buffer.getvalue())
+
+    def _restore_checkpoint(self, job_id: str, directory: Path) -> int:
+        with self.sessions() as session:
+            stored = load_checkpoint(session, job_id)
+        if stored is None:
+            return 0
+        step, data = stored
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            tar.extractall(directory, filter="data")
+        log.info("job %s resumes from its checkpoint at step %d", job_id, step)
+        return step
+
+    # -- generate: load, sample, store -----------------------------------------------------------
+    def generate(self, job_id: str, resumed: bool, control: JobControl) -> GenerateResult:
+        job, request = self._load_request(job_id)
+        with self.sessions() as session:
+            adapter = self.adapters.get(session, job.adapter_version_id) if job.adapter_version_id else None
+        if request.adapter and adapter is None:
+            raise JobFailure("adapter_not_found", f"adapter {request.adapter} was deleted before the job ran")
+        model = self.models.get(request.model)
+        config = model.defaults.sample_config(request.sample)
+        result = generate(
+            model,
+            request.prompt,
+            config,
+            adapter=adapter,
+            concepts=request.concepts or None,
+            on_step=lambda i, n: control.progress(GenerateProgress(step=i, total=n).model_dump(), force=i == n),
+            should_cancel=control.should_cancel,
+        )
+        pngs, images = [], []
+        for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+            metadata = sample_metadata(
+                request.prompt, seed, config, model=request.model, adapter=request.adapter, job=job.id
+            )
+            pngs.append(("image", i, png_bytes(image, metadata)))
+            if result.scores is not None:
+                pngs.append(("heatmap", i, png_bytes(result.heatmap(i), metadata)))
+            images.append(
+                GeneratedImage(
+                    index=i,
+                    seed=seed,
+                    heatmap=result.scores is not None,
+                    scores=result.scores[i].to_dict() if result.scores is not None else None,
+                )
+            )
+        with self.sessions() as session:
+            replace_images(session, job.id, pngs)
+        return GenerateResult(
+            images=images,
+            adapter=request.adapter,
+            model=request.model,
+            concepts=request.concepts,
+            sample=config.to_dict(),
+        )
+
+
+def probe_prompts(concepts: ConceptSet) -> list[tuple[str, tuple[str, ...]]]:
+    """A few prompts to diagnose before and after: the first groups, or seen and held-out pairs."""
+    if concepts.groups:
+        return [(fill_template(concepts.templates_for(len(g))[0], g), g) for g in concepts.groups[:PROBE_PROMPTS]]
+    seen, held = concepts.training_concepts, concepts.held_out
+    pairs = (
+        [(seen[0], seen[1])] + ([(held[0], held[1])] if len(held) >= 2 else []) + ([(seen[0], held[0])] if held else [])
+    )
+    return [(fill_template(concepts.templates_for(2)[0], p), p) for p in pairs[:PROBE_PROMPTS]]
+
+
+def probe(
+    model: BaseModel,
+    probes: list[tuple[str, tuple[str, ...]]],
+    config: FinetuneConfig,
+    adapter: KeyProjectionAdapter | None = None,
+) -> list[dict]:
+    """The attention diagnostics of each probe prompt, with the base keys or with `adapter`."""
+    return [
+        diagnose(model, prompt, list(concepts), maps=config.maps, samples=PROBE_SAMPLES, adapter=adapter).to_dict()
+        for prompt, concepts in probes
+    ]
+
+
+def step_progress(report: StepReport) -> FinetuneProgress:
+    return FinetuneProgress(
+        step=report.step,
+        total=report.total_steps,
+        eta_s=round(report.eta, 1),
+        elapsed_s=round(report.elapsed, 1),
+        losses=Losses(total=report.loss, separate=report.separate, enhance=report.enhance, prior=report.prior),
+        min_peak=report.min_peak,
+        overlap=report.overlap,
+        peaks=report.peaks,
+    )
+
+
+def loss_curve(history: list[StepReport]) -> list[CurvePoint]:
+    """At most about LOSS_CURVE_POINTS evenly spaced steps, always ending with the last one."""
+    stride = max(1, len(history) // LOSS_CURVE_POINTS)
+    kept = history[::stride] + ([history[-1]] if (len(history) - 1) % stride else [])
+    return [
+        CurvePoint(
+            step=r.step,
+            loss=r.loss,
+            separate=r.separate,
+            enhance=r.enhance,
+            prior=r.prior,
+            min_peak=r.min_peak,
+            overlap=r.overlap,
+        )
+        for r in kept
+    ]
+
+
+def finetune_result(name: str, version: AdapterVersion) -> FinetuneResult:
+    summary = version.meta.get("summary")
+    return FinetuneResult(
+        adapter=f"{name}@{version.version}",
+        name=name,
+        version=version.version,
+        sha256=version.sha256,
+        summary=FinetuneSummary.model_validate(summary) if summary else None,
+    )
