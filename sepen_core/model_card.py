@@ -1,5 +1,5 @@
-"""What a base model says about itself without being loaded (no torch): its native image size and its defaults,
-and the limits a service puts on one request for it. The gateway reads these; only workers load models."""
+"""What a base model says about itself without being loaded (no torch): its native image size and its defaults.
+The gateway derives each model's request limits from it; only workers load models."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from sepen_core.errors import ModelLoadError
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "sepen-toy"
 TINY_NATIVE_SIDE = 64  # the tiny random model: a 32-pixel latent, a VAE that halves
 MAX_SIDE_FACTOR = 2  # a request may ask for up to twice the model's native height and width
-MAX_IMAGES = 8
-MAX_SAMPLE_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -30,15 +28,6 @@ class ModelCard:
     @property
     def max_width(self) -> int:
         return self.native_width * MAX_SIDE_FACTOR
-
-    def limits(self) -> dict[str, int]:
-        """One request's bounds for this model: image size, number of images and sampling steps."""
-        return {
-            "max_height": self.max_height,
-            "max_width": self.max_width,
-            "max_images": MAX_IMAGES,
-            "max_steps": MAX_SAMPLE_STEPS,
-        }
 
 
 def model_card(source: str) -> ModelCard:

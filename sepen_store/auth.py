@@ -41,6 +41,14 @@ def authenticate(session: Session, key: str | None) -> str:
     return row.tenant
 
 
+def list_api_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
+    """Every key (or one tenant's), oldest first: prefix, tenant, name, created and revoked times; never the key."""
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.prefix)
+    if tenant is not None:
+        query = query.where(ApiKey.tenant == tenant)
+    return list(session.scalars(query))
+
+
 def revoke_api_key(session: Session, prefix: str) -> int:
     if len(prefix) > 16 or not prefix.isprintable():  # no stored prefix looks like this (and NUL breaks Postgres)
         return 0

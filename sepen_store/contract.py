@@ -26,7 +26,7 @@ class Limits:
     max_images = 8
     max_sample_steps = 200
     max_guidance = 30.0
-    min_side, max_side = 64, 1024
+    min_side, max_side = 8, 2048  # any model; each model's own maximum is tighter (GET /models)
     max_prompt = 1_000
 
 

@@ -66,3 +66,19 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     if url.startswith("sqlite"):
         make_engine(url).dispose()  # creates the parent directory
     command.upgrade(alembic_config(url), revision)
+
+
+def schema_status(engine: Engine) -> str | None:
+    """None when the database is at the migrations' head; else what to tell the operator (run migrate)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(alembic_config(engine.url.render_as_string(hide_password=False)))
+    head = scripts.get_current_head()
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current == head:
+        return None
+    where = engine.url.render_as_string(hide_password=True)
+    found = "has no sepen tables" if current is None else f"is at schema {current}, not {head}"
+    return f"the database at {where} {found}: run `sepen-admin migrate` first (with the same SEPEN_* settings)"

@@ -1,4 +1,4 @@
-"""`sepen-admin`: migrate the database, create and revoke API keys (settings from SEPEN_* variables)."""
+"""`sepen-admin`: migrate the database, create, list and revoke API keys (settings from SEPEN_* variables)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ def _parser() -> argparse.ArgumentParser:
     create = sub.add_parser("create-key", help="create an API key for a tenant and print it (it is shown only once)")
     create.add_argument("--tenant", required=True, help="the tenant the key acts for (1-64 characters)")
     create.add_argument("--name", default="", help="a label for the key, e.g. who holds it")
-    revoke = sub.add_parser("revoke-key", help="revoke the keys that start with PREFIX (as shown when listed)")
-    revoke.add_argument("prefix")
+    listing = sub.add_parser("list-keys", help="list the keys: prefix, tenant, name, created, revoked (never the key)")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    revoke = sub.add_parser("revoke-key", help="revoke the keys that start with PREFIX (as list-keys shows it)")
+    revoke.add_argument("prefix", help="the key's first characters, e.g. sk_sepen_Ab12Cd")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     require("sepen-admin", "api", part="store")  # before the imports the store extra brings
-    from sepen_store.auth import create_api_key, revoke_api_key
-    from sepen_store.database import make_engine, session_factory, upgrade_database
+    from sepen_store.auth import create_api_key, list_api_keys, revoke_api_key
+    from sepen_store.database import make_engine, schema_status, session_factory, upgrade_database
     from sepen_store.settings import Settings
 
     settings = Settings.from_env()
@@ -35,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     engine = make_engine(settings.database_url)
     try:
+        problem = schema_status(engine)
+        if problem:
+            print(f"sepen-admin: {problem}", file=sys.stderr)
+            return 2
         with session_factory(engine)() as session:
             if args.command == "create-key":
                 try:
@@ -43,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"sepen-admin: {exc}", file=sys.stderr)
                     return 2
                 print(key)
+            elif args.command == "list-keys":
+                for key in list_api_keys(session, args.tenant):
+                    revoked = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+                    print(f"{key.prefix}\t{key.tenant}\t{key.name or '-'}\t{key.created_at:%Y-%m-%d %H:%M}\t{revoked}")
             else:
                 count = revoke_api_key(session, args.prefix)
                 print(f"revoked {count} key(s)", file=sys.stderr)

@@ -363,9 +363,13 @@ class JobOut(BaseModel):
     links: JobLinks
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job, *, summary: bool = True) -> JobOut:
+        """The job as the API shows it; summary=False (GET /jobs) leaves out a finetune's summary (its loss curve
+        and diagnostics, tens of KB), which GET /jobs/<id> shows."""
         url = f"/jobs/{job.id}"
         result = result_out(url, parse_result(job.kind, job.result))
+        if not summary and isinstance(result, FinetuneResultOut):
+            result = result.model_copy(update={"summary": None})
         images = result.images if isinstance(result, GenerateResultOut) else []
         links = JobLinks(
             self=url,
@@ -452,9 +456,25 @@ class AdapterOut(BaseModel):
         )
 
 
+class ModelLimits(BaseModel):
+    """What one POST /generate may ask of this model: twice its native height and width at most."""
+
+    max_height: int
+    max_width: int
+    max_images: int
+    max_steps: int
+
+
 class ModelOut(BaseModel):
     name: str
     default: bool
+    native_height: int | None = Field(description="pixels; null when the gateway cannot read the model's files")
+    native_width: int | None
+    defaults: dict[str, Any] = Field(
+        description="what the model uses where a request is silent (its sepen_defaults), e.g. sample steps",
+        examples=[{"sample": {"num_inference_steps": 20, "guidance_scale": 1.0}}],
+    )
+    limits: ModelLimits
 
 
 class HealthOut(BaseModel):

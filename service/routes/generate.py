@@ -16,7 +16,7 @@ from sepen_store.settings import Settings
 from sepen_store.tables import AdapterVersion
 from service.deps import CeleryDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
-from service.routes.models import resolve_model
+from service.routes.models import check_size, resolve_model
 from service.schemas import GenerateIn, SubmittedJob
 from service.submission import SUBMIT_RESPONSES, submit_job, submitted
 
@@ -86,6 +86,7 @@ def submit_generate(
             ) from exc
         ref = f"{parse_ref(body.adapter)[0]}@{version.version}"
     model = pick_model(settings, body.model, version, ref)
+    check_size(settings, model, body.height, body.width)
     seed = body.seed if body.seed is not None else pick_seed(tenant, idempotency_key)
     # Only what the request gives is stored: the worker fills the rest from the model's defaults.
     given = {

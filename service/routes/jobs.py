@@ -60,7 +60,7 @@ def list_tenant_jobs(
             "cursor: not a next_cursor this API returned; start again without it",
             field="cursor",
         ) from exc
-    return JobPage(jobs=[JobOut.of(job) for job in jobs], next_cursor=next_cursor)
+    return JobPage(jobs=[JobOut.of(job, summary=False) for job in jobs], next_cursor=next_cursor)
 
 
 @router.get(

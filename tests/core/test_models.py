@@ -127,3 +127,17 @@ def test_mask_padding_keeps_prompt_tokens_and_first_end_token(tmp_path):
     assert torch.isfinite(result.pixels).all() and torch.isfinite(result.maps).all()
     model.save_pretrained(tmp_path / "m")
     assert load_base_model(tmp_path / "m").mask_padding is True
+
+
+def test_model_cards_read_native_size_and_defaults_without_loading(tmp_path, tiny_model):
+    """What the gateway learns from a model's files alone (no torch): the size sampling draws by default."""
+    from sepen_core.model_card import model_card
+
+    toy = model_card("toy")
+    assert (toy.native_height, toy.native_width, toy.max_height) == (32, 32, 64)
+    assert toy.defaults.sample["num_inference_steps"] == 20
+    tiny_model.save_pretrained(tmp_path / "tiny")
+    saved = model_card(str(tmp_path / "tiny"))
+    assert (saved.native_height, saved.native_width) == (64, 64) == (model_card("tiny").native_height,) * 2
+    with pytest.raises(ModelLoadError, match="not a readable diffusers model directory"):
+        model_card(str(tmp_path / "missing"))

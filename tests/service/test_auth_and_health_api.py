@@ -75,9 +75,18 @@ def test_readyz_names_a_database_that_is_down(service_settings):
 
 
 def test_models(client, auth):
+    wide = {"max_height": 2048, "max_width": 2048, "max_images": 8, "max_steps": 200}
     assert client.get("/models", headers=auth).json() == [
-        {"name": "sepen-tiny", "default": True},
-        {"name": "sd15", "default": False},
+        {
+            "name": "sepen-tiny",
+            "default": True,
+            "native_height": 64,
+            "native_width": 64,
+            "defaults": {"sample": {}, "maps": {}, "finetune": {}, "large_scale": {}},
+            "limits": {**wide, "max_height": 128, "max_width": 128},
+        },
+        # the gateway cannot read this model's files: no card, the service's wide limits
+        {"name": "sd15", "default": False, "native_height": None, "native_width": None, "defaults": {}, "limits": wide},
     ]
 
 

@@ -121,8 +121,10 @@ INVALID = [
     ({"guidance": -0.5}, "guidance"),
     ({"guidance": 30.5}, "guidance"),
     ({"height": 100}, "height"),
-    ({"height": 56}, "height"),
+    ({"height": 4}, "height"),
+    ({"height": 136}, "height"),  # sepen-tiny draws 64 pixels: at most 128
     ({"width": 1032}, "width"),
+    ({"width": 2056}, "width"),
     ({"seed": -1}, "seed"),
     ({"seed": 2**31}, "seed"),
     ({"seed": 1.5}, "seed"),
@@ -176,3 +178,19 @@ def test_broker_down_still_accepts_the_job(down_client, api_key, db):
     assert response.status_code == 202, response.text
     job = db.get(Job, response.json()["job"]["id"])
     assert job.status == "queued" and job.enqueued_at is None
+
+
+def test_each_models_own_size_limit(client, auth, error_of):
+    """Twice the native size is allowed (sepen-tiny: 128); a model whose files the gateway cannot read (sd15 here)
+    keeps the service's wide limit, and its jobs are bounded by the worker's time limit."""
+    assert (
+        client.post("/generate", json={"prompt": PROMPT, "height": 128, "width": 128}, headers=auth).status_code == 202
+    )
+    refused = client.post("/generate", json={"prompt": PROMPT, "height": 1024, "width": 1024}, headers=auth)
+    assert refused.status_code == 422
+    assert (
+        error_of(refused)["field"] == "height"
+        and "at most 128 pixels for model 'sepen-tiny'" in (error_of(refused)["message"])
+    )
+    wide = {"prompt": PROMPT, "model": "sd15", "height": 1024, "width": 1024}
+    assert client.post("/generate", json=wide, headers=auth).status_code == 202

@@ -227,3 +227,29 @@ def test_a_stored_result_outside_the_contract_is_refused_not_reshaped(db, tenant
     db.commit()
     with pytest.raises(ValidationError):
         JobOut.of(job)
+
+
+def test_the_list_leaves_out_a_finetunes_summary_which_the_job_shows(client, auth, db):
+    job_id = _submit(client, auth, adapter="long-curve")
+    claim = claim_job(db, job_id, "w", lease_s=60)
+    final = {
+        "step": 200,
+        "total": 200,
+        "eta_s": 0.0,
+        "elapsed_s": 9.0,
+        "min_peak": 0.7,
+        "overlap": 0.1,
+        "losses": {"total": 0.2, "separate": 0.1, "enhance": 0.2},
+        "peaks": {"cat": 0.7, "dog": 0.6},
+    }
+    curve = [
+        {"step": s, "loss": 1 / s, "separate": 0.1, "enhance": 0.2, "min_peak": 0.5, "overlap": 0.2}
+        for s in range(1, 201)
+    ]
+    summary = {"loss_curve": curve, "final": final, "resumed_from_step": 0, "diagnostics": []}
+    result = {"adapter": "long-curve@1", "name": "long-curve", "version": 1, "sha256": "0" * 64, "summary": summary}
+    assert finish_job(db, claim, "succeeded", result=result)
+    listed = next(j for j in client.get("/jobs", headers=auth).json()["jobs"] if j["id"] == job_id)
+    assert listed["result"]["summary"] is None and listed["result"]["adapter"] == "long-curve@1"
+    shown = client.get(f"/jobs/{job_id}", headers=auth).json()
+    assert len(shown["result"]["summary"]["loss_curve"]) == 200
