@@ -164,7 +164,10 @@ def sepen_concepts(world: World, kind: str) -> ConceptSet:
 # ---- running the methods -----------------------------------------------------------------------
 
 
-def _sample(model: BaseModel, nouns: tuple[str, ...], seeds: list[int], adapter, excite: AttendExciteConfig | None):
+def sample_items(
+    model: BaseModel, nouns: tuple[str, ...], seeds: list[int], adapter, excite: AttendExciteConfig | None
+):
+    """One prompt's images on consecutive seeds (paired across methods), with its objects' maps recorded."""
     config = model.defaults.sample_config(
         {"num_images": len(seeds), "seed": seeds[0], "maps": {"normalization": "raw"}}
     )
@@ -203,7 +206,7 @@ def run_method(
         records = []
         previews[group] = []
         for nouns, seeds in group_items_:
-            result = _sample(model, nouns, seeds, adapter, excite)
+            result = sample_items(model, nouns, seeds, adapter, excite)
             if len(previews[group]) < config.grid_columns:
                 previews[group].append(result.images[0])
             for pixels, scores in zip(result.pixels, result.scores, strict=True):

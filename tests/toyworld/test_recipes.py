@@ -1,0 +1,31 @@
+"""Recipe choice on validation pairs: one adapter per pair and recipe, scored on the same seeds as the base model,
+pooled over pairs; only validation pairs are ever touched (the committed world-v2 model, 2 finetune steps)."""
+
+import json
+from pathlib import Path
+
+from toyworld.recipes import main, validation_pairs
+from toyworld.world import load_world
+
+MODEL = Path(__file__).resolve().parents[2] / "toyworld" / "checkpoints" / "world-v2-step2572"
+
+
+def test_adapters_are_scored_against_the_base_on_the_same_seeds_of_validation_pairs(tmp_path):
+    world = load_world(MODEL / "world.json")
+    out = tmp_path / "recipes.json"
+    main(["--model", str(MODEL), "--out", str(out), "--pairs", "2", "--samples", "3", "--steps", "2",
+          "--recipes", "model-default", "lr1e-4"])  # fmt: skip
+    report = json.loads(out.read_text())
+    pairs = [tuple(p) for p in report["pairs"]]
+    assert pairs == validation_pairs(world, 2) and all(p in world.validation_pairs for p in pairs)
+    for recipe in report["recipes"].values():
+        assert len(recipe["per_pair"]) == 2
+        pooled = recipe["pooled"]
+        base = [s for p in pairs for s in report["base"][" + ".join(p)]]
+        after = [s for numbers in recipe["per_pair"].values() for s in numbers["adapter"]]
+        assert pooled["n"] == len(base) == len(after) == 6
+        assert pooled["base"] == sum(base) / 6 and pooled["sepen"] == sum(after) / 6
+        assert pooled["gained"] - pooled["lost"] == sum(after) - sum(base)
+    rates = {r["recipe"]["learning_rate"] for r in report["recipes"]["lr1e-4"]["per_pair"].values()}
+    assert rates == {1e-4}
+    assert "| lr1e-4 | 6 |" in out.with_suffix(".md").read_text()
