@@ -27,7 +27,8 @@ RUN pip install "$(echo /dist/sepen-*.whl)[api]" \
     && python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'the api image carries torch'"
 USER sepen
 EXPOSE 8000
-CMD ["uvicorn", "--factory", "service.app:app_from_env", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# Gateway processes: --workers (compose passes SEPEN_GATEWAY_WORKERS).
+CMD ["uvicorn", "--factory", "service.app:app_from_env", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--workers", "1"]
 
 FROM base AS worker
 # cpu: torch's CPU wheel from PyTorch's index, taken first so that the worker extra finds it installed;

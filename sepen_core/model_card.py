@@ -1,5 +1,6 @@
-"""What a base model says about itself without being loaded (no torch): its native image size and its defaults.
-The gateway derives each model's request limits from it; only workers load models."""
+"""What a base model says about itself without being loaded (no torch): its native image size, its defaults and, for
+a toy-world model, the nouns it draws. The gateway derives each model's request limits from it; only workers load
+models."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class ModelCard:
     native_height: int
     native_width: int
     defaults: ModelDefaults
+    nouns: tuple[str, ...] = ()  # the objects a toy-world model draws (its world.json); none for other models
 
     @property
     def max_height(self) -> int:
@@ -44,7 +46,18 @@ def model_card(source: str) -> ModelCard:
     side = unet.get("sample_size", 64)
     latent_h, latent_w = (side, side) if isinstance(side, int) else side
     scale = 1 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
-    return ModelCard(latent_h * scale, latent_w * scale, ModelDefaults.from_dict(index.get("sepen_defaults", {})))
+    defaults = ModelDefaults.from_dict(index.get("sepen_defaults", {}))
+    return ModelCard(latent_h * scale, latent_w * scale, defaults, _world_nouns(path / "world.json"))
+
+
+def _world_nouns(path: Path) -> tuple[str, ...]:
+    """The nouns of the world a toy-world model was trained on (toyworld's world.json beside its weights)."""
+    if not path.is_file():
+        return ()
+    try:
+        return tuple(glyph["noun"] for glyph in _json(path)["glyphs"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: not a toy world's definition ({exc!r})") from exc
 
 
 def _json(path: Path) -> dict:

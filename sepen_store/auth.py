@@ -1,12 +1,17 @@
-"""API keys: created by `sepen-admin create-key`, stored as sha256 hashes, resolved to a tenant per request."""
+"""API keys: created by `sepen-admin create-key`, stored as sha256 hashes, resolved to a tenant per request (and
+remembered for a few seconds by each gateway process, so that most requests need no key lookup)."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from sepen_store.errors import Unauthorized
 from sepen_store.tables import ApiKey, utcnow
@@ -39,6 +44,51 @@ def authenticate(session: Session, key: str | None) -> str:
     if row is None or row.revoked_at is not None:
         raise Unauthorized("invalid or revoked API key")
     return row.tenant
+
+
+class TenantCache:
+    """Key hash -> tenant for `ttl_s` seconds (0: nothing is kept), at most `max_entries` keys, least recently used
+    first out. Only valid keys are kept, so a new key works at once and a revoked one at most ttl_s longer."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000, *, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> str | None:
+        with self._lock:
+            entry = self._entries.get(key_hash)
+            if entry is None:
+                return None
+            if entry[1] <= self.clock():
+                del self._entries[key_hash]
+                return None
+            self._entries.move_to_end(key_hash)
+            return entry[0]
+
+    def put(self, key_hash: str, tenant: str) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            self._entries[key_hash] = (tenant, self.clock() + self.ttl_s)
+            self._entries.move_to_end(key_hash)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+
+def authenticate_cached(sessions: sessionmaker[Session], cache: TenantCache, key: str | None) -> str:
+    """authenticate(), answered from `cache` while it remembers the key; a session is opened only on a miss."""
+    if not key:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    digest = hash_key(key)
+    tenant = cache.get(digest)
+    if tenant is None:
+        with sessions() as session:
+            tenant = authenticate(session, key)
+        cache.put(digest, tenant)
+    return tenant
 
 
 def list_api_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:

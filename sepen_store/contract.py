@@ -8,11 +8,16 @@ The service's limits on what one request may ask for live here too, read by both
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 KINDS = ("finetune", "generate")
+STATUSES = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
+# What a webhook may ask to hear of: a status a job moves to, or its progress reports.
+WEBHOOK_EVENTS = ("running", "canceling", "succeeded", "failed", "canceled", "progress")
+DEFAULT_WEBHOOK_EVENTS = ("succeeded", "failed", "canceled")
 
 
 class Limits:
@@ -39,6 +44,13 @@ class Contract(BaseModel):
 # ---- requests ------------------------------------------------------------------------------------
 
 
+class Webhook(Contract):
+    """Where the job's events are POSTed (a host of SEPEN_WEBHOOK_ALLOWED_HOSTS), and which of them."""
+
+    url: str
+    events: list[Literal[WEBHOOK_EVENTS]]  # type: ignore[valid-type]
+
+
 def _at_most(values: dict[str, Any], bounds: dict[str, float], where: str) -> None:
     for name, bound in bounds.items():
         value = values.get(name)
@@ -52,6 +64,7 @@ class FinetuneRequest(Contract):
     model: str  # a service model name (settings.models)
     concepts: dict[str, Any]  # sepen_core ConceptSet.to_dict()
     recipe: dict[str, Any]  # only what the request gave; laid over the model's defaults by the worker
+    webhook: Webhook | None = None
 
     @model_validator(mode="after")
     def _within_limits(self) -> FinetuneRequest:
@@ -71,6 +84,7 @@ class GenerateRequest(Contract):
     adapter: str | None  # pinned 'name@N', or None
     concepts: list[str]  # objects whose heatmaps and scores to render; empty: none
     sample: dict[str, Any]  # only what the request gave (num_images and seed always): SampleConfig fields
+    webhook: Webhook | None = None
 
     @model_validator(mode="after")
     def _within_limits(self) -> GenerateRequest:
@@ -101,8 +115,9 @@ def parse_request(kind: str, stored: dict[str, Any]) -> JobRequest:
 
 
 def request_json(request: JobRequest) -> dict[str, Any]:
-    """What the job row stores: the request without its kind (the row has its own kind column)."""
-    return request.model_dump(exclude={"kind"})
+    """What the job row stores: the request without its kind (the row has its own kind column), and without a
+    webhook when it has none."""
+    return request.model_dump(exclude={"kind"} if request.webhook else {"kind", "webhook"})
 
 
 # ---- progress ------------------------------------------------------------------------------------
@@ -197,3 +212,44 @@ def parse_result(kind: str, stored: dict[str, Any] | None) -> JobResult | None:
 
 def parse_progress(kind: str, stored: dict[str, Any] | None) -> FinetuneProgress | GenerateProgress | None:
     return None if stored is None else PROGRESS[kind].model_validate(stored)
+
+
+# ---- events --------------------------------------------------------------------------------------
+
+
+class EventError(Contract):
+    code: str
+    message: str
+
+
+class JobEvent(Contract):
+    """A change of a job row, as GET /jobs/{id}/events streams it and a webhook delivers it: `seq` numbers the job's
+    events (the row's event_seq); a `status` event carries the status the job moved to (and, the first event of a
+    stream, the job as it is), a `progress` event a progress report. A result is as stored (image indices, an
+    adapter ref), without a finetune's summary: GET /jobs/{id} has its links and the summary."""
+
+    seq: int
+    type: Literal["status", "progress"]
+    job_id: str
+    kind: Literal[KINDS]  # type: ignore[valid-type]
+    status: Literal[STATUSES]  # type: ignore[valid-type]
+    at: datetime
+    progress: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: EventError | None = None
+
+    @property
+    def name(self) -> str:
+        """What a webhook's `events` calls it: 'progress', or the status the job moved to."""
+        return "progress" if self.type == "progress" else self.status
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("succeeded", "failed", "canceled")
+
+
+def event_result(kind: str, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored result as an event carries it: a finetune's without its summary (loss curve, diagnostics)."""
+    if result is None or kind != "finetune" or result.get("summary") is None:
+        return result
+    return {**result, "summary": None}

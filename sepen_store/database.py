@@ -9,15 +9,20 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from sepen_store.events import SESSION_INFO_KEY
+
 MIGRATIONS = "migrations"  # the Alembic scripts live inside sepen_store, so every installation carries them
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, autocommit: bool = False) -> Engine:
+    """An engine on `url`. autocommit: for single-statement reads only (the gateway's hot reads): no BEGIN and no
+    ROLLBACK around each statement, two round trips fewer; a smaller pool beside the main engine's."""
+    options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **options)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record):  # WAL: readers never block the worker's writes
@@ -28,7 +33,8 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": 5})
+    pool = {"pool_size": 5, "max_overflow": 10} if autocommit else {"pool_size": 10, "max_overflow": 20}
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5}, **pool, **options)
 
 
 def check_database(engine: Engine) -> None:
@@ -37,8 +43,11 @@ def check_database(engine: Engine) -> None:
         connection.execute(text("SELECT 1"))
 
 
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+def session_factory(engine: Engine, *, events=None) -> sessionmaker[Session]:
+    """Sessions on `engine`; with `events` (a sepen_store.events.EventPublisher) the job writes made through them
+    publish their events."""
+    info = {SESSION_INFO_KEY: events} if events is not None else {}
+    return sessionmaker(engine, expire_on_commit=False, info=info)
 
 
 def migrations_dir() -> Path:

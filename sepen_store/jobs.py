@@ -6,6 +6,10 @@
 
 A worker owns a job through the attempt number its claim set: progress and the final status are
 written only `WHERE attempts = :mine`, so a worker that lost its claim can no longer write.
+
+Each write that moves a job to another status or records its progress is an event: it counts the row's event_seq
+up, queues the event's webhook delivery in the same transaction, and after its commit publishes the event
+(sepen_store.events) when the session's factory has a publisher.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from sepen_store.contract import STATUSES, EventError, JobEvent, event_result  # noqa: F401 - STATUSES: re-exported
 from sepen_store.errors import Conflict, IllegalTransition, NotFound
+from sepen_store.events import publish
 from sepen_store.tables import Job, UTCDateTime, seconds_between, utcnow
+from sepen_store.webhooks import queue_deliveries
 
-STATUSES = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
 ACTIVE = ("running", "canceling")
 TERMINAL = ("succeeded", "failed", "canceled")
 TRANSITIONS = {
@@ -54,6 +60,48 @@ def _update_where(session: Session, job_id: str, *conditions, returning: tuple =
     matched = session.execute(statement).rowcount
     session.commit()
     return matched
+
+
+_EVENT_COLUMNS = (Job.event_seq, Job.tenant, Job.kind, Job.status, Job.progress, Job.webhook)
+
+
+def _write_event(
+    session: Session,
+    job_id: str,
+    *conditions,
+    kind_of_event: str,
+    returning: tuple = (),
+    event_error: EventError | None = None,
+    **values,
+):
+    """_update_where for a write that is an event: counts event_seq up, queues the webhook delivery in the same
+    transaction, commits, then publishes. Returns the RETURNING row, or None when no row matched."""
+    statement = (
+        update(Job)
+        .execution_options(synchronize_session=False)
+        .where(Job.id == job_id, *conditions)
+        .values(**values, event_seq=Job.event_seq + 1)
+        .returning(*_EVENT_COLUMNS, *returning)
+    )
+    row = session.execute(statement).first()
+    if row is None:
+        session.commit()
+        return None
+    event = JobEvent(
+        seq=row.event_seq,
+        type=kind_of_event,
+        job_id=job_id,
+        kind=row.kind,
+        status=row.status,
+        at=utcnow(),
+        progress=row.progress,
+        result=event_result(row.kind, values.get("result")),
+        error=event_error,
+    )
+    queue_deliveries(session, row.tenant, row.webhook, event)
+    session.commit()
+    publish(session, event)
+    return row
 
 
 def request_hash(kind: str, request: dict) -> str:
@@ -88,6 +136,7 @@ def create_job(
         adapter_version_id=adapter_version_id,
         status="queued",
         enqueued_at=utcnow(),
+        webhook=request.get("webhook"),
     )
     session.add(job)
     try:
@@ -113,6 +162,15 @@ def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
     if job is None or (tenant is not None and job.tenant != tenant):
         raise NotFound("job", job_id)
     return job
+
+
+def job_view(session: Session, tenant: str, job_id: str):
+    """get_job for reading only, at the least cost (one SELECT of the row, no ORM object): a row with the Job's
+    attribute names. Meant for a session in autocommit mode (sepen_store.database.make_engine)."""
+    row = session.execute(select(Job.__table__).where(Job.id == job_id)).first()
+    if row is None or row.tenant != tenant:
+        raise NotFound("job", job_id)
+    return row
 
 
 _CURSOR = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{6})?\+00:00)_([0-9a-f]{32})", re.ASCII)
@@ -167,14 +225,22 @@ def request_cancel(session: Session, tenant: str, job_id: str) -> Job:
     if job.status in ("canceling", "canceled"):
         return job
     if job.status == "queued":
-        done = _update_where(
-            session, job_id, Job.status == "queued", status="canceled", cancel_requested=True, finished_at=utcnow()
+        done = _write_event(
+            session,
+            job_id,
+            Job.status == "queued",
+            kind_of_event="status",
+            status="canceled",
+            cancel_requested=True,
+            finished_at=utcnow(),
         )
     else:
         check_transition(job, "canceling")
-        done = _update_where(session, job_id, Job.status == "running", status="canceling", cancel_requested=True)
+        done = _write_event(
+            session, job_id, Job.status == "running", kind_of_event="status", status="canceling", cancel_requested=True
+        )
     session.refresh(job)
-    if done == 0 and job.status not in ("canceling", "canceled"):
+    if done is None and job.status not in ("canceling", "canceled"):
         raise IllegalTransition(job.id, job.status, "canceled")
     return job
 
@@ -196,10 +262,11 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Cla
     now = utcnow()
     stale = now - timedelta(seconds=lease_s)
     claimable = or_(Job.status == "queued", and_(Job.status.in_(ACTIVE), Job.heartbeat_at < stale))
-    result = _update_where(
+    result = _write_event(
         session,
         job_id,
         claimable,
+        kind_of_event="status",
         returning=(Job.attempts, Job.cancel_requested),
         status=case((Job.cancel_requested, "canceling"), else_="running"),
         attempts=Job.attempts + 1,
@@ -231,9 +298,18 @@ def heartbeat(session: Session, claim: Claim, progress: dict | None = None) -> b
     True when cancellation was requested."""
     now = utcnow()
     values: dict = {"heartbeat_at": now, "compute_s": _compute_until(now)}
-    if progress is not None:
-        values["progress"] = progress
-    row = _update_where(session, claim.job_id, *_owned(claim), returning=(Job.cancel_requested,), **values)
+    if progress is None:
+        row = _update_where(session, claim.job_id, *_owned(claim), returning=(Job.cancel_requested,), **values)
+    else:
+        row = _write_event(
+            session,
+            claim.job_id,
+            *_owned(claim),
+            kind_of_event="progress",
+            returning=(Job.cancel_requested,),
+            progress=progress,
+            **values,
+        )
     if row is None:
         raise LostClaim(claim.job_id)
     return bool(row.cancel_requested)
@@ -263,7 +339,9 @@ def finish_job(
     }
     if progress is not None:
         values["progress"] = progress
-    return _update_where(session, claim.job_id, *_owned(claim), **values) == 1
+    error = EventError(code=error_code, message=error_message or "") if error_code else None
+    row = _write_event(session, claim.job_id, *_owned(claim), kind_of_event="status", event_error=error, **values)
+    return row is not None
 
 
 def _resend_due(requeue_after_s: float, lease_s: float):

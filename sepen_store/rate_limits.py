@@ -7,6 +7,7 @@ after a few seconds: a broker outage must not take the API down, and jobs are st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +55,20 @@ def shared_counter_url(broker_url: str) -> str | None:
 
 
 class RateLimiter:
-    """`hit(key)` counts one request of `key` and says whether it is within `limit_per_minute` (0 = no limit)."""
+    """`hit(key)` counts one request of `key` and says whether it is within `limit_per_minute` (0 = no limit);
+    `hit_async(key)` does the same from a coroutine, with an asyncio Redis client of the running event loop."""
 
     def __init__(self, limit_per_minute: int, redis_url: str | None = None, *, clock: Callable[[], float] = time.time):
         self.limit = limit_per_minute
         self.clock = clock
         self.memory = MemoryCounter()
+        self.redis_url = redis_url if redis_url and limit_per_minute else None
         self.redis = (
-            redis.Redis.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
-            if redis_url and limit_per_minute
+            redis.Redis.from_url(self.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
+            if self.redis_url
             else None
         )
+        self._async: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
         self._redis_down_until = 0.0
 
     def hit(self, key: str) -> RateDecision | None:
@@ -72,26 +77,57 @@ class RateLimiter:
             return None
         now = self.clock()
         window = int(now // WINDOW_S)
-        count = self._count_in_redis(key, window, now)
+        count = self._count_in_redis(key, window) if self._redis_up() else None
+        return self._decide(key, window, now, count)
+
+    async def hit_async(self, key: str) -> RateDecision | None:
+        """hit() without blocking the event loop on Redis."""
+        if not self.limit:
+            return None
+        now = self.clock()
+        window = int(now // WINDOW_S)
+        count = await self._count_in_redis_async(key, window) if self._redis_up() else None
+        return self._decide(key, window, now, count)
+
+    def _decide(self, key: str, window: int, now: float, count: int | None) -> RateDecision:
         if count is None:
             count = self.memory.incr(key, window)
         reset_s = max(1, int((window + 1) * WINDOW_S - now + 0.999))
         return RateDecision(count <= self.limit, self.limit, max(0, self.limit - count), reset_s)
 
-    def _count_in_redis(self, key: str, window: int, now: float) -> int | None:
-        if self.redis is None or time.monotonic() < self._redis_down_until:
-            return None
+    def _redis_up(self) -> bool:
+        return self.redis_url is not None and time.monotonic() >= self._redis_down_until
+
+    def _redis_failed(self, exc: Exception) -> None:
+        logger.warning("rate limit: Redis unavailable (%s); counting in this process for %.0f s", exc, REDIS_RETRY_S)
+        self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+
+    def _count_in_redis(self, key: str, window: int) -> int | None:
         name = f"{KEY_PREFIX}:{key}:{window}"
         try:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.incr(name)
-            pipe.expire(name, WINDOW_S * 2)
-            count, _ = pipe.execute()
+            count = self.redis.incr(name)
+            if count == 1:  # the window's first request sets its expiry; the others need one command, not three
+                self.redis.expire(name, WINDOW_S * 2)
         except redis.RedisError as exc:
-            logger.warning(
-                "rate limit: Redis unavailable (%s); counting in this process for %.0f s", exc, REDIS_RETRY_S
+            self._redis_failed(exc)
+            return None
+        return int(count)
+
+    async def _count_in_redis_async(self, key: str, window: int) -> int | None:
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:  # a client serves the loop it was made in
+            client = redis.asyncio.Redis.from_url(
+                self.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S
             )
-            self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+            self._async = (loop, client)
+        client = self._async[1]
+        name = f"{KEY_PREFIX}:{key}:{window}"
+        try:
+            count = await client.incr(name)
+            if count == 1:
+                await client.expire(name, WINDOW_S * 2)
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
             return None
         return int(count)
 

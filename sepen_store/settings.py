@@ -8,8 +8,9 @@ settings object directly (tests, the embedded runner) reads nothing but its argu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -39,6 +40,20 @@ def parse_models(value: Any) -> Any:
     return models
 
 
+def parse_hosts(value: Any) -> Any:
+    """'hooks.example.com,127.0.0.1:9000' -> ('hooks.example.com', '127.0.0.1:9000'): host names, each with an
+    optional port (without one, any port of that host), lowercase."""
+    if not isinstance(value, str):
+        return value
+    hosts = []
+    for item in filter(None, (part.strip().lower() for part in value.split(","))):
+        host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", host) or (port and not port.isdigit()):
+            raise ValueError(f"entry {item!r} must be a host name or address, with an optional :port (no scheme)")
+        hosts.append(item)
+    return tuple(hosts)
+
+
 class Settings(BaseSettings):
     """What the gateway and the workers share: where the database, the broker and the models are."""
 
@@ -50,6 +65,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(3600, ge=1)
     models: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_MODELS))
     default_model: str = ""  # empty: the first of the models given, or sepen-toy when none are given
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with the job id while a job runs
+    # Hosts a job's webhook may call (the gateway refuses others at submission, the workers check again before each
+    # delivery); empty: webhooks are refused.
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
 
     @classmethod
     def settings_customise_sources(
@@ -73,6 +92,7 @@ class Settings(BaseSettings):
             raise SettingsError(where + message) from None
 
     _parse_models = field_validator("models", mode="before")(parse_models)
+    _parse_hosts = field_validator("webhook_allowed_hosts", mode="before")(parse_hosts)
 
     @model_validator(mode="before")
     @classmethod
@@ -113,6 +133,17 @@ class GatewaySettings(Settings):
     rate_limit_per_minute: int = Field(600, ge=0)
     max_queued_jobs_per_tenant: int = Field(1000, ge=0)
     compute_seconds_per_day: int = Field(28_800, ge=0)  # 8 hours of a worker per tenant and UTC day
+    # GET /metrics (Prometheus) is open like /healthz when empty; else it asks for `Authorization: Bearer <token>`.
+    metrics_token: str = ""
+    # An API key's tenant is remembered this long in each gateway process (0: looked up on every request), so a
+    # revoked key stops working within it.
+    key_cache_ttl_s: float = Field(10.0, ge=0)
+    # GET /jobs/{id}/events: a comment line at least this often on a quiet stream (proxies close silent
+    # connections); the job row read this often without a Redis broker; a stream closed after this long (the client
+    # reconnects with Last-Event-ID).
+    events_heartbeat_s: float = Field(15.0, gt=0)
+    events_poll_s: float = Field(1.0, gt=0)
+    events_max_stream_s: float = Field(3600.0, gt=0)
 
 
 class WorkerSettings(Settings):
@@ -131,6 +162,17 @@ class WorkerSettings(Settings):
     generate_time_limit_s: float = Field(900.0, gt=0)
     finetune_time_limit_s: float = Field(43200.0, gt=0)
     cancel_grace_s: float = Field(5.0, ge=0)
+    # Prometheus metrics of this worker at http://HOST:PORT/metrics; port 0: none.
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+    # Webhooks: signed with a key derived from this secret for each tenant (sepen_store.webhooks); a delivery that
+    # does not get a 2xx is retried after webhook_backoff_s, then twice as long each time, webhook_max_attempts
+    # tries in all. Each worker looks for due deliveries every webhook_poll_s.
+    webhook_secret: str = ""
+    webhook_max_attempts: int = Field(10, ge=1, le=50)
+    webhook_backoff_s: float = Field(5.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_poll_s: float = Field(1.0, gt=0)
 
     @field_validator("dtype")
     @classmethod
@@ -138,6 +180,15 @@ class WorkerSettings(Settings):
         if value not in DTYPE_NAMES:
             raise ValueError(f"must be one of {', '.join(DTYPE_NAMES)}")
         return value
+
+    @model_validator(mode="after")
+    def _webhooks_are_signed(self) -> WorkerSettings:
+        if self.webhook_allowed_hosts and len(self.webhook_secret) < 16:
+            raise ValueError(
+                f"{ENV_PREFIX}WEBHOOK_SECRET: set it (16 characters or more) when {ENV_PREFIX}WEBHOOK_ALLOWED_HOSTS "
+                "allows webhooks: every delivery is signed with it"
+            )
+        return self
 
 
 ALL_SETTINGS = (Settings, GatewaySettings, WorkerSettings)

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 tables of the service: API keys, jobs, adapters and their versions, images, checkpoints, blobs.
+"""SQLAlchemy 2 tables of the service: API keys, jobs, adapters and their versions, images, checkpoints, blobs, and
+the webhook deliveries of jobs.
 
 Portable between Postgres (full deployment) and SQLite (embedded default); Alembic revisions in
 sepen_store/migrations/ create exactly these.
@@ -129,6 +130,10 @@ class Job(Base):
     # Seconds the job's attempts have run, added at each heartbeat and at its end (an attempt whose worker
     # died keeps what it ran until its last heartbeat): what the compute quota counts.
     compute_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # The number of the job's last event (a status change or a progress report), counted up by the write that made
+    # it: the id of GET /jobs/{id}/events, which a client resumes from with Last-Event-ID.
+    event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook: Mapped[dict | None] = mapped_column(JSON)  # {url, events} when the request gave one
 
 
 class Adapter(Base):
@@ -179,3 +184,25 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(Integer)
     blob_id: Mapped[str] = mapped_column(ForeignKey("blobs.id"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One job event on its way to the job's webhook: written in the transaction that changed the job (so no event
+    is lost), sent by a worker's delivery loop, retried with back-off; `log` keeps every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(16))  # what the webhook's `events` calls it: a status, or progress
+    event_seq: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[dict] = mapped_column(JSON)  # the JobEvent, as JSON
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()  # delivered, or given up
+    last_status: Mapped[int | None] = mapped_column(Integer)  # the last attempt's HTTP status; null: no answer
+    log: Mapped[list] = mapped_column(JSON, default=list)  # [{at, status, error, duration_ms}] per attempt

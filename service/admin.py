@@ -1,4 +1,5 @@
-"""`sepen-admin`: migrate the database, create, list and revoke API keys (settings from SEPEN_* variables)."""
+"""`sepen-admin`: migrate the database, create, list and revoke API keys, print a tenant's webhook signing key
+(settings from SEPEN_* variables)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--tenant", help="only this tenant's keys")
     revoke = sub.add_parser("revoke-key", help="revoke the keys that start with PREFIX (as list-keys shows it)")
     revoke.add_argument("prefix", help="the key's first characters, e.g. sk_sepen_Ab12Cd")
+    webhook = sub.add_parser(
+        "webhook-key", help="print the key a tenant's webhook deliveries are signed with (from SEPEN_WEBHOOK_SECRET)"
+    )
+    webhook.add_argument("--tenant", required=True)
     return parser
 
 
@@ -30,6 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     from sepen_store.database import make_engine, schema_status, session_factory, upgrade_database
     from sepen_store.settings import Settings
 
+    if args.command == "webhook-key":
+        from sepen_store.settings import WorkerSettings
+        from sepen_store.webhooks import tenant_key
+
+        secret = WorkerSettings.from_env().webhook_secret
+        if not secret:
+            print("sepen-admin: SEPEN_WEBHOOK_SECRET is not set: this service signs no webhooks", file=sys.stderr)
+            return 2
+        print(tenant_key(secret, args.tenant))
+        return 0
     settings = Settings.from_env()
     if args.command == "migrate":
         upgrade_database(settings.database_url)

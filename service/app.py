@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -9,13 +10,16 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 
 from sepen_store.database import make_engine, session_factory
+from sepen_store.logs import configure_logging
 from sepen_store.queue import make_celery
 from sepen_store.rate_limits import RateLimiter, shared_counter_url
 from sepen_store.settings import GatewaySettings
 from service.body_limit import BodySizeLimit
 from service.errors import ErrorsAsResponses, add_error_handlers
+from service.metrics import GatewayMetrics, RequestMetrics
+from service.metrics import router as metrics_router
 from service.rate_limits import RateLimitHeaders
-from service.routes import adapters, finetune, generate, health, jobs, models
+from service.routes import adapters, finetune, generate, health, jobs, models, web
 
 DESCRIPTION = """\
 SepEn compositional finetuning of Stable-Diffusion-style models, as jobs.
@@ -63,16 +67,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.sessions = session_factory(engine)
     app.state.celery = celery
     app.state.rate_limiter = rate_limiter
+    app.state.metrics = GatewayMetrics(app.state.sessions, celery)
     add_error_handlers(app)
     # Each add_middleware wraps the ones before: ErrorsAsResponses (see service.errors) takes whatever escapes.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(ErrorsAsResponses)
-    for module in (finetune, generate, jobs, adapters, models, health):
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # outermost: counts every answer, errors too
+    for module in (finetune, generate, jobs, adapters, models, health, web):  # web: the page at /
         app.include_router(module.router)
+    app.include_router(metrics_router)  # GET /metrics, Prometheus text, not in the OpenAPI document
     return app
 
 
 def app_from_env() -> FastAPI:
-    """For `uvicorn --factory service.app:app_from_env`: settings from the SEPEN_* environment variables."""
-    return create_app(GatewaySettings.from_env())
+    """For `uvicorn --factory service.app:app_from_env`: settings from the SEPEN_* environment variables, and the
+    process's log lines in SEPEN_LOG_FORMAT (uvicorn's own too), at uvicorn's --log-level."""
+    settings = GatewaySettings.from_env()
+    level = logging.getLogger("uvicorn").level or logging.INFO
+    configure_logging(settings.log_format, level, process="gateway", also=("uvicorn", "uvicorn.access"))
+    return create_app(settings)

@@ -1,34 +1,95 @@
-"""Per-request dependencies: settings, a database session, the Celery client, and the tenant behind the API key."""
+"""Per-request dependencies: settings, database sessions, the Celery client, and the tenant behind the API key.
+
+The cheap ones are coroutines, which FastAPI runs in the event loop; a plain function costs a hop to the thread
+pool. The tenant comes from a per-process cache of keys (SEPEN_KEY_CACHE_TTL_S), so most requests need no key
+lookup. The hot reads (a key the cache does not know, GET /jobs/{id}, a stream's job row) go through sessions of a
+second, autocommit engine: one round trip a read instead of three. Things the gateway keeps per process beside
+what create_app made (the key cache, the read engine, the events publisher) are made on first use.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import Depends, Header, Request
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from sepen_store.auth import authenticate
+from sepen_store.auth import TenantCache, authenticate_cached, hash_key
+from sepen_store.database import make_engine, session_factory
+from sepen_store.events import SESSION_INFO_KEY, publisher_for
 from sepen_store.settings import GatewaySettings
-from service.rate_limits import enforce_rate_limit
+from service.rate_limits import enforce_rate_limit_async
+
+_made_lock = threading.Lock()
 
 
-def get_settings(request: Request) -> GatewaySettings:
+def app_resource(app: FastAPI, name: str, make: Callable[[GatewaySettings], Any]) -> Any:
+    """app.state.<name>, made from the app's settings on first use (once, whichever request comes first)."""
+    value = getattr(app.state, name, None)
+    if value is None:
+        with _made_lock:
+            value = getattr(app.state, name, None)
+            if value is None:
+                value = make(app.state.settings)
+                setattr(app.state, name, value)
+    return value
+
+
+def tenant_cache(app: FastAPI) -> TenantCache:
+    return app_resource(app, "tenant_cache", lambda settings: TenantCache(settings.key_cache_ttl_s))
+
+
+def read_sessions(app: FastAPI) -> sessionmaker[Session]:
+    """Sessions for single-statement reads (autocommit); the engine is disposed with the app."""
+
+    def make(settings: GatewaySettings) -> sessionmaker[Session]:
+        engine = make_engine(settings.database_url, autocommit=True)
+        weakref.finalize(app, engine.dispose)
+        return session_factory(engine)
+
+    return app_resource(app, "read_sessions", make)
+
+
+def events_publisher(app: FastAPI):
+    """The publisher of the events the gateway's own job writes make (a cancel), or False without Redis."""
+    return app_resource(app, "events_publisher", lambda settings: publisher_for(settings.broker_url) or False)
+
+
+async def get_settings(request: Request) -> GatewaySettings:
     return request.app.state.settings
+
+
+async def get_sessions(request: Request) -> sessionmaker[Session]:
+    """The session factory, for a route that opens its session in its own thread (one hop to the pool, not three)."""
+    return request.app.state.sessions
+
+
+async def get_read_sessions(request: Request) -> sessionmaker[Session]:
+    """Sessions for reads of one statement each (read_sessions)."""
+    return read_sessions(request.app)
 
 
 def get_session(request: Request) -> Iterator[Session]:
     with request.app.state.sessions() as session:
+        publisher = events_publisher(request.app)
+        if publisher:
+            session.info[SESSION_INFO_KEY] = publisher
         yield session
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
+SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
+ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_sessions)]
 SessionDep = Annotated[Session, Depends(get_session)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
@@ -36,16 +97,19 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 bearer = HTTPBearer(auto_error=False, description="an API key from `sepen-admin create-key`")
 
 
-def get_tenant(
+async def get_tenant(
     request: Request,
-    session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:
     """The tenant owning the request's API key; Unauthorized (401) when it is missing, unknown or revoked, and
-    429 when the key is past its rate limit (counted only for valid keys)."""
+    429 when the key is past its rate limit (counted only for valid keys). A key the cache remembers costs no
+    thread and no database read; another is looked up in the thread pool."""
     key = credentials.credentials if credentials else None
-    tenant = authenticate(session, key)
-    enforce_rate_limit(request, key)
+    cache = tenant_cache(request.app)
+    tenant = cache.get(hash_key(key)) if key else None
+    if tenant is None:
+        tenant = await run_in_threadpool(authenticate_cached, read_sessions(request.app), cache, key)
+    await enforce_rate_limit_async(request, key)
     return tenant
 
 

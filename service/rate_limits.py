@@ -31,7 +31,17 @@ def rate_limit_headers(decision: RateDecision) -> dict[str, str]:
 def enforce_rate_limit(request: Request, api_key: str) -> None:
     """Count this request against its key's limit; ApiError 429 (with Retry-After) when the key is past it."""
     limiter: RateLimiter = request.app.state.rate_limiter
-    decision = limiter.hit(hash_key(api_key)[:32])  # the key's hash: the key itself is never kept
+    apply_decision(request, limiter.hit(hash_key(api_key)[:32]))  # the key's hash: the key itself is never kept
+
+
+async def enforce_rate_limit_async(request: Request, api_key: str) -> None:
+    """enforce_rate_limit() from a coroutine, without blocking the event loop on Redis."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    apply_decision(request, await limiter.hit_async(hash_key(api_key)[:32]))
+
+
+def apply_decision(request: Request, decision: RateDecision | None) -> None:
+    """Remember the decision for the response's headers; ApiError 429 when it refuses the request."""
     if decision is None:
         return
     request.scope.setdefault("state", {})[_STATE_KEY] = decision

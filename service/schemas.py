@@ -21,11 +21,14 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
+from starlette.responses import Response
 
 from sepen_core.config import GRAD_MODES, LATENT_SOURCES, NORMALIZATIONS
 from sepen_core.errors import ConfigError
 from sepen_core.prompts import template_slots
 from sepen_store.contract import (
+    DEFAULT_WEBHOOK_EVENTS,
+    WEBHOOK_EVENTS,
     FinetuneProgress,
     FinetuneResult,
     GeneratedImage,
@@ -38,7 +41,7 @@ from sepen_store.contract import (
 )
 from sepen_store.jobs import TERMINAL
 from sepen_store.registry import parse_ref
-from sepen_store.tables import Adapter, AdapterVersion, Job
+from sepen_store.tables import Adapter, AdapterVersion, Job, WebhookDelivery
 
 LARGE_SCALE = "large-scale"
 SEED_LIMIT = 2**31
@@ -119,6 +122,36 @@ class ErrorDetail(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorDetail
+
+
+# ---- webhooks (POST /finetune, POST /generate) ---------------------------------------------------
+
+
+def _distinct(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise PydanticCustomError("events", "name each event once")
+    return value
+
+
+class WebhookIn(RequestBody):
+    """Where to POST the job's events, signed (`Sepen-Signature`; README, "Webhooks"). The host must be one the
+    service allows (SEPEN_WEBHOOK_ALLOWED_HOSTS); a service that allows none refuses webhooks (422)."""
+
+    url: Annotated[str, AfterValidator(_no_control), NO_CONTROL] = Field(
+        min_length=1, max_length=2000, examples=["https://hooks.example.com/sepen"]
+    )
+    events: (
+        Annotated[
+            list[Literal[WEBHOOK_EVENTS]],  # type: ignore[valid-type]
+            Field(min_length=1, max_length=len(WEBHOOK_EVENTS)),
+            AfterValidator(_distinct),
+        ]
+        | None
+    ) = Field(
+        None,
+        description="which events to send: statuses the job moves to, and `progress` (one report a second at most); "
+        f"default: {', '.join(DEFAULT_WEBHOOK_EVENTS)}",
+    )
 
 
 # ---- POST /finetune -----------------------------------------------------------------------------
@@ -205,6 +238,7 @@ class FinetuneIn(RequestBody):
         description="prompt templates with slots {A}, {B}, ...",
     )
     recipe: RecipeIn = Field(default_factory=RecipeIn)
+    webhook: WebhookIn | None = Field(None, description="POST the job's events to this URL (signed)")
 
     @field_validator("adapter")
     @classmethod
@@ -255,6 +289,7 @@ class GenerateIn(RequestBody):
         None,
         description="heatmaps read attention at image size / this (1, 2, 4 ... 32); default: the model's",
     )
+    webhook: WebhookIn | None = Field(None, description="POST the job's events to this URL (signed)")
 
     @field_validator("prompt")
     @classmethod
@@ -302,6 +337,8 @@ class JobLinks(BaseModel):
     images: list[str] = Field(default_factory=list)
     heatmaps: list[str] = Field(default_factory=list)
     adapter: str | None = Field(None, description="weights of the adapter version the job published or used")
+    events: str = Field(description="the job's events as Server-Sent Events")
+    deliveries: str | None = Field(None, description="the log of the job's webhook deliveries, when it has a webhook")
 
 
 class GeneratedImageOut(GeneratedImage):
@@ -377,6 +414,8 @@ class JobOut(BaseModel):
             images=[image.url for image in images],
             heatmaps=[image.heatmap_url for image in images if image.heatmap_url],
             adapter=_adapter_link(result),
+            events=f"{url}/events",
+            deliveries=f"{url}/deliveries" if job.webhook else None,
         )
         error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
         return cls(
@@ -402,6 +441,58 @@ class SubmittedJob(BaseModel):
 class JobPage(BaseModel):
     jobs: list[JobOut]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+def json_response(body: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A response model's JSON, sent as it is: FastAPI would validate it once more (in the thread pool, for a plain
+    function route) before serializing it, and a model built here is already valid."""
+    return Response(body.model_dump_json(), status_code=status_code, headers=headers, media_type="application/json")
+
+
+# ---- webhook deliveries -------------------------------------------------------------------------
+
+
+class DeliveryAttempt(BaseModel):
+    at: datetime
+    status: int | None = Field(description="the receiver's HTTP status; null when it did not answer")
+    error: str | None = Field(description="why the attempt did not count as delivered")
+    duration_ms: float
+
+
+class DeliveryOut(BaseModel):
+    id: str = Field(description="also sent as the Sepen-Delivery header: the same for each attempt")
+    event: Literal[WEBHOOK_EVENTS]  # type: ignore[valid-type]
+    seq: int = Field(description="the event's number, its id in GET /jobs/{id}/events")
+    url: str
+    state: Literal["pending", "delivered", "failed"] = Field(
+        description="pending: waiting for its next attempt; failed: no attempts left"
+    )
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime | None = Field(description="while pending")
+    finished_at: datetime | None
+    last_status: int | None
+    log: list[DeliveryAttempt]
+
+    @classmethod
+    def of(cls, delivery: WebhookDelivery) -> DeliveryOut:
+        return cls(
+            id=delivery.id,
+            event=delivery.event,
+            seq=delivery.event_seq,
+            url=delivery.url,
+            state=delivery.state,
+            attempts=delivery.attempts,
+            created_at=delivery.created_at,
+            next_attempt_at=delivery.next_attempt_at if delivery.state == "pending" else None,
+            finished_at=delivery.finished_at,
+            last_status=delivery.last_status,
+            log=[DeliveryAttempt(**entry) for entry in delivery.log],
+        )
+
+
+class DeliveryList(BaseModel):
+    deliveries: list[DeliveryOut] = Field(description="newest event first")
 
 
 # ---- adapters and models ------------------------------------------------------------------------
@@ -475,6 +566,11 @@ class ModelOut(BaseModel):
         examples=[{"sample": {"num_inference_steps": 20, "guidance_scale": 1.0}}],
     )
     limits: ModelLimits
+    nouns: list[str] = Field(
+        description="the objects a toy-world model was trained to draw (its world.json), to name in prompts and "
+        "concepts; empty for other models",
+        examples=[["cherry", "leaf", "drop"]],
+    )
 
 
 class HealthOut(BaseModel):

@@ -1,4 +1,5 @@
-"""Submitting a job: store it (idempotently) and commit, then send its broker message, surviving a broker outage."""
+"""Submitting a job: check its webhook, store it (idempotently) and commit, then send its broker message, surviving
+a broker outage."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ from celery import Celery
 from fastapi import Response
 from sqlalchemy.orm import Session
 
-from sepen_store.contract import JobRequest, request_json
+from sepen_store.contract import DEFAULT_WEBHOOK_EVENTS, JobRequest, Webhook, request_json
 from sepen_store.errors import Conflict
 from sepen_store.jobs import create_job, mark_not_enqueued
 from sepen_store.queue import enqueue
 from sepen_store.quotas import Quotas, check_quotas
 from sepen_store.settings import GatewaySettings
 from sepen_store.tables import Job
+from sepen_store.webhooks import url_problem
 from service.errors import ApiError
 from service.openapi import AUTHENTICATED, LOCATION, RATE_LIMITED, WITH_BODY, errors, success
-from service.schemas import JobOut, SubmittedJob
+from service.schemas import JobOut, SubmittedJob, WebhookIn, json_response
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,25 @@ SUBMIT_RESPONSES = {
         s409="idempotency_key_reused: the Idempotency-Key came with a different request",
     ),
 }
+
+
+def webhook_of(body: WebhookIn | None, settings: GatewaySettings) -> Webhook | None:
+    """The request's webhook as the job stores it; 422 naming `webhook` when this service sends none, or
+    `webhook.url` when its URL is not one it may call."""
+    if body is None:
+        return None
+    if not settings.webhook_allowed_hosts:
+        raise ApiError(
+            422,
+            "validation_error",
+            "webhook: this service sends no webhooks (its SEPEN_WEBHOOK_ALLOWED_HOSTS is empty); leave webhook out "
+            "and follow the job at GET /jobs/{id}/events",
+            field="webhook",
+        )
+    problem = url_problem(body.url, settings.webhook_allowed_hosts)
+    if problem is not None:
+        raise ApiError(422, "validation_error", f"webhook.url: {problem}", field="webhook.url")
+    return Webhook(url=body.url, events=list(body.events or DEFAULT_WEBHOOK_EVENTS))
 
 
 def quotas_of(settings: GatewaySettings) -> Quotas:
@@ -91,11 +112,10 @@ def submit_job(
     return job, created
 
 
-def submitted(response: Response, job: Job, created: bool) -> SubmittedJob:
+def submitted(job: Job, created: bool) -> Response:
     """202 with the job for a new submission; 200 with the same body for an Idempotency-Key replay."""
     url = f"/jobs/{job.id}"
-    response.status_code = 202 if created else 200
-    response.headers["Location"] = url
+    headers = {"Location": url}
     if not created:
-        response.headers["Idempotent-Replayed"] = "true"
-    return SubmittedJob(job=JobOut.of(job), url=url)
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(SubmittedJob(job=JobOut.of(job), url=url), 202 if created else 200, headers)

@@ -45,7 +45,7 @@ def test_core_imports_no_service_layers_and_reads_no_environment():
 
 def test_gateway_facing_modules_do_not_import_torch():
     code = (
-        "import sys, sepen_core, sepen_core.config, sepen_core.errors, sepen_core.prompts; "
+        "import sys, sepen_core, sepen_core.config, sepen_core.errors, sepen_core.model_card, sepen_core.prompts; "
         "sepen_core.ConceptSet; sepen_core.FinetuneConfig; "
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )

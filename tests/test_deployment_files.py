@@ -25,9 +25,11 @@ from tests.deployment import (
     load_compose,
     stage_command,
     stage_extras,
+    substituted,
 )
 
-COMPOSE_ONLY = {"SEPEN_MODELS_DIR"}  # read by docker compose (a volume), not by the service
+# Read by docker compose (a volume; the api command's uvicorn --workers) and scripts/start, not by the service.
+COMPOSE_ONLY = {"SEPEN_MODELS_DIR", "SEPEN_GATEWAY_WORKERS"}
 
 
 def test_env_example_lists_every_setting():
@@ -134,7 +136,7 @@ def test_dockerfile_installs_each_image_with_its_extra():
     assert "ARG TORCH_VARIANT=cpu" in worker and "download.pytorch.org/whl/cpu" in worker
     # The images run what compose runs.
     services = load_compose()["services"]
-    assert stage_command(stages["api"]) == services["api"]["command"]
+    assert stage_command(stages["api"]) == [substituted(part) for part in services["api"]["command"]]
     assert stage_command(stages["worker"]) == services["worker"]["command"]
     # The images install the wheel built from every package of pyproject.toml, and hold no source tree.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -1,6 +1,7 @@
 """The package as shipped: the wheel built from this tree, installed (not editable) into virtual environments
-with one extra each, runs docker-compose.yml's migrate, api and worker commands, in compose order and with compose's
-environment, against a local Postgres and a private Redis; without its extra, each command names the one it needs.
+with one extra each, runs docker-compose.yml's migrate, api (and its web page) and worker commands, in compose order and
+with compose's environment, against a local Postgres and a private Redis; without its extra, each command names the one
+it needs.
 
 The virtual environments' dependencies are kept between runs (SEPEN_TEST_VENVS, default ~/.cache/sepen/test-venvs),
 keyed by the requirements that extra brings: a run with the same requirements reinstalls only the wheel, a run
@@ -155,6 +156,8 @@ def test_wheel_carries_the_migrations_the_typing_markers_and_the_extras(wheel):
     assert not any(name.startswith(("migrations/", "alembic.ini")) for name in names)
     assert {f"{package}/py.typed" for package in PACKAGES} <= names
     assert "sepen_core/bundled/sepen-toy/model_index.json" in names
+    page = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "service" / "web").iterdir())
+    assert "service/web/index.html" in page and "service/web/app.js" in page and set(page) <= names, "the web page"
     requires, _ = _metadata(wheel)
     assert all("extra ==" in r for r in requires), "every dependency belongs to an extra"
     for extra in ("api", "store"):
@@ -262,7 +265,7 @@ def test_compose_services_run_from_the_installed_wheel(wheel, tmp_path, request)
         assert head == ScriptDirectory.from_config(alembic_config(database)).get_current_head()
 
         # api: the gateway on a free loopback port instead of compose's 0.0.0.0:8000.
-        command = list(services["api"]["command"])
+        command = [substituted(part) for part in services["api"]["command"]]  # --workers ${SEPEN_GATEWAY_WORKERS:-1}
         assert command[command.index("--port") + 1] == services["api"]["ports"][0].split(":")[-1]
         port = free_port()
         command[command.index("--host") + 1] = "127.0.0.1"
@@ -288,6 +291,10 @@ def test_compose_services_run_from_the_installed_wheel(wheel, tmp_path, request)
         client = stack.enter_context(
             httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         )
+        # The web page, from the installed package's files (no source tree here).
+        served = httpx.get(f"{base}/", timeout=10)
+        assert served.status_code == 200 and '<script type="module" src="/web/app.js">' in served.text
+        assert httpx.get(f"{base}/web/app.js", timeout=10).status_code == 200
         models = client.get("/models")
         assert models.status_code == 200, models.text
         assert "sepen-tiny" in models.text and "sepen-toy" in models.text

@@ -1,4 +1,5 @@
-"""Per-worker caches: base models loaded once, adapters kept in a small LRU by version id."""
+"""Per-worker caches: base models loaded once, adapters kept in a small LRU by version id; each counts its hits and
+misses (worker/metrics.py)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ class ModelCache:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self.models: dict[str, BaseModel] = {}
+        self.hits = self.misses = 0
 
     def get(self, name: str) -> BaseModel:
-        if name not in self.models:
+        if name in self.models:
+            self.hits += 1
+        else:
+            self.misses += 1
             source = self.settings.models.get(name)
             if source is None:
                 raise NotFound("model", name)
@@ -37,11 +42,14 @@ class AdapterCache:
     def __init__(self, capacity: int):
         self.capacity = max(1, capacity)
         self.entries: OrderedDict[str, KeyProjectionAdapter] = OrderedDict()
+        self.hits = self.misses = 0
 
     def get(self, session: Session, version_id: str) -> KeyProjectionAdapter:
         if version_id in self.entries:
+            self.hits += 1
             self.entries.move_to_end(version_id)
             return self.entries[version_id]
+        self.misses += 1
         adapter = KeyProjectionAdapter.from_bytes(version_bytes(session, get_version(session, version_id)))
         self.entries[version_id] = adapter
         if len(self.entries) > self.capacity:

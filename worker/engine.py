@@ -14,10 +14,11 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from sepen_store.jobs import Claim
+from sepen_store.logs import configure_logging, job_logging
 from sepen_store.settings import WorkerSettings
 from worker.reporting import JobReporter
 
@@ -30,16 +31,26 @@ POLL_S = 0.2
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a job's work ended: succeeded with its result, canceled, or failed with an error code and message."""
+    """How a job's work ended: succeeded with its result, canceled, or failed with an error code and message;
+    stats: what the work cost, for the worker's metrics (worker.metrics.JobUsage; empty when the process was
+    stopped)."""
 
     status: str
     result: dict | None = None
     code: str | None = None
     message: str | None = None
+    stats: dict[str, int] = field(default_factory=dict)
 
 
 def run_work(work: Work, kind: str, job_id: str, resumed: bool, control) -> Outcome:
-    """Run the work and turn whatever happened into an Outcome (every failure has its error code)."""
+    """Run the work and turn whatever happened into an Outcome (every failure has its error code), with its stats."""
+    from worker.metrics import JobUsage
+
+    usage = JobUsage(work)
+    return replace(_outcome_of(work, kind, job_id, resumed, control), stats=usage.stats())
+
+
+def _outcome_of(work: Work, kind: str, job_id: str, resumed: bool, control) -> Outcome:
     import torch
 
     from sepen_core.errors import Canceled
@@ -175,14 +186,14 @@ class PipeControl:
 def serve(settings: dict, conn, cancel, parent_pid: int, loglevel: int) -> None:
     """The child's loop: take a job from the pipe, run it, send its Outcome; exit when the worker is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the worker's to handle
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s[job process]: %(message)s")
+    worker_settings = WorkerSettings(**settings)
+    configure_logging(worker_settings.log_format, loglevel, process="job process")
     threading.Thread(target=_exit_with, args=(parent_pid,), name="parent-watch", daemon=True).start()
 
     _quiet_libraries()
     from sepen_store.database import make_engine, session_factory
     from worker.work import Work
 
-    worker_settings = WorkerSettings(**settings)
     work = Work.create(worker_settings, session_factory(make_engine(worker_settings.database_url)))
     while True:
         try:
@@ -190,7 +201,8 @@ def serve(settings: dict, conn, cancel, parent_pid: int, loglevel: int) -> None:
         except (EOFError, OSError):
             return
         conn.send(("started",))
-        outcome = run_work(work, kind, job_id, resumed, PipeControl(conn, cancel))
+        with job_logging(job_id):
+            outcome = run_work(work, kind, job_id, resumed, PipeControl(conn, cancel))
         try:
             conn.send(("done", outcome))
         except OSError:
@@ -204,7 +216,8 @@ def _exit_with(parent_pid: int) -> None:
 
 
 def _quiet_libraries() -> None:
-    """No progress bars or advice from diffusers and transformers in a service's logs; their errors still show."""
+    """No progress bars or advice from diffusers and transformers in a service's logs; their errors still show, through
+    the root logger's handler (in SEPEN_LOG_FORMAT) instead of their own."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -212,3 +225,5 @@ def _quiet_libraries() -> None:
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
+        library.disable_default_handler()
+        library.enable_propagation()

@@ -1,5 +1,6 @@
 """`sepen-worker`: one Celery worker process (solo pool) serving the finetune and/or generate queues, its job
-process (worker/engine.py: the jobs' work, stoppable), and the reconciler that re-sends jobs whose messages were lost.
+process (worker/engine.py: the jobs' work, stoppable), the reconciler that re-sends jobs whose messages were lost,
+and the loop that delivers the jobs' webhooks (worker/webhooks.py). Its job writes publish their events to Redis.
 
     sepen-worker                       # both queues
     sepen-worker --queues finetune     # a finetune-only GPU worker
@@ -15,10 +16,13 @@ from celery import Celery
 
 from sepen_core.extras import version
 from sepen_store.database import make_engine, session_factory
+from sepen_store.events import publisher_for
 from sepen_store.jobs import mark_not_enqueued, take_resends
+from sepen_store.logs import configure_logging
 from sepen_store.queue import QUEUES, TASKS, enqueue, jobs_in_broker, make_celery
 from sepen_store.settings import WorkerSettings
 from worker.runner import Runtime
+from worker.webhooks import start_delivery_loop
 
 log = logging.getLogger("sepen.worker")
 
@@ -87,19 +91,31 @@ def main(argv: list[str] | None = None) -> int:
         help="Celery node name; give each worker on a host its own (default sepen@%%h)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
     settings = WorkerSettings.from_env()
+    configure_logging(settings.log_format, args.loglevel, process="worker")
     kinds = [k.strip() for k in args.queues.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in QUEUES]
     if unknown or not kinds:
         parser.error(f"--queues must name finetune and/or generate, not {unknown or kinds}")
     app = make_celery(settings)
-    runtime = Runtime.create(settings, session_factory(make_engine(settings.database_url)))
+    sessions = session_factory(make_engine(settings.database_url), events=publisher_for(settings.broker_url))
+    runtime = Runtime.create(settings, sessions)
+    if settings.worker_metrics_port:  # before the job process starts: a port already taken stops the worker here
+        where = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
+        try:
+            runtime.metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
+        except OSError as exc:
+            raise SystemExit(
+                f"sepen-worker: cannot serve metrics at {where} ({exc}); give each worker on a host "
+                "its own SEPEN_WORKER_METRICS_PORT"
+            ) from None
+        log.info("metrics at http://%s/metrics", where)
     runtime.jobs.start()  # the job process loads its imports while Celery connects
     register_tasks(app, runtime)
     start_reconciler(make_celery(settings, fail_fast=True), runtime)
+    start_delivery_loop(sessions, settings)
     worker_args = [
+        *(["--quiet"] if settings.log_format == "json" else []),  # no banner: every line of a JSON log is JSON
         "worker",
         "--pool=solo",
         "--concurrency=1",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -28,7 +29,10 @@ class JobReporter:
         self._last_write = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{claim.job_id[:8]}", daemon=True)
+        # In a copy of the creator's context, so that the heartbeat's log lines carry the job id (sepen_store.logs).
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._beat,), name=f"heartbeat-{claim.job_id[:8]}", daemon=True
+        )
 
     def __enter__(self) -> JobReporter:
         self._thread.start()

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
+from fastapi.responses import Response
 
 from sepen_core.config import ModelDefaults
 from sepen_core.errors import ConfigError
 from sepen_core.prompts import ConceptSet
 from sepen_store.contract import FinetuneRequest
-from service.deps import CeleryDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
+from service.deps import CeleryDep, IdempotencyKeyDep, SessionsDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import resolve_model
 from service.schemas import LARGE_SCALE, FinetuneIn, RecipeIn, SubmittedJob
-from service.submission import SUBMIT_RESPONSES, submit_job, submitted
+from service.submission import SUBMIT_RESPONSES, submit_job, submitted, webhook_of
 
 router = APIRouter(tags=["finetune"])
 
@@ -81,17 +82,24 @@ def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> dict:
 )
 def submit_finetune(
     body: FinetuneIn,
-    response: Response,
     tenant: TenantDep,
-    session: SessionDep,
+    sessions: SessionsDep,
     settings: SettingsDep,
     celery: CeleryDep,
     idempotency_key: IdempotencyKeyDep = None,
-) -> SubmittedJob:
-    """Queue a SepEn finetune that publishes the next version of adapter `adapter`; poll the job at `url`."""
+) -> Response:
+    """Queue a SepEn finetune that publishes the next version of adapter `adapter`; follow the job at `url` (or its
+    events at `links.events`)."""
     model = resolve_model(settings, body.model)
     concept_set = build_concept_set(body)
     recipe = build_recipe(body.recipe, concept_set)
-    request = FinetuneRequest(adapter=body.adapter, model=model, concepts=concept_set.to_dict(), recipe=recipe)
-    job, created = submit_job(session, celery, tenant, request, settings, idempotency_key=idempotency_key)
-    return submitted(response, job, created)
+    request = FinetuneRequest(
+        adapter=body.adapter,
+        model=model,
+        concepts=concept_set.to_dict(),
+        recipe=recipe,
+        webhook=webhook_of(body.webhook, settings),
+    )
+    with sessions() as session:
+        job, created = submit_job(session, celery, tenant, request, settings, idempotency_key=idempotency_key)
+    return submitted(job, created)

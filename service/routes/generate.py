@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from fastapi import APIRouter, Response
+from celery import Celery
+from fastapi import APIRouter
+from fastapi.responses import Response
+from sqlalchemy.orm import Session
 
 from sepen_core.config import SampleConfig
 from sepen_core.errors import ConfigError
@@ -14,11 +17,11 @@ from sepen_store.errors import NotFound
 from sepen_store.registry import parse_ref, resolve
 from sepen_store.settings import Settings
 from sepen_store.tables import AdapterVersion
-from service.deps import CeleryDep, IdempotencyKeyDep, SessionDep, SettingsDep, TenantDep
+from service.deps import CeleryDep, IdempotencyKeyDep, SessionsDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import check_size, resolve_model
 from service.schemas import GenerateIn, SubmittedJob
-from service.submission import SUBMIT_RESPONSES, submit_job, submitted
+from service.submission import SUBMIT_RESPONSES, submit_job, submitted, webhook_of
 
 router = APIRouter(tags=["generate"])
 
@@ -63,16 +66,28 @@ def pick_model(settings: Settings, requested: str | None, version: AdapterVersio
 )
 def submit_generate(
     body: GenerateIn,
-    response: Response,
     tenant: TenantDep,
-    session: SessionDep,
+    sessions: SessionsDep,
     settings: SettingsDep,
     celery: CeleryDep,
     idempotency_key: IdempotencyKeyDep = None,
-) -> SubmittedJob:
+) -> Response:
     """Queue sampling `images` images of `prompt`, optionally with an adapter and per-concept heatmaps."""
+    with sessions() as session:
+        return _submit(session, body, tenant, settings, celery, idempotency_key)
+
+
+def _submit(
+    session: Session,
+    body: GenerateIn,
+    tenant: str,
+    settings: Settings,
+    celery: Celery,
+    idempotency_key: str | None,
+) -> Response:
     if body.model is not None:
         resolve_model(settings, body.model)
+    webhook = webhook_of(body.webhook, settings)
     version, ref = None, None
     if body.adapter is not None:
         try:
@@ -111,7 +126,12 @@ def submit_generate(
     except ConfigError as exc:
         raise invalid_setting(exc, _SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
     request = GenerateRequest(
-        prompt=body.prompt, model=model, adapter=ref, concepts=list(body.concepts or []), sample=sample
+        prompt=body.prompt,
+        model=model,
+        adapter=ref,
+        concepts=list(body.concepts or []),
+        sample=sample,
+        webhook=webhook,
     )
     job, created = submit_job(
         session,
@@ -122,4 +142,4 @@ def submit_generate(
         idempotency_key=idempotency_key,
         adapter_version_id=version.id if version is not None else None,
     )
-    return submitted(response, job, created)
+    return submitted(job, created)

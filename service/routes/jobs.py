@@ -1,4 +1,5 @@
-"""Jobs: read one, list a tenant's (newest first, keyset pages), cancel, fetch a finished job's images and heatmaps."""
+"""Jobs: read one, list a tenant's (newest first, keyset pages), cancel, follow one's events (Server-Sent Events),
+read its webhook deliveries, fetch a finished job's images and heatmaps."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from fastapi import APIRouter, Header, Path, Query, Response
 from sqlalchemy.orm import Session
 
 from sepen_store.job_outputs import get_image
-from sepen_store.jobs import STATUSES, get_job, list_jobs, request_cancel
-from service.deps import SessionDep, TenantDep
+from sepen_store.jobs import STATUSES, get_job, job_view, list_jobs, request_cancel
+from sepen_store.webhooks import job_deliveries
+from service.deps import ReadSessionsDep, SessionDep, SettingsDep, TenantDep
 from service.errors import ApiError
+from service.job_events import HEARTBEAT, MEDIA_TYPE, RETRY_MS, event_stream_response
 from service.openapi import AUTHENTICATED, ETAG, RATE_LIMITED, errors, success
-from service.schemas import JobOut, JobPage
+from service.schemas import DeliveryList, DeliveryOut, JobOut, JobPage, json_response
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -34,6 +37,45 @@ PNG = {
     },
     304: {"description": "not modified: If-None-Match matched the ETag", "headers": ETAG},
     **errors(*AUTHENTICATED, 404, 422, s404="job_not_found, or image_not_found / heatmap_not_found at that index"),
+}
+LastEventId = Annotated[
+    int | None,
+    Header(
+        alias="Last-Event-ID",
+        ge=0,
+        le=2**53,
+        description="the `id` of the last event you received: the stream resumes after it (an EventSource sends it "
+        "when it reconnects)",
+    ),
+]
+# One event of the stream (OpenAPI 3.1: the schema of a text/event-stream describes each event); `data` is a JSON
+# object, its fields listed in the description below.
+EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "event": {"type": "string", "enum": ["status", "progress"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+EVENTS = {
+    200: {
+        "content": {MEDIA_TYPE: {"schema": EVENT_SCHEMA}},
+        "description": f"""Server-Sent Events, each `id: <seq>`, `event: status | progress` and `data:` one JSON
+object: `seq`, `type`, `job_id`, `kind`, `status`, `at`, `progress`, `result` (as stored: image indices, the adapter
+ref; no finetune summary) and `error` (`code`, `message`). The first event is the job as it is (`status`), or, with
+Last-Event-ID, the events after that one. A comment line (`{HEARTBEAT.decode().strip()}`) follows every quiet
+SEPEN_EVENTS_HEARTBEAT_S; the stream ends after the event of a finished job, or after SEPEN_EVENTS_MAX_STREAM_S
+(reconnect with Last-Event-ID; `retry: {RETRY_MS}` suggests how soon).""",
+        "headers": RATE_LIMITED,
+    },
+    204: {
+        "description": "the job has finished and Last-Event-ID is its last event: nothing more will come (an "
+        "EventSource stops reconnecting)",
+        "headers": RATE_LIMITED,
+    },
+    **JOB_ERRORS,
 }
 
 
@@ -66,8 +108,42 @@ def list_tenant_jobs(
 @router.get(
     "/{job_id}", response_model=JobOut, responses={**success(200, RATE_LIMITED), **JOB_ERRORS}, operation_id="getJob"
 )
-def read_job(job_id: JobId, tenant: TenantDep, session: SessionDep) -> JobOut:
-    return JobOut.of(get_job(session, tenant, job_id))
+def read_job(job_id: JobId, tenant: TenantDep, sessions: ReadSessionsDep) -> Response:
+    with sessions() as session:
+        job = job_view(session, tenant, job_id)
+    return json_response(JobOut.of(job))
+
+
+@router.get("/{job_id}/events", response_class=Response, responses=EVENTS, operation_id="streamJobEvents")
+async def stream_job_events(
+    job_id: JobId,
+    tenant: TenantDep,
+    sessions: ReadSessionsDep,
+    settings: SettingsDep,
+    last_event_id: LastEventId = None,
+) -> Response:
+    """The job's progress, status changes and result as they happen (`text/event-stream`), without polling."""
+    return await event_stream_response(sessions, settings, tenant, job_id, last_event_id)
+
+
+@router.get(
+    "/{job_id}/deliveries",
+    response_model=DeliveryList,
+    responses={**success(200, RATE_LIMITED), **JOB_ERRORS},
+    operation_id="listJobDeliveries",
+)
+def list_deliveries(
+    job_id: JobId,
+    tenant: TenantDep,
+    sessions: ReadSessionsDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+) -> Response:
+    """The job's webhook deliveries, newest event first: each one's state and every attempt (time, HTTP status,
+    error, duration). A progress report not yet sent is replaced by the next one."""
+    with sessions() as session:
+        job_view(session, tenant, job_id)  # another tenant's job is a 404 like a missing one
+        deliveries = [DeliveryOut.of(delivery) for delivery in job_deliveries(session, job_id, limit=limit)]
+    return json_response(DeliveryList(deliveries=deliveries))
 
 
 @router.post(

@@ -38,8 +38,8 @@ def resolve_model(settings: Settings, name: str | None) -> str:
 
 @router.get("/models", responses={**success(200, RATE_LIMITED), **errors(*AUTHENTICATED)}, operation_id="listModels")
 def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
-    """The models, each with its native size, its defaults and what one request may ask of it. The sources are
-    server paths, no business of the client's."""
+    """The models, each with its native size, its defaults, what one request may ask of it and, for a toy-world
+    model, its nouns. The sources are server paths, no business of the client's."""
     models = []
     for name, source in settings.models.items():
         card = card_of(source)
@@ -51,6 +51,7 @@ def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
                 native_width=card.native_width if card else None,
                 defaults=card.defaults.to_dict() if card else {},
                 limits=model_limits(settings, name),
+                nouns=list(card.nouns) if card else [],
             )
         )
     return models

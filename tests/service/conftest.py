@@ -51,6 +51,7 @@ def service_settings(pg_url, redis_client, tmp_path_factory) -> GatewaySettings:
         broker_url=REDIS_URL,
         models=MODELS,
         default_model="sepen-tiny",
+        key_cache_ttl_s=0,  # these tests revoke keys and expect it at once; test_key_cache_api.py tests the cache
     )
 
 

@@ -50,3 +50,14 @@ def test_create_and_revoke_refuse_values_the_database_cannot_hold(pg_url, monkey
     assert main(["create-key", "--tenant", "acme", "--name", "n" * 129]) == 2
     assert main(["revoke-key", "sk_sepen_\x00"]) == 1  # matches nothing, and the query is never sent
     assert "revoked 0" in capsys.readouterr().err
+
+
+def test_webhook_key_prints_the_tenants_signing_key(monkeypatch, capsys):
+    from sepen_store.webhooks import tenant_key
+
+    monkeypatch.delenv("SEPEN_WEBHOOK_SECRET", raising=False)
+    assert main(["webhook-key", "--tenant", "acme"]) == 2
+    assert "SEPEN_WEBHOOK_SECRET is not set" in capsys.readouterr().err
+    monkeypatch.setenv("SEPEN_WEBHOOK_SECRET", "s" * 32)
+    assert main(["webhook-key", "--tenant", "acme"]) == 0
+    assert capsys.readouterr().out.strip() == tenant_key("s" * 32, "acme") != tenant_key("s" * 32, "globex")

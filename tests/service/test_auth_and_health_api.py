@@ -40,7 +40,7 @@ def test_a_revoked_key_is_refused(client, db, api_key, auth):
     assert client.get("/jobs", headers=auth).status_code == 401
 
 
-@pytest.mark.parametrize("url", ["/healthz", "/readyz", "/docs", "/openapi.json"])
+@pytest.mark.parametrize("url", ["/healthz", "/readyz", "/docs", "/openapi.json", "/", "/web/app.js"])
 def test_open_endpoints_need_no_key(client, url):
     assert client.get(url).status_code == 200
 
@@ -84,9 +84,18 @@ def test_models(client, auth):
             "native_width": 64,
             "defaults": {"sample": {}, "maps": {}, "finetune": {}, "large_scale": {}},
             "limits": {**wide, "max_height": 128, "max_width": 128},
+            "nouns": [],
         },
         # the gateway cannot read this model's files: no card, the service's wide limits
-        {"name": "sd15", "default": False, "native_height": None, "native_width": None, "defaults": {}, "limits": wide},
+        {
+            "name": "sd15",
+            "default": False,
+            "native_height": None,
+            "native_width": None,
+            "defaults": {},
+            "limits": wide,
+            "nouns": [],
+        },
     ]
 
 

@@ -85,6 +85,11 @@ def gateway(tmp_path_factory):
             SEPEN_MODELS="sepen-tiny=tiny,sepen-toy=toy",
             # High enough that the fuzzer reaches the logic behind the limit; the headers are still sent.
             SEPEN_RATE_LIMIT_PER_MINUTE="1000000",
+            # Streams of jobs no worker runs end soon (a request of the fuzzer waits for the end of its answer), and
+            # webhooks are allowed, so that the fuzzer reaches the checks of their URLs.
+            SEPEN_EVENTS_MAX_STREAM_S="2",
+            SEPEN_EVENTS_HEARTBEAT_S="1",
+            SEPEN_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
             OMP_NUM_THREADS="1",
         )
         log_path = logs / "gateway.log"
@@ -132,6 +137,6 @@ def test_schema_driven_fuzzing_finds_no_failure(gateway, tmp_path):
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert summary["failures"] == [] and summary["errors"] == [], run.stdout[-6000:]
-    assert summary["operations"]["tested"] == summary["operations"]["total"] == 14
+    assert summary["operations"]["tested"] == summary["operations"]["total"] == 16
     assert requests > 1000, "the run was too short to mean much"
     assert not [status for status in statuses if status >= 500], statuses

@@ -14,6 +14,8 @@ OPERATION_IDS = {
     ("get", "/jobs"): "listJobs",
     ("get", "/jobs/{job_id}"): "getJob",
     ("post", "/jobs/{job_id}/cancel"): "cancelJob",
+    ("get", "/jobs/{job_id}/events"): "streamJobEvents",
+    ("get", "/jobs/{job_id}/deliveries"): "listJobDeliveries",
     ("get", "/jobs/{job_id}/images/{index}"): "getJobImage",
     ("get", "/jobs/{job_id}/heatmaps/{index}"): "getJobHeatmap",
     ("get", "/adapters"): "listAdapters",

@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ALLOWED_CORE = {"sepen_core.config", "sepen_core.errors", "sepen_core.extras", "sepen_core.prompts"}
+ALLOWED_CORE = {
+    "sepen_core.config",
+    "sepen_core.errors",
+    "sepen_core.extras",
+    "sepen_core.model_card",
+    "sepen_core.prompts",
+}
 FORBIDDEN = {"torch", "diffusers", "transformers", "safetensors", "numpy", "PIL", "worker"}
 
 

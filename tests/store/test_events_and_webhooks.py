@@ -1,0 +1,270 @@
+"""Job events and webhook deliveries in sepen_store, on both backends: each status change and progress report counts
+the row's event_seq up and is published to the job's Redis stream; a job's webhook gets a delivery row in the same
+write (progress coalescing while unsent), taken by one worker at a time, retried with back-off, failed when out of
+tries; URL checks, signatures, per-tenant keys, the key cache, and migration 0004 going down and up."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import update
+
+from sepen_store.auth import TenantCache, authenticate_cached, create_api_key, revoke_api_key
+from sepen_store.database import make_engine, session_factory, upgrade_database
+from sepen_store.errors import NotFound, Unauthorized
+from sepen_store.events import EventPublisher, stream_key
+from sepen_store.jobs import claim_job, create_job, finish_job, get_job, heartbeat, job_view, request_cancel
+from sepen_store.settings import SettingsError, WorkerSettings
+from sepen_store.tables import WebhookDelivery, utcnow
+from sepen_store.webhooks import (
+    backoff_s,
+    job_deliveries,
+    record_attempt,
+    signature,
+    take_due_deliveries,
+    tenant_key,
+    url_problem,
+    verify_signature,
+)
+
+EVENTS_REDIS = "redis://127.0.0.1:6379/12"
+HOOK = {"url": "http://127.0.0.1:9/hook", "events": ["running", "progress", "succeeded", "failed", "canceled"]}
+SUMMARY_RESULT = {"adapter": "a@1", "name": "a", "version": 1, "sha256": "0" * 64, "summary": {"loss_curve": []}}
+
+
+@pytest.fixture
+def publishing(sessions):
+    """The same database's sessions, publishing to Redis db 12; and that Redis."""
+    client = redis.Redis.from_url(EVENTS_REDIS)
+    publisher = EventPublisher(EVENTS_REDIS)
+    yield session_factory(sessions.kw["bind"], events=publisher), client
+    publisher.close()
+    client.close()
+
+
+def new_job(session, webhook=None, kind="finetune", tenant="acme"):
+    request = {"n": uuid.uuid4().hex, **({"webhook": webhook} if webhook else {})}
+    job, _ = create_job(session, tenant, kind, request)
+    return job
+
+
+def streamed(client, job_id):
+    return [json.loads(fields[b"data"]) for _, fields in client.xrange(stream_key(job_id))]
+
+
+def test_each_status_change_and_progress_report_is_a_numbered_published_event(publishing):
+    sessions, client = publishing
+    with sessions() as s:
+        job = new_job(s)
+        assert job.event_seq == 0
+        claim = claim_job(s, job.id, "w1", lease_s=60)
+        heartbeat(s, claim)  # liveness only: no event
+        heartbeat(s, claim, {"step": 1, "total": 2})
+        heartbeat(s, claim, {"step": 2, "total": 2})
+        assert finish_job(s, claim, "succeeded", result=SUMMARY_RESULT)
+        assert get_job(s, "acme", job.id).event_seq == 4
+    events = streamed(client, job.id)
+    assert [(e["seq"], e["type"], e["status"]) for e in events] == [
+        (1, "status", "running"),
+        (2, "progress", "running"),
+        (3, "progress", "running"),
+        (4, "status", "succeeded"),
+    ]
+    assert events[2]["progress"] == {"step": 2, "total": 2}
+    assert events[3]["result"] == {**SUMMARY_RESULT, "summary": None}  # events leave a finetune's summary out
+    assert client.ttl(stream_key(job.id)) > 0
+
+
+def test_a_cancel_is_an_event_and_a_session_without_publisher_publishes_nothing(publishing, sessions):
+    publishing_sessions, client = publishing
+    with publishing_sessions() as s:
+        queued = new_job(s)
+        request_cancel(s, "acme", queued.id)
+    assert [(e["seq"], e["status"]) for e in streamed(client, queued.id)] == [(1, "canceled")]
+    with sessions() as s:  # no publisher: the row still counts its events
+        job = new_job(s)
+        claim_job(s, job.id, "w1", lease_s=60)
+        assert get_job(s, "acme", job.id).event_seq == 1
+    assert streamed(client, job.id) == []
+
+
+def test_a_failed_finish_carries_its_error(publishing):
+    sessions, client = publishing
+    with sessions() as s:
+        job = new_job(s, kind="generate")
+        claim = claim_job(s, job.id, "w1", lease_s=60)
+        finish_job(s, claim, "failed", error_code="out_of_memory", error_message="too big")
+    assert streamed(client, job.id)[-1]["error"] == {"code": "out_of_memory", "message": "too big"}
+
+
+def test_job_view_reads_the_row_and_hides_other_tenants_jobs(sessions):
+    with sessions() as s:
+        job = new_job(s, webhook=HOOK)
+        view = job_view(s, "acme", job.id)
+        assert (view.id, view.status, view.event_seq, view.webhook) == (job.id, "queued", 0, HOOK)
+        assert view.created_at.tzinfo is not None
+        with pytest.raises(NotFound):
+            job_view(s, "globex", job.id)
+
+
+def test_deliveries_are_queued_with_their_event_and_progress_coalesces(sessions):
+    with sessions() as s:
+        job = new_job(s, webhook={**HOOK, "events": ["progress", "succeeded"]})
+        claim = claim_job(s, job.id, "w1", lease_s=60)  # running: not asked for
+        heartbeat(s, claim, {"step": 1, "total": 3})
+        heartbeat(s, claim, {"step": 2, "total": 3})  # replaces the unsent report
+        finish_job(s, claim, "succeeded", result={"images": []})
+        deliveries = job_deliveries(s, job.id)
+        assert [(d.event, d.event_seq, d.state) for d in deliveries] == [
+            ("succeeded", 4, "pending"),
+            ("progress", 3, "pending"),
+        ]
+        assert deliveries[1].payload["progress"] == {"step": 2, "total": 3}
+        assert deliveries[0].payload["result"] == {"images": []} and deliveries[0].tenant == "acme"
+        plain = new_job(s)
+        claim_job(s, plain.id, "w1", lease_s=60)
+        assert job_deliveries(s, plain.id) == []
+
+
+def test_a_delivery_is_taken_once_retried_with_backoff_then_delivered(sessions):
+    with sessions() as s:
+        job = new_job(s, webhook={**HOOK, "events": ["running"]})
+        claim_job(s, job.id, "w1", lease_s=60)
+        taken = [d for d in take_due_deliveries(s, lease_s=30) if d.job_id == job.id]
+        assert len(taken) == 1 and taken[0].attempt == 1 and taken[0].payload["status"] == "running"
+        assert not [d for d in take_due_deliveries(s, lease_s=30) if d.job_id == job.id]  # leased to its taker
+        started = utcnow()
+        state = record_attempt(
+            s, taken[0], started=started, status=500, error="answered 500", duration_ms=3.0, retry_after_s=60
+        )
+        assert state == "pending"
+        row = job_deliveries(s, job.id)[0]
+        assert row.attempts == 1 and row.last_status == 500 and row.next_attempt_at > utcnow() + timedelta(seconds=50)
+        assert row.log == [{"at": started.isoformat(), "status": 500, "error": "answered 500", "duration_ms": 3.0}]
+        s.execute(update(WebhookDelivery).where(WebhookDelivery.id == row.id).values(next_attempt_at=utcnow()))
+        s.commit()
+        again = [d for d in take_due_deliveries(s, lease_s=30) if d.job_id == job.id]
+        assert [d.attempt for d in again] == [2]
+        assert record_attempt(
+            s, taken[0], started=utcnow(), status=200, error=None, duration_ms=1, retry_after_s=9
+        ) == (
+            "pending"  # attempt 1's late answer changes nothing: attempt 2 owns the delivery now
+        )
+        assert (
+            record_attempt(s, again[0], started=utcnow(), status=204, error=None, duration_ms=2, retry_after_s=9)
+            == "delivered"
+        )
+        row = job_deliveries(s, job.id)[0]
+        assert row.state == "delivered" and row.finished_at is not None and [e["status"] for e in row.log] == [500, 204]
+
+
+def test_a_delivery_without_tries_left_fails(sessions):
+    with sessions() as s:
+        job = new_job(s, webhook={**HOOK, "events": ["canceled"]})
+        request_cancel(s, "acme", job.id)
+        (delivery,) = [d for d in take_due_deliveries(s, lease_s=30) if d.job_id == job.id]
+        state = record_attempt(
+            s,
+            delivery,
+            started=utcnow(),
+            status=None,
+            error="ConnectionRefusedError",
+            duration_ms=1,
+            retry_after_s=None,
+        )
+        assert state == "failed" and job_deliveries(s, job.id)[0].state == "failed"
+
+
+def test_backoff_doubles_up_to_an_hour():
+    assert [backoff_s(5, attempt) for attempt in (1, 2, 3, 4)] == [5, 10, 20, 40]
+    assert backoff_s(5, 30) == 3600
+
+
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("http://127.0.0.1:8080/hook", None),
+        ("https://hooks.example.com/a?b=c", None),
+        ("http://HOOKS.example.com:8443/", None),
+        ("http://localhost:9000/", None),  # localhost:9000 is allowed with its port
+        ("http://localhost:9001/", "host 'localhost' is not one"),
+        ("http://evil.example.com/", "host 'evil.example.com' is not one"),
+        ("ftp://127.0.0.1/", "http:// or https://"),
+        ("127.0.0.1/hook", "http:// or https://"),
+        ("http://user:pw@127.0.0.1/", "credentials"),
+        ("http://127.0.0.1:99999/", "not a URL"),
+    ],
+)
+def test_url_problem(url, problem):
+    found = url_problem(url, ("127.0.0.1", "hooks.example.com", "localhost:9000"))
+    assert found is None if problem is None else problem in found
+
+
+def test_signatures_verify_only_with_the_tenants_key_and_a_recent_time():
+    key = tenant_key("s" * 32, "acme")
+    assert key != tenant_key("s" * 32, "globex") and key != tenant_key("t" * 32, "acme") and len(key) == 64
+    body = b'{"seq":1}'
+    header = signature(key, 1_700_000_000, body)
+    assert header.startswith("t=1700000000,v1=")
+    assert verify_signature(key, header, body, now=1_700_000_100)
+    assert not verify_signature(key, header, body + b" ", now=1_700_000_100)
+    assert not verify_signature(tenant_key("s" * 32, "globex"), header, body, now=1_700_000_100)
+    assert not verify_signature(key, header, body, now=1_700_001_000)  # too old: a replay
+    assert not verify_signature(key, "v1=abc", body)
+
+
+def test_the_key_cache_remembers_valid_keys_for_its_ttl(sessions):
+    now = [0.0]
+    cache = TenantCache(10, max_entries=2, clock=lambda: now[0])
+    with sessions() as s:
+        key = create_api_key(s, "cached")
+    assert authenticate_cached(sessions, cache, key) == "cached"
+    with sessions() as s:
+        revoke_api_key(s, key[:15])
+    now[0] = 9.9
+    assert authenticate_cached(sessions, cache, key) == "cached"  # still remembered
+    now[0] = 10.0
+    with pytest.raises(Unauthorized):
+        authenticate_cached(sessions, cache, key)
+    with pytest.raises(Unauthorized):
+        authenticate_cached(sessions, cache, "sk_sepen_unknown")
+    for name in ("a", "b", "c"):
+        cache.put(name, name)
+    assert cache.get("a") is None and cache.get("c") == "c"  # at most max_entries, the oldest out
+    nothing = TenantCache(0)
+    nothing.put("a", "a")
+    assert nothing.get("a") is None
+
+
+def test_webhook_settings_are_checked(monkeypatch):
+    monkeypatch.setenv("SEPEN_WEBHOOK_ALLOWED_HOSTS", "Hooks.Example.com, 127.0.0.1:9000")
+    monkeypatch.setenv("SEPEN_WEBHOOK_SECRET", "x" * 16)
+    assert WorkerSettings.from_env().webhook_allowed_hosts == ("hooks.example.com", "127.0.0.1:9000")
+    monkeypatch.setenv("SEPEN_WEBHOOK_SECRET", "short")
+    with pytest.raises(SettingsError, match="SEPEN_WEBHOOK_SECRET"):
+        WorkerSettings.from_env()
+    monkeypatch.setenv("SEPEN_WEBHOOK_ALLOWED_HOSTS", "https://hooks.example.com")
+    with pytest.raises(SettingsError, match="SEPEN_WEBHOOK_ALLOWED_HOSTS: entry 'https://hooks.example.com'"):
+        WorkerSettings.from_env()
+
+
+def test_the_events_migration_goes_down_and_up_again(tmp_path):
+    url = f"sqlite:///{tmp_path / 'sepen.db'}"
+    upgrade_database(url)
+    sessions = session_factory(make_engine(url))
+    with sessions() as s:
+        job = new_job(s, webhook=HOOK)
+        claim_job(s, job.id, "w1", lease_s=60)
+    from alembic import command
+
+    from sepen_store.database import alembic_config
+
+    command.downgrade(alembic_config(url), "0003")
+    upgrade_database(url)
+    with sessions() as s:
+        row = job_view(s, "acme", job.id)
+        assert row.event_seq == 0 and row.webhook is None and job_deliveries(s, job.id) == []
