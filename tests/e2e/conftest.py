@@ -43,6 +43,23 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last})")
 
 
+def launch_gateway(env: dict[str, str], port: int, log_path: Path, *, log_level: str = "warning") -> subprocess.Popen:
+    """The gateway as the deployment runs it (uvicorn, one process) on a loopback port with `env`, its output in
+    `log_path`; returns once /healthz answers. The caller terminates it."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(BIN / "uvicorn"), "--factory", "service.app:app_from_env", "--host", "127.0.0.1"]
+            + ["--port", str(port), "--workers", "1", "--log-level", log_level],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/healthz"
+    wait_until(lambda: httpx.get(url, timeout=1).status_code == 200, 60, "the gateway")
+    return process
+
+
 class RedisServer:
     """A redis-server of our own (no persistence, like the deployment's broker restarts), stoppable."""
 
@@ -120,27 +137,7 @@ class Deployment:
 
     def start_gateway(self) -> None:
         port = int(self.base_url.rsplit(":", 1)[1])
-        log = open(self.logs / "gateway.log", "w")
-        self.gateway = subprocess.Popen(
-            [
-                str(BIN / "uvicorn"),
-                "--factory",
-                "service.app:app_from_env",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-            ],
-            env=self.env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_until(lambda: httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200, 60, "the gateway")
+        self.gateway = launch_gateway(self.env, port, self.logs / "gateway.log")
 
     def client(self, key: str) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)

@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
@@ -24,9 +23,8 @@ from sepen_store.job_outputs import replace_images
 from sepen_store.jobs import claim_job, create_job, finish_job
 from sepen_store.registry import publish_version
 from tests.conftest import postgres_database
-from tests.e2e.conftest import free_port, wait_until
+from tests.e2e.conftest import free_port, launch_gateway
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 FUZZ_REDIS_URL = "redis://127.0.0.1:6379/13"
 FUZZ_SECONDS = int(os.environ.get("FUZZ_SECONDS", "100"))
@@ -93,19 +91,9 @@ def gateway(tmp_path_factory):
             OMP_NUM_THREADS="1",
         )
         log_path = logs / "gateway.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [str(BIN / "uvicorn"), "--factory", "service.app:app_from_env", "--host", "127.0.0.1"]
-                + ["--port", str(port), "--log-level", "info"],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        base_url = f"http://127.0.0.1:{port}"
+        process = launch_gateway(env, port, log_path, log_level="info")
         try:
-            wait_until(lambda: httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200, 60, "the gateway")
-            yield base_url, key, log_path
+            yield f"http://127.0.0.1:{port}", key, log_path
         finally:
             process.terminate()
             process.wait(15)

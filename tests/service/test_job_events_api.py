@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,11 +23,9 @@ from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.events import EventPublisher
 from sepen_store.jobs import claim_job, create_job, finish_job, heartbeat
 from service.app import create_app
-from tests.e2e.conftest import free_port, wait_until
+from tests.e2e.conftest import free_port, launch_gateway, wait_until
 from tests.service.conftest import REDIS_URL
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 HEARTBEAT_S = 0.5
 MAX_STREAM_S = 6.0
 GENERATE = {"prompt": "a photo of a cat and a dog", "steps": 2}
@@ -86,23 +82,12 @@ def gateway(request, pg_url, redis_client, tmp_path_factory):
         OMP_NUM_THREADS="1",
     )
     port = free_port()
-    log = open(data / "gateway.log", "w")
-    process = subprocess.Popen(
-        [str(BIN / "uvicorn"), "--factory", "service.app:app_from_env", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--log-level", "warning"],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base_url = f"http://127.0.0.1:{port}"
+    process = launch_gateway(env, port, data / "gateway.log")
     try:
-        wait_until(lambda: httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200, 60, "the gateway")
-        yield Gateway(request.param, url, base_url, process)
+        yield Gateway(request.param, url, f"http://127.0.0.1:{port}", process)
     finally:
         process.terminate()
         process.wait(15)
-        log.close()
 
 
 class EventStream:
