@@ -59,11 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--group", default="validation", help="evaluation group (toyworld.evaluate.GROUPS)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
     world = load_world(model_dir / "world.json") if (model_dir / "world.json").exists() else load_world()
-    audit_sheet(load_base_model(model_dir), world, args.images, group=args.group).save(args.out)
+    model = load_base_model(model_dir).to(args.device)
+    audit_sheet(model, world, args.images, group=args.group).save(args.out)
 
 
 if __name__ == "__main__":

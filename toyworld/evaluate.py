@@ -171,12 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=EvalConfig.seed)
     parser.add_argument("--groups", nargs="+", default=list(EvalConfig.groups), choices=GROUPS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the seeds' noise is drawn on the CPU either way)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
     world = load_world(model_dir / "world.json") if (model_dir / "world.json").exists() else load_world()
     config = EvalConfig(args.samples, args.steps, args.guidance, args.seed, tuple(args.groups))
-    results, previews = evaluate(load_base_model(model_dir), world, config)
+    results, previews = evaluate(load_base_model(model_dir).to(args.device), world, config)
     out = Path(args.out)
     out.write_text(
         json.dumps({"model": str(model_dir), "config": config.to_dict(), "results": results}, indent=2) + "\n"

@@ -1,7 +1,7 @@
 # Sourced by the toy-world GPU scripts (from the repo root): the Python path and the GPU machine's missing wheels.
 # Offline machines: the wheels the GPU machine lacks (diffusers, importlib_metadata, zipp) go in .whl/.
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sepen-site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --target /tmp/sepen-site .whl/*.whl
   export PYTHONPATH="/tmp/sepen-site:$PWD"
 else
   export PYTHONPATH="$PWD"

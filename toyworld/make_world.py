@@ -9,8 +9,11 @@ Everything here was fixed before any SepEn run on the world (toyworld/README.md,
   a diamond) separates two nouns: v1's failures were largely such misdrawn shapes.
 * Frequencies: the nouns' single-object captions follow Zipf's law (weight 1/rank), as words do in
   web captions; ranks alternate disc and bar nouns, so neither shape is the frequent one.
-* Co-occurrence is sparse: two-object captions name only 48 of the 276 pairs (two edge-disjoint
-  random Hamiltonian cycles: every noun has exactly 4 training partners, the graph is connected).
+* Co-occurrence is sparse and skewed to common nouns: two-object captions name only 12 of the 276
+  pairs, one random Hamiltonian cycle through the 12 most frequent nouns (each has exactly 2 training
+  partners); the 12 rarer nouns are seen only alone. This was chosen among three candidates by a rule
+  fixed before they were trained (toyworld/README.md, "Choosing the co-occurrence"); --paired and
+  --partners write the others (the first design was all 24 nouns with 4 partners: 48 pairs).
 * The 8 nouns no SepEn run sees are every third rank (ranks 3, 6, ..., 24): they span the frequency
   range and are 4 discs and 4 bars.
 * Evaluation pairs, all never together in base training: validation (16 seen+seen: the only pairs
@@ -59,7 +62,8 @@ NOUNS = {
     "purple": ("plate", "truck"),
 }
 SEED = 2026
-TRAIN_PARTNERS = 4
+PAIRED_NOUNS = 12  # the most frequent nouns that appear in base training's two-object captions
+TRAIN_PARTNERS = 2  # training partners of each of them (even: partners / 2 edge-disjoint cycles)
 GROUP_SIZES = {"validation": 16, "test_seen_seen": 24, "test_seen_unseen": 24, "test_unseen_unseen": 12}
 
 
@@ -103,7 +107,9 @@ def balanced_pairs(candidates: list[tuple[str, str]], size: int, rng: np.random.
     raise ValueError(f"cannot choose {size} balanced pairs from {len(candidates)}")
 
 
-def build_world(seed: int = SEED) -> World:
+def build_world(seed: int = SEED, paired: int = PAIRED_NOUNS, partners: int = TRAIN_PARTNERS) -> World:
+    if partners < 2 or partners % 2 or partners >= paired or paired > len(COLOURS) * 2:
+        raise ValueError("build_world: partners must be even, >= 2 and < paired; paired at most the 24 nouns")
     rng = np.random.default_rng(seed)
     ranked = frequency_ranks(rng)
     unseen = ranked[2::3]
@@ -117,7 +123,7 @@ def build_world(seed: int = SEED) -> World:
         for colour, nouns in NOUNS.items()
         for noun, shape in zip(nouns, ("disc", "hbar"), strict=True)
     ]
-    train = hamiltonian_cycles(ranked, TRAIN_PARTNERS // 2, rng)
+    train = hamiltonian_cycles(ranked[:paired], partners // 2, rng)
     heldout = [p for p in combinations(sorted(ranked), 2) if frozenset(p) not in {frozenset(t) for t in train}]
     by_unseen = {k: [p for p in heldout if sum(n in unseen for n in p) == k] for k in (0, 1, 2)}
     validation = balanced_pairs(by_unseen[0], GROUP_SIZES["validation"], rng)
@@ -150,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write world v2's definition (nouns, frequencies, pair roles).")
     parser.add_argument("--out", default=str(Path(__file__).with_name("world-v2.json")))
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--paired", type=int, default=PAIRED_NOUNS, help="the most frequent nouns seen in pairs")
+    parser.add_argument("--partners", type=int, default=TRAIN_PARTNERS, help="training partners of each paired noun")
     args = parser.parse_args(argv)
-    world = build_world(args.seed)
+    world = build_world(args.seed, args.paired, args.partners)
     about = (
         "Toy world v2 (toyworld/README.md; built by toyworld/make_world.py). train_pairs are the only two-object "
         "captions of base training; validation_pairs choose recipes and settings; test_pairs fill the final table; "

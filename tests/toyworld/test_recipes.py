@@ -7,7 +7,7 @@ from pathlib import Path
 from toyworld.recipes import main, validation_pairs
 from toyworld.world import load_world
 
-MODEL = Path(__file__).resolve().parents[2] / "toyworld" / "checkpoints" / "world-v2-step6318"
+MODEL = Path(__file__).resolve().parents[2] / "toyworld" / "checkpoints" / "world-v2"
 
 
 def test_adapters_are_scored_against_the_base_on_the_same_seeds_of_validation_pairs(tmp_path):
