@@ -1,16 +1,24 @@
-"""The toy-world benchmark: base model vs SepEn (training pairs, large-scale) vs Attend-and-Excite, with paired
-seeds, 95% confidence intervals, per-image cost and image grids.
+"""The toy-world benchmark: base model vs SepEn (one adapter per pair, training pairs, large-scale) vs
+Attend-and-Excite, with paired seeds, 95% confidence intervals, failure kinds, per-image cost and image grids.
 
-    python -m toyworld.benchmark --out docs/toyworld-benchmark            # full: 200 items per group, 2 finetune seeds
-    python -m toyworld.benchmark --out /tmp/bench --quick                 # 4 items per group, 2 finetune steps (CI)
+    python -m toyworld.benchmark --model DIR --out docs/NAME   # full: 400 items per group, 3 finetune seeds
+    python -m toyworld.benchmark --model DIR --out /tmp/bench --quick   # 4 items per group, 2 finetune steps (CI)
 
-Groups (the split is in toyworld/README.md):
+Groups follow the model's world (toyworld/README.md). World v2 (a world with test pairs):
+  single              every noun alone
+  test_seen_seen      test pairs of two nouns SepEn may finetune on (large-scale SepEn's collection holds them)
+  test_seen_unseen    test pairs with one noun no SepEn run sees
+  test_unseen_unseen  test pairs of two such nouns
+World v1:
   single          every noun alone
   seen_pairs      the 27 training pairs of the 9 finetuning nouns: what "SepEn on training pairs" finetunes on
   heldout_seen_seen  the 9 held-out pairs of finetuning nouns: never together in base training nor in SepEn's pairs
                      (the same group as toyworld.evaluate's; results.json of runs before it was renamed say
                      "heldout_pairs")
   unseen_concept  the 12 held-out pairs with a noun SepEn never sees (candle, flag, wedge)
+Methods: the base model; SepEn per pair (one adapter per pair of the group, made the README's way,
+`sepen finetune --pair A B --template "a {A} and a {B}"`, used for that pair's prompts: the paper's main
+use); SepEn on the world's training pairs of finetuning nouns; SepEn large-scale; Attend-and-Excite.
 Both caption orders of each pair are prompts. Every method samples the same items from the same noise
 (item i of prompt j of group g starts from seed + 100000 g + 1000 j + i), so differences are paired:
 the table gives each method's success with a Wilson interval, and its paired difference from the base
@@ -38,22 +46,26 @@ from sepen_core.finetuning import finetune
 from sepen_core.models import BUNDLED_MODEL_DIR, BaseModel, load_base_model
 from sepen_core.prompts import ConceptSet
 from sepen_core.sampling import generate
-from toyworld.detector import detect, exact_success, object_success
+from toyworld.detector import detections, exact_success, find_candidates, object_success
 from toyworld.evaluate import group_prompts, spread, wilson_interval
+from toyworld.failures import KINDS, failure_kinds
 from toyworld.world import World, caption, load_world
 
-GROUPS = ("single", "seen_pairs", "heldout_seen_seen", "unseen_concept")
+V1_GROUPS = ("single", "seen_pairs", "heldout_seen_seen", "unseen_concept")
+V2_GROUPS = ("single", "test_seen_seen", "test_seen_unseen", "test_unseen_unseen")
+GROUPS = V1_GROUPS + V2_GROUPS[1:]  # every group; a group's place here seeds its items
 # The world's caption forms: SepEn finetunes on prompts worded as the benchmark samples them.
 TEMPLATE, PRIOR_TEMPLATE = "a {A} and a {B}", "a {A}"
-GRID_METHODS = ("base", "sepen-pairs-s0", "sepen-large-s0", "attend-excite")
-TIMING_PROMPT = ("cherry", "box")
+GRID_METHODS = ("base", "sepen-per-pair-s0", "sepen-pairs-s0", "sepen-large-s0", "attend-excite")
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     kind: str  # "base", "sepen" or "attend_excite"
-    concepts: str = ""  # sepen: "pairs" (the seen pairs) or "large_scale" (random pairs of the finetuning nouns)
+    # sepen: "per_pair" (one adapter per pair of the group), "pairs" (the world's training pairs of finetuning
+    # nouns) or "large_scale" (random pairs of the finetuning nouns)
+    concepts: str = ""
     seed: int = 0
     recipe: dict = field(default_factory=dict)  # overrides of the model's own recipe (ModelDefaults)
     label: str = ""
@@ -61,8 +73,8 @@ class Method:
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    items_per_group: int = 200
-    finetune_seeds: tuple[int, ...] = (0, 1)
+    items_per_group: int = 400
+    finetune_seeds: tuple[int, ...] = (0, 1, 2)
     finetune_steps: int | None = None  # None: the model's recipe
     ablations: bool = True  # content maps and each loss alone, on SepEn pairs with the first finetune seed
     seed: int = 3_000_000
@@ -70,7 +82,7 @@ class BenchmarkConfig:
     timing_images: int = 8
     grid_columns: int = 8
     only_methods: tuple[str, ...] = ()  # run these besides the base model (default: all)
-    groups: tuple[str, ...] = GROUPS
+    groups: tuple[str, ...] = ()  # () : the world's own (world_groups)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,6 +91,8 @@ class BenchmarkConfig:
 def methods(config: BenchmarkConfig) -> list[Method]:
     steps = {} if config.finetune_steps is None else {"steps": config.finetune_steps}
     rows = [Method("base", "base", label="base model")]
+    for s in config.finetune_seeds:
+        rows.append(Method(f"sepen-per-pair-s{s}", "sepen", "per_pair", s, dict(steps), f"SepEn, per pair (seed {s})"))
     for s in config.finetune_seeds:
         rows.append(Method(f"sepen-pairs-s{s}", "sepen", "pairs", s, dict(steps), f"SepEn, training pairs (seed {s})"))
     for s in config.finetune_seeds:
@@ -123,8 +137,15 @@ def methods(config: BenchmarkConfig) -> list[Method]:
 # ---- the world's groups and items ---------------------------------------------------------------
 
 
+def world_groups(world: World) -> tuple[str, ...]:
+    """The groups a world is benchmarked on: its test pairs' groups where it has them (world v2), else v1's."""
+    return V2_GROUPS if world.test_pairs else V1_GROUPS
+
+
 def group_pairs(world: World, group: str) -> list[tuple[str, ...]]:
     """The noun tuples (both caption orders) a group samples, from the evaluation's groups."""
+    if group in V2_GROUPS:
+        return group_prompts(world, group)  # "single" and the test pairs' groups: the evaluation's own
     if group == "seen_pairs":
         unseen = set(world.unseen_in_finetuning)
         return [p for p in group_prompts(world, "train_pairs") if not set(p) & unseen]
@@ -132,7 +153,7 @@ def group_pairs(world: World, group: str) -> list[tuple[str, ...]]:
         return group_prompts(world, "heldout_seen_unseen") + group_prompts(world, "heldout_unseen_unseen")
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; choose from {GROUPS}")
-    return group_prompts(world, group)  # "single", "heldout_seen_seen": the evaluation's own groups
+    return group_prompts(world, group)  # "heldout_seen_seen": the evaluation's own group
 
 
 def group_items(world: World, group: str, n: int, seed: int) -> list[tuple[tuple[str, ...], list[int]]]:
@@ -146,7 +167,9 @@ def group_items(world: World, group: str, n: int, seed: int) -> list[tuple[tuple
     ]
 
 
-def sepen_concepts(world: World, kind: str) -> ConceptSet:
+def sepen_concepts(world: World, kind: str, pair: tuple[str, ...] = ()) -> ConceptSet:
+    if kind == "per_pair":  # the README's way: sepen finetune --pair A B --template "a {A} and a {B}"
+        return ConceptSet.pairs(tuple(sorted(pair)), templates=(TEMPLATE,))
     if kind == "pairs":
         return ConceptSet(
             groups=tuple(group_pairs(world, "seen_pairs")[::2]), templates=(TEMPLATE,), prior_template=PRIOR_TEMPLATE
@@ -175,30 +198,64 @@ def sample_items(
     return generate(model, caption(nouns), config, adapter=adapter, concepts=list(nouns), attend_excite=excite)
 
 
+def finetune_adapter(model: BaseModel, concepts: ConceptSet, method: Method) -> tuple[KeyProjectionAdapter, dict]:
+    """One SepEn adapter with the method's recipe, and how its training maps moved."""
+    recipe = model.defaults.finetune_config(concepts.mode, {**method.recipe, "seed": method.seed})
+    start = time.perf_counter()
+    result = finetune(model, concepts, recipe, adapter_metadata={"name": method.name})
+    # Each step sees other prompts and timesteps: compare the means of the first and last tenth of the run.
+    window = max(1, len(result.history) // 10)
+    first, last = result.history[:window], result.history[-window:]
+    return result.adapter, {
+        "adapters": 1,
+        "seconds": time.perf_counter() - start,
+        "recipe": recipe.to_dict(),
+        "window": window,
+        **{
+            key: [statistics.fmean(getattr(r, key) for r in part) for part in (first, last)]
+            for key in ("min_peak", "overlap", "loss")
+        },
+    }
+
+
+def merged_finetunes(runs: list[dict]) -> dict:
+    """Per-pair adapters: their count and total seconds, the mean of their maps' numbers."""
+    return {
+        **runs[0],
+        "adapters": len(runs),
+        "seconds": sum(r["seconds"] for r in runs),
+        **{key: [statistics.fmean(r[key][i] for r in runs) for i in (0, 1)] for key in ("min_peak", "overlap", "loss")},
+    }
+
+
+def item_record(world: World, nouns: tuple[str, ...], pixels, scores, early_min_peak: float | None) -> dict:
+    """One image's outcome: success, what is missing and why (toyworld.failures), its maps' scores."""
+    candidates = find_candidates(world, pixels)
+    detected = detections(candidates)
+    missing = [n for n in set(nouns) if n not in detected]
+    return {
+        "success": object_success(detected, nouns),
+        "exact": exact_success(detected, nouns),
+        "found": len(set(nouns)) - len(missing),
+        "named": len(set(nouns)),
+        "missing_unseen": sum(n in world.unseen_in_finetuning for n in missing),
+        "missing_seen": sum(n not in world.unseen_in_finetuning for n in missing),
+        "missing_kinds": sorted(failure_kinds(candidates, nouns).values()) if len(nouns) > 1 else [],
+        "min_peak": scores.min_peak,
+        "early_min_peak": early_min_peak,
+        "iou": scores.overlap,
+    }
+
+
 def run_method(
     model: BaseModel, world: World, method: Method, items: dict, config: BenchmarkConfig
 ) -> tuple[dict, dict, KeyProjectionAdapter | None]:
-    """-> (numbers, {group: preview images}, the SepEn adapter or None). Per item: success, exact, the weakest
-    raw peak and the IoU while sampling."""
-    adapter, numbers = None, {}
-    if method.kind == "sepen":
-        concepts = sepen_concepts(world, method.concepts)
-        recipe = model.defaults.finetune_config(concepts.mode, {**method.recipe, "seed": method.seed})
-        start = time.perf_counter()
-        result = finetune(model, concepts, recipe, adapter_metadata={"name": method.name})
-        adapter = result.adapter
-        # Each step sees other prompts and timesteps: compare the means of the first and last tenth of the run.
-        window = max(1, len(result.history) // 10)
-        first, last = result.history[:window], result.history[-window:]
-        numbers["finetune"] = {
-            "seconds": time.perf_counter() - start,
-            "recipe": recipe.to_dict(),
-            "window": window,
-            **{
-                key: [statistics.fmean(getattr(r, key) for r in part) for part in (first, last)]
-                for key in ("min_peak", "overlap", "loss")
-            },
-        }
+    """-> (numbers, {group: preview images}, the SepEn adapter or None: per-pair methods return their first).
+    Per item: success, exact, missing objects and their kinds, the weakest raw peak (over the first quarter of the
+    denoising steps and at the end) and the IoU while sampling."""
+    adapter, numbers, per_pair, per_pair_runs = None, {}, {}, []
+    if method.kind == "sepen" and method.concepts != "per_pair":
+        adapter, numbers["finetune"] = finetune_adapter(model, sepen_concepts(world, method.concepts), method)
     excite = AttendExciteConfig() if method.kind == "attend_excite" else None
     previews: dict[str, list[Image.Image]] = {}
     numbers["groups"] = {}
@@ -206,30 +263,32 @@ def run_method(
         records = []
         previews[group] = []
         for nouns, seeds in group_items_:
-            result = sample_items(model, nouns, seeds, adapter, excite)
+            item_adapter = adapter
+            if method.concepts == "per_pair" and len(nouns) == 2:  # single objects keep the base model
+                key = frozenset(nouns)
+                if key not in per_pair:
+                    per_pair[key], stats = finetune_adapter(model, sepen_concepts(world, "per_pair", nouns), method)
+                    per_pair_runs.append(stats)
+                item_adapter = per_pair[key]
+            result = sample_items(model, nouns, seeds, item_adapter, excite)
             if len(previews[group]) < config.grid_columns:
                 previews[group].append(result.images[0])
-            for pixels, scores in zip(result.pixels, result.scores, strict=True):
-                detected = detect(world, pixels)
-                missing = [n for n in set(nouns) if n not in detected]
-                records.append(
-                    {
-                        "success": object_success(detected, nouns),
-                        "exact": exact_success(detected, nouns),
-                        "found": len(set(nouns)) - len(missing),
-                        "named": len(set(nouns)),
-                        "missing_unseen": sum(n in world.unseen_in_finetuning for n in missing),
-                        "missing_seen": sum(n not in world.unseen_in_finetuning for n in missing),
-                        "min_peak": scores.min_peak,
-                        "iou": scores.overlap,
-                    }
-                )
+            quarter = (result.step_scores or [])[: max(1, len(result.step_scores or []) // 4)]
+            for i, (pixels, scores) in enumerate(zip(result.pixels, result.scores, strict=True)):
+                early = statistics.fmean(step[i].min_peak for step in quarter) if quarter else None
+                records.append(item_record(world, nouns, pixels, scores, early))
         numbers["groups"][group] = records
+    if per_pair_runs:
+        numbers["finetune"] = merged_finetunes(per_pair_runs)
+        adapter = next(iter(per_pair.values()))
     return numbers, previews, adapter
 
 
-def time_per_image(model: BaseModel, adapters: dict[str, KeyProjectionAdapter], config: BenchmarkConfig) -> dict:
-    """Median seconds per image of base, SepEn and A&E sampling, measured side by side in rotating order."""
+def time_per_image(
+    model: BaseModel, adapters: dict[str, KeyProjectionAdapter], config: BenchmarkConfig, pair: tuple[str, ...]
+) -> dict:
+    """Median seconds per image of base, SepEn and A&E sampling on one pair's prompt, measured side by side in
+    rotating order."""
     kinds = {
         "base": (None, None),
         **{name: (a, None) for name, a in adapters.items()},
@@ -244,11 +303,11 @@ def time_per_image(model: BaseModel, adapters: dict[str, KeyProjectionAdapter], 
             start = time.perf_counter()
             generate(
                 model,
-                caption(TIMING_PROMPT),
+                caption(pair),
                 sample,
                 adapter=adapter,
                 attend_excite=excite,
-                concepts=list(TIMING_PROMPT) if excite is not None else None,
+                concepts=list(pair) if excite is not None else None,
             )
             if repeat:
                 seconds[name].append((time.perf_counter() - start) / config.timing_images)
@@ -291,17 +350,21 @@ def summarise(records: list[dict]) -> dict:
     success = sum(r["success"] for r in records)
     ious = [r["iou"] for r in records if r["iou"] is not None]
     failures = [r for r in records if not r["success"]]
+    early = [r.get("early_min_peak") for r in records]  # None: recorded before early peaks were
     return {
         "n": n,
         "success": success / n,
         "success_ci95": list(wilson_interval(success, n)),
         "exact": sum(r["exact"] for r in records) / n,
         "min_peak": statistics.fmean(r["min_peak"] for r in records),
+        "early_min_peak": statistics.fmean(early) if early and None not in early else None,
         "iou": statistics.fmean(ious) if ious else None,
         # Of the failures: how many named objects were still drawn (0 = none, 1 = one of a pair missing).
         "failures_by_found": {str(k): sum(r["found"] == k for r in failures) for k in range(3)},
         # Missing objects by kind: nouns used in SepEn finetuning, and nouns it never saw.
         "missing": {kind: sum(r[f"missing_{kind}"] for r in records) for kind in ("seen", "unseen")},
+        # Missing objects by why (toyworld.failures): absent, misdrawn, fused, or the other object drawn twice.
+        "missing_by_kind": {kind: sum(r.get("missing_kinds", []).count(kind) for r in records) for kind in KINDS},
     }
 
 
@@ -310,6 +373,10 @@ def summarise(records: list[dict]) -> dict:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def markdown(report: dict) -> str:
@@ -335,11 +402,16 @@ def markdown(report: dict) -> str:
         out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
     pair_groups = [g for g in groups if g != "single"]
     out += [
-        "\n### Attention while sampling (raw maps, the paper's): mean weakest-object peak / mean IoU\n",
+        "\n### Attention while sampling (raw maps, the paper's): mean weakest-object peak over the first quarter "
+        "of the steps / at the end / mean IoU\n",
         "| method | " + " | ".join(pair_groups) + " |\n|---|" + "---:|" * len(pair_groups) + "\n",
     ]
     for r in rows.values():
-        cells = [f"{r['summary'][g]['min_peak']:.3f} / {r['summary'][g]['iou']:.3f}" for g in pair_groups]
+        cells = [
+            f"{_num(r['summary'][g].get('early_min_peak'))} / {r['summary'][g]['min_peak']:.3f} / "
+            f"{_num(r['summary'][g]['iou'])}"
+            for g in pair_groups
+        ]
         out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
     if all("missing" in r["summary"][g] for r in rows.values() for g in pair_groups):
         out += [
@@ -351,12 +423,21 @@ def markdown(report: dict) -> str:
                 f"{r['summary'][g]['missing']['seen']} / {r['summary'][g]['missing']['unseen']}" for g in pair_groups
             ]
             out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
+    if all("missing_by_kind" in r["summary"][g] for r in rows.values() for g in pair_groups):
+        out += [
+            "\n### Objects missing from pair images, by kind: " + " / ".join(KINDS) + "\n",
+            "| method | " + " | ".join(pair_groups) + " |\n|---|" + "---:|" * len(pair_groups) + "\n",
+        ]
+        for r in rows.values():
+            cells = [" / ".join(str(r["summary"][g]["missing_by_kind"][k]) for k in KINDS) for g in pair_groups]
+            out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
     out += [
         "\n### SepEn finetuning (its training maps on pseudo-latents: mean of the first tenth of the steps "
         "-> the last)\n",
         (
-            "| method | steps | lr | maps | lambda_sep / lambda_en / prior | seconds | weakest peak | IoU |\n"
-            "|---|---:|---:|---|---|---:|---|---|\n"
+            "| method | adapters | steps | lr | maps | lambda_sep / lambda_en / prior | seconds | weakest peak "
+            "| IoU |\n"
+            "|---|---:|---:|---:|---|---|---:|---|---|\n"
         ),
     ]
     for r in rows.values():
@@ -365,7 +446,8 @@ def markdown(report: dict) -> str:
             continue
         c = f["recipe"]
         out.append(
-            f"| {r['label']} | {c['steps']} | {c['learning_rate']:g} | {c['maps']['normalization']} | "
+            f"| {r['label']} | {f.get('adapters', 1)} | {c['steps']} | {c['learning_rate']:g} | "
+            f"{c['maps']['normalization']} | "
             f"{c['lambda_sep']:g} / {c['lambda_en']:g} / {c['prior_weight']:g} | {f['seconds']:.1f} | "
             f"{f['min_peak'][0]:.3f} -> {f['min_peak'][1]:.3f} | "
             f"{f['overlap'][0]:.3f} -> {f['overlap'][1]:.3f} |\n"
@@ -396,6 +478,7 @@ def grid(previews: dict[str, dict[str, list[Image.Image]]], group: str, scale: i
 def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "methods.jsonl").unlink(missing_ok=True)
+    config = dataclasses.replace(config, groups=config.groups or world_groups(world))
     items = {g: group_items(world, g, config.items_per_group, config.seed) for g in config.groups}
     results, previews, adapters = {}, {}, {}
     for method in methods(config):
@@ -411,6 +494,7 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
         )
         log(f"{method.name}: {successes} ({time.perf_counter() - start:.0f} s)")
     base = results["base"]["groups"]
+    timing_pair = next(nouns for group in items.values() for nouns, _ in group if len(nouns) == 2)
     for r in results.values():
         r["summary"] = {g: summarise(rec) for g, rec in r["groups"].items()}
         r["vs_base"] = {
@@ -430,7 +514,7 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
         "groups": list(config.groups),
         "prompts": {g: [" / ".join(p) for p in group_pairs(world, g)] for g in config.groups},
         "methods": results,
-        "timing": time_per_image(model, adapters, config),
+        "timing": time_per_image(model, adapters, config, timing_pair),
     }
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "table.md").write_text(markdown(report))
@@ -452,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--methods", nargs="+", default=[], help="run only these besides the base model (names as in the table's JSON)"
     )
-    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
+    parser.add_argument("--groups", nargs="+", default=[], choices=GROUPS, help="default: the world's own groups")
     parser.add_argument(
         "--quick", action="store_true", help="4 items per group, one finetune seed of 2 steps, no ablations (CI)"
     )

@@ -1,14 +1,17 @@
-"""The toy-world benchmark: its groups follow the split, its statistics are right, and a reduced run goes end to end
-(the bundled model, SepEn on pairs and large-scale, Attend-and-Excite) with the same noise for every method."""
+"""The toy-world benchmark: its groups follow the split, its statistics are right, and reduced runs go end to end
+(world v1's bundled model: SepEn on pairs and large-scale, Attend-and-Excite; the world-v2 model: one SepEn adapter
+per test pair) with the same noise for every method."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from sepen_core.models import BUNDLED_MODEL_DIR, load_base_model
 from toyworld.benchmark import (
-    GROUPS,
+    V1_GROUPS,
+    V2_GROUPS,
     BenchmarkConfig,
     group_items,
     group_pairs,
@@ -17,14 +20,19 @@ from toyworld.benchmark import (
     paired_difference,
     run,
     sepen_concepts,
+    world_groups,
 )
+from toyworld.failures import KINDS
 from toyworld.world import load_world
+
+V2_MODEL = Path(__file__).resolve().parents[2] / "toyworld" / "checkpoints" / "world-v2"
 
 
 def test_groups_follow_the_split():
     world = load_world()
     unseen = set(world.unseen_in_finetuning)
-    sizes = {g: len(group_pairs(world, g)) for g in GROUPS}
+    assert world_groups(world) == V1_GROUPS
+    sizes = {g: len(group_pairs(world, g)) for g in V1_GROUPS}
     assert sizes == {
         "single": 12,
         "seen_pairs": 54,
@@ -41,9 +49,22 @@ def test_groups_follow_the_split():
     assert set(large.training_concepts) == set(world.finetune_nouns) and set(large.held_out) == unseen
 
 
+def test_world_v2_is_benchmarked_on_its_test_pairs():
+    world = load_world(V2_MODEL / "world.json")
+    unseen = set(world.unseen_in_finetuning)
+    assert world_groups(world) == V2_GROUPS
+    sizes = {g: len(group_pairs(world, g)) for g in V2_GROUPS}
+    assert sizes == {"single": 24, "test_seen_seen": 48, "test_seen_unseen": 48, "test_unseen_unseen": 24}
+    test = {frozenset(p) for p in world.test_pairs}
+    for group, count in (("test_seen_seen", 0), ("test_seen_unseen", 1), ("test_unseen_unseen", 2)):
+        assert all(frozenset(p) in test and len(set(p) & unseen) == count for p in group_pairs(world, group))
+    one = sepen_concepts(world, "per_pair", ("moon", "bus"))  # the README's --pair A B --template "a {A} and a {B}"
+    assert one.groups == (("bus", "moon"),) and one.templates == ("a {A} and a {B}",)
+
+
 def test_items_spread_over_prompts_with_distinct_seeds():
     world = load_world()
-    items = {g: group_items(world, g, 200, seed=7) for g in GROUPS}
+    items = {g: group_items(world, g, 200, seed=7) for g in V1_GROUPS}
     for group in items.values():
         counts = [len(seeds) for _, seeds in group]
         assert sum(counts) == 200 and max(counts) - min(counts) <= 1
@@ -51,14 +72,13 @@ def test_items_spread_over_prompts_with_distinct_seeds():
     assert len(seeds) == len(set(seeds))
 
 
-def test_methods_two_finetune_seeds_ablations_and_a_selection():
+def test_methods_three_finetune_seeds_ablations_and_a_selection():
     names = [m.name for m in methods(BenchmarkConfig())]
     assert names == [
         "base",
-        "sepen-pairs-s0",
-        "sepen-pairs-s1",
-        "sepen-large-s0",
-        "sepen-large-s1",
+        *(f"sepen-per-pair-s{s}" for s in range(3)),
+        *(f"sepen-pairs-s{s}" for s in range(3)),
+        *(f"sepen-large-s{s}" for s in range(3)),
         "attend-excite",
         "sepen-pairs-content",
         "sepen-pairs-separate-only",
@@ -90,11 +110,12 @@ def test_reduced_benchmark_end_to_end(tmp_path):
         timing_repeats=1,
         timing_images=2,
         grid_columns=4,
+        only_methods=("sepen-pairs-s0", "sepen-large-s0", "attend-excite"),
     )
     report = run(load_base_model(BUNDLED_MODEL_DIR), load_world(), config, tmp_path, log=lambda line: None)
     assert list(report["methods"]) == ["base", "sepen-pairs-s0", "sepen-large-s0", "attend-excite"]
     for method in report["methods"].values():
-        for group in GROUPS:
+        for group in V1_GROUPS:
             summary = method["summary"][group]
             assert summary["n"] == 4 and 0 <= summary["success"] <= 1 and len(method["outcomes"][group]) == 4
             assert summary["success_ci95"][0] <= summary["success"] <= summary["success_ci95"][1]
@@ -117,9 +138,41 @@ def test_reduced_benchmark_end_to_end(tmp_path):
     assert all(label in table for label in ("base model", "SepEn, training pairs (seed 0)", "Attend-and-Excite"))
     assert "Objects missing from pair images" in table
     for method in report["methods"].values():  # every missing object is counted once, by kind
-        for group in GROUPS[1:]:
+        for group in V1_GROUPS[1:]:
             summary = method["summary"][group]
             missing = summary["missing"]["seen"] + summary["missing"]["unseen"]
             assert missing == sum(count * (2 - int(found)) for found, count in summary["failures_by_found"].items())
-    assert all((tmp_path / f"grid-{g}.png").exists() for g in GROUPS)
+    assert all((tmp_path / f"grid-{g}.png").exists() for g in V1_GROUPS)
     assert len((tmp_path / "methods.jsonl").read_text().splitlines()) == 4
+
+
+def test_per_pair_adapters_on_world_v2_end_to_end(tmp_path):
+    torch.set_num_threads(1)
+    config = BenchmarkConfig(
+        items_per_group=3,
+        finetune_seeds=(0,),
+        finetune_steps=2,
+        ablations=False,
+        timing_repeats=1,
+        timing_images=1,
+        grid_columns=3,
+        only_methods=("sepen-per-pair-s0",),
+    )
+    world = load_world(V2_MODEL / "world.json")
+    report = run(load_base_model(V2_MODEL), world, config, tmp_path, log=lambda line: None)
+    assert report["groups"] == list(V2_GROUPS) and tuple(report["config"]["groups"]) == V2_GROUPS
+    per_pair = report["methods"]["sepen-per-pair-s0"]
+    # One adapter per pair sampled, shared by its two caption orders (3 items per group: A+B, B+A, C+D).
+    sampled = {frozenset(nouns) for g in V2_GROUPS[1:] for nouns, _ in group_items(world, g, 3, config.seed)}
+    assert per_pair["finetune"]["adapters"] == len(sampled) == 6 and per_pair["finetune"]["recipe"]["steps"] == 2
+    base = report["methods"]["base"]
+    assert per_pair["outcomes"]["single"] == base["outcomes"]["single"]  # single objects keep the base model
+    for method in report["methods"].values():
+        for group in V2_GROUPS[1:]:
+            summary = method["summary"][group]
+            missing = summary["missing"]["seen"] + summary["missing"]["unseen"]
+            assert sum(summary["missing_by_kind"].values()) == missing and set(summary["missing_by_kind"]) == set(KINDS)
+            assert 0 <= summary["early_min_peak"] <= 1
+        assert per_pair["summary"]["test_seen_seen"]["min_peak"] != base["summary"]["test_seen_seen"]["min_peak"]
+    table = (tmp_path / "table.md").read_text()
+    assert "SepEn, per pair (seed 0)" in table and "by kind: absent / wrong_shape / fused / twice" in table
