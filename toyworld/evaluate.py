@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sepen_core.config import SampleConfig
 from sepen_core.models import BaseModel, load_base_model
 from sepen_core.sampling import generate
 from toyworld.detector import detections, exact_success, find_candidates, object_success
@@ -49,6 +48,9 @@ class EvalConfig:
     guidance_scale: float = 1.0
     seed: int = 1_000_000
     groups: tuple[str, ...] = ("single", "train_pairs", "heldout_pairs")
+    # Which attn2 layers' maps the premise reads (MapConfig.map_downsample); None: the model's own, the layers
+    # its SepEn recipe trains on (2 for the toy model: 16x16). Runs before this option read 4 (8x8 maps).
+    map_downsample: int | None = None
 
     def __post_init__(self):
         unknown = sorted(set(self.groups) - set(GROUPS))
@@ -114,12 +116,15 @@ def evaluate_group(
     for j, (nouns, count) in enumerate(zip(prompts, counts, strict=True)):
         if count == 0:
             continue
-        sample = SampleConfig(
-            num_inference_steps=config.num_inference_steps,
-            guidance_scale=config.guidance_scale,
-            num_images=count,
-            seed=config.seed + 1000 * j,
-        )
+        given = {
+            "num_inference_steps": config.num_inference_steps,
+            "guidance_scale": config.guidance_scale,
+            "num_images": count,
+            "seed": config.seed + 1000 * j,
+        }
+        if config.map_downsample is not None:
+            given["maps"] = {"map_downsample": config.map_downsample}
+        sample = model.defaults.sample_config(given)
         result = generate(model, caption(nouns), sample, concepts=list(nouns) if len(nouns) > 1 else None)
         previews.append(result.images[0])
         for i, pixels in enumerate(result.pixels):
@@ -170,13 +175,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=EvalConfig.guidance_scale)
     parser.add_argument("--seed", type=int, default=EvalConfig.seed)
     parser.add_argument("--groups", nargs="+", default=list(EvalConfig.groups), choices=GROUPS)
+    parser.add_argument(
+        "--map-downsample", type=int, help="the maps the premise reads (default: the model's own, its SepEn layers)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the seeds' noise is drawn on the CPU either way)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
     world = load_world(model_dir / "world.json") if (model_dir / "world.json").exists() else load_world()
-    config = EvalConfig(args.samples, args.steps, args.guidance, args.seed, tuple(args.groups))
+    config = EvalConfig(args.samples, args.steps, args.guidance, args.seed, tuple(args.groups), args.map_downsample)
     results, previews = evaluate(load_base_model(model_dir).to(args.device), world, config)
     out = Path(args.out)
     out.write_text(

@@ -38,7 +38,7 @@ def test_wilson_interval():
 def test_world_v2_groups_are_its_roles():
     world = load_world(V2)
     sizes = {group: len(group_prompts(world, group)) for group in GROUPS}
-    assert sizes["single"] == 24 and sizes["train_pairs"] == 96 and sizes["validation"] == 32
+    assert sizes["single"] == 24 and sizes["train_pairs"] == 24 and sizes["validation"] == 32
     assert [sizes[g] for g in TEST_GROUPS] == [48, 48, 24]
     validation = {frozenset(p) for p in group_prompts(world, "validation")}
     assert not validation & {frozenset(p) for g in TEST_GROUPS for p in group_prompts(world, g)}
