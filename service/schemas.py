@@ -569,7 +569,7 @@ class ModelOut(BaseModel):
     nouns: list[str] = Field(
         description="the objects a toy-world model was trained to draw (its world.json), to name in prompts and "
         "concepts; empty for other models",
-        examples=[["cherry", "leaf", "drop"]],
+        examples=[["cherry", "sofa", "moon"]],
     )
 
 

@@ -1,9 +1,8 @@
 """The toy-world benchmark: its groups follow the split, its statistics are right, and reduced runs go end to end
-(world v1's bundled model: SepEn on pairs and large-scale, Attend-and-Excite; the world-v2 model: one SepEn adapter
-per test pair) with the same noise for every method."""
+(the bundled world-v2 model: one SepEn adapter per test pair, SepEn on training pairs and large-scale,
+Attend-and-Excite) with the same noise for every method."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,6 @@ from toyworld.benchmark import (
 from toyworld.failures import KINDS
 from toyworld.world import load_world
 
-V2_MODEL = Path(__file__).resolve().parents[2] / "toyworld" / "checkpoints" / "world-v2"
 
 
 def test_groups_follow_the_split():
@@ -50,7 +48,7 @@ def test_groups_follow_the_split():
 
 
 def test_world_v2_is_benchmarked_on_its_test_pairs():
-    world = load_world(V2_MODEL / "world.json")
+    world = load_world(BUNDLED_MODEL_DIR / "world.json")
     unseen = set(world.unseen_in_finetuning)
     assert world_groups(world) == V2_GROUPS
     sizes = {g: len(group_pairs(world, g)) for g in V2_GROUPS}
@@ -101,52 +99,8 @@ def test_paired_statistics():
 
 
 def test_reduced_benchmark_end_to_end(tmp_path):
-    torch.set_num_threads(1)
-    config = BenchmarkConfig(
-        items_per_group=4,
-        finetune_seeds=(0,),
-        finetune_steps=2,
-        ablations=False,
-        timing_repeats=1,
-        timing_images=2,
-        grid_columns=4,
-        only_methods=("sepen-pairs-s0", "sepen-large-s0", "attend-excite"),
-    )
-    report = run(load_base_model(BUNDLED_MODEL_DIR), load_world(), config, tmp_path, log=lambda line: None)
-    assert list(report["methods"]) == ["base", "sepen-pairs-s0", "sepen-large-s0", "attend-excite"]
-    for method in report["methods"].values():
-        for group in V1_GROUPS:
-            summary = method["summary"][group]
-            assert summary["n"] == 4 and 0 <= summary["success"] <= 1 and len(method["outcomes"][group]) == 4
-            assert summary["success_ci95"][0] <= summary["success"] <= summary["success_ci95"][1]
-    base = report["methods"]["base"]
-    assert base["summary"]["single"]["success"] >= 0.75  # the bundled model draws single objects
-    assert all(d["difference"] == 0 for d in base["vs_base"].values())
-    for name in ("sepen-pairs-s0", "sepen-large-s0"):
-        finetune = report["methods"][name]["finetune"]
-        assert (
-            finetune["recipe"]["steps"] == 2 and finetune["recipe"]["learning_rate"] == 1e-3
-        )  # the toy model's recipe
-        # The adapter changes the maps while sampling: the same items, other peaks.
-        assert report["methods"][name]["summary"]["seen_pairs"]["min_peak"] != base["summary"]["seen_pairs"]["min_peak"]
-    assert report["methods"]["sepen-large-s0"]["finetune"]["recipe"]["prior_weight"] == 0.5
-    assert set(report["timing"]) == {"base", "sepen-pairs-s0", "sepen-large-s0", "attend-excite"}
-    assert report["timing"]["base"]["ratio_to_base"] == 1.0
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["methods"]["base"]["outcomes"] == base["outcomes"]
-    table = (tmp_path / "table.md").read_text()
-    assert all(label in table for label in ("base model", "SepEn, training pairs (seed 0)", "Attend-and-Excite"))
-    assert "Objects missing from pair images" in table
-    for method in report["methods"].values():  # every missing object is counted once, by kind
-        for group in V1_GROUPS[1:]:
-            summary = method["summary"][group]
-            missing = summary["missing"]["seen"] + summary["missing"]["unseen"]
-            assert missing == sum(count * (2 - int(found)) for found, count in summary["failures_by_found"].items())
-    assert all((tmp_path / f"grid-{g}.png").exists() for g in V1_GROUPS)
-    assert len((tmp_path / "methods.jsonl").read_text().splitlines()) == 4
-
-
-def test_per_pair_adapters_on_world_v2_end_to_end(tmp_path):
+    """Every method on the bundled model (world v2): one adapter per test pair, SepEn on training pairs and
+    large-scale, Attend-and-Excite; the same items and noise for each."""
     torch.set_num_threads(1)
     config = BenchmarkConfig(
         items_per_group=3,
@@ -156,23 +110,46 @@ def test_per_pair_adapters_on_world_v2_end_to_end(tmp_path):
         timing_repeats=1,
         timing_images=1,
         grid_columns=3,
-        only_methods=("sepen-per-pair-s0",),
     )
-    world = load_world(V2_MODEL / "world.json")
-    report = run(load_base_model(V2_MODEL), world, config, tmp_path, log=lambda line: None)
+    world, model = load_world(BUNDLED_MODEL_DIR / "world.json"), load_base_model(BUNDLED_MODEL_DIR)
+    report = run(model, world, config, tmp_path, log=lambda line: None)
+    names = ["base", "sepen-per-pair-s0", "sepen-pairs-s0", "sepen-large-s0", "attend-excite"]
+    assert list(report["methods"]) == names
     assert report["groups"] == list(V2_GROUPS) and tuple(report["config"]["groups"]) == V2_GROUPS
+    for method in report["methods"].values():
+        for group in V2_GROUPS:
+            summary = method["summary"][group]
+            assert summary["n"] == 3 and 0 <= summary["success"] <= 1 and len(method["outcomes"][group]) == 3
+            assert summary["success_ci95"][0] <= summary["success"] <= summary["success_ci95"][1]
+        for group in V2_GROUPS[1:]:  # every missing object is counted once, by noun and by kind
+            summary = method["summary"][group]
+            missing = summary["missing"]["seen"] + summary["missing"]["unseen"]
+            assert missing == sum(count * (2 - int(found)) for found, count in summary["failures_by_found"].items())
+            assert sum(summary["missing_by_kind"].values()) == missing and set(summary["missing_by_kind"]) == set(KINDS)
+            assert 0 <= summary["early_min_peak"] <= 1
+    base = report["methods"]["base"]
+    assert base["summary"]["single"]["success"] >= 2 / 3  # the bundled model draws single objects
+    assert all(d["difference"] == 0 for d in base["vs_base"].values())
     per_pair = report["methods"]["sepen-per-pair-s0"]
     # One adapter per pair sampled, shared by its two caption orders (3 items per group: A+B, B+A, C+D).
     sampled = {frozenset(nouns) for g in V2_GROUPS[1:] for nouns, _ in group_items(world, g, 3, config.seed)}
-    assert per_pair["finetune"]["adapters"] == len(sampled) == 6 and per_pair["finetune"]["recipe"]["steps"] == 2
-    base = report["methods"]["base"]
+    assert per_pair["finetune"]["adapters"] == len(sampled) == 6
     assert per_pair["outcomes"]["single"] == base["outcomes"]["single"]  # single objects keep the base model
-    for method in report["methods"].values():
-        for group in V2_GROUPS[1:]:
-            summary = method["summary"][group]
-            missing = summary["missing"]["seen"] + summary["missing"]["unseen"]
-            assert sum(summary["missing_by_kind"].values()) == missing and set(summary["missing_by_kind"]) == set(KINDS)
-            assert 0 <= summary["early_min_peak"] <= 1
-        assert per_pair["summary"]["test_seen_seen"]["min_peak"] != base["summary"]["test_seen_seen"]["min_peak"]
+    for name in ("sepen-per-pair-s0", "sepen-pairs-s0", "sepen-large-s0"):
+        recipe = report["methods"][name]["finetune"]["recipe"]
+        own = model.defaults.large_scale if name == "sepen-large-s0" else model.defaults.finetune
+        assert recipe["steps"] == 2 and recipe["learning_rate"] == own["learning_rate"]  # the model's own recipe
+        # The adapter changes the maps while sampling: the same items, other peaks.
+        summary = report["methods"][name]["summary"]["test_seen_seen"]
+        assert summary["min_peak"] != base["summary"]["test_seen_seen"]["min_peak"]
+    assert report["methods"]["sepen-large-s0"]["finetune"]["recipe"]["prior_weight"] == 0.5
+    assert set(report["timing"]) == {"base", "sepen-per-pair-s0", "sepen-pairs-s0", "sepen-large-s0", "attend-excite"}
+    assert report["timing"]["base"]["ratio_to_base"] == 1.0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["methods"]["base"]["outcomes"] == base["outcomes"]
     table = (tmp_path / "table.md").read_text()
-    assert "SepEn, per pair (seed 0)" in table and "by kind: absent / wrong_shape / fused / twice" in table
+    labels = ("base model", "SepEn, per pair (seed 0)", "SepEn, training pairs (seed 0)", "Attend-and-Excite")
+    assert all(label in table for label in labels)
+    assert "Objects missing from pair images" in table and "by kind: absent / wrong_shape / fused / twice" in table
+    assert all((tmp_path / f"grid-{g}.png").exists() for g in V2_GROUPS)
+    assert len((tmp_path / "methods.jsonl").read_text().splitlines()) == 5

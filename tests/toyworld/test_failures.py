@@ -45,8 +45,8 @@ def test_audit_sheet_labels_each_generated_image():
     from sepen_core.models import BUNDLED_MODEL_DIR, load_base_model
     from toyworld.audit import CELL, LABEL, audit_sheet
 
-    v1 = load_world()
-    sheet = audit_sheet(load_base_model(BUNDLED_MODEL_DIR), v1, images=3, columns=2, group="heldout_pairs")
+    world = load_world(BUNDLED_MODEL_DIR / "world.json")
+    sheet = audit_sheet(load_base_model(BUNDLED_MODEL_DIR), world, images=3, columns=2, group="validation")
     assert sheet.size == (2 * CELL, 2 * (CELL + 2 * LABEL))
     first_cell = np.asarray(sheet.crop((0, LABEL, CELL, LABEL + CELL)))
     assert first_cell.max() > 200  # a drawn glyph, not an empty cell

@@ -1,13 +1,13 @@
 """Recipe choice on validation pairs: one adapter per pair and recipe, scored on the same seeds as the base model,
-pooled over pairs; only validation pairs are ever touched (the committed world-v2 model, 2 finetune steps)."""
+pooled over pairs; only validation pairs are ever touched (the bundled world-v2 model, 2 finetune steps)."""
 
 import json
-from pathlib import Path
 
+from sepen_core.models import BUNDLED_MODEL_DIR
 from toyworld.recipes import main, validation_pairs
 from toyworld.world import load_world
 
-MODEL = Path(__file__).resolve().parents[2] / "toyworld" / "checkpoints" / "world-v2"
+MODEL = BUNDLED_MODEL_DIR  # world v2's base model
 
 
 def test_adapters_are_scored_against_the_base_on_the_same_seeds_of_validation_pairs(tmp_path):
