@@ -1,9 +1,13 @@
-"""Choose SepEn's per-pair recipe on validation pairs, never on test pairs: for each candidate recipe, one adapter
-per validation pair made the README's way (`sepen finetune --pair A B --template "a {A} and a {B}"`), and its
-success on its own pair against the base model on the same seeds, pooled over the pairs (paired difference,
-McNemar's test). Results are written after every adapter, so a run cut short keeps what it measured.
+"""Choose SepEn's recipes on validation pairs, never on test pairs. Per pair (the default): for each candidate recipe,
+one adapter per validation pair made the README's way (`sepen finetune --pair A B --template "a {A} and a {B}"`),
+and its success on its own pair against the base model on the same seeds, pooled over the pairs (paired
+difference, McNemar's test). Large-scale (--mode large-scale): one adapter per recipe on the world's collection
+(random pairs of the finetuning nouns, as the benchmark makes it), scored on every chosen validation pair.
+Results are written after every adapter, so a run cut short keeps what it measured.
 
-    python -m toyworld.recipes --model runs/world-v2b/model --out docs/toyworld-v2/recipes.json --pairs 4 --samples 48
+    python -m toyworld.recipes --model sepen_core/bundled/sepen-toy --out docs/toyworld-v2c/recipes.json --pairs 4
+    python -m toyworld.recipes --model sepen_core/bundled/sepen-toy --out docs/toyworld-v2c/recipes-large.json \
+        --mode large-scale --pairs 16 --samples 12 --recipes model-default lr3e-4 lr1e-4
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from sepen_core.finetuning import finetune
 from sepen_core.models import BaseModel, load_base_model
 from sepen_core.prompts import ConceptSet
-from toyworld.benchmark import paired_difference, sample_items
+from toyworld.benchmark import paired_difference, sample_items, sepen_concepts
 from toyworld.detector import detect, object_success
 from toyworld.evaluate import spread
 from toyworld.world import World, load_world
@@ -52,19 +56,35 @@ def successes(model: BaseModel, world: World, pair: tuple[str, str], seeds: list
 def run(model: BaseModel, world: World, args: argparse.Namespace, out: Path, log=print) -> dict:
     pairs = validation_pairs(world, args.pairs)
     seeds = [args.seed + i for i in range(args.samples)]
-    report: dict = {"model": args.model, "pairs": pairs, "samples_per_pair": args.samples, "seed": args.seed}
+    report: dict = {
+        "model": args.model,
+        "mode": args.mode,
+        "pairs": pairs,
+        "samples_per_pair": args.samples,
+        "seed": args.seed,
+    }
     report["base"] = {" + ".join(p): successes(model, world, p, seeds) for p in pairs}
     report["recipes"] = {}
     for name in args.recipes:
         per_pair = {}
         for finetune_seed in args.finetune_seeds:
-            for pair in pairs:
-                given = {**CANDIDATES[name], "seed": finetune_seed, **({"steps": args.steps} if args.steps else {})}
-                concepts = ConceptSet.pairs(pair, templates=(README_TEMPLATE,))
+            given = {**CANDIDATES[name], "seed": finetune_seed, **({"steps": args.steps} if args.steps else {})}
+            shared = None
+            if args.mode == "large-scale":  # one adapter for every pair
+                concepts = sepen_concepts(world, "large_scale")
                 recipe = model.defaults.finetune_config(concepts.mode, given)
                 start = time.perf_counter()
-                adapter = finetune(model, concepts, recipe).adapter
+                shared = finetune(model, concepts, recipe).adapter
                 seconds = time.perf_counter() - start
+            for pair in pairs:
+                if shared is None:
+                    concepts = ConceptSet.pairs(pair, templates=(README_TEMPLATE,))
+                    recipe = model.defaults.finetune_config(concepts.mode, given)
+                    start = time.perf_counter()
+                    adapter = finetune(model, concepts, recipe).adapter
+                    seconds = time.perf_counter() - start
+                else:
+                    adapter = shared
                 key = f"{' + '.join(pair)} / seed {finetune_seed}"
                 with_adapter = successes(model, world, pair, seeds, adapter)
                 base = report["base"][" + ".join(pair)]
@@ -92,7 +112,7 @@ def _pooled(base: dict[str, list[bool]], per_pair: dict[str, dict]) -> dict:
 
 def markdown(report: dict) -> str:
     rows = [
-        "| recipe | n | base | SepEn per pair | difference [95% CI] | McNemar p |",
+        f"| recipe | n | base | SepEn ({report.get('mode', 'per-pair')}) | difference [95% CI] | McNemar p |",
         "|---|---|---|---|---|---|",
     ]
     for name, numbers in report["recipes"].items():
@@ -109,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a toy-world model directory (with its world.json)")
     parser.add_argument("--out", required=True, help="JSON file (a .md table is written beside it)")
-    parser.add_argument("--pairs", type=int, default=4, help="validation pairs to finetune on, one adapter each")
+    parser.add_argument(
+        "--mode", choices=("per-pair", "large-scale"), default="per-pair", help="which SepEn recipe is chosen"
+    )
+    parser.add_argument("--pairs", type=int, default=4, help="validation pairs scored (per pair: one adapter each)")
     parser.add_argument("--samples", type=int, default=48, help="images per pair, same seeds for base and adapter")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image")
     parser.add_argument("--recipes", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))

@@ -29,3 +29,16 @@ def test_adapters_are_scored_against_the_base_on_the_same_seeds_of_validation_pa
     rates = {r["recipe"]["learning_rate"] for r in report["recipes"]["lr1e-4"]["per_pair"].values()}
     assert rates == {1e-4}
     assert "| lr1e-4 | 6 |" in out.with_suffix(".md").read_text()
+
+
+def test_large_scale_recipes_share_one_adapter_over_the_validation_pairs(tmp_path):
+    out = tmp_path / "large.json"
+    main(["--model", str(MODEL), "--out", str(out), "--mode", "large-scale", "--pairs", "2", "--samples", "2",
+          "--steps", "2", "--recipes", "lr1e-4"])  # fmt: skip
+    report = json.loads(out.read_text())
+    per_pair = report["recipes"]["lr1e-4"]["per_pair"]
+    assert report["mode"] == "large-scale" and len(per_pair) == 2
+    recipes = [numbers["recipe"] for numbers in per_pair.values()]
+    assert recipes[0] == recipes[1] and recipes[0]["learning_rate"] == 1e-4 and recipes[0]["prior_weight"] == 0.5
+    assert len({numbers["finetune_seconds"] for numbers in per_pair.values()}) == 1  # one adapter, trained once
+    assert "SepEn (large-scale)" in out.with_suffix(".md").read_text()
