@@ -8,6 +8,7 @@ result as a key-projection adapter, sample with it, and diagnose object maps bef
     result = finetune(model, ConceptSet.pairs(("cat", "dog")), FinetuneConfig())
     result.adapter.save("cat-dog.safetensors")
     images = generate(model, "a cat and a dog", adapter=result.adapter).images
+    result.adapter.export("kohya", rank=8).data          # a LoRA for ComfyUI, A1111, diffusers
 
 Names are imported lazily, so `import sepen_core.config` (or .errors, .prompts) stays torch-free
 for the gateway; anything that runs a model imports torch on first use.
@@ -17,7 +18,7 @@ import importlib
 
 _EXPORTS = {
     "sepen_core.adapters": ["KeyProjectionAdapter"],
-    "sepen_core.config": ["FinetuneConfig", "MapConfig", "SampleConfig"],
+    "sepen_core.config": ["ExportOptions", "FinetuneConfig", "MapConfig", "SampleConfig"],
     "sepen_core.diagnostics": ["Diagnosis", "diagnose"],
     "sepen_core.errors": [
         "AdapterError",
@@ -30,6 +31,7 @@ _EXPORTS = {
         "ModelLoadError",
         "SepenError",
     ],
+    "sepen_core.export": ["Export", "export_adapter"],
     "sepen_core.finetuning": ["Checkpoints", "FinetuneResult", "StepReport", "finetune"],
     "sepen_core.models": ["BaseModel", "build_tiny_model", "load_base_model"],
     "sepen_core.prompts": ["ConceptSet"],

@@ -6,12 +6,17 @@ a delta keeps untouched layers exactly at the base, and allows a strength `scale
 metadata: format version, base model id, the base keys' fingerprint, concepts, recipe, steps,
 seed, any caller fields (job id...), and the sha256 of the tensors. Loading onto a model whose
 base keys differ is an AdapterMismatchError. Nothing is ever unpickled.
+
+An adapter applies beside LoRAs that PEFT holds in the same UNet (`pipe.load_lora_weights`, before or after): it
+changes the key layers' own weights, which PEFT keeps as each LoRA layer's base layer, and `remove()` puts them back.
+`export()` writes it as a diffusers or kohya LoRA or a full-rank delta (sepen_core.export).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +27,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from sepen_core.errors import AdapterFormatError, AdapterMismatchError
-from sepen_core.models import BaseModel, key_fingerprint, key_projection_names
-
-FORMAT = "sepen.key-projection-adapter"
-FORMAT_VERSION = 1
+from sepen_core.adapter_file import FORMAT, FORMAT_VERSION, safetensors_metadata
+from sepen_core.errors import AdapterError, AdapterFormatError, AdapterMismatchError
+from sepen_core.export import Export, export_adapter
+from sepen_core.models import BaseModel, key_fingerprint, key_projection_weights
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -47,13 +51,23 @@ class KeyProjectionAdapter:
     base_model_id: str
     base_fingerprint: str
     metadata: dict[str, Any] = field(default_factory=dict)  # concepts, recipe, steps, seed, job_id...
+    # What apply() changed, by UNet, so that remove() can put it back.
+    _applied: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False
+    )
+
+    def __getstate__(self) -> dict[str, Any]:  # pickle and copy: what apply() changed stays with the original
+        return {key: value for key, value in self.__dict__.items() if key != "_applied"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _applied=weakref.WeakKeyDictionary())
 
     @classmethod
     def from_model(
         cls, model: BaseModel, metadata: dict[str, Any] | None = None, *, dtype: torch.dtype = torch.float16
     ) -> KeyProjectionAdapter:
         """Capture the difference between the model's current key weights and its base keys."""
-        params = dict(model.unet.named_parameters())
+        params = key_projection_weights(model.unet)
         deltas = {
             name: (params[name].detach().float() - base.float()).to("cpu", dtype)
             for name, base in model.base_keys.items()
@@ -85,7 +99,7 @@ class KeyProjectionAdapter:
     def from_bytes(cls, data: bytes) -> KeyProjectionAdapter:
         try:
             tensors = load_safetensors(data)
-            header = _safetensors_metadata(data)
+            header = safetensors_metadata(data)
         except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
             raise AdapterFormatError(f"not a safetensors file: {exc}") from exc
         if header.get("format") != FORMAT:
@@ -111,59 +125,88 @@ class KeyProjectionAdapter:
     def load(cls, path: str | Path) -> KeyProjectionAdapter:
         return cls.from_bytes(Path(path).read_bytes())
 
+    def export(
+        self, format: str, *, rank: int | None = None, energy: float | None = None, dtype: str = "fp16"
+    ) -> Export:
+        """This adapter as a diffusers or kohya LoRA or a full-rank delta (sepen_core.export.export_adapter)."""
+        return export_adapter(self.to_bytes(), format, rank=rank, energy=energy, dtype=dtype)
+
     # -- applying ------------------------------------------------------------------------------
     def check_compatible(self, unet, fingerprint: str | None = None) -> None:
         """Raise AdapterMismatchError unless the adapter was trained on this UNet's base keys
         (`fingerprint` of the base keys if known, else computed from the UNet's current keys)."""
-        names = key_projection_names(unet)
-        if sorted(self.deltas) != names:
+        weights = key_projection_weights(unet)
+        if sorted(self.deltas) != list(weights):
             raise AdapterMismatchError(
                 f"adapter for {self.base_model_id!r} has {len(self.deltas)} key layers; "
-                f"this model has {len(names)} with other names"
+                f"this model has {len(weights)} with other names"
             )
         if fingerprint is None:
-            params = dict(unet.named_parameters())
-            fingerprint = key_fingerprint({n: params[n] for n in names})
+            fingerprint = key_fingerprint(weights)
         if fingerprint != self.base_fingerprint:
             raise AdapterMismatchError(
                 f"adapter was trained on base model {self.base_model_id!r} "
-                f"(key fingerprint {self.base_fingerprint[:12]}); this model's base keys differ"
+                f"(key fingerprint {self.base_fingerprint[:12]}); this model's base keys differ "
+                "(another sepen adapter applied, or a LoRA fused into them: remove or unfuse it first)"
             )
 
     def apply(self, target, scale: float = 1.0) -> None:
         """Add the deltas to a BaseModel, a UNet2DConditionModel or a diffusers StableDiffusionPipeline,
-        in place. The target must hold its base keys (check_compatible verifies it)."""
-        unet = target.unet if hasattr(target, "unet") else target
+        in place. The target must hold its base keys (check_compatible verifies it); LoRAs that PEFT holds
+        unfused in it may stay, before or after. remove() undoes it."""
+        unet = _unet_of(target)
         base_keys = target.base_keys if isinstance(target, BaseModel) else None
         self.check_compatible(unet, target.base_fingerprint if base_keys is not None else None)
-        params = dict(unet.named_parameters())
+        weights = key_projection_weights(unet)
+        originals = base_keys if base_keys is not None else {n: w.detach().clone() for n, w in weights.items()}
         with torch.no_grad():
             for name, delta in self.deltas.items():
-                base = base_keys[name] if base_keys is not None else params[name]
-                params[name].copy_((base.float() + scale * delta.to(base.device).float()).to(params[name].dtype))
+                weights[name].copy_(_with_delta(originals[name], delta, scale, weights[name].dtype))
+        self._applied[unet] = (originals, scale)
+
+    def remove(self, target) -> None:
+        """Undo apply(): each key weight is again exactly what it was before. Where something changed a weight
+        since (a LoRA fused into it), only this adapter's delta is taken out and that change stays."""
+        unet = _unet_of(target)
+        if unet not in self._applied:
+            raise AdapterError(f"adapter for {self.base_model_id!r} is not applied to this model; nothing to remove")
+        originals, scale = self._applied.pop(unet)
+        weights = key_projection_weights(unet)
+        with torch.no_grad():
+            for name, delta in self.deltas.items():
+                weight, original = weights[name], originals[name]
+                ours = _with_delta(original, delta, scale, weight.dtype)  # what apply() wrote
+                if _equal_within_rounding(weight, ours):
+                    weight.copy_(original.to(weight.dtype))
+                else:
+                    weight.copy_((weight.float() - (ours.float() - original.float())).to(weight.dtype))
 
     @contextmanager
-    def applied(self, model: BaseModel, scale: float = 1.0):
-        """Apply to a BaseModel for the duration of a block, then restore its base keys."""
-        self.apply(model, scale)
+    def applied(self, target, scale: float = 1.0):
+        """Apply for the duration of a block, then remove."""
+        self.apply(target, scale)
         try:
-            yield model
+            yield target
         finally:
-            restore_base_keys(model)
+            self.remove(target)
+
+
+def _unet_of(target):
+    return target.unet if hasattr(target, "unet") else target
+
+
+def _with_delta(base: torch.Tensor, delta: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    return (base.float() + scale * delta.to(base.device).float()).to(dtype)
+
+
+def _equal_within_rounding(weight: torch.Tensor, expected: torch.Tensor) -> bool:
+    """True when `weight` is `expected` up to a few roundings of its dtype (PEFT's fuse then unfuse leaves those)."""
+    tolerance = 4 * torch.finfo(weight.dtype).eps * float(expected.abs().max())
+    return bool(((weight.float() - expected.float()).abs() <= tolerance).all())
 
 
 def restore_base_keys(model: BaseModel) -> None:
-    params = dict(model.unet.named_parameters())
+    params = key_projection_weights(model.unet)
     with torch.no_grad():
         for name, base in model.base_keys.items():
             params[name].copy_(base)
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The __metadata__ of a safetensors blob (an 8-byte little-endian header length, then JSON)."""
-    if len(data) < 8:
-        raise ValueError("file too short")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise ValueError("header length exceeds the file")
-    return json.loads(data[8 : 8 + size]).get("__metadata__", {}) or {}

@@ -1,8 +1,10 @@
-"""The `sepen` command line: finetune an adapter, generate images, inspect object maps, export the tiny model.
+"""The `sepen` command line: finetune an adapter, generate images, inspect object maps, export an adapter for other
+tools, export the tiny model.
 
     sepen finetune --model tiny --pair cat dog --steps 200 --out cat-dog.safetensors
     sepen generate "a photo of a cat and a dog" --adapter cat-dog.safetensors --concepts cat dog --out out/
     sepen inspect "a photo of a cat and a dog" --concepts cat dog --adapter cat-dog.safetensors
+    sepen export cat-dog.safetensors --format kohya --rank 8 --out cat-dog-kohya.safetensors
 
 --model takes `toy` (the default: the bundled toy-world model, which draws recognisable glyphs),
 a local diffusers-format Stable Diffusion directory, or `tiny` / `tiny:SEED` for the built-in tiny
@@ -16,9 +18,19 @@ import json
 import sys
 from pathlib import Path
 
-from sepen_core.config import BUNDLED_SOURCE, DTYPE_NAMES, GRAD_MODES, LATENT_SOURCES, ModelDefaults, SampleConfig
+from sepen_core.config import (
+    BUNDLED_SOURCE,
+    DTYPE_NAMES,
+    EXPORT_DTYPE_NAMES,
+    EXPORT_FORMATS,
+    GRAD_MODES,
+    LATENT_SOURCES,
+    ModelDefaults,
+    SampleConfig,
+)
 from sepen_core.errors import SepenError
 from sepen_core.extras import require, version
+from sepen_core.model_card import model_card
 from sepen_core.prompts import ConceptSet
 
 DEFAULT_MODEL = BUNDLED_SOURCE
@@ -118,7 +130,6 @@ def _read_adapter(path: str | None):
 
 
 def cmd_generate(args) -> int:
-    from sepen_core.images import png_bytes, sample_metadata
     from sepen_core.sampling import generate
 
     given = {
@@ -146,9 +157,9 @@ def cmd_generate(args) -> int:
     bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-        metadata = sample_metadata(args.prompt, seed, config, model=model.model_id, adapter=args.adapter)
-        (out / f"image-{i}.png").write_bytes(png_bytes(image, metadata))
+    for i in range(len(result.images)):
+        png = result.png(i, adapter=args.adapter, adapter_name=result.adapter_name)  # the file, then its name
+        (out / f"image-{i}.png").write_bytes(png)
         print(out / f"image-{i}.png")
         if result.scores is not None:
             result.heatmap(i).save(out / f"heatmap-{i}.png")
@@ -184,6 +195,23 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from sepen_core.errors import ConfigError
+    from sepen_core.export import export_adapter
+
+    try:
+        export = export_adapter(
+            Path(args.adapter).read_bytes(), args.format, rank=args.rank, energy=args.energy, dtype=args.dtype
+        )
+    except ConfigError as exc:  # name the option, as argparse does
+        raise SepenError(f"argument --{exc.field}: {exc.message}") from exc
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(export.data)
+    print(f"{out}: {export.summary()}")
+    return 0
+
+
 def cmd_export_tiny_model(args) -> int:
     from sepen_core.models import build_tiny_model
 
@@ -210,11 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     # Every option's help shows its default; "the model's" means the model's own (model_index.json sepen_defaults).
     subcommand = {"formatter_class": _ShowDefaults}
 
+    toy_nouns = ", ".join(model_card(BUNDLED_SOURCE).nouns)  # read from its world.json, without torch
+
     def model_args(p):
         p.add_argument(
             "--model",
             default=DEFAULT_MODEL,
-            help="toy (the bundled toy-world model; the default), a diffusers SD directory, or tiny / tiny:SEED",
+            help=f"toy (the bundled toy-world model; the default; it draws {toy_nouns}), a diffusers SD directory, "
+            "or tiny / tiny:SEED",
         )
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
         p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES, help="weights' precision")
@@ -288,6 +319,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise samples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser(
+        "export",
+        help="write an adapter as a diffusers or kohya LoRA or a full-rank delta (docs/interop.md)",
+        **subcommand,
+    )
+    p.add_argument("adapter", help="sepen adapter .safetensors file")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=EXPORT_FORMATS,
+        help="diffusers (PEFT LoRA: pipe.load_lora_weights), kohya (LoRA: ComfyUI, A1111, diffusers) "
+        "or full (the delta itself, .diff keys: ComfyUI, A1111)",
+    )
+    p.add_argument("--rank", type=int, help="LoRA rank of every layer, capped at its size (default: full rank)")
+    p.add_argument(
+        "--energy",
+        type=float,
+        help="instead of --rank: per layer, the smallest rank keeping this share of the squared singular values",
+    )
+    p.add_argument("--dtype", default="fp16", choices=EXPORT_DTYPE_NAMES, help="the written tensors' precision")
+    p.add_argument("--out", required=True, help="file to write (.safetensors)")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("export-tiny-model", help="write the tiny random model as a diffusers directory", **subcommand)
     p.add_argument("out", help="directory to write")

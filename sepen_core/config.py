@@ -167,6 +167,57 @@ class SampleConfig(_Serializable):
             object.__setattr__(self, "maps", MapConfig.from_dict(self.maps))
 
 
+EXPORT_FORMATS = ("diffusers", "kohya", "full")
+LORA_FORMATS = ("diffusers", "kohya")
+EXPORT_DTYPE_NAMES = ("fp16", "fp32")
+MAX_EXPORT_RANK = 65536
+
+
+@dataclass(frozen=True)
+class ExportOptions(_Serializable):
+    """How sepen_core.export writes an adapter for other tools: `format` (EXPORT_FORMATS); for a LoRA, `rank` or
+    `energy` (neither: full rank); the tensors' dtype."""
+
+    format: str
+    rank: int | None = None
+    energy: float | None = None
+    dtype: str = "fp16"
+
+    def __post_init__(self):
+        _check(self.format in EXPORT_FORMATS, "format", f"{self.format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        _check(self.rank is None or self.energy is None, "energy", "give rank or energy, not both")
+        _check(
+            self.rank is None
+            or (isinstance(self.rank, int) and not isinstance(self.rank, bool) and 1 <= self.rank <= MAX_EXPORT_RANK),
+            "rank",
+            f"must be a whole number from 1 to {MAX_EXPORT_RANK}",
+        )
+        _check(
+            self.energy is None
+            or (isinstance(self.energy, (int, float)) and not isinstance(self.energy, bool) and 0 < self.energy <= 1),
+            "energy",
+            "must be a fraction in (0, 1]: the share of squared singular values kept",
+        )
+        for name in ("rank", "energy"):
+            _check(
+                self.format in LORA_FORMATS or getattr(self, name) is None,
+                name,
+                f"applies to the LoRA formats ({', '.join(LORA_FORMATS)}), not {self.format}",
+            )
+        _check(
+            self.dtype in EXPORT_DTYPE_NAMES, "dtype", f"{self.dtype!r} is not one of {', '.join(EXPORT_DTYPE_NAMES)}"
+        )
+
+    @property
+    def label(self) -> str:
+        """A short name for files and ETags: 'kohya-r8', 'diffusers-e0.9', 'full'."""
+        if self.rank is not None:
+            return f"{self.format}-r{self.rank}"
+        if self.energy is not None:
+            return f"{self.format}-e{self.energy:g}"
+        return self.format
+
+
 def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """given over defaults, with a nested `maps` dict merged key by key."""
     merged = {**defaults, **given}

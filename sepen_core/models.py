@@ -7,13 +7,14 @@ and their fingerprint all refer to those base keys, so no second UNet is ever ke
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sepen_core.config import BUNDLED_SOURCE, TINY_SOURCE, ModelDefaults
@@ -32,9 +33,21 @@ def load_clip_tokenizer(path: Path = BUNDLED_TOKENIZER) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
+def key_projection_weights(unet: UNet2DConditionModel) -> dict[str, torch.nn.Parameter]:
+    """Every cross-attention key projection's own weight by its plain state-dict name (`...attn2.to_k.weight`),
+    sorted. Where PEFT wraps a layer in a LoRA layer (`pipe.load_lora_weights`), this is its base layer's weight:
+    the LoRA's own matrices stay outside it until fused."""
+    weights = {}
+    for path, module in unet.named_modules():
+        if path.endswith(".attn2.to_k"):
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            weights[f"{path}.weight"] = base.weight
+    return dict(sorted(weights.items()))
+
+
 def key_projection_names(unet: UNet2DConditionModel) -> list[str]:
     """State-dict names of every cross-attention key projection (`...attn2.to_k.weight`), sorted."""
-    return sorted(name for name, _ in unet.named_parameters() if ".attn2.to_k." in name and name.endswith(".weight"))
+    return list(key_projection_weights(unet))
 
 
 def key_fingerprint(keys: dict[str, torch.Tensor]) -> str:
@@ -105,8 +118,7 @@ class BaseModel:
         self.text_encoder.requires_grad_(False)
         if self.vae is not None:
             self.vae.requires_grad_(False)
-        params = dict(self.unet.named_parameters())
-        self.base_keys = {name: params[name].detach().clone() for name in key_projection_names(self.unet)}
+        self.base_keys = {name: w.detach().clone() for name, w in key_projection_weights(self.unet).items()}
         if not self.base_keys:
             raise ModelLoadError(f"{self.model_id}: the UNet has no cross-attention (attn2.to_k) layers")
         self.base_fingerprint = key_fingerprint(self.base_keys)
@@ -161,6 +173,20 @@ class BaseModel:
         positions = torch.arange(input_ids.shape[1])
         first_end = (input_ids == self.tokenizer.eos_token_id).float().argmax(dim=1)  # (B,)
         return ((positions[None] >= 1) & (positions[None] <= first_end[:, None])).to(self.device, self.dtype)
+
+    def diffusers_pipeline(self) -> StableDiffusionPipeline:
+        """diffusers' own pipeline of this model's components, with a copy of the UNet (LoRAs loaded into the
+        pipeline leave this model as it is): how a diffusers user runs the model and loads exported adapters."""
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=copy.deepcopy(self.unet),
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a diffusers-format directory that load_base_model and StableDiffusionPipeline both read."""

@@ -23,6 +23,7 @@ from sepen_core.attention import CrossAttentionProcessor, MapRecorder, installed
 from sepen_core.config import SampleConfig
 from sepen_core.errors import Canceled, ConfigError
 from sepen_core.heatmap import render_heatmaps
+from sepen_core.images import png_bytes, sample_metadata, sampler_name
 from sepen_core.models import BaseModel, TextConditioning
 from sepen_core.scores import MapScores, object_scores
 
@@ -39,6 +40,40 @@ class GenerationResult:
     # step_scores[s][i]: image i's scores from the maps of denoising step s alone (when the object is decided)
     step_scores: list[list[MapScores]] | None = None
     latents: torch.Tensor | None = None  # (N, C, h, w): the final latents, before the VAE decodes them
+    # How the images were made, for their PNG metadata: the settings, the model, its sampler, the adapter's name.
+    config: SampleConfig | None = None
+    model_id: str = ""
+    sampler: str = ""
+    adapter_name: str | None = None
+
+    def image_metadata(
+        self,
+        index: int,
+        *,
+        model: str | None = None,
+        adapter: str | None = None,
+        adapter_name: str | None = None,
+        **extra: str,
+    ) -> dict[str, str]:
+        """The PNG text chunks of image `index` (sepen_core.images.sample_metadata, with A1111's `parameters`).
+        `model` and `adapter` name them as the caller knows them (the service's model name, `name@N`, a file);
+        by default the model's id and the adapter's own name. `adapter_name`: how `parameters` names the adapter
+        when `adapter` is a file path. `extra`: more entries (the service's job id)."""
+        return sample_metadata(
+            self.prompt,
+            self.seeds[index],
+            self.config or SampleConfig(),
+            model=model or self.model_id,
+            adapter=adapter if adapter is not None else self.adapter_name,
+            size=self.images[index].size,
+            sampler=self.sampler,
+            adapter_name=adapter_name,
+            **extra,
+        )
+
+    def png(self, index: int, **metadata) -> bytes:
+        """Image `index` as a PNG file with its metadata (image_metadata's keywords)."""
+        return png_bytes(self.images[index], self.image_metadata(index, **metadata))
 
     def heatmap(self, index: int) -> Image.Image:
         if self.maps is None or self.scores is None:
@@ -189,5 +224,17 @@ def generate(
     maps = None if recorder is None else recorder.maps(config.maps.normalization).cpu()
     scores = None if maps is None else object_scores(maps, [concepts] * n, config.maps.smoothing_sigma)
     return GenerationResult(
-        prompt, _to_images(pixels), pixels.cpu(), seeds, concepts, maps, scores, step_scores, latents.cpu()
+        prompt,
+        _to_images(pixels),
+        pixels.cpu(),
+        seeds,
+        concepts,
+        maps,
+        scores,
+        step_scores,
+        latents.cpu(),
+        config=config,
+        model_id=model.model_id,
+        sampler=sampler_name(model.scheduler),
+        adapter_name=None if adapter is None else str(adapter.metadata.get("name") or "sepen-adapter"),
     )

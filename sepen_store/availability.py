@@ -1,4 +1,5 @@
-"""Telling a dependency outage from a bug: which driver errors mean the database or the broker does not answer.
+"""Telling a dependency outage from a bug: which driver errors mean the database, the broker or the object store does
+not answer.
 
 The gateway answers those with 503 and Retry-After instead of 500, and says which dependency is down without
 the driver's text (it names hosts and ports).
@@ -10,11 +11,14 @@ import kombu.exceptions
 import redis.exceptions
 from sqlalchemy import exc as sa_exc
 
+from sepen_store.errors import StorageUnavailable
+
 OUTAGE_RETRY_AFTER_S = 5
 
 
 def outage_of(exc: BaseException) -> str | None:
-    """'database' or 'broker' when `exc` says that dependency is unreachable, overloaded or restarting; else None.
+    """'database', 'broker' or 'storage' (the object store of SEPEN_BLOB_BACKEND=s3) when `exc` says that dependency
+    is unreachable, overloaded, restarting or refusing; else None.
 
     SQLAlchemy's OperationalError covers what a working query can meet from the server's side (connection
     refused or lost, shutdown, too many clients, SQLite's "database is locked"); InterfaceError a connection
@@ -27,4 +31,6 @@ def outage_of(exc: BaseException) -> str | None:
         exc, kombu.exceptions.OperationalError | redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
     ):
         return "broker"
+    if isinstance(exc, StorageUnavailable):
+        return "storage"
     return None

@@ -9,6 +9,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from sepen_store.blobs import STORE_INFO_KEY
 from sepen_store.events import SESSION_INFO_KEY
 
 MIGRATIONS = "migrations"  # the Alembic scripts live inside sepen_store, so every installation carries them
@@ -43,10 +44,13 @@ def check_database(engine: Engine) -> None:
         connection.execute(text("SELECT 1"))
 
 
-def session_factory(engine: Engine, *, events=None) -> sessionmaker[Session]:
+def session_factory(engine: Engine, *, events=None, blobs=None) -> sessionmaker[Session]:
     """Sessions on `engine`; with `events` (a sepen_store.events.EventPublisher) the job writes made through them
-    publish their events."""
+    publish their events; with `blobs` (a sepen_store.object_store.ObjectStore, from object_store_for(settings)) the
+    blobs they write keep their bytes in its bucket instead of their rows."""
     info = {SESSION_INFO_KEY: events} if events is not None else {}
+    if blobs is not None:
+        info[STORE_INFO_KEY] = blobs
     return sessionmaker(engine, expire_on_commit=False, info=info)
 
 

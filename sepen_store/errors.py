@@ -5,7 +5,8 @@ StoreError
 ├── Conflict            the request contradicts stored state (409)
 │   └── IllegalTransition   a job cannot move from its status to the one asked for
 ├── Unauthorized        missing, unknown or revoked API key (401)
-└── QuotaExceeded       a tenant is at a cap: queued jobs, or compute seconds today (429)
+├── QuotaExceeded       a tenant is at a cap: queued jobs, or compute seconds today (429)
+└── StorageUnavailable  the object store holding blobs did not answer, or refused (503)
 """
 
 
@@ -53,3 +54,10 @@ class QuotaExceeded(StoreError):
         super().__init__(message)
         self.code = code
         self.retry_after_s = retry_after_s
+
+
+class StorageUnavailable(StoreError):
+    """The object store holding blobs (SEPEN_BLOB_BACKEND=s3) did not answer or refused; the message says what failed
+    where (credentials, a missing bucket, a server that is down)."""
+
+    code = "storage_unavailable"

@@ -12,9 +12,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from sepen_store.blobs import delete_blob, get_blob, put_blob
+from sepen_store.blobs import blob_bytes, delete_blob, get_blob, put_blob
 from sepen_store.errors import Conflict, NotFound
-from sepen_store.tables import Adapter, AdapterVersion, Job
+from sepen_store.tables import Adapter, AdapterVersion, Blob, Job, new_id
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # whole names only: fullmatch (`$` would allow a newline)
 # ASCII digits only: str.isdigit() also takes '١' and '²'. The column is a 32-bit integer.
@@ -72,7 +72,7 @@ def publish_version(
             if bumped.rowcount != 1:
                 session.rollback()
                 continue
-            blob = put_blob(session, data, ADAPTER_CONTENT_TYPE)
+            blob = put_blob(session, data, ADAPTER_CONTENT_TYPE, f"adapters/{new_id()}.safetensors")
             version = AdapterVersion(
                 adapter_id=adapter.id,
                 version=taken,
@@ -151,7 +151,12 @@ def get_version(session: Session, version_id: str) -> AdapterVersion:
 
 
 def version_bytes(session: Session, version: AdapterVersion) -> bytes:
-    return get_blob(session, version.blob_id).data
+    return blob_bytes(session, get_blob(session, version.blob_id))
+
+
+def version_blob(session: Session, version: AdapterVersion) -> Blob:
+    """The blob of a version's safetensors file (sepen_store.blobs.download_url links to it)."""
+    return get_blob(session, version.blob_id)
 
 
 def delete_version(session: Session, tenant: str, name: str, number: int) -> None:

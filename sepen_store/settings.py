@@ -69,6 +69,17 @@ class Settings(BaseSettings):
     # Hosts a job's webhook may call (the gateway refuses others at submission, the workers check again before each
     # delivery); empty: webhooks are refused.
     webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    # Where the bytes of blobs (images, adapter weights, finetune checkpoints) live: in their database rows, or in an
+    # S3-compatible bucket, the row keeping the object's key, size and sha256 (docs/storage.md).
+    blob_backend: Literal["database", "s3"] = "database"
+    s3_endpoint_url: str = ""  # empty: AWS S3 in s3_region; else a server of its own (SeaweedFS, MinIO, Ceph...)
+    s3_public_endpoint_url: str = ""  # the endpoint presigned URLs name, for clients; empty: s3_endpoint_url
+    s3_bucket: str = ""
+    s3_prefix: str = ""  # the start of every object key, e.g. "prod/" to share a bucket
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""  # both empty: boto3's own chain (AWS_* variables, an instance role, ...)
+    s3_secret_access_key: str = ""
+    s3_presign_ttl_s: int = Field(900, ge=1, le=604_800)  # how long a presigned download URL works (S3: 7 days max)
 
     @classmethod
     def settings_customise_sources(
@@ -109,6 +120,13 @@ class Settings(BaseSettings):
     def _resolve(self) -> Settings:
         if not self.database_url:
             object.__setattr__(self, "database_url", f"sqlite:///{(self.data_dir / 'sepen.db').resolve()}")
+        if self.blob_backend == "s3" and not self.s3_bucket:
+            raise ValueError(f"{ENV_PREFIX}S3_BUCKET: name the bucket when {ENV_PREFIX}BLOB_BACKEND is s3")
+        if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key):
+            raise ValueError(
+                f"{ENV_PREFIX}S3_ACCESS_KEY_ID and {ENV_PREFIX}S3_SECRET_ACCESS_KEY: set both, or neither (then "
+                "boto3 finds credentials itself)"
+            )
         if self.default_model not in self.models:
             raise ValueError(
                 f"{ENV_PREFIX}DEFAULT_MODEL {self.default_model!r} is not one of the models of "
@@ -173,6 +191,12 @@ class WorkerSettings(Settings):
     webhook_backoff_s: float = Field(5.0, gt=0)
     webhook_timeout_s: float = Field(10.0, gt=0)
     webhook_poll_s: float = Field(1.0, gt=0)
+    # Retention, 0 = keep for ever: a finished job's images and heatmaps are deleted this many days after it finished;
+    # a checkpoint that has not been written for this many days, or whose job has finished, is deleted. Job rows and
+    # adapters are never deleted by retention. Each worker applies it every retention_interval_s.
+    image_retention_days: float = Field(0.0, ge=0)
+    checkpoint_retention_days: float = Field(7.0, ge=0)
+    retention_interval_s: float = Field(3600.0, gt=0)
 
     @field_validator("dtype")
     @classmethod

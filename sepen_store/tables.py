@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -87,14 +88,18 @@ class ApiKey(Base):
 
 
 class Blob(Base):
-    """Bytes every gateway and worker can read without a shared filesystem."""
+    """Bytes every gateway and worker can read without a shared filesystem: in `data`, or (SEPEN_BLOB_BACKEND=s3) in
+    the object store at `object_key`, exactly one of the two (sepen_store.blobs)."""
 
     __tablename__ = "blobs"
+    __table_args__ = (UniqueConstraint("object_key", name="uq_blobs_object_key"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     sha256: Mapped[str] = mapped_column(String(64))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # a large model's checkpoint passes 2 GiB
     content_type: Mapped[str] = mapped_column(String(64))
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    # Deferred: a row is read for its metadata (an ETag, a presigned URL) without its bytes.
+    data: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    object_key: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

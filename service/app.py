@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from sepen_store.database import make_engine, session_factory
 from sepen_store.logs import configure_logging
+from sepen_store.object_store import object_store_for
 from sepen_store.queue import make_celery
 from sepen_store.rate_limits import RateLimiter, shared_counter_url
 from sepen_store.settings import GatewaySettings
@@ -46,6 +47,7 @@ def _version() -> str:
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     engine = make_engine(settings.database_url)
+    blobs = object_store_for(settings)  # None: blobs keep their bytes in the database
     celery = make_celery(settings, fail_fast=True)  # the gateway only sends; a broker outage must not stall requests
     # Counted in the broker's Redis when there is one (shared by every gateway process), else in memory.
     rate_limiter = RateLimiter(settings.rate_limit_per_minute, shared_counter_url(settings.broker_url))
@@ -55,6 +57,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         yield
         celery.close()
         app.state.rate_limiter.close()
+        if blobs is not None:
+            blobs.close()
         engine.dispose()
 
     # strict_content_type=False: a JSON body sent without a Content-Type is read as JSON (one sent as another
@@ -64,7 +68,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.sessions = session_factory(engine)
+    app.state.sessions = session_factory(engine, blobs=blobs)
     app.state.celery = celery
     app.state.rate_limiter = rate_limiter
     app.state.metrics = GatewayMetrics(app.state.sessions, celery)

@@ -9,7 +9,8 @@ sepen_store QuotaExceeded 429 (Retry-After)          queued_jobs_limit, compute_
 RequestValidationError   422 validation_error, `field` = the dotted path of the value at fault;
                          415 unsupported_media_type for a body sent as something other than JSON
 HTTPException            its status (404 unknown path, 405, 413 body too large, 400 a body that is not UTF-8...)
-a dependency outage      503 database_unavailable | broker_unavailable (Retry-After), the driver's text only logged
+a dependency outage      503 database_unavailable | broker_unavailable | storage_unavailable (Retry-After), the
+                         driver's text only logged
 anything else            500 internal_error, logged
 
 The last two are answered by `ErrorsAsResponses`, the app's outermost own middleware: an exception that reached

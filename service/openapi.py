@@ -34,7 +34,11 @@ _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
         "(the tenant's caps); retry after Retry-After seconds",
         {**RETRY_AFTER, **RATE_LIMITED},
     ),
-    503: ("the database is not answering (database_unavailable); retry after Retry-After seconds", RETRY_AFTER),
+    503: (
+        "the database is not answering (database_unavailable), or for a download the object store "
+        "(storage_unavailable); retry after Retry-After seconds",
+        RETRY_AFTER,
+    ),
 }
 
 AUTHENTICATED = (401, 429, 503)  # every route behind an API key

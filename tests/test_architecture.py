@@ -1,5 +1,6 @@
 """The layering rules of ARCHITECTURE.md: sepen_core imports nothing of ours, nothing of the web, the
-database or the queue, and reads no environment; its config, errors and prompts stay torch-free."""
+database or the queue, and reads no environment; its config, errors and prompts stay torch-free, and so do export
+and adapter_file (the gateway converts adapters with them) and images."""
 
 import ast
 import subprocess
@@ -45,7 +46,8 @@ def test_core_imports_no_service_layers_and_reads_no_environment():
 
 def test_gateway_facing_modules_do_not_import_torch():
     code = (
-        "import sys, sepen_core, sepen_core.config, sepen_core.errors, sepen_core.model_card, sepen_core.prompts; "
+        "import sys, sepen_core, sepen_core.config, sepen_core.errors, sepen_core.model_card, sepen_core.prompts, "
+        "sepen_core.export, sepen_core.adapter_file, sepen_core.images; "
         "sepen_core.ConceptSet; sepen_core.FinetuneConfig; "
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
     )

@@ -33,7 +33,7 @@ COMPOSE_ONLY = {"SEPEN_MODELS_DIR", "SEPEN_GATEWAY_WORKERS"}
 
 
 def test_env_example_lists_every_setting():
-    listed = set(re.findall(r"^(SEPEN_[A-Z_]+)=", ENV_EXAMPLE.read_text(), re.M))
+    listed = set(re.findall(r"^(SEPEN_[A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.M))
     assert listed == setting_names() | COMPOSE_ONLY
 
 
@@ -62,7 +62,7 @@ def test_env_example_names_every_value_compose_uses_instead():
 def test_compose_services_and_their_wiring():
     compose = load_compose()
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", "migrate", "api", "worker"}
+    assert set(services) == {"postgres", "redis", "seaweedfs", "migrate", "api", "worker"}
     assert list(app_services(compose)) == ["migrate", "api", "worker"]  # the order CI runs them in
     assert "noeviction" in services["redis"]["command"]
     assert services["migrate"]["command"] == ["sepen-admin", "migrate"]
@@ -86,6 +86,28 @@ def test_compose_services_and_their_wiring():
     assert compose_defaults(COMPOSE)["SEPEN_DEVICE"] in ("", "cpu")
 
 
+def test_the_object_store_is_optional_and_wired_to_the_services():
+    """SeaweedFS starts only with `--profile s3`, telemetry off, with the credentials and port the services use; the
+    blobs stay in the database unless .env says s3."""
+    compose = load_compose()
+    store = compose["services"]["seaweedfs"]
+    assert store["profiles"] == ["s3"] and store["image"].startswith("chrislusf/seaweedfs:")
+    assert store["command"][:1] == ["server"] and "-s3" in store["command"]
+    assert "-master.telemetry=false" in store["command"] and "-s3.port=8333" in store["command"]
+    assert store["ports"] == ["127.0.0.1:8333:8333"]  # the host's loopback only: presigned URLs, no open store
+    api = compose["services"]["api"]["environment"]
+    for name, seaweed in (
+        ("SEPEN_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+        ("SEPEN_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+    ):
+        assert store["environment"][seaweed] == api[name] == f"${{{name}:-}}"  # one identity, from .env
+    for name in ("SEPEN_BLOB_BACKEND", "SEPEN_S3_ENDPOINT_URL", "SEPEN_S3_BUCKET"):
+        assert compose_defaults(COMPOSE)[name] == "", name  # the service's own defaults: blobs in the database
+    example = ENV_EXAMPLE.read_text()  # .env.example shows the lines that wire the services to it
+    assert "#   SEPEN_BLOB_BACKEND=s3" in example and "#   SEPEN_S3_ENDPOINT_URL=http://seaweedfs:8333" in example
+    assert "healthcheck" in store and "seaweedfsdata:/data" in store["volumes"]
+
+
 def test_gpu_override_reserves_a_gpu_for_the_worker_only():
     override = load_compose(COMPOSE_GPU)["services"]
     assert set(override) == {"worker"}
@@ -96,10 +118,12 @@ def test_gpu_override_reserves_a_gpu_for_the_worker_only():
     assert compose_defaults(COMPOSE_GPU)["SEPEN_DEVICE"] == "cuda"
 
 
-def _compose_config(env_file, *files) -> subprocess.CompletedProcess:
+def _compose_config(env_file, *files, profile: str | None = None) -> subprocess.CompletedProcess:
     command = ["docker-compose", "--env-file", str(env_file)]
     for path in files:
         command += ["-f", str(path)]
+    if profile:
+        command += ["--profile", profile]
     return subprocess.run([*command, "config"], capture_output=True, text=True, cwd=ROOT)
 
 
@@ -123,6 +147,12 @@ def test_compose_files_validate_offline_alone_and_with_the_gpu_override(tmp_path
     assert worker["environment"]["SEPEN_DEVICE"] == "cuda" and worker["build"]["args"]["TORCH_VARIANT"] == "cuda"
     assert worker["build"]["target"] == "worker" and worker["command"] == ["sepen-worker"]  # merged, not replaced
     assert "deploy" not in services["api"] and services["api"]["environment"]["SEPEN_DEVICE"] in ("", "cpu")
+
+    if "--profile" in subprocess.run(["docker-compose", "--help"], capture_output=True, text=True).stdout:
+        store = _compose_config(empty_env, COMPOSE, profile="s3")  # the optional object store
+        assert store.returncode == 0, store.stderr
+        services = yaml.safe_load(store.stdout)["services"]
+        assert services["seaweedfs"]["image"].startswith("chrislusf/seaweedfs:")
 
 
 def test_dockerfile_installs_each_image_with_its_extra():

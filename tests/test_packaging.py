@@ -164,7 +164,8 @@ def test_wheel_carries_the_migrations_the_typing_markers_and_the_extras(wheel):
         assert "torch" not in extra_distributions(extra, requires), extra
     for extra in ("ml", "worker", "all"):
         assert "torch" in extra_distributions(extra, requires), extra
-    assert {"fastapi", "uvicorn", "psycopg", "alembic"} <= set(extra_distributions("api", requires))
+    assert {"fastapi", "uvicorn", "psycopg", "alembic", "boto3"} <= set(extra_distributions("api", requires))
+    assert "boto3" in extra_distributions("worker", requires)  # the workers read and write the bucket too
     assert {"celery", "diffusers", "transformers"} <= set(extra_distributions("worker", requires))
     with zipfile.ZipFile(wheel) as zf:
         metadata = zf.read(f"sepen-{_metadata(wheel)[1]}.dist-info/METADATA").decode()

@@ -192,9 +192,11 @@ def serve(settings: dict, conn, cancel, parent_pid: int, loglevel: int) -> None:
 
     _quiet_libraries()
     from sepen_store.database import make_engine, session_factory
+    from sepen_store.object_store import object_store_for
     from worker.work import Work
 
-    work = Work.create(worker_settings, session_factory(make_engine(worker_settings.database_url)))
+    sessions = session_factory(make_engine(worker_settings.database_url), blobs=object_store_for(worker_settings))
+    work = Work.create(worker_settings, sessions)
     while True:
         try:
             kind, job_id, resumed = conn.recv()

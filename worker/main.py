@@ -1,6 +1,7 @@
 """`sepen-worker`: one Celery worker process (solo pool) serving the finetune and/or generate queues, its job
 process (worker/engine.py: the jobs' work, stoppable), the reconciler that re-sends jobs whose messages were lost,
-and the loop that delivers the jobs' webhooks (worker/webhooks.py). Its job writes publish their events to Redis.
+the loop that delivers the jobs' webhooks (worker/webhooks.py), and the retention of old images and checkpoints. Its
+job writes publish their events to Redis.
 
     sepen-worker                       # both queues
     sepen-worker --queues finetune     # a finetune-only GPU worker
@@ -19,7 +20,9 @@ from sepen_store.database import make_engine, session_factory
 from sepen_store.events import publisher_for
 from sepen_store.jobs import mark_not_enqueued, take_resends
 from sepen_store.logs import configure_logging
+from sepen_store.object_store import object_store_for
 from sepen_store.queue import QUEUES, TASKS, enqueue, jobs_in_broker, make_celery
+from sepen_store.retention import Removed, apply_retention
 from sepen_store.settings import WorkerSettings
 from worker.runner import Runtime
 from worker.webhooks import start_delivery_loop
@@ -80,6 +83,39 @@ def start_reconciler(app: Celery, runtime: Runtime) -> threading.Thread:
     return thread
 
 
+def retain_once(runtime: Runtime) -> Removed:
+    """Delete the images and checkpoints past their retention (SEPEN_IMAGE_RETENTION_DAYS,
+    SEPEN_CHECKPOINT_RETENTION_DAYS); every worker may run it, each deletion happens once."""
+    settings = runtime.settings
+    with runtime.sessions() as session:
+        removed = apply_retention(
+            session, image_days=settings.image_retention_days, checkpoint_days=settings.checkpoint_retention_days
+        )
+    if removed.images or removed.checkpoints:
+        log.info("retention deleted %d image(s) and %d checkpoint(s)", removed.images, removed.checkpoints)
+    return removed
+
+
+def start_retention(runtime: Runtime) -> threading.Thread | None:
+    """A thread applying retention every SEPEN_RETENTION_INTERVAL_S, from the worker's start; None when all is kept."""
+    settings = runtime.settings
+    if not settings.image_retention_days and not settings.checkpoint_retention_days:
+        return None
+
+    def loop() -> None:
+        while True:
+            try:
+                retain_once(runtime)
+            except Exception as exc:  # database or object store away: try again next round
+                log.warning("retention round failed: %s", exc)
+            stop.wait(settings.retention_interval_s)
+
+    stop = threading.Event()
+    thread = threading.Thread(target=loop, name="retention", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sepen-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
@@ -98,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not kinds:
         parser.error(f"--queues must name finetune and/or generate, not {unknown or kinds}")
     app = make_celery(settings)
-    sessions = session_factory(make_engine(settings.database_url), events=publisher_for(settings.broker_url))
+    sessions = session_factory(
+        make_engine(settings.database_url),
+        events=publisher_for(settings.broker_url),
+        blobs=object_store_for(settings),
+    )
     runtime = Runtime.create(settings, sessions)
     if settings.worker_metrics_port:  # before the job process starts: a port already taken stops the worker here
         where = f"{settings.worker_metrics_host}:{settings.worker_metrics_port}"
@@ -114,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     register_tasks(app, runtime)
     start_reconciler(make_celery(settings, fail_fast=True), runtime)
     start_delivery_loop(sessions, settings)
+    start_retention(runtime)
     worker_args = [
         *(["--quiet"] if settings.log_format == "json" else []),  # no banner: every line of a JSON log is JSON
         "worker",

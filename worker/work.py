@@ -24,7 +24,7 @@ from sepen_core.config import FinetuneConfig
 from sepen_core.diagnostics import diagnose
 from sepen_core.errors import SepenError
 from sepen_core.finetuning import Checkpoints, StepReport, finetune
-from sepen_core.images import png_bytes, sample_metadata
+from sepen_core.images import png_bytes
 from sepen_core.models import BaseModel
 from sepen_core.prompts import ConceptSet, fill_template
 from sepen_core.sampling import generate
@@ -42,7 +42,7 @@ from sepen_store.contract import (
     ProbeDiagnosis,
     parse_request,
 )
-from sepen_store.errors import StoreError
+from sepen_store.errors import StorageUnavailable, StoreError
 from sepen_store.job_outputs import load_checkpoint, replace_images, save_checkpoint
 from sepen_store.jobs import get_job
 from sepen_store.registry import publish_version, version_of_job
@@ -176,7 +176,10 @@ class Work:
             for path in sorted(directory.iterdir()):
                 tar.add(path, arcname=path.name)
         with self.sessions() as session:
-            save_checkpoint(session, job_id, step, buffer.getvalue())
+            try:
+                save_checkpoint(session, job_id, step, buffer.getvalue())
+            except StorageUnavailable as exc:  # a checkpoint is insurance: train on, the next one may get through
+                log.warning("job %s: its checkpoint at step %d was not stored: %s", job_id, step, exc)
 
     def _restore_checkpoint(self, job_id: str, directory: Path) -> int:
         with self.sessions() as session:
@@ -209,9 +212,7 @@ class Work:
         )
         pngs, images = [], []
         for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
-            metadata = sample_metadata(
-                request.prompt, seed, config, model=request.model, adapter=request.adapter, job=job.id
-            )
+            metadata = result.image_metadata(i, model=request.model, adapter=request.adapter, job=job.id)
             pngs.append(("image", i, png_bytes(image, metadata)))
             if result.scores is not None:
                 pngs.append(("heatmap", i, png_bytes(result.heatmap(i), metadata)))

@@ -21,6 +21,12 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(url)  # its own pool (swapping in another would skip the dialect's first-connect setup)
     with engine.connect() as connection:
+        if url.startswith("sqlite"):
+            # SQLite alters a table by rebuilding it (batch mode), which drops the old one: with foreign keys enforced
+            # that fails once other rows refer to it (blobs, jobs). Off for the migration; the pragma does nothing
+            # inside a transaction, so it comes first.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(
             connection=connection, target_metadata=Base.metadata, render_as_batch=url.startswith("sqlite")
         )

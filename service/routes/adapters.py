@@ -1,12 +1,16 @@
-"""Adapters: a tenant's adapters and immutable versions, a version's safetensors weights, deleting a version."""
+"""Adapters: a tenant's adapters and immutable versions, a version's weights (sepen's file, or exported as a
+diffusers or kohya LoRA or a full-rank delta), deleting a version."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Query, Response
 from sqlalchemy.orm import Session
 
+from sepen_core.config import MAX_EXPORT_RANK, ExportOptions
+from sepen_core.errors import AdapterFormatError, ConfigError
+from sepen_store.blobs import download_url
 from sepen_store.errors import Conflict, NotFound
 from sepen_store.registry import (
     MAX_VERSION,
@@ -15,13 +19,14 @@ from sepen_store.registry import (
     get_adapter,
     list_adapters,
     resolve,
+    version_blob,
     version_bytes,
 )
 from sepen_store.tables import AdapterVersion
 from service.deps import SessionDep, TenantDep
-from service.errors import ApiError
+from service.errors import ApiError, invalid_setting
 from service.openapi import AUTHENTICATED, ETAG, RATE_LIMITED, errors, success
-from service.routes.jobs import IfNoneMatch
+from service.routes.jobs import REDIRECTED, IfNoneMatch, Redirect, redirect_response
 from service.schemas import AdapterOut, AdapterSummary
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -38,6 +43,26 @@ VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION, examples=[1])]
 ADAPTER_ERRORS = errors(
     *AUTHENTICATED, 404, 422, s404="adapter_not_found or adapter_version_not_found for this API key's tenant"
 )
+WeightsFormat = Annotated[
+    Literal["sepen", "diffusers", "kohya", "full"],
+    Query(
+        description="sepen: the stored file; diffusers: a PEFT LoRA for pipe.load_lora_weights; kohya: a LoRA for "
+        "ComfyUI, A1111 and diffusers; full: the delta itself as `.diff` keys (ComfyUI, A1111). docs/interop.md"
+    ),
+]
+Rank = Annotated[
+    int | None,
+    Query(ge=1, le=MAX_EXPORT_RANK, description="diffusers, kohya: the LoRA rank of every layer (default: full rank)"),
+]
+Energy = Annotated[
+    float | None,
+    Query(
+        gt=0,
+        le=1,
+        description="diffusers, kohya, instead of rank: per layer, the smallest rank keeping this share of the "
+        "squared singular values",
+    ),
+]
 
 
 @router.get(
@@ -76,35 +101,83 @@ def _find_version(session: Session, tenant: str, name: str, number: int) -> Adap
     responses={
         200: {
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-            "description": "the adapter as safetensors",
+            "description": "the adapter as safetensors, in the format asked for",
             "headers": {
                 **ETAG,
                 "Content-Disposition": {
-                    "description": "attachment; filename=name@N.safetensors",
+                    "description": "attachment; filename=name@N.safetensors, or name@N-<format>[-r<rank>|-e<energy>]"
+                    ".safetensors for an export",
                     "schema": {"type": "string"},
                 },
                 **RATE_LIMITED,
             },
         },
         304: {"description": "not modified: If-None-Match matched the ETag", "headers": ETAG},
+        **REDIRECTED,
         **ADAPTER_ERRORS,
+        **errors(409, s409="adapter_not_exportable: the stored version is not a sepen adapter that can be converted"),
     },
     operation_id="downloadAdapterWeights",
 )
 def download_weights(
-    name: AdapterName, version: VersionNumber, tenant: TenantDep, session: SessionDep, if_none_match: IfNoneMatch = None
+    name: AdapterName,
+    version: VersionNumber,
+    tenant: TenantDep,
+    session: SessionDep,
+    if_none_match: IfNoneMatch = None,
+    format: WeightsFormat = "sepen",
+    rank: Rank = None,
+    energy: Energy = None,
+    redirect: Redirect = False,
 ) -> Response:
-    """The version's safetensors file; its ETag is the file's sha256, so If-None-Match saves a download."""
+    """The version's safetensors file, or the same adapter in the form other tools load (`format`, with `rank` or
+    `energy` for a LoRA). Its ETag is the file's sha256 (an export's is weak: sha256 and the options), so
+    If-None-Match saves a download."""
+    options = _export_options(format, rank, energy)
     found = _find_version(session, tenant, name, version)
-    etag = f'"{found.sha256}"'
+    if options is None:
+        etag, filename = f'"{found.sha256}"', f"{name}@{version}.safetensors"
+    else:
+        etag, filename = f'W/"{found.sha256}.{options.label}"', f"{name}@{version}-{options.label}.safetensors"
     headers = {
         "ETag": etag,
-        "Content-Disposition": f'attachment; filename="{name}@{version}.safetensors"',
+        "Content-Disposition": f'attachment; filename="{filename}"',
         "Cache-Control": "private, max-age=31536000, immutable",
     }  # name@N never changes
     if if_none_match == etag:
         return Response(status_code=304, headers=headers)
-    return Response(version_bytes(session, found), media_type="application/octet-stream", headers=headers)
+    if redirect and options is None:  # an export is made here, from the bytes
+        blob = version_blob(session, found)
+        url = download_url(session, blob, filename=filename, content_type="application/octet-stream")
+        if url is not None:
+            return redirect_response(url, etag)
+    data = version_bytes(session, found)
+    if options is not None:
+        from sepen_core.export import export_adapter  # numpy, loaded by the first export rather than at start-up
+
+        try:
+            data = export_adapter(data, options.format, rank=options.rank, energy=options.energy).data
+        except AdapterFormatError as exc:
+            raise ApiError(409, "adapter_not_exportable", f"{name}@{version} cannot be exported: {exc}") from exc
+    return Response(data, media_type="application/octet-stream", headers=headers)
+
+
+def _export_options(format: str, rank: int | None, energy: float | None) -> ExportOptions | None:
+    """None for sepen's own file; else the export's options, a 422 naming the query field at fault."""
+    if format == "sepen":
+        for field, value in (("rank", rank), ("energy", energy)):
+            if value is not None:
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    f"{field}: applies to format=diffusers or format=kohya, not to sepen's own file",
+                    field=field,
+                )
+        return None
+    try:
+        return ExportOptions(format, rank, energy)
+    except ConfigError as exc:
+        raise invalid_setting(exc, exc.field) from exc
 
 
 @router.delete(

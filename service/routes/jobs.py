@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Path, Query, Response
 from sqlalchemy.orm import Session
 
+from sepen_store.blobs import blob_bytes, download_url
 from sepen_store.job_outputs import get_image
 from sepen_store.jobs import STATUSES, get_job, job_view, list_jobs, request_cancel
 from sepen_store.webhooks import job_deliveries
@@ -27,6 +28,25 @@ ImageIndex = Annotated[int, Path(ge=0, le=10_000, description="0-based, in the o
 IfNoneMatch = Annotated[
     str | None, Header(alias="If-None-Match", max_length=200, description="the ETag of a copy you have: 304 if same")
 ]
+Redirect = Annotated[
+    bool,
+    Query(
+        description="true: when the file is in the object store (SEPEN_BLOB_BACKEND=s3), answer 307 with a presigned "
+        "URL of it in Location, valid SEPEN_S3_PRESIGN_TTL_S seconds, instead of the bytes; a file in the database, "
+        "or adapter weights exported to another format, come as usual (200). docs/storage.md"
+    ),
+]
+REDIRECTED = {
+    307: {
+        "description": "redirect=true and the file is in the object store: GET Location (a presigned URL, no "
+        "Authorization header) for the bytes",
+        "headers": {
+            "Location": {"description": "a presigned URL of the object store", "schema": {"type": "string"}},
+            **ETAG,
+            **RATE_LIMITED,
+        },
+    }
+}
 Status = Literal[STATUSES]  # type: ignore[valid-type]
 JOB_ERRORS = errors(*AUTHENTICATED, 404, 422, s404="job_not_found: no such job for this API key's tenant")
 PNG = {
@@ -36,7 +56,14 @@ PNG = {
         "headers": {**ETAG, **RATE_LIMITED},
     },
     304: {"description": "not modified: If-None-Match matched the ETag", "headers": ETAG},
-    **errors(*AUTHENTICATED, 404, 422, s404="job_not_found, or image_not_found / heatmap_not_found at that index"),
+    **REDIRECTED,
+    **errors(
+        *AUTHENTICATED,
+        404,
+        422,
+        s404="job_not_found, or image_not_found / heatmap_not_found at that index (also once image retention deleted "
+        "it)",
+    ),
 }
 LastEventId = Annotated[
     int | None,
@@ -162,26 +189,46 @@ def cancel_job(job_id: JobId, tenant: TenantDep, session: SessionDep) -> JobOut:
     return JobOut.of(request_cancel(session, tenant, job_id))
 
 
-def _png(session: Session, tenant: str, job_id: str, kind: str, index: int, if_none_match: str | None) -> Response:
+def redirect_response(url: str, etag: str) -> Response:
+    """307 to a presigned URL; not cached, since the URL expires."""
+    return Response(status_code=307, headers={"Location": url, "ETag": etag, "Cache-Control": "private, no-store"})
+
+
+def _png(
+    session: Session, tenant: str, job_id: str, kind: str, index: int, if_none_match: str | None, redirect: bool
+) -> Response:
     get_job(session, tenant, job_id)  # another tenant's job is a 404 like a missing one
     blob = get_image(session, job_id, kind, index)
     etag = f'"{blob.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}  # a job's images never change
     if if_none_match == etag:
         return Response(status_code=304, headers=headers)
-    return Response(blob.data, media_type="image/png", headers=headers)
+    url = download_url(session, blob) if redirect else None
+    if url is not None:
+        return redirect_response(url, etag)
+    return Response(blob_bytes(session, blob), media_type="image/png", headers=headers)
 
 
 @router.get("/{job_id}/images/{index}", response_class=Response, responses=PNG, operation_id="getJobImage")
 def read_image(
-    job_id: JobId, index: ImageIndex, tenant: TenantDep, session: SessionDep, if_none_match: IfNoneMatch = None
+    job_id: JobId,
+    index: ImageIndex,
+    tenant: TenantDep,
+    session: SessionDep,
+    if_none_match: IfNoneMatch = None,
+    redirect: Redirect = False,
 ) -> Response:
-    return _png(session, tenant, job_id, "image", index, if_none_match)
+    return _png(session, tenant, job_id, "image", index, if_none_match, redirect)
 
 
 @router.get("/{job_id}/heatmaps/{index}", response_class=Response, responses=PNG, operation_id="getJobHeatmap")
 def read_heatmap(
-    job_id: JobId, index: ImageIndex, tenant: TenantDep, session: SessionDep, if_none_match: IfNoneMatch = None
+    job_id: JobId,
+    index: ImageIndex,
+    tenant: TenantDep,
+    session: SessionDep,
+    if_none_match: IfNoneMatch = None,
+    redirect: Redirect = False,
 ) -> Response:
     """The image with each concept's attention map drawn over it (generate jobs given `concepts`)."""
-    return _png(session, tenant, job_id, "heatmap", index, if_none_match)
+    return _png(session, tenant, job_id, "heatmap", index, if_none_match, redirect)

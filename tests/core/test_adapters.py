@@ -15,6 +15,7 @@ from sepen_core.finetuning import finetune
 from sepen_core.models import build_tiny_model
 from sepen_core.prompts import ConceptSet
 from sepen_core.sampling import generate
+from tests.interop import pipeline_images
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +74,7 @@ def test_plain_diffusers_pipeline_gives_the_same_images(adapter, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", local_files_only=True, safety_checker=None)
     adapter.apply(pipe)
     prompt, seeds = "a photo of a cat and a dog", [5, 6]
-    theirs = pipe(
-        prompt,
-        num_inference_steps=4,
-        guidance_scale=6.0,
-        num_images_per_prompt=2,
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-        output_type="np",
-    ).images
+    theirs = pipeline_images(pipe, prompt, seeds)
     ours = generate(model, prompt, SampleConfig(num_inference_steps=4, num_images=2, seed=5), adapter=adapter).pixels
     base = generate(model, prompt, SampleConfig(num_inference_steps=4, num_images=2, seed=5)).pixels
     assert np.abs(theirs - ours.permute(0, 2, 3, 1).numpy()).max() < 1e-4

@@ -1,4 +1,5 @@
-"""The `sepen` CLI end to end: finetune, generate, inspect on the tiny model; the toy model by default; clear errors."""
+"""The `sepen` CLI end to end: finetune, generate (PNG metadata with A1111's parameters), inspect on the tiny model;
+the toy model by default; clear errors. `sepen export`: tests/core/test_export.py."""
 
 import json
 import subprocess
@@ -7,6 +8,8 @@ import sys
 from PIL import Image
 
 from sepen_core.adapters import KeyProjectionAdapter
+from sepen_core.models import BUNDLED_MODEL_DIR
+from tests.interop import parse_a1111
 
 
 def sepen(*args, cwd):
@@ -65,6 +68,10 @@ def test_finetune_generate_inspect(tmp_path):
     image = Image.open(tmp_path / "out" / "image-1.png")
     assert image.size == (64, 64) and image.text["seed"] == "8" and image.text["prompt"] == "a photo of a cat and a dog"
     assert image.text["model"] == "sepen-tiny-random-0" and image.text["adapter"] == str(adapter_path)
+    parameters = parse_a1111(image.text["parameters"])  # A1111's infotext: the adapter by its name
+    assert parameters["Prompt"] == "a photo of a cat and a dog" and parameters["SepEn adapter"] == "cat-dog"
+    assert parameters["Seed"] == "8" and parameters["Steps"] == "3" and parameters["Sampler"] == "DDIM"
+    assert (parameters["Size-1"], parameters["Size-2"], parameters["Model"]) == ("64", "64", "sepen-tiny-random-0")
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert len(scores) == 2 and set(scores[0]["peaks"]) == {"cat", "dog"}
     assert Image.open(tmp_path / "out" / "heatmap-0.png").size[0] == 3 * 128
@@ -94,17 +101,17 @@ def test_default_model_is_the_toy_model_with_its_own_settings(tmp_path):
     from toyworld.detector import detect
     from toyworld.world import load_world
 
-    adapter_path = tmp_path / "cherry-box.safetensors"
-    run = sepen("finetune", "--pair", "cherry", "box", "--steps", "2", "--out", str(adapter_path), cwd=tmp_path)
+    adapter_path = tmp_path / "cherry-sofa.safetensors"
+    run = sepen("finetune", "--pair", "cherry", "sofa", "--steps", "2", "--out", str(adapter_path), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     recipe = KeyProjectionAdapter.load(adapter_path).metadata["recipe"]
-    assert recipe["learning_rate"] == 1e-3 and recipe["batch_size"] == 8 and recipe["maps"]["map_downsample"] == 2
+    assert recipe["learning_rate"] == 1e-4 and recipe["batch_size"] == 8 and recipe["maps"]["map_downsample"] == 2
 
     run = sepen("generate", "a cherry", "--adapter", str(adapter_path), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     image = Image.open(tmp_path / "out" / "image-0.png")
     assert image.text["model"] == "sepen-toy" and image.text["steps"] == "20" and image.text["guidance_scale"] == "1.0"
-    assert image.size == (32, 32) and "cherry" in detect(load_world(), image)
+    assert image.size == (32, 32) and "cherry" in detect(load_world(BUNDLED_MODEL_DIR / "world.json"), image)
 
 
 def test_errors_are_one_readable_line(tmp_path):

@@ -136,7 +136,7 @@ def test_model_cards_read_native_size_and_defaults_without_loading(tmp_path, tin
     toy = model_card("toy")
     assert (toy.native_height, toy.native_width, toy.max_height) == (32, 32, 64)
     assert toy.defaults.sample["num_inference_steps"] == 20
-    assert len(toy.nouns) == 12 and {"cherry", "leaf", "drop"} <= set(toy.nouns)  # its world.json's glyphs
+    assert len(toy.nouns) == 24 and {"cherry", "sofa", "moon"} <= set(toy.nouns)  # its world.json's glyphs
     tiny_model.save_pretrained(tmp_path / "tiny")
     saved = model_card(str(tmp_path / "tiny"))
     assert (saved.native_height, saved.native_width) == (64, 64) == (model_card("tiny").native_height,) * 2

@@ -85,7 +85,7 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
         assert weights.status_code == 200
         adapter = KeyProjectionAdapter.from_bytes(weights.content)
         assert adapter.metadata["job_id"] == job["id"] and adapter.metadata["name"] == "cherry-box"
-        assert adapter.metadata["recipe"]["learning_rate"] == 1e-3  # the toy model's recipe, not the paper's 8e-6
+        assert adapter.metadata["recipe"]["learning_rate"] == 1e-4  # the toy model's recipe, not the paper's 8e-6
         assert len(adapter.deltas) == 7 and adapter.sha256 == result["sha256"]
         listing = client.get("/adapters/cherry-box").json()
         assert [v["version"] for v in listing["versions"]] == [1]

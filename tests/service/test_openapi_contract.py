@@ -112,6 +112,7 @@ PROVOKED = [
     ("post", f"/jobs/{'0' * 32}/cancel", {}, 404),
     ("get", "/adapters/nope", {}, 404),
     ("get", "/adapters/nope/0/weights", {}, 422),
+    ("get", "/adapters/nope/1/weights", {"params": {"format": "kohya", "rank": 4, "energy": 0.5}}, 422),
     ("delete", "/adapters/nope/1", {}, 404),
 ]
 

@@ -30,6 +30,10 @@ def test_each_part_reads_its_own_variables(monkeypatch):
         ("SEPEN_CHECKPOINT_EVERY", "0", "SEPEN_CHECKPOINT_EVERY:"),
         ("SEPEN_MODELS", "junk", "SEPEN_MODELS: entry 'junk'"),
         ("SEPEN_DEFAULT_MODEL", "nope", "SEPEN_DEFAULT_MODEL 'nope'"),
+        ("SEPEN_BLOB_BACKEND", "gcs", "SEPEN_BLOB_BACKEND: Input should be 'database' or 's3'"),
+        ("SEPEN_BLOB_BACKEND", "s3", "SEPEN_S3_BUCKET: name the bucket when SEPEN_BLOB_BACKEND is s3"),
+        ("SEPEN_S3_ACCESS_KEY_ID", "only-half", "SEPEN_S3_ACCESS_KEY_ID and SEPEN_S3_SECRET_ACCESS_KEY: set both"),
+        ("SEPEN_IMAGE_RETENTION_DAYS", "-1", "SEPEN_IMAGE_RETENTION_DAYS:"),
     ],
 )
 def test_a_bad_variable_is_named(monkeypatch, name, value, fragment):

@@ -25,7 +25,6 @@ from toyworld.failures import KINDS
 from toyworld.world import load_world
 
 
-
 def test_groups_follow_the_split():
     world = load_world()
     unseen = set(world.unseen_in_finetuning)

@@ -112,7 +112,7 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
     # Models: the toy model, its defaults and its nouns (world.json's).
     toy = page.get_by_role("article", name=re.compile("sepen-toy"))
     expect(toy).to_contain_text("default")
-    expect(toy.locator(".chips li")).to_have_count(12)
+    expect(toy.locator(".chips li")).to_have_count(24)
     expect(toy.locator(".chips")).to_contain_text("cherry")
     expect(toy).to_contain_text("steps 150")
 
@@ -120,7 +120,7 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
     page.get_by_role("link", name="Finetune").click()
     form = page.locator("#finetune-form")
     expect(form.get_by_label("Steps", exact=True)).to_have_attribute("placeholder", "150")
-    expect(form.get_by_label("Learning rate")).to_have_attribute("placeholder", "0.001")
+    expect(form.get_by_label("Learning rate")).to_have_attribute("placeholder", "0.0001")
     form.get_by_label("Adapter name").fill("cherry-drop")
     form.get_by_label("Pairs, one per line").fill("cherry, drop")
     form.get_by_label("Templates, one per line").fill("a {A} and a {B}")

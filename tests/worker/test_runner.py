@@ -1,14 +1,22 @@
 """The worker's job runner in-process on the embedded database: a crash, an out-of-memory error or a
-bad request ends that job with a clear error code and the runtime goes on serving."""
+bad request ends that job with a clear error code and the runtime goes on serving; the images it stores carry
+A1111's parameters."""
+
+import io
 
 import pytest
 import torch
+from PIL import Image
 
 from sepen_core.config import FinetuneConfig, SampleConfig
+from sepen_core.models import build_tiny_model
 from sepen_core.prompts import ConceptSet
 from sepen_store.database import make_engine, session_factory, upgrade_database
+from sepen_store.job_outputs import get_image
 from sepen_store.jobs import create_job, get_job
+from sepen_store.registry import publish_version
 from sepen_store.settings import WorkerSettings
+from tests.interop import parse_a1111, spectral_adapter
 from worker import work as work_module
 from worker.runner import Runtime
 
@@ -94,3 +102,30 @@ def test_unknown_model_and_redelivered_message(runtime):
     assert job_row(runtime, job_id).error_code == "model_not_found"
     assert runtime.run("generate", job_id) is None  # a redelivered message for a finished job does nothing
     assert job_row(runtime, job_id).attempts == 1
+
+
+def test_generated_images_carry_a1111_parameters_naming_the_adapter_version(runtime):
+    adapter = spectral_adapter(build_tiny_model(seed=0))  # the worker's sepen-tiny: the same base keys
+    with runtime.sessions() as session:
+        finetune, _ = create_job(session, "acme", "finetune", {"seeded": True})
+        version = publish_version(
+            session,
+            tenant="acme",
+            name="cat-dog",
+            job_id=finetune.id,
+            data=adapter.to_bytes(),
+            base_model="sepen-tiny",
+            base_fingerprint=adapter.base_fingerprint,
+            sha256=adapter.sha256,
+            metadata=adapter.metadata,
+        )
+        request = {**generate_request(), "adapter": "cat-dog@1"}
+        job_id = create_job(session, "acme", "generate", request, adapter_version_id=version.id)[0].id
+    assert runtime.run("generate", job_id) == "succeeded"
+    with runtime.sessions() as session:
+        image = Image.open(io.BytesIO(get_image(session, job_id, "image", 0).data))
+    assert image.text["adapter"] == "cat-dog@1" and image.text["job"] == job_id
+    fields = parse_a1111(image.text["parameters"])
+    assert fields["Prompt"] == "a photo of a cat and a dog" and fields["SepEn adapter"] == "cat-dog@1"
+    assert fields["Model"] == "sepen-tiny" and fields["Sampler"] == "DDIM" and fields["Steps"] == "2"
+    assert (fields["Seed"], fields["Size-1"], fields["Size-2"]) == ("0", "64", "64")

@@ -1,0 +1,59 @@
+"""Retention: the images and heatmaps of jobs that finished long ago, and the checkpoints no job will resume, deleted
+with their blobs (the rows at once, the objects in the bucket after each commit). Job rows and adapters stay: an
+adapter version is deleted only when someone deletes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.orm import Session
+
+from sepen_store.blobs import delete_blobs
+from sepen_store.jobs import TERMINAL
+from sepen_store.tables import Checkpoint, Job, JobImage, utcnow
+
+BATCH = 500  # rows per transaction: a first run over a large backlog holds no long lock
+
+
+@dataclass(frozen=True)
+class Removed:
+    images: int  # images and heatmaps
+    checkpoints: int
+
+
+def apply_retention(
+    session: Session, *, image_days: float, checkpoint_days: float, now: datetime | None = None
+) -> Removed:
+    """Delete the images and heatmaps of jobs finished more than `image_days` ago, and the checkpoints not written
+    for `checkpoint_days` or whose job has finished (0 days: that kind is kept for ever); commits each batch."""
+    now = now or utcnow()
+    images = checkpoints = 0
+    if image_days > 0:
+        finished_before = now - timedelta(days=image_days)
+        query = (
+            select(JobImage.id, JobImage.blob_id)
+            .join(Job, Job.id == JobImage.job_id)
+            .where(Job.finished_at < finished_before)
+            .limit(BATCH)
+        )
+        while rows := session.execute(query).all():
+            session.execute(delete(JobImage).where(JobImage.id.in_([row.id for row in rows])))
+            delete_blobs(session, [row.blob_id for row in rows])
+            session.commit()
+            images += len(rows)
+    if checkpoint_days > 0:
+        written_before = now - timedelta(days=checkpoint_days)
+        query = (
+            select(Checkpoint.job_id, Checkpoint.blob_id)
+            .join(Job, Job.id == Checkpoint.job_id)
+            .where(or_(Checkpoint.updated_at < written_before, Job.status.in_(TERMINAL)))
+            .limit(BATCH)
+        )
+        while rows := session.execute(query).all():
+            session.execute(delete(Checkpoint).where(Checkpoint.job_id.in_([row.job_id for row in rows])))
+            delete_blobs(session, [row.blob_id for row in rows])
+            session.commit()
+            checkpoints += len(rows)
+    return Removed(images, checkpoints)
