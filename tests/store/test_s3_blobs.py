@@ -124,13 +124,15 @@ def test_a_presigned_url_fetches_the_bytes_without_credentials(s3_sessions, s3_s
 
 
 def test_a_presigned_url_expires(s3_server, s3_bucket, sessions):
-    store = ObjectStore(Settings(**s3_server.settings(s3_bucket, s3_presign_ttl_s=1)))
+    # S3 signs the request time to the second, so a URL lives between ttl - 1 and ttl seconds: 3 s leaves room for
+    # a loaded machine between signing and the first fetch.
+    store = ObjectStore(Settings(**s3_server.settings(s3_bucket, s3_presign_ttl_s=3)))
     with session_factory(sessions.kw["bind"], blobs=store)() as session:
         blob = put_blob(session, b"short-lived", "text/plain", "misc/short")
         session.commit()
         url = download_url(session, blob)
     assert httpx.get(url).content == b"short-lived"
-    time.sleep(2.1)
+    time.sleep(3.5)
     assert httpx.get(url).status_code == 403
     store.close()
 

@@ -102,13 +102,13 @@ def test_reduced_benchmark_end_to_end(tmp_path):
     large-scale, Attend-and-Excite; the same items and noise for each."""
     torch.set_num_threads(1)
     config = BenchmarkConfig(
-        items_per_group=3,
+        items_per_group=2,
         finetune_seeds=(0,),
         finetune_steps=2,
         ablations=False,
         timing_repeats=1,
         timing_images=1,
-        grid_columns=3,
+        grid_columns=2,
     )
     world, model = load_world(BUNDLED_MODEL_DIR / "world.json"), load_base_model(BUNDLED_MODEL_DIR)
     report = run(model, world, config, tmp_path, log=lambda line: None)
@@ -118,7 +118,7 @@ def test_reduced_benchmark_end_to_end(tmp_path):
     for method in report["methods"].values():
         for group in V2_GROUPS:
             summary = method["summary"][group]
-            assert summary["n"] == 3 and 0 <= summary["success"] <= 1 and len(method["outcomes"][group]) == 3
+            assert summary["n"] == 2 and 0 <= summary["success"] <= 1 and len(method["outcomes"][group]) == 2
             assert summary["success_ci95"][0] <= summary["success"] <= summary["success_ci95"][1]
         for group in V2_GROUPS[1:]:  # every missing object is counted once, by noun and by kind
             summary = method["summary"][group]
@@ -127,12 +127,12 @@ def test_reduced_benchmark_end_to_end(tmp_path):
             assert sum(summary["missing_by_kind"].values()) == missing and set(summary["missing_by_kind"]) == set(KINDS)
             assert 0 <= summary["early_min_peak"] <= 1
     base = report["methods"]["base"]
-    assert base["summary"]["single"]["success"] >= 2 / 3  # the bundled model draws single objects
+    assert base["summary"]["single"]["success"] >= 1 / 2  # the bundled model draws single objects
     assert all(d["difference"] == 0 for d in base["vs_base"].values())
     per_pair = report["methods"]["sepen-per-pair-s0"]
-    # One adapter per pair sampled, shared by its two caption orders (3 items per group: A+B, B+A, C+D).
-    sampled = {frozenset(nouns) for g in V2_GROUPS[1:] for nouns, _ in group_items(world, g, 3, config.seed)}
-    assert per_pair["finetune"]["adapters"] == len(sampled) == 6
+    # One adapter per pair sampled, shared by its two caption orders (2 items per group: A+B and B+A).
+    sampled = {frozenset(nouns) for g in V2_GROUPS[1:] for nouns, _ in group_items(world, g, 2, config.seed)}
+    assert per_pair["finetune"]["adapters"] == len(sampled) == 3
     assert per_pair["outcomes"]["single"] == base["outcomes"]["single"]  # single objects keep the base model
     for name in ("sepen-per-pair-s0", "sepen-pairs-s0", "sepen-large-s0"):
         recipe = report["methods"][name]["finetune"]["recipe"]
