@@ -12,14 +12,18 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sepen_core.config import BUNDLED_SOURCE, TINY_SOURCE, ModelDefaults
 from sepen_core.errors import ConfigError, ModelLoadError
 from sepen_core.model_card import BUNDLED_MODEL_DIR
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "clip_tokenizer"
 # The project's own small text-to-image model of the toy world (toyworld/README.md), trained by
@@ -177,6 +181,8 @@ class BaseModel:
     def diffusers_pipeline(self) -> StableDiffusionPipeline:
         """diffusers' own pipeline of this model's components, with a copy of the UNet (LoRAs loaded into the
         pipeline leave this model as it is): how a diffusers user runs the model and loads exported adapters."""
+        from diffusers import StableDiffusionPipeline  # its module tree is heavy; only this needs it
+
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,

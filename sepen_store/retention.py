@@ -32,28 +32,31 @@ def apply_retention(
     images = checkpoints = 0
     if image_days > 0:
         finished_before = now - timedelta(days=image_days)
-        query = (
+        images = _delete_with_blobs(
+            session,
             select(JobImage.id, JobImage.blob_id)
             .join(Job, Job.id == JobImage.job_id)
-            .where(Job.finished_at < finished_before)
-            .limit(BATCH)
+            .where(Job.finished_at < finished_before),
+            JobImage.id,
         )
-        while rows := session.execute(query).all():
-            session.execute(delete(JobImage).where(JobImage.id.in_([row.id for row in rows])))
-            delete_blobs(session, [row.blob_id for row in rows])
-            session.commit()
-            images += len(rows)
     if checkpoint_days > 0:
         written_before = now - timedelta(days=checkpoint_days)
-        query = (
+        checkpoints = _delete_with_blobs(
+            session,
             select(Checkpoint.job_id, Checkpoint.blob_id)
             .join(Job, Job.id == Checkpoint.job_id)
-            .where(or_(Checkpoint.updated_at < written_before, Job.status.in_(TERMINAL)))
-            .limit(BATCH)
+            .where(or_(Checkpoint.updated_at < written_before, Job.status.in_(TERMINAL))),
+            Checkpoint.job_id,
         )
-        while rows := session.execute(query).all():
-            session.execute(delete(Checkpoint).where(Checkpoint.job_id.in_([row.job_id for row in rows])))
-            delete_blobs(session, [row.blob_id for row in rows])
-            session.commit()
-            checkpoints += len(rows)
     return Removed(images, checkpoints)
+
+
+def _delete_with_blobs(session: Session, query, key) -> int:
+    """Delete the rows `query` selects (their `key` first, then their blob_id) and their blobs, a batch per commit."""
+    removed = 0
+    while rows := session.execute(query.limit(BATCH)).all():
+        session.execute(delete(key.class_).where(key.in_([row[0] for row in rows])))
+        delete_blobs(session, [row.blob_id for row in rows])
+        session.commit()
+        removed += len(rows)
+    return removed
