@@ -183,18 +183,28 @@ class MapRecorder:
 
 
 class CrossAttentionProcessor:
-    """attn2 processor that can record explicit attention probabilities and/or use given key weights.
+    """attn2 processor that can record explicit attention probabilities and/or use given keys.
 
     With a recorder it computes `attention_probs` explicitly (softmax(QK^T)), hands them to the
     recorder, then finishes the layer; without one it runs SDPA. `key_weight` replaces the
-    module's own `to_k.weight` (the base keys, for the prior loss's eps_base).
+    module's own `to_k.weight` (the base keys, for the prior loss's eps_base); `keys` replaces the
+    key projection's output, one row per row of the batch (each prompt's keys with its own adapter,
+    for a sampling batch of several adapters: sepen_core.sampling.generate_batch).
     """
 
-    def __init__(self, recorder: MapRecorder | None = None, key_weight: torch.Tensor | None = None):
+    def __init__(
+        self,
+        recorder: MapRecorder | None = None,
+        key_weight: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+    ):
         self.recorder = recorder
         self.key_weight = key_weight
+        self.keys = keys
 
     def _key(self, attn: Attention, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.keys is not None:
+            return self.keys
         if self.key_weight is None:
             return attn.to_k(encoder_hidden_states)
         return F.linear(encoder_hidden_states, self.key_weight.to(encoder_hidden_states.dtype))
@@ -274,6 +284,18 @@ def installed_processors(unet: UNet2DConditionModel, processors: dict[str, objec
         yield
     finally:
         unet.set_attn_processor(original)
+
+
+def cross_attention_keys(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every attn2 layer's keys (B, T, inner) of these prompt states with the UNet's current key weights."""
+    keys = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention) and name.endswith(".attn2"):
+            states = (
+                module.norm_encoder_hidden_states(encoder_hidden_states) if module.norm_cross else encoder_hidden_states
+            )
+            keys[name] = module.to_k(states)
+    return keys
 
 
 def unet_forward(

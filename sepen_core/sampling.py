@@ -19,7 +19,15 @@ from PIL import Image
 
 from sepen_core.adapters import KeyProjectionAdapter
 from sepen_core.attend_excite import AttendExcite, AttendExciteConfig
-from sepen_core.attention import CrossAttentionProcessor, MapRecorder, installed_processors, map_targets, unet_forward
+from sepen_core.attention import (
+    CrossAttentionProcessor,
+    MapRecorder,
+    MapTargets,
+    cross_attention_keys,
+    installed_processors,
+    map_targets,
+    unet_forward,
+)
 from sepen_core.config import SampleConfig
 from sepen_core.errors import Canceled, ConfigError
 from sepen_core.heatmap import render_heatmaps
@@ -99,40 +107,92 @@ def _initial_noise(model: BaseModel, seeds: list[int], latent_size: tuple[int, i
     return noise.to(model.device, model.dtype)
 
 
-@dataclass
-class _Denoiser:
-    """One sampling run's denoising: the UNet, its own scheduler and the (classifier-free guided) conditioning."""
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One member of a sampling batch: a prompt's config.num_images images, with its own settings, adapter and
+    recorded objects (image i starts from the noise of seed config.seed + i, as when it is sampled alone)."""
 
-    unet: UNet2DConditionModel
-    scheduler: object  # a fresh copy of the model's: schedulers are stateful
-    cond: TextConditioning  # under guidance, the negative prompts' rows, then the prompts'
+    prompt: str
+    config: SampleConfig
+    adapter: KeyProjectionAdapter | None = None
+    concepts: tuple[str, ...] = ()
+
+
+def batch_key(model: BaseModel, request: GenerationRequest) -> tuple:
+    """Requests with equal keys can share one UNet batch: the same latent size and number of steps, guidance on
+    or off for all, and (where objects are recorded) the same map settings. Everything else may differ per
+    request: prompt, negative prompt, guidance scale, seeds, adapter, objects."""
+    config = request.config
+    return (
+        _latent_size(model, config),
+        config.num_inference_steps,
+        config.guidance_scale > 1.0,
+        config.maps if request.concepts else None,
+    )
+
+
+@dataclass
+class _Member:
+    """One request's rows of the batch, with its own copy of the model's scheduler (schedulers are stateful) and
+    guidance scale: stepping each member on its own keeps every image what it is when sampled alone."""
+
+    rows: slice
+    scheduler: object
     guidance_scale: float
     step_kwargs: dict
 
+
+@dataclass
+class _Denoiser:
+    """One sampling batch's denoising: one UNet call per step on every member's rows, then each member's scheduler
+    steps its own rows. Under guidance, cond holds every member's negative prompt rows, then every prompt row."""
+
+    unet: UNet2DConditionModel
+    members: list[_Member]
+    cond: TextConditioning
+    guided: bool
+
     @classmethod
-    def start(cls, model: BaseModel, config: SampleConfig, cond: TextConditioning, seed: int) -> _Denoiser:
-        scheduler = type(model.scheduler).from_config(model.scheduler.config)
-        scheduler.set_timesteps(config.num_inference_steps, device=model.device)
-        if config.guidance_scale > 1.0:
-            cond = TextConditioning.cat([model.encode_prompts([config.negative_prompt] * len(cond)), cond])
-        # Stochastic schedulers draw their step noise from the first image's seed; deterministic ones take no generator.
-        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-        step_kwargs = {"generator": torch.Generator().manual_seed(seed)} if takes_generator else {}
-        return cls(model.unet, scheduler, cond, config.guidance_scale, step_kwargs)
+    def start(cls, model: BaseModel, requests: list[GenerationRequest], conds: list[TextConditioning]) -> _Denoiser:
+        members, offset = [], 0
+        for request, cond in zip(requests, conds, strict=True):
+            config = request.config
+            scheduler = type(model.scheduler).from_config(model.scheduler.config)
+            scheduler.set_timesteps(config.num_inference_steps, device=model.device)
+            # Stochastic schedulers draw their step noise from the first image's seed; deterministic ones take none.
+            takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+            step_kwargs = {"generator": torch.Generator().manual_seed(config.seed)} if takes_generator else {}
+            members.append(_Member(slice(offset, offset + len(cond)), scheduler, config.guidance_scale, step_kwargs))
+            offset += len(cond)
+        guided = requests[0].config.guidance_scale > 1.0  # the same for every member (batch_key)
+        cond = TextConditioning.cat(conds)
+        if guided:
+            negatives = [
+                model.encode_prompts([r.config.negative_prompt] * len(c)) for r, c in zip(requests, conds, strict=True)
+            ]
+            cond = TextConditioning.cat([*negatives, cond])
+        return cls(model.unet, members, cond, guided)
 
     @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1.0
+    def timesteps(self) -> torch.Tensor:
+        return self.members[0].scheduler.timesteps
 
     def step(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The latents one scheduler step later."""
-        model_input = torch.cat([latents] * 2) if self.guided else latents
-        model_input = self.scheduler.scale_model_input(model_input, t)
+        model_input = torch.cat([m.scheduler.scale_model_input(latents[m.rows], t) for m in self.members])
+        if self.guided:
+            model_input = torch.cat([model_input] * 2)
         noise_pred = unet_forward(self.unet, model_input, t, self.cond)
         if self.guided:
             uncond_pred, cond_pred = noise_pred.chunk(2)
-            noise_pred = uncond_pred + self.guidance_scale * (cond_pred - uncond_pred)
-        return self.scheduler.step(noise_pred, t, latents, **self.step_kwargs).prev_sample
+        stepped = []
+        for m in self.members:
+            prediction = noise_pred[m.rows]
+            if self.guided:
+                uncond, cond = uncond_pred[m.rows], cond_pred[m.rows]
+                prediction = uncond + m.guidance_scale * (cond - uncond)
+            stepped.append(m.scheduler.step(prediction, t, latents[m.rows], **m.step_kwargs).prev_sample)
+        return torch.cat(stepped)
 
     def denoise(
         self,
@@ -142,8 +202,8 @@ class _Denoiser:
         should_cancel: Callable[[], bool] | None,
     ) -> torch.Tensor:
         """Every step of the schedule from the initial noise (scaled here), polling should_cancel before each."""
-        latents = latents * self.scheduler.init_noise_sigma
-        timesteps = self.scheduler.timesteps
+        latents = latents * self.members[0].scheduler.init_noise_sigma
+        timesteps = self.timesteps
         for i, t in enumerate(timesteps):
             if should_cancel is not None and should_cancel():
                 raise Canceled(i)
@@ -166,7 +226,6 @@ def _to_images(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray((p.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)) for p in pixels]
 
 
-@torch.no_grad()
 def generate(
     model: BaseModel,
     prompt: str,
@@ -185,34 +244,66 @@ def generate(
     With attend_excite (needs concepts), the latents are optimised at test time (the A&E baseline).
     on_step(i, total) is called after each step; should_cancel() is polled before each.
     """
-    config = config or model.defaults.sample_config()
-    concepts = list(concepts or [])
-    latent_size = _latent_size(model, config)
-    if attend_excite is not None and not concepts:
-        raise ConfigError("concepts", "Attend-and-Excite needs the concepts whose attention it excites")
-    n = config.num_images
-    cond = model.encode_prompts([prompt] * n)
-    targets = map_targets(model, cond, [concepts] * n, config.maps.map_downsample, latent_size) if concepts else None
-    seeds = [config.seed + i for i in range(n)]
-    denoiser = _Denoiser.start(model, config, cond, seeds[0])
+    request = GenerationRequest(prompt, config or model.defaults.sample_config(), adapter, tuple(concepts or ()))
+    return generate_batch(model, [request], attend_excite=attend_excite, on_step=on_step, should_cancel=should_cancel)[
+        0
+    ]
+
+
+@torch.no_grad()
+def generate_batch(
+    model: BaseModel,
+    requests: list[GenerationRequest],
+    *,
+    attend_excite: AttendExciteConfig | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> list[GenerationResult]:
+    """Sample several requests as one UNet batch (their batch_key must be equal); one result per request, each
+    the images it gets when sampled alone (up to the floating-point effects of a larger batch).
+
+    Requests with different adapters share the batch through their keys: a prompt's keys do not change while
+    it is denoised, so each request's keys are computed once, with its adapter, and every step uses them. With
+    one adapter (or none) for all, the adapter is applied to the weights instead, as generate() always did.
+    attend_excite takes a single request. on_step and should_cancel are the batch's (see generate()).
+    """
+    if not requests:
+        return []
+    if len({batch_key(model, r) for r in requests}) > 1:
+        raise ConfigError("requests", "requests of one batch need the same size, steps, guidance on/off and maps")
+    concepts = [list(r.concepts) for r in requests for _ in range(r.config.num_images)]
+    recording = bool(requests[0].concepts)  # the same for every request (batch_key)
+    if attend_excite is not None and (len(requests) > 1 or not recording):
+        raise ConfigError("concepts", "Attend-and-Excite needs the concepts whose attention it excites, one request")
+    first = requests[0].config
+    latent_size = _latent_size(model, first)
+    conds = [model.encode_prompts([r.prompt] * r.config.num_images) for r in requests]
+    cond = TextConditioning.cat(conds)
+    n = len(cond)
+    seeds = [r.config.seed + i for r in requests for i in range(r.config.num_images)]
+    targets = map_targets(model, cond, concepts, first.maps.map_downsample, latent_size) if recording else None
+    denoiser = _Denoiser.start(model, requests, conds)
     recorder = None if targets is None else MapRecorder(targets, rows=slice(n, 2 * n) if denoiser.guided else None)
-    processors = {} if targets is None else {name: CrossAttentionProcessor(recorder) for name in targets.layers}
+    adapters = {id(r.adapter): r.adapter for r in requests}
+    keys = None if len(adapters) == 1 else _keys_per_row(model, requests, denoiser)
+    processors = _processors(model, targets, recorder, keys)
     excite = None
     if attend_excite is not None:
-        excite = AttendExcite(attend_excite, model.unet, cond, targets, config.num_inference_steps)
+        excite = AttendExcite(attend_excite, model.unet, cond, targets, first.num_inference_steps)
 
     step_scores = None
     if recorder is not None:
         step_scores, mark = [], [recorder.mark()]
 
         def score_step(i: int, total: int) -> None:
-            step_maps = recorder.maps_since(mark[0], config.maps.normalization).cpu()
-            step_scores.append(object_scores(step_maps, [concepts] * n, config.maps.smoothing_sigma))
+            step_maps = recorder.maps_since(mark[0], first.maps.normalization).cpu()
+            step_scores.append(object_scores(step_maps, concepts, first.maps.smoothing_sigma))
             mark[0] = recorder.mark()
             if on_step is not None:
                 on_step(i, total)
 
-    with adapter.applied(model) if adapter is not None else nullcontext(), installed_processors(model.unet, processors):
+    shared = next(iter(adapters.values())) if keys is None else None
+    with shared.applied(model) if shared is not None else nullcontext(), installed_processors(model.unet, processors):
         latents = denoiser.denoise(
             _initial_noise(model, seeds, latent_size),
             excite,
@@ -221,20 +312,58 @@ def generate(
         )
         pixels = _decode(model, latents)
 
-    maps = None if recorder is None else recorder.maps(config.maps.normalization).cpu()
-    scores = None if maps is None else object_scores(maps, [concepts] * n, config.maps.smoothing_sigma)
-    return GenerationResult(
-        prompt,
-        _to_images(pixels),
-        pixels.cpu(),
-        seeds,
-        concepts,
-        maps,
-        scores,
-        step_scores,
-        latents.cpu(),
-        config=config,
-        model_id=model.model_id,
-        sampler=sampler_name(model.scheduler),
-        adapter_name=None if adapter is None else str(adapter.metadata.get("name") or "sepen-adapter"),
-    )
+    maps = None if recorder is None else recorder.maps(first.maps.normalization).cpu()
+    scores = None if maps is None else object_scores(maps, concepts, first.maps.smoothing_sigma)
+    images, pixels, latents = _to_images(pixels), pixels.cpu(), latents.cpu()
+    sampler = sampler_name(model.scheduler)
+    results = []
+    for request, member in zip(requests, denoiser.members, strict=True):
+        rows = member.rows
+        adapter = request.adapter
+        results.append(
+            GenerationResult(
+                request.prompt,
+                images[rows],
+                pixels[rows],
+                seeds[rows],
+                list(request.concepts),
+                None if maps is None else maps[rows],
+                None if scores is None else scores[rows],
+                None if step_scores is None else [step[rows] for step in step_scores],
+                latents[rows],
+                config=request.config,
+                model_id=model.model_id,
+                sampler=sampler,
+                adapter_name=None if adapter is None else str(adapter.metadata.get("name") or "sepen-adapter"),
+            )
+        )
+    return results
+
+
+def _keys_per_row(model: BaseModel, requests: list[GenerationRequest], denoiser: _Denoiser) -> dict[str, torch.Tensor]:
+    """Every attn2 layer's keys for every row of the UNet batch, each request's computed with its own adapter."""
+    n = denoiser.members[-1].rows.stop
+    parts: list[dict[str, torch.Tensor]] = []
+    halves = [0, n] if denoiser.guided else [0]  # the negative prompts' rows, then the prompts'
+    for start in halves:
+        for request, member in zip(requests, denoiser.members, strict=True):
+            rows = slice(start + member.rows.start, start + member.rows.stop)
+            hidden = denoiser.cond.encoder_hidden_states[rows]
+            with request.adapter.applied(model) if request.adapter is not None else nullcontext():
+                parts.append(cross_attention_keys(model.unet, hidden))
+    return {layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]}
+
+
+def _processors(
+    model: BaseModel,
+    targets: MapTargets | None,
+    recorder: MapRecorder | None,
+    keys: dict[str, torch.Tensor] | None,
+) -> dict[str, CrossAttentionProcessor]:
+    """The attn2 processors of a sampling run: recording on the map layers, given keys on every layer."""
+    recorded = set(targets.layers) if targets is not None else set()
+    layers = set(keys) if keys is not None else recorded
+    return {
+        name: CrossAttentionProcessor(recorder if name in recorded else None, keys=None if keys is None else keys[name])
+        for name in layers
+    }
