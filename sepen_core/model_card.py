@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sepen_core.config import BUNDLED_SOURCE, TINY_SOURCE, ModelDefaults
 from sepen_core.errors import ModelLoadError
@@ -30,6 +31,19 @@ class ModelCard:
     @property
     def max_width(self) -> int:
         return self.native_width * MAX_SIDE_FACTOR
+
+    def batch_signature(self, sample: dict[str, Any], recorded: bool) -> tuple:
+        """What sepen_core.sampling.batch_key compares, from a request's sample settings and this card alone
+        (recorded: the request names objects whose maps it records). Requests for this model with equal
+        signatures can share one UNet batch. Raises ConfigError for settings no SampleConfig takes."""
+        config = self.defaults.sample_config(sample)
+        return (
+            config.height or self.native_height,
+            config.width or self.native_width,
+            config.num_inference_steps,
+            config.guidance_scale > 1.0,
+            config.maps if recorded else None,
+        )
 
 
 def model_card(source: str) -> ModelCard:

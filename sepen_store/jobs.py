@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -277,6 +278,37 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Cla
     if result is None:
         return None
     return Claim(job_id, result.attempts, result.attempts > 1, bool(result.cancel_requested))
+
+
+def claim_companions(
+    session: Session,
+    worker: str,
+    lease_s: float,
+    *,
+    kind: str,
+    exclude: str,
+    limit: int,
+    fits: Callable[[dict], bool],
+) -> list[Claim]:
+    """Up to `limit` more queued jobs of `kind` whose stored request fits(request), oldest first, each claimed as
+    claim_job claims one: how a worker gathers a batch. Their messages still reach some worker later, which finds
+    them claimed and drops them. fits may keep count (of images, say) and is asked only until `limit` are taken."""
+    candidates = session.execute(
+        select(Job.id, Job.request)
+        .where(Job.kind == kind, Job.status == "queued", Job.id != exclude)
+        .order_by(Job.created_at)
+        .limit(limit * 4)
+    ).all()
+    session.commit()
+    claims: list[Claim] = []
+    for job_id, request in candidates:
+        if len(claims) >= limit:
+            break
+        if fits(request):
+            claim = claim_job(session, job_id, worker, lease_s)
+            if claim is not None:
+                claims.append(claim)
+    return claims
 
 
 def _owned(claim: Claim) -> tuple:

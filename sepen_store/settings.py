@@ -178,6 +178,11 @@ class WorkerSettings(Settings):
     # A job's process is stopped when an attempt runs longer than its kind's limit (the job fails with
     # time_limit_exceeded), or when it has not stopped this long after a cancel (within one long step).
     generate_time_limit_s: float = Field(900.0, gt=0)
+    # Batching: a worker that takes a generate job also claims up to generate_batch_jobs - 1 more queued generate
+    # jobs that can share its UNet batch (same model, size, steps, guidance on/off, maps), each with its own adapter,
+    # up to generate_batch_images images in all. 1: one job at a time.
+    generate_batch_jobs: int = Field(8, ge=1, le=64)
+    generate_batch_images: int = Field(16, ge=1, le=512)
     finetune_time_limit_s: float = Field(43200.0, gt=0)
     cancel_grace_s: float = Field(5.0, ge=0)
     # Prometheus metrics of this worker at http://HOST:PORT/metrics; port 0: none.

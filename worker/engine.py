@@ -47,25 +47,51 @@ def run_work(work: Work, kind: str, job_id: str, resumed: bool, control) -> Outc
     from worker.metrics import JobUsage
 
     usage = JobUsage(work)
-    return replace(_outcome_of(work, kind, job_id, resumed, control), stats=usage.stats())
+    try:
+        outcome = _succeeded(work.run(kind, job_id, resumed, control))
+    except Exception as exc:  # noqa: BLE001 - any crash ends this job, not the worker
+        outcome = _ended_by(exc, job_id)
+    return replace(outcome, stats=usage.stats())
 
 
-def _outcome_of(work: Work, kind: str, job_id: str, resumed: bool, control) -> Outcome:
+def run_jobs(work: Work, kind: str, jobs: list[tuple[str, bool]], controls: list) -> list[Outcome]:
+    """Run one job ((job id, resumed), its control), or several generate jobs as a batch: one Outcome per job. A
+    batch's usage (cache hits, GPU memory) is counted on its first job."""
+    from worker.metrics import JobUsage
+
+    if len(jobs) == 1:
+        (job_id, resumed), (control,) = jobs[0], controls
+        return [run_work(work, kind, job_id, resumed, control)]
+    usage = JobUsage(work)
+    try:
+        ended = work.run_batch(kind, [job_id for job_id, _ in jobs], controls)
+    except Exception as exc:  # noqa: BLE001 - the whole batch failed
+        ended = [exc] * len(jobs)
+    outcomes = [
+        _ended_by(result, job_id) if isinstance(result, BaseException) else _succeeded(result)
+        for (job_id, _), result in zip(jobs, ended, strict=True)
+    ]
+    outcomes[0] = replace(outcomes[0], stats=usage.stats())
+    return outcomes
+
+
+def _succeeded(result) -> Outcome:
+    return Outcome("succeeded", result.model_dump())
+
+
+def _ended_by(exc: BaseException, job_id: str) -> Outcome:
     import torch
 
     from sepen_core.errors import Canceled
     from worker.work import failure_of
 
-    try:
-        return Outcome("succeeded", work.run(kind, job_id, resumed, control).model_dump())
-    except Canceled:
+    if isinstance(exc, Canceled):
         return Outcome("canceled")
-    except Exception as exc:  # noqa: BLE001 - any crash ends this job, not the worker
-        failure = failure_of(exc)
-        log.warning("job %s failed: %s", job_id, failure, exc_info=failure.code == "internal_error")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return Outcome("failed", code=failure.code, message=str(failure))
+    failure = failure_of(exc)
+    log.warning("job %s failed: %s", job_id, failure, exc_info=exc if failure.code == "internal_error" else None)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return Outcome("failed", code=failure.code, message=str(failure))
 
 
 class InProcess:
@@ -74,21 +100,22 @@ class InProcess:
     def __init__(self, work: Work):
         self.work = work
 
-    def run(self, kind: str, claim: Claim, reporter: JobReporter, time_limit_s: float) -> Outcome:
-        return run_work(self.work, kind, claim.job_id, claim.resumed, reporter)
+    def run(self, kind: str, claims: list[Claim], reporters: list[JobReporter], time_limit_s: float) -> list[Outcome]:
+        return run_jobs(self.work, kind, [(c.job_id, c.resumed) for c in claims], reporters)
 
     def close(self) -> None:
         pass
 
 
 class JobProcess:
-    """One child process that runs jobs one at a time; stopped (and later replaced) when a job must end now."""
+    """One child process that runs jobs (or batches of generate jobs) one after another; stopped (and later
+    replaced) when a job must end now."""
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self._process: multiprocessing.Process | None = None
         self._conn = None
-        self._cancel = None
+        self._cancel = None  # one flag per job of the batch running
 
     @property
     def pid(self) -> int | None:
@@ -100,7 +127,7 @@ class JobProcess:
             return
         context = multiprocessing.get_context("spawn")  # CUDA does not survive fork
         self._conn, child_conn = context.Pipe()
-        self._cancel = context.Event()
+        self._cancel = context.Array("b", max(1, self.settings.generate_batch_jobs), lock=False)
         self._process = context.Process(
             target=serve,
             args=(self.settings.model_dump(), child_conn, self._cancel, os.getpid(), logging.getLogger().level),
@@ -118,14 +145,17 @@ class JobProcess:
             self._conn.close()
         self._process = self._conn = self._cancel = None
 
-    def run(self, kind: str, claim: Claim, reporter: JobReporter, time_limit_s: float) -> Outcome:
-        """Hand the job to the child and wait for its outcome, passing its progress on; stop the child when
-        the job is canceled and has not stopped within cancel_grace_s, or when it runs past time_limit_s."""
+    def run(self, kind: str, claims: list[Claim], reporters: list[JobReporter], time_limit_s: float) -> list[Outcome]:
+        """Hand the jobs to the child and wait for their outcomes, passing their progress on. A canceled job's
+        flag tells the child; the child is stopped when every job of the batch is canceled and has not stopped
+        within cancel_grace_s, or when the batch runs past time_limit_s."""
         self.start()
-        self._cancel.clear()
-        self._conn.send((kind, claim.job_id, claim.resumed))
+        cancel = self._cancel
+        for i in range(len(cancel)):
+            cancel[i] = 0
+        self._conn.send((kind, [(c.job_id, c.resumed) for c in claims]))
         deadline = None  # counted from the child's "started": a fresh child's imports are not the job's time
-        canceled_at = None
+        canceled_at: dict[int, float] = {}
         while True:
             try:
                 message = self._conn.recv() if self._conn.poll(POLL_S) else None
@@ -137,29 +167,33 @@ class JobProcess:
                 if message[0] == "started":
                     deadline = time.monotonic() + time_limit_s
                 else:
-                    reporter.progress(message[1], force=message[2])
+                    _, index, progress, force = message
+                    reporters[index].progress(progress, force=force)
             if not self._process.is_alive():
-                return self._crashed()
+                return [self._crashed()] * len(claims)
             now = time.monotonic()
-            if reporter.should_cancel() and canceled_at is None:
-                self._cancel.set()
-                canceled_at = now
-            if canceled_at is not None and now - canceled_at > self.settings.cancel_grace_s:
+            for i, reporter in enumerate(reporters):
+                if i not in canceled_at and reporter.should_cancel():
+                    cancel[i] = 1
+                    canceled_at[i] = now
+            if len(canceled_at) == len(claims) and now - max(canceled_at.values()) > self.settings.cancel_grace_s:
                 log.warning(
                     "job %s did not stop within %.0f s of its cancel; stopping its process",
-                    claim.job_id,
+                    ", ".join(c.job_id for c in claims),
                     self.settings.cancel_grace_s,
                 )
                 self.close()
-                return Outcome("canceled")
+                return [Outcome("canceled")] * len(claims)
             if deadline is not None and now > deadline:
                 self.close()
-                return Outcome(
-                    "failed",
-                    code="time_limit_exceeded",
-                    message=f"the {kind} job ran longer than its time limit of {time_limit_s:g} s "
-                    f"(SEPEN_{kind.upper()}_TIME_LIMIT_S) and was stopped",
-                )
+                return [
+                    Outcome(
+                        "failed",
+                        code="time_limit_exceeded",
+                        message=f"the {kind} job ran longer than its time limit of {time_limit_s:g} s "
+                        f"(SEPEN_{kind.upper()}_TIME_LIMIT_S) and was stopped",
+                    )
+                ] * len(claims)
 
     def _crashed(self) -> Outcome:
         code = self._process.exitcode
@@ -170,21 +204,24 @@ class JobProcess:
 
 
 class PipeControl:
-    """The child's JobControl: progress goes to the worker through the pipe, cancel comes from the Event."""
+    """The child's JobControl for the index-th job of the batch: progress goes to the worker through the pipe,
+    cancel comes from the job's flag."""
 
-    def __init__(self, conn, cancel):
+    def __init__(self, conn, cancel, index: int):
         self.conn = conn
         self.cancel = cancel
+        self.index = index
 
     def progress(self, progress: dict, *, force: bool = False) -> None:
-        self.conn.send(("progress", progress, force))
+        self.conn.send(("progress", self.index, progress, force))
 
     def should_cancel(self) -> bool:
-        return self.cancel.is_set()
+        return bool(self.cancel[self.index])
 
 
 def serve(settings: dict, conn, cancel, parent_pid: int, loglevel: int) -> None:
-    """The child's loop: take a job from the pipe, run it, send its Outcome; exit when the worker is gone."""
+    """The child's loop: take a job (or a batch) from the pipe, run it, send its Outcomes; exit when the worker is
+    gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the worker's to handle
     worker_settings = WorkerSettings(**settings)
     configure_logging(worker_settings.log_format, loglevel, process="job process")
@@ -199,14 +236,15 @@ def serve(settings: dict, conn, cancel, parent_pid: int, loglevel: int) -> None:
     work = Work.create(worker_settings, sessions)
     while True:
         try:
-            kind, job_id, resumed = conn.recv()
+            kind, jobs = conn.recv()
         except (EOFError, OSError):
             return
         conn.send(("started",))
-        with job_logging(job_id):
-            outcome = run_work(work, kind, job_id, resumed, PipeControl(conn, cancel))
+        controls = [PipeControl(conn, cancel, i) for i in range(len(jobs))]
+        with job_logging(jobs[0][0]):
+            outcomes = run_jobs(work, kind, jobs, controls)
         try:
-            conn.send(("done", outcome))
+            conn.send(("done", outcomes))
         except OSError:
             return
 

@@ -1,4 +1,5 @@
-"""Run one job: claim its row, hand its work to the job process, stop it on cancel or time limit, record how it ended.
+"""Run a job: claim its row (and, for a generate job, the queued jobs that can share its batch), hand the work to
+the job process, stop it on cancel or time limit, record how each job ended.
 
 Every failure inside a job ends that job (failed, with the code its error class declares and its message)
 and leaves the worker serving; a job whose claim was taken over by another worker is dropped without
@@ -8,20 +9,26 @@ failing the job or taking more messages.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
+from sepen_core.errors import SepenError
+from sepen_core.model_card import model_card
 from sepen_store.availability import outage_of
+from sepen_store.contract import GenerateRequest, parse_request
 from sepen_store.job_outputs import delete_checkpoint
-from sepen_store.jobs import Claim, claim_job, finish_job
+from sepen_store.jobs import Claim, claim_companions, claim_job, finish_job, get_job
 from sepen_store.logs import job_logging
 from sepen_store.settings import WorkerSettings
 from worker.engine import InProcess, JobProcess, Outcome
@@ -30,6 +37,7 @@ from worker.reporting import JobReporter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_card = functools.lru_cache(maxsize=64)(model_card)  # a model's card, read once per worker
 
 
 @dataclass
@@ -69,13 +77,77 @@ class Runtime:
         log.info("job %s (%s) claimed, attempt %d", job_id, kind, claim.attempt)
         if claim.cancel_requested:  # canceled while an earlier attempt ran, and that worker died
             return self._finish(kind, claim, Outcome("canceled"), claimed_at)
+        claims = [claim, *self._companions(kind, claim, me)]
+        if len(claims) > 1:
+            log.info("job %s runs in one batch with %s", job_id, ", ".join(c.job_id for c in claims[1:]))
         beat = max(0.5, min(2.0, self.settings.job_lease_s / 4))
-        with JobReporter(self.sessions, claim, interval_s=self.settings.progress_interval_s, beat_s=beat) as reporter:
-            outcome = self.jobs.run(kind, claim, self.metrics.watch(kind, reporter), self.time_limit_s(kind))
-        if reporter.lost:
-            log.warning("job %s was taken over by another worker; dropping this attempt", job_id)
+        with ExitStack() as stack:
+            reporters = [
+                stack.enter_context(
+                    JobReporter(self.sessions, c, interval_s=self.settings.progress_interval_s, beat_s=beat)
+                )
+                for c in claims
+            ]
+            watched = [self.metrics.watch(kind, r) for r in reporters]
+            outcomes = self.jobs.run(kind, claims, watched, self.time_limit_s(kind))
+        statuses = []
+        for c, reporter, outcome in zip(claims, reporters, outcomes, strict=True):
+            if reporter.lost:
+                log.warning("job %s was taken over by another worker; dropping this attempt", c.job_id)
+                statuses.append(None)
+            else:
+                statuses.append(self._finish(kind, c, outcome, claimed_at))
+        return statuses[0]
+
+    def _companions(self, kind: str, claim: Claim, me: str) -> list[Claim]:
+        """The queued generate jobs claimed to run in one batch with this one (SEPEN_GENERATE_BATCH_JOBS,
+        SEPEN_GENERATE_BATCH_IMAGES): the same batch_signature, oldest first."""
+        settings = self.settings
+        if kind != "generate" or settings.generate_batch_jobs <= 1:
+            return []
+
+        def claim_them(session: Session) -> list[Claim]:
+            first = parse_request(kind, get_job(session, None, claim.job_id).request)
+            signature, images = self._batch_signature(first), [first.sample.get("num_images", 1)]
+            if signature is None:
+                return []
+
+            def fits(stored: dict) -> bool:
+                try:
+                    request = parse_request(kind, stored)
+                except ValidationError:
+                    return False  # it fails on its own, in its own run
+                count = request.sample.get("num_images", 1)
+                if self._batch_signature(request) != signature or images[0] + count > settings.generate_batch_images:
+                    return False
+                images[0] += count
+                return True
+
+            return claim_companions(
+                session,
+                me,
+                settings.job_lease_s,
+                kind=kind,
+                exclude=claim.job_id,
+                limit=settings.generate_batch_jobs - 1,
+                fits=fits,
+            )
+
+        companions = self.with_database(claim_them)
+        for companion in [c for c in companions if c.cancel_requested]:
+            self._finish(kind, companion, Outcome("canceled"), time.monotonic())
+        return [c for c in companions if not c.cancel_requested]
+
+    def _batch_signature(self, request: GenerateRequest) -> tuple | None:
+        """Equal for generate requests that can share a UNet batch (from the model's card, without loading it);
+        None for a request that runs alone (an unknown model, settings no SampleConfig takes)."""
+        source = self.settings.models.get(request.model)
+        if source is None:
             return None
-        return self._finish(kind, claim, outcome, claimed_at)
+        try:
+            return request.model, _card(source).batch_signature(request.sample, bool(request.concepts))
+        except SepenError:
+            return None
 
     def _finish(self, kind: str, claim: Claim, outcome: Outcome, claimed_at: float) -> str | None:
         def record(session: Session) -> bool:

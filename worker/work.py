@@ -22,12 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from sepen_core.adapters import KeyProjectionAdapter
 from sepen_core.config import FinetuneConfig
 from sepen_core.diagnostics import diagnose
-from sepen_core.errors import SepenError
+from sepen_core.errors import Canceled, SepenError
 from sepen_core.finetuning import Checkpoints, StepReport, finetune
 from sepen_core.images import png_bytes
 from sepen_core.models import BaseModel
 from sepen_core.prompts import ConceptSet, fill_template
-from sepen_core.sampling import generate
+from sepen_core.sampling import GenerationRequest, GenerationResult, batch_key, generate_batch
 from sepen_store.contract import (
     CurvePoint,
     FinetuneProgress,
@@ -36,6 +36,7 @@ from sepen_store.contract import (
     FinetuneSummary,
     GeneratedImage,
     GenerateProgress,
+    GenerateRequest,
     GenerateResult,
     JobRequest,
     Losses,
@@ -100,6 +101,12 @@ class Work:
         """The job's typed result; raises what went wrong (see failure_of), or Canceled."""
         step = self.finetune if kind == "finetune" else self.generate
         return step(job_id, resumed, control)
+
+    def run_batch(self, kind: str, job_ids: list[str], controls: list[JobControl]) -> list[Contract | Exception]:
+        """Several jobs of one kind at once (only generate jobs batch): per job its result or its error."""
+        if kind != "generate":
+            raise ValueError(f"{kind} jobs run one at a time")
+        return self.generate_batch(job_ids, controls)
 
     def _load_request(self, job_id: str) -> tuple[Job, JobRequest]:
         with self.sessions() as session:
@@ -192,8 +199,33 @@ class Work:
         log.info("job %s resumes from its checkpoint at step %d", job_id, step)
         return step
 
-    # -- generate: load, sample, store -----------------------------------------------------------
+    # -- generate: load, sample (several jobs as one batch), store -------------------------------
     def generate(self, job_id: str, resumed: bool, control: JobControl) -> GenerateResult:
+        (outcome,) = self.generate_batch([job_id], [control])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def generate_batch(self, job_ids: list[str], controls: list[JobControl]) -> list[GenerateResult | Exception]:
+        """Several generate jobs in as few UNet batches as their settings allow (sepen_core.sampling.batch_key),
+        each with its own adapter: per job its result, or what went wrong with it (Canceled for a job canceled
+        while its batch ran: the batch goes on for the others and stops only when all of them are canceled). A
+        batch that fails runs again one job at a time, so that one job's error is that job's alone."""
+        outcomes: list[GenerateResult | Exception | None] = [None] * len(job_ids)
+        batches: dict[tuple, list[_Generation]] = {}
+        for index, job_id in enumerate(job_ids):
+            try:
+                generation = self._prepare_generation(index, job_id)
+            except Exception as exc:  # noqa: BLE001 - this job fails, the others run
+                outcomes[index] = exc
+                continue
+            key = (generation.request.model, batch_key(generation.model, generation.sampling))
+            batches.setdefault(key, []).append(generation)
+        for members in batches.values():
+            self._generate_together(members, controls, outcomes)
+        return outcomes
+
+    def _prepare_generation(self, index: int, job_id: str) -> _Generation:
         job, request = self._load_request(job_id)
         with self.sessions() as session:
             adapter = self.adapters.get(session, job.adapter_version_id) if job.adapter_version_id else None
@@ -201,15 +233,46 @@ class Work:
             raise JobFailure("adapter_not_found", f"adapter {request.adapter} was deleted before the job ran")
         model = self.models.get(request.model)
         config = model.defaults.sample_config(request.sample)
-        result = generate(
-            model,
-            request.prompt,
-            config,
-            adapter=adapter,
-            concepts=request.concepts or None,
-            on_step=lambda i, n: control.progress(GenerateProgress(step=i, total=n).model_dump(), force=i == n),
-            should_cancel=control.should_cancel,
+        return _Generation(
+            index, job, request, model, GenerationRequest(request.prompt, config, adapter, tuple(request.concepts))
         )
+
+    def _generate_together(self, members: list[_Generation], controls: list[JobControl], outcomes: list) -> None:
+        live = [controls[m.index] for m in members]
+
+        def on_step(i: int, n: int) -> None:
+            for control in live:
+                control.progress(GenerateProgress(step=i, total=n).model_dump(), force=i == n)
+
+        try:
+            results = generate_batch(
+                members[0].model,
+                [m.sampling for m in members],
+                on_step=on_step,
+                should_cancel=lambda: all(control.should_cancel() for control in live),
+            )
+        except Canceled as exc:  # every job of the batch was canceled
+            for m in members:
+                outcomes[m.index] = exc
+            return
+        except Exception as exc:  # noqa: BLE001 - one job's bad input, or a batch too big for the device
+            if len(members) == 1:
+                outcomes[members[0].index] = exc
+                return
+            log.warning("a batch of %d generate jobs failed (%s); running them one by one", len(members), exc)
+            for m in members:
+                self._generate_together([m], controls, outcomes)
+            return
+        for m, result in zip(members, results, strict=True):
+            if controls[m.index].should_cancel():
+                outcomes[m.index] = Canceled(m.sampling.config.num_inference_steps)
+                continue
+            try:
+                outcomes[m.index] = self._store_images(m.job, m.request, result)
+            except Exception as exc:  # noqa: BLE001 - this job fails, the others keep their images
+                outcomes[m.index] = exc
+
+    def _store_images(self, job: Job, request: GenerateRequest, result: GenerationResult) -> GenerateResult:
         pngs, images = [], []
         for i, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
             metadata = result.image_metadata(i, model=request.model, adapter=request.adapter, job=job.id)
@@ -231,8 +294,20 @@ class Work:
             adapter=request.adapter,
             model=request.model,
             concepts=request.concepts,
-            sample=config.to_dict(),
+            sample=result.config.to_dict(),
         )
+
+
+@dataclass
+class _Generation:
+    """A generate job ready to sample: its place among the batch's jobs, its row and request, its model, and what
+    sepen_core samples for it."""
+
+    index: int
+    job: Job
+    request: GenerateRequest
+    model: BaseModel
+    sampling: GenerationRequest
 
 
 def probe_prompts(concepts: ConceptSet) -> list[tuple[str, tuple[str, ...]]]:

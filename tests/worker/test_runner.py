@@ -50,18 +50,18 @@ def job_row(runtime, job_id):
 
 
 def test_out_of_memory_fails_the_job_and_the_next_job_runs(runtime, monkeypatch):
-    real_generate = work_module.generate
+    real_generate = work_module.generate_batch
 
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(work_module, "generate", exhausted)
+    monkeypatch.setattr(work_module, "generate_batch", exhausted)
     first = submit(runtime, "generate", generate_request())
     assert runtime.run("generate", first) == "failed"
     row = job_row(runtime, first)
     assert row.error_code == "out_of_memory" and "20.00 GiB" in row.error_message
 
-    monkeypatch.setattr(work_module, "generate", real_generate)
+    monkeypatch.setattr(work_module, "generate_batch", real_generate)
     second = submit(runtime, "generate", generate_request())
     assert runtime.run("generate", second) == "succeeded"
     stored = job_row(runtime, second).result  # indices, not URLs: the gateway makes the links
@@ -70,7 +70,7 @@ def test_out_of_memory_fails_the_job_and_the_next_job_runs(runtime, monkeypatch)
 
 
 def test_unexpected_crash_is_an_internal_error_with_its_message(runtime, monkeypatch):
-    monkeypatch.setattr(work_module, "generate", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(work_module, "generate_batch", lambda *a, **k: 1 / 0)
     job_id = submit(runtime, "generate", generate_request())
     assert runtime.run("generate", job_id) == "failed"
     row = job_row(runtime, job_id)
