@@ -118,11 +118,11 @@ class Deployment:
         assert run.returncode == 0, run.stderr
         return run.stdout.strip()
 
-    def start_worker(self, **env: str) -> subprocess.Popen:
-        """A `sepen-worker` process with the deployment's environment (and `env`'s changes to it)."""
+    def start_worker(self, queues: str = "finetune,generate", **env: str) -> subprocess.Popen:
+        """A `sepen-worker` process serving `queues`, with the deployment's environment (and `env`'s changes to it)."""
         log = open(self.logs / f"worker-{len(self.workers)}.log", "w")
         proc = subprocess.Popen(
-            [str(BIN / "sepen-worker"), "--loglevel", "INFO"],
+            [str(BIN / "sepen-worker"), "--loglevel", "INFO", "--queues", queues],
             env={**self.env, **env},
             cwd=ROOT,
             stdout=log,
