@@ -66,9 +66,9 @@ def build_sd15_model(device: str) -> BaseModel:
     return step_bench.build_model(False, device, text_encoder=text_encoder, vae=vae.eval())
 
 
-def make_adapter(model: BaseModel, scale: float = 0.01) -> KeyProjectionAdapter:
+def make_adapter(model: BaseModel, scale: float = 0.01, seed: int = 2) -> KeyProjectionAdapter:
     """An adapter from slightly perturbed keys (1% of each matrix's std); the base keys are restored after."""
-    generator = torch.Generator().manual_seed(2)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in step_bench.key_parameters(model).values():
             p.add_((torch.randn(p.shape, generator=generator) * p.float().std().item() * scale).to(p))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command, from the repo root:   bash bench/run_gpu.sh
-# Writes gpu.json, gpu.md and gpu.log to $OUT (default bench/out). Measured on an H100: ~95 s for the
+# Writes gpu.json, gpu.md, batch.json, batch.md and gpu.log to $OUT (default bench/out). Measured on an H100: ~95 s for the
 # benchmark, ~2.5 min wall with the install (budget: ~6 minutes in all).
 #
 # Dependencies: `pip install -e ".[ml]"` installs the package and the library's deps (its ml extra). Where a
@@ -38,5 +38,8 @@ export PYTHONUNBUFFERED=1
   $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 
   $PY bench/gpu_bench.py --json "$OUT/gpu.json" --md "$OUT/gpu.md"
+  # Mixed-adapter batches (issue 12): 8 adapters in one batch vs one adapter vs one job at a time, 512 px, 20 steps.
+  $PY bench/batch_bench.py --device cuda --models toy sd15 --sd15-size 512 --steps 20 --runs 5 \
+    --json "$OUT/batch.json" --md "$OUT/batch.md"
 } 2>&1 | tee "$OUT/gpu.log"
 exit "${PIPESTATUS[0]}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sepen_core.config import SampleConfig
+from sepen_core.errors import Canceled
 from sepen_core.models import build_tiny_model
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.job_outputs import get_image
@@ -136,3 +136,33 @@ def test_a_bad_job_fails_alone_and_its_batch_succeeds(tmp_path):
     assert row(runtime, bad).status == "failed" and row(runtime, bad).error_code == "concept_not_found"
     assert row(runtime, also_good).status == "succeeded"
     assert row(runtime, also_good).result["images"][0]["heatmap"] is True
+
+
+class Control:
+    """A job's control as the work sees it: records progress; canceled from the start or not."""
+
+    def __init__(self, canceled: bool):
+        self.canceled = canceled
+        self.steps: list[int] = []
+
+    def progress(self, progress: dict, *, force: bool = False) -> None:
+        self.steps.append(progress["step"])
+
+    def should_cancel(self) -> bool:
+        return self.canceled
+
+
+def test_a_job_canceled_in_its_batch_ends_canceled_and_the_others_keep_their_results(tmp_path):
+    runtime = make_runtime(tmp_path, generate_batch_jobs=8)
+    versions = {"red": publish(runtime, "red", 1)}
+    jobs = [submit(runtime, versions, adapter, seed=seed) for adapter, seed in (("red", 0), (None, 1), ("red", 2))]
+    work = runtime.jobs.work
+    controls = [Control(False), Control(True), Control(False)]
+    outcomes = work.generate_batch(jobs, controls)
+    assert isinstance(outcomes[1], Canceled)
+    assert [o.images[0].seed for o in (outcomes[0], outcomes[2])] == [0, 2]
+    assert controls[0].steps == controls[2].steps == list(range(1, STEPS + 1))
+
+    everyone = [Control(True) for _ in jobs]
+    assert all(isinstance(o, Canceled) for o in work.generate_batch(jobs, everyone))
+    assert all(c.steps == [] for c in everyone)  # the batch stopped before its first step
