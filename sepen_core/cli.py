@@ -1,9 +1,10 @@
-"""The `sepen` command line: finetune an adapter, generate images, inspect object maps, export an adapter for other
-tools, export the tiny model.
+"""The `sepen` command line: finetune an adapter, generate images, inspect object maps, evaluate an adapter against
+the base model, export an adapter for other tools, export the tiny model.
 
     sepen finetune --model tiny --pair cat dog --steps 200 --out cat-dog.safetensors
     sepen generate "a photo of a cat and a dog" --adapter cat-dog.safetensors --concepts cat dog --out out/
     sepen inspect "a photo of a cat and a dog" --concepts cat dog --adapter cat-dog.safetensors
+    sepen evaluate cat-dog.safetensors --prompt "a photo of a cat and a dog" --concepts cat dog --samples 16
     sepen export cat-dog.safetensors --format kohya --rank 8 --out cat-dog-kohya.safetensors
 
 --model takes `toy` (the default: the bundled toy-world model, which draws recognisable glyphs),
@@ -195,6 +196,65 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from sepen_core.errors import ConfigError
+    from sepen_core.evaluation import EvaluationConfig, EvaluationPrompt, evaluate_adapter, load_judge
+
+    prompts_given, concepts_given = args.prompt or [], args.concepts or []
+    if len(prompts_given) != len(concepts_given):
+        raise ConfigError("concepts", "give one --concepts list after each --prompt")
+    prompts = [EvaluationPrompt(p, tuple(c)) for p, c in zip(prompts_given, concepts_given, strict=True)]
+    card = model_card(args.model)
+    judge = load_judge(card.judge, card.path)
+    if not prompts:
+        if judge is None:
+            raise ConfigError(
+                "prompt", "this model has no judge and so no prompts of its own: give --prompt and --concepts"
+            )
+        prompts = judge.default_prompts()
+    sample = _given({"num_inference_steps": args.steps, "guidance_scale": args.guidance, "maps": _given_maps(args)})
+    EvaluationConfig(args.samples, args.seed, SampleConfig.from_dict(sample))  # bad settings fail before loading
+    model = load_model(args)
+    config = EvaluationConfig(args.samples, args.seed, model.defaults.sample_config(sample))
+    adapter = _read_adapter(args.adapter)
+    bar = _progress(len(prompts), "evaluate")
+    bar.unit = "prompt"
+    report = evaluate_adapter(model, adapter, prompts, config, judge=judge, on_prompt=lambda i, n: bar.update(1))
+    bar.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(evaluation_table(report))
+    return 0
+
+
+def evaluation_table(report: dict) -> str:
+    """The report of sepen_core.evaluation as a text table: per prompt and pooled."""
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    judged = report["judged"]
+    head = f"{'prompt':40} {'base':>8} {'adapter':>8} {'change':>8} {'p':>7}   weakest peak base -> adapter"
+    lines = [f"{report['samples_per_prompt']} images per prompt and side, seeds from {report['seed']}", head]
+    rows = [(r["prompt"], r["base"], r["adapter"], r["paired"]) for r in report["prompts"]]
+    summary = report["summary"]
+    rows.append(("all prompts", summary["base"], summary["adapter"], summary["paired"]))
+    for prompt, base, adapted, paired in rows:
+        change = f"{100 * paired['difference']:+.1f}" if paired else "-"
+        p_value = f"{paired['p_mcnemar']:.3f}" if paired else "-"
+        lines.append(
+            f"{prompt[:40]:40} {pct(base['success']):>8} {pct(adapted['success']):>8} {change:>8} {p_value:>7}   "
+            f"{base['min_peak']:.4f} -> {adapted['min_peak']:.4f}"
+        )
+    if judged:
+        paired = summary["paired"]
+        low, high = (100 * x for x in paired["ci95"])
+        lines.append(f"success change {100 * paired['difference']:+.1f} points, 95% CI [{low:+.1f}, {high:+.1f}]")
+    else:
+        lines.append("no judge for this model: success is not measured, only the attention maps")
+    return "\n".join(lines)
+
+
 def cmd_export(args) -> int:
     from sepen_core.errors import ConfigError
     from sepen_core.export import export_adapter
@@ -319,6 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise samples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="base model vs adapter on the same prompts and seeds: success (with a judge) and attention maps",
+        **subcommand,
+    )
+    model_args(p)
+    p.add_argument("adapter", help="adapter .safetensors file")
+    p.add_argument("--prompt", action="append", help="a prompt to evaluate on; repeatable (default: the model's own)")
+    p.add_argument(
+        "--concepts", nargs="+", action="append", help="the objects of the --prompt before it; once per --prompt"
+    )
+    p.add_argument("--samples", type=int, default=8, help="images per prompt and side")
+    p.add_argument("--seed", type=int, default=0, help="prompt j's images use seeds seed + 1000 j + i")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, else 50)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's, else 6.0)")
+    p.add_argument("--json", help="also write the whole report to this file")
+    p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser(
         "export",

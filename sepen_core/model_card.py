@@ -23,6 +23,8 @@ class ModelCard:
     native_width: int
     defaults: ModelDefaults
     nouns: tuple[str, ...] = ()  # the objects a toy-world model draws (its world.json); none for other models
+    judge: str | None = None  # "module:function" that reads which objects its images hold (sepen_core.evaluation)
+    path: Path | None = None  # its directory; None for the built-in tiny model
 
     @property
     def max_height(self) -> int:
@@ -61,7 +63,8 @@ def model_card(source: str) -> ModelCard:
     latent_h, latent_w = (side, side) if isinstance(side, int) else side
     scale = 1 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
     defaults = ModelDefaults.from_dict(index.get("sepen_defaults", {}))
-    return ModelCard(latent_h * scale, latent_w * scale, defaults, _world_nouns(path / "world.json"))
+    nouns = _world_nouns(path / "world.json")
+    return ModelCard(latent_h * scale, latent_w * scale, defaults, nouns, index.get("sepen_judge"), path)
 
 
 def _world_nouns(path: Path) -> tuple[str, ...]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import statistics
 import time
@@ -46,8 +45,9 @@ from sepen_core.finetuning import finetune
 from sepen_core.models import BUNDLED_MODEL_DIR, BaseModel, load_base_model
 from sepen_core.prompts import ConceptSet
 from sepen_core.sampling import generate
+from sepen_core.stats import mcnemar_p, paired_difference, wilson_interval  # noqa: F401 - re-exported
 from toyworld.detector import detections, exact_success, find_candidates, object_success
-from toyworld.evaluate import group_prompts, spread, wilson_interval
+from toyworld.evaluate import group_prompts, spread
 from toyworld.failures import KINDS, failure_kinds
 from toyworld.world import World, caption, load_world
 
@@ -319,30 +319,6 @@ def time_per_image(
 
 
 # ---- statistics --------------------------------------------------------------------------------
-
-
-def mcnemar_p(gained: int, lost: int) -> float:
-    """Exact two-sided McNemar test on the discordant pairs."""
-    m, k = gained + lost, min(gained, lost)
-    if m == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2**m)
-
-
-def paired_difference(base: list[bool], other: list[bool]) -> dict:
-    """other - base on the same items: the difference, its 95% interval (Wald, paired) and McNemar's p."""
-    n = len(base)
-    gained = sum(o and not b for b, o in zip(base, other, strict=True))
-    lost = sum(b and not o for b, o in zip(base, other, strict=True))
-    diff = (gained - lost) / n
-    se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n
-    return {
-        "difference": diff,
-        "ci95": [diff - 1.96 * se, diff + 1.96 * se],
-        "gained": gained,
-        "lost": lost,
-        "p_mcnemar": mcnemar_p(gained, lost),
-    }
 
 
 def summarise(records: list[dict]) -> dict:

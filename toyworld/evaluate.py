@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from PIL import Image
 
 from sepen_core.models import BaseModel, load_base_model
 from sepen_core.sampling import generate
+from sepen_core.stats import wilson_interval  # noqa: F401 - re-exported
 from toyworld.detector import detections, exact_success, find_candidates, object_success
 from toyworld.failures import count_kinds, failure_kinds
 from toyworld.premise import PairSample, early_summary, step_aucs
@@ -82,16 +82,6 @@ def group_prompts(world: World, group: str) -> list[tuple[str, ...]]:
 def spread(n: int, prompts: int) -> list[int]:
     """How many of n samples each of `prompts` prompts gets: as even as possible, the first ones one more."""
     return [len(range(j, n, prompts)) for j in range(prompts)]
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def evaluate(

@@ -29,6 +29,7 @@ from sepen_core.errors import CheckpointError
 from sepen_core.models import BaseModel, load_base_model
 from toyworld.data import DataMix, training_batch
 from toyworld.evaluate import EvalConfig, evaluate, preview_grid
+from toyworld.judge import name_judge
 from toyworld.model import ToyModelConfig, build_toy_model, trainable_conditioning
 from toyworld.world import WORLD_FILE, World, load_world
 
@@ -304,6 +305,7 @@ def train(
     model_dir = directory / "model"
     model.save_pretrained(model_dir)
     (model_dir / "world.json").write_text(json.dumps(world.to_dict(), indent=1) + "\n")
+    name_judge(model_dir)  # sepen evaluate and POST /evaluate read its detector
     log = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.exists() else []
     speeds = [row["seconds_per_step"] for row in log[1:]] or [row["seconds_per_step"] for row in log]
     summary = {
