@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-KINDS = ("finetune", "generate")
+KINDS = ("finetune", "generate", "evaluate")
 STATUSES = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
 # What a webhook may ask to hear of: a status a job moves to, or its progress reports.
 WEBHOOK_EVENTS = ("running", "canceling", "succeeded", "failed", "canceled", "progress")
@@ -33,6 +33,8 @@ class Limits:
     max_guidance = 30.0
     min_side, max_side = 8, 2048  # any model; each model's own maximum is tighter (GET /models)
     max_prompt = 1_000
+    max_evaluation_prompts = 64
+    max_evaluation_samples = 32  # images per prompt and side
 
 
 class Contract(BaseModel):
@@ -102,10 +104,34 @@ class GenerateRequest(Contract):
         return self
 
 
-JobRequest = FinetuneRequest | GenerateRequest
-REQUESTS: dict[str, type[FinetuneRequest] | type[GenerateRequest]] = {
+class EvaluationPrompt(Contract):
+    prompt: str
+    concepts: list[str]  # the objects it names, each a word of the prompt
+
+
+class EvaluateRequest(Contract):
+    kind: Literal["evaluate"] = "evaluate"
+    adapter: str  # pinned 'name@N'
+    model: str  # the adapter's base model
+    prompts: list[EvaluationPrompt]  # empty: the model's own (its judge's: the toy world's test pairs)
+    samples: int  # images per prompt and side
+    seed: int  # prompt j's images use seeds seed + 1000 j + i, on both sides
+    sample: dict[str, Any]  # only what the request gave: SampleConfig fields (steps, guidance, maps)
+    webhook: Webhook | None = None
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> EvaluateRequest:
+        _at_most({"prompts": len(self.prompts), "samples": self.samples}, _EVALUATION_BOUNDS, "request")
+        _at_most(self.sample, {"num_inference_steps": Limits.max_sample_steps}, "sample")
+        return self
+
+
+_EVALUATION_BOUNDS = {"prompts": Limits.max_evaluation_prompts, "samples": Limits.max_evaluation_samples}
+JobRequest = FinetuneRequest | GenerateRequest | EvaluateRequest
+REQUESTS: dict[str, type[FinetuneRequest] | type[GenerateRequest] | type[EvaluateRequest]] = {
     "finetune": FinetuneRequest,
     "generate": GenerateRequest,
+    "evaluate": EvaluateRequest,
 }
 
 
@@ -144,6 +170,11 @@ class FinetuneProgress(Contract):
 class GenerateProgress(Contract):
     step: int
     total: int
+
+
+class EvaluateProgress(Contract):
+    step: int = Field(description="prompts evaluated so far")
+    total: int = Field(description="prompts to evaluate")
 
 
 # ---- results -------------------------------------------------------------------------------------
@@ -195,14 +226,61 @@ class GenerateResult(Contract):
     sample: dict[str, Any]  # the SampleConfig that ran, defaults filled in
 
 
-JobResult = FinetuneResult | GenerateResult
-RESULTS: dict[str, type[FinetuneResult] | type[GenerateResult]] = {
+class EvaluationSide(Contract):
+    """One side (the base model, or with the adapter) on a prompt or pooled over all of them."""
+
+    success: float | None  # share of images with every named object drawn; None without a judge
+    success_ci95: list[float] | None = None  # pooled only: Wilson interval
+    min_peak: float  # the weakest object's attention peak, mean over images (raw maps, whole trajectory)
+    overlap: float | None  # mean soft IoU of the objects' maps; None with one object
+    min_peak_by_step: list[float] | None = None  # per prompt: the weakest peak of each denoising step alone
+
+
+class PairedDifference(Contract):
+    """adapter - base on the same seeds."""
+
+    difference: float
+    ci95: list[float]
+    gained: int  # images the adapter got right and the base model wrong
+    lost: int
+    p_mcnemar: float
+
+
+class PromptEvaluation(Contract):
+    prompt: str
+    concepts: list[str]
+    base: EvaluationSide
+    adapter: EvaluationSide
+    paired: PairedDifference | None
+
+
+class EvaluationSummary(Contract):
+    base: EvaluationSide
+    adapter: EvaluationSide
+    paired: PairedDifference | None
+
+
+class EvaluateResult(Contract):
+    adapter: str  # 'name@N'
+    model: str
+    judged: bool  # the model has a judge: success was measured
+    samples_per_prompt: int
+    seed: int
+    sample: dict[str, Any]  # the SampleConfig both sides ran
+    prompts: list[PromptEvaluation]
+    summary: EvaluationSummary
+
+
+JobResult = FinetuneResult | GenerateResult | EvaluateResult
+RESULTS: dict[str, type[FinetuneResult] | type[GenerateResult] | type[EvaluateResult]] = {
     "finetune": FinetuneResult,
     "generate": GenerateResult,
+    "evaluate": EvaluateResult,
 }
-PROGRESS: dict[str, type[FinetuneProgress] | type[GenerateProgress]] = {
+PROGRESS: dict[str, type[FinetuneProgress] | type[GenerateProgress] | type[EvaluateProgress]] = {
     "finetune": FinetuneProgress,
     "generate": GenerateProgress,
+    "evaluate": EvaluateProgress,
 }
 
 
@@ -210,7 +288,9 @@ def parse_result(kind: str, stored: dict[str, Any] | None) -> JobResult | None:
     return None if stored is None else RESULTS[kind].model_validate(stored)
 
 
-def parse_progress(kind: str, stored: dict[str, Any] | None) -> FinetuneProgress | GenerateProgress | None:
+def parse_progress(
+    kind: str, stored: dict[str, Any] | None
+) -> FinetuneProgress | GenerateProgress | EvaluateProgress | None:
     return None if stored is None else PROGRESS[kind].model_validate(stored)
 
 
@@ -249,7 +329,12 @@ class JobEvent(Contract):
 
 
 def event_result(kind: str, result: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A stored result as an event carries it: a finetune's without its summary (loss curve, diagnostics)."""
-    if result is None or kind != "finetune" or result.get("summary") is None:
+    """A stored result as an event carries it: a finetune's without its summary (loss curve, diagnostics), an
+    evaluation's without its per-prompt rows (the pooled summary stays)."""
+    if result is None:
         return result
-    return {**result, "summary": None}
+    if kind == "finetune" and result.get("summary") is not None:
+        return {**result, "summary": None}
+    if kind == "evaluate":
+        return {**result, "prompts": []}
+    return result

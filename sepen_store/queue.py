@@ -1,7 +1,7 @@
 """The queue contract between gateway and workers: task names, queues, and the Celery app both build.
 
-A message carries only the job id; the job row is the truth. Finetune and generate jobs use
-separate queues so a long finetune never holds up image requests on a generate worker.
+A message carries only the job id; the job row is the truth. Each kind of job has its own queue, so a long finetune
+or evaluation never holds up image requests on a generate worker.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from kombu import Queue
 from sepen_store.settings import Settings
 
 log = logging.getLogger(__name__)
-QUEUES = {"finetune": "sepen.finetune", "generate": "sepen.generate"}
-TASKS = {"finetune": "sepen.run_finetune", "generate": "sepen.run_generate"}
+QUEUES = {"finetune": "sepen.finetune", "generate": "sepen.generate", "evaluate": "sepen.evaluate"}
+TASKS = {"finetune": "sepen.run_finetune", "generate": "sepen.run_generate", "evaluate": "sepen.run_evaluate"}
 
 
 def broker_settings(settings: Settings) -> tuple[str, dict]:

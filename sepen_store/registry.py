@@ -159,6 +159,21 @@ def version_blob(session: Session, version: AdapterVersion) -> Blob:
     return get_blob(session, version.blob_id)
 
 
+def latest_evaluations(session: Session, version_ids: list[str]) -> dict[str, Job]:
+    """Each version's most recent succeeded evaluate job (its result is the version's evaluation), by version id."""
+    if not version_ids:
+        return {}
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.kind == "evaluate", Job.status == "succeeded", Job.adapter_version_id.in_(version_ids))
+        .order_by(Job.finished_at.desc())
+    )
+    latest: dict[str, Job] = {}
+    for job in jobs:
+        latest.setdefault(job.adapter_version_id, job)
+    return latest
+
+
 def delete_version(session: Session, tenant: str, name: str, number: int) -> None:
     """Delete `name@N` unless a queued or running job will use it (Conflict names the job)."""
     version = resolve(session, tenant, f"{name}@{number}")

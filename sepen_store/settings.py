@@ -184,6 +184,7 @@ class WorkerSettings(Settings):
     generate_batch_jobs: int = Field(8, ge=1, le=64)
     generate_batch_images: int = Field(16, ge=1, le=512)
     finetune_time_limit_s: float = Field(43200.0, gt=0)
+    evaluate_time_limit_s: float = Field(3600.0, gt=0)
     cancel_grace_s: float = Field(5.0, ge=0)
     # Prometheus metrics of this worker at http://HOST:PORT/metrics; port 0: none.
     worker_metrics_port: int = Field(0, ge=0, le=65535)

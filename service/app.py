@@ -20,7 +20,7 @@ from service.errors import ErrorsAsResponses, add_error_handlers
 from service.metrics import GatewayMetrics, RequestMetrics
 from service.metrics import router as metrics_router
 from service.rate_limits import RateLimitHeaders
-from service.routes import adapters, finetune, generate, health, jobs, models, web
+from service.routes import adapters, evaluate, finetune, generate, health, jobs, models, web
 
 DESCRIPTION = """\
 SepEn compositional finetuning of Stable-Diffusion-style models, as jobs.
@@ -78,7 +78,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(RateLimitHeaders)
     app.add_middleware(ErrorsAsResponses)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)  # outermost: counts every answer, errors too
-    for module in (finetune, generate, jobs, adapters, models, health, web):  # web: the page at /
+    for module in (finetune, generate, evaluate, jobs, adapters, models, health, web):  # web: the page at /
         app.include_router(module.router)
     app.include_router(metrics_router)  # GET /metrics, Prometheus text, not in the OpenAPI document
     return app

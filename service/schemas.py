@@ -29,6 +29,9 @@ from sepen_core.prompts import template_slots
 from sepen_store.contract import (
     DEFAULT_WEBHOOK_EVENTS,
     WEBHOOK_EVENTS,
+    EvaluateProgress,
+    EvaluateResult,
+    EvaluationSummary,
     FinetuneProgress,
     FinetuneResult,
     GeneratedImage,
@@ -254,6 +257,27 @@ def concept_in_prompt(concept: str, prompt: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(concept.strip())}(?!\w)", prompt, re.IGNORECASE) is not None
 
 
+def prompt_text(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("blank_prompt", "must contain some text, not only spaces")
+    return value
+
+
+def concepts_of_prompt(value: list[str], prompt: str | None) -> list[str]:
+    """Concepts named once each, each a whole word of the prompt (when the prompt itself was valid)."""
+    if len({c.strip().lower() for c in value}) != len(value):
+        raise PydanticCustomError("concepts", "each concept must be given once")
+    if prompt is not None:
+        missing = [c for c in value if not concept_in_prompt(c, prompt)]
+        if missing:
+            raise PydanticCustomError(
+                "concepts",
+                "{missing} must appear in the prompt as whole words; add it to the prompt or remove it from concepts",
+                {"missing": repr(missing[0])},
+            )
+    return [c.strip() for c in value]
+
+
 class GenerateIn(RequestBody):
     prompt: Prompt = Field(min_length=1, max_length=Limits.max_prompt, examples=["a photo of a cat and a dog"])
     model: ModelName | None = Field(
@@ -294,9 +318,7 @@ class GenerateIn(RequestBody):
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, value: str) -> str:
-        if not value.strip():
-            raise PydanticCustomError("blank_prompt", "must contain some text, not only spaces")
-        return value
+        return prompt_text(value)
 
     @field_validator("adapter")
     @classmethod
@@ -306,21 +328,55 @@ class GenerateIn(RequestBody):
     @field_validator("concepts")
     @classmethod
     def _check_concepts(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        if value is None:
-            return None
-        if len({c.strip().lower() for c in value}) != len(value):
-            raise PydanticCustomError("concepts", "each concept must be given once")
-        prompt = info.data.get("prompt")
-        if prompt is not None:
-            missing = [c for c in value if not concept_in_prompt(c, prompt)]
-            if missing:
-                raise PydanticCustomError(
-                    "concepts",
-                    "{missing} must appear in the prompt as whole words; "
-                    "add it to the prompt or remove it from concepts",
-                    {"missing": repr(missing[0])},
-                )
-        return [c.strip() for c in value]
+        return None if value is None else concepts_of_prompt(value, info.data.get("prompt"))
+
+
+# ---- POST /evaluate -----------------------------------------------------------------------------
+
+
+class EvaluationPromptIn(RequestBody):
+    prompt: Prompt = Field(min_length=1, max_length=Limits.max_prompt, examples=["a photo of a cat and a dog"])
+    concepts: list[ConceptName] = Field(
+        min_length=1, max_length=8, examples=[["cat", "dog"]], description="the objects the prompt names"
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str) -> str:
+        return prompt_text(value)
+
+    @field_validator("concepts")
+    @classmethod
+    def _check_concepts(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return concepts_of_prompt(value, info.data.get("prompt"))
+
+
+class EvaluateIn(RequestBody):
+    adapter: str = Field(max_length=80, description="'name' (its latest version) or 'name@N'", examples=["cat-dog@1"])
+    prompts: list[EvaluationPromptIn] | None = Field(
+        None,
+        max_length=Limits.max_evaluation_prompts,
+        description="prompts to evaluate on, with their objects; default: the model's own (a toy-world model's test "
+        "pairs), for a model that has a judge",
+    )
+    samples: json_int(ge=1, le=Limits.max_evaluation_samples) = Field(
+        8, description="images per prompt, for the base model and again with the adapter, on the same seeds"
+    )
+    seed: json_int(ge=0, lt=2**30) | None = Field(
+        None, description="prompt j's images use seeds seed + 1000 j + i; omitted: a random seed, stored"
+    )
+    steps: json_int(ge=1, le=Limits.max_sample_steps) | None = Field(
+        None, description="denoising steps; default: the model's"
+    )
+    guidance: StrictFloat | None = Field(
+        None, ge=0, le=Limits.max_guidance, description="classifier-free guidance scale; default: the model's"
+    )
+    webhook: WebhookIn | None = Field(None, description="POST the job's events to this URL (signed)")
+
+    @field_validator("adapter")
+    @classmethod
+    def _check_adapter(cls, value: str) -> str:
+        return _adapter_ref(value, versioned=True)
 
 
 # ---- jobs ---------------------------------------------------------------------------------------
@@ -358,7 +414,7 @@ def weights_url(name: str, version: int) -> str:
     return f"/adapters/{name}/{version}/weights"
 
 
-def result_out(job_url: str, result: JobResult | None) -> FinetuneResultOut | GenerateResultOut | None:
+def result_out(job_url: str, result: JobResult | None) -> FinetuneResultOut | GenerateResultOut | EvaluateResult | None:
     """A stored result with the links a client follows: the only place the API's URLs enter a result."""
     if isinstance(result, FinetuneResult):
         return FinetuneResultOut(**dict(result), weights_url=weights_url(result.name, result.version))
@@ -372,13 +428,13 @@ def result_out(job_url: str, result: JobResult | None) -> FinetuneResultOut | Ge
             for image in result.images
         ]
         return GenerateResultOut(**{**dict(result), "images": images})
-    return None
+    return result  # an evaluation: no links inside
 
 
-def _adapter_link(result: FinetuneResultOut | GenerateResultOut | None) -> str | None:
+def _adapter_link(result: FinetuneResultOut | GenerateResultOut | EvaluateResult | None) -> str | None:
     if isinstance(result, FinetuneResultOut):
         return result.weights_url
-    if isinstance(result, GenerateResultOut) and result.adapter:
+    if isinstance(result, GenerateResultOut | EvaluateResult) and result.adapter:
         name, version = parse_ref(result.adapter)
         return weights_url(name, version) if version is not None else None
     return None
@@ -386,15 +442,16 @@ def _adapter_link(result: FinetuneResultOut | GenerateResultOut | None) -> str |
 
 class JobOut(BaseModel):
     id: str
-    kind: Literal["finetune", "generate"]
+    kind: Literal["finetune", "generate", "evaluate"]
     status: Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    progress: FinetuneProgress | GenerateProgress | None = Field(
-        description="what the worker last reported: step and total, and for a finetune its ETA, losses and maps"
+    progress: FinetuneProgress | GenerateProgress | EvaluateProgress | None = Field(
+        description="what the worker last reported: step and total (an evaluation: prompts), and for a finetune its "
+        "ETA, losses and maps"
     )
-    result: FinetuneResultOut | GenerateResultOut | None
+    result: FinetuneResultOut | GenerateResultOut | EvaluateResult | None
     error: JobError | None
     request: dict[str, Any]
     links: JobLinks
@@ -402,11 +459,13 @@ class JobOut(BaseModel):
     @classmethod
     def of(cls, job: Job, *, summary: bool = True) -> JobOut:
         """The job as the API shows it; summary=False (GET /jobs) leaves out a finetune's summary (its loss curve
-        and diagnostics, tens of KB), which GET /jobs/<id> shows."""
+        and diagnostics, tens of KB) and an evaluation's per-prompt rows, which GET /jobs/<id> shows."""
         url = f"/jobs/{job.id}"
         result = result_out(url, parse_result(job.kind, job.result))
         if not summary and isinstance(result, FinetuneResultOut):
             result = result.model_copy(update={"summary": None})
+        if not summary and isinstance(result, EvaluateResult):
+            result = result.model_copy(update={"prompts": []})
         images = result.images if isinstance(result, GenerateResultOut) else []
         links = JobLinks(
             self=url,
@@ -505,6 +564,29 @@ class AdapterSummary(BaseModel):
     created_at: datetime
 
 
+class EvaluationOut(BaseModel):
+    """A version's latest evaluation against its base model (POST /evaluate); its job has the per-prompt rows."""
+
+    job: str = Field(description="URL of the evaluate job")
+    finished_at: datetime | None
+    judged: bool = Field(description="success was measured (the model has a judge); else only the attention maps")
+    prompts: int
+    samples_per_prompt: int
+    summary: EvaluationSummary
+
+    @classmethod
+    def of(cls, job: Job) -> EvaluationOut:
+        result = EvaluateResult.model_validate(job.result)
+        return cls(
+            job=f"/jobs/{job.id}",
+            finished_at=job.finished_at,
+            judged=result.judged,
+            prompts=len(result.prompts),
+            samples_per_prompt=result.samples_per_prompt,
+            summary=result.summary,
+        )
+
+
 class AdapterVersionOut(BaseModel):
     version: int
     ref: str = Field(examples=["cat-dog@1"])
@@ -516,9 +598,10 @@ class AdapterVersionOut(BaseModel):
     metadata: dict[str, Any]
     job_id: str
     weights: str = Field(description="URL of the safetensors file")
+    evaluation: EvaluationOut | None = Field(None, description="its latest evaluation (POST /evaluate), if any")
 
     @classmethod
-    def of(cls, name: str, version: AdapterVersion) -> AdapterVersionOut:
+    def of(cls, name: str, version: AdapterVersion, evaluation: Job | None = None) -> AdapterVersionOut:
         return cls(
             version=version.version,
             ref=f"{name}@{version.version}",
@@ -530,6 +613,7 @@ class AdapterVersionOut(BaseModel):
             metadata=version.meta,
             job_id=version.job_id,
             weights=f"/adapters/{name}/{version.version}/weights",
+            evaluation=EvaluationOut.of(evaluation) if evaluation is not None else None,
         )
 
 
@@ -539,11 +623,13 @@ class AdapterOut(BaseModel):
     versions: list[AdapterVersionOut]
 
     @classmethod
-    def of(cls, adapter: Adapter) -> AdapterOut:
+    def of(cls, adapter: Adapter, evaluations: dict[str, Job] | None = None) -> AdapterOut:
+        """evaluations: each version's latest evaluate job, by version id (sepen_store.registry.latest_evaluations)."""
+        evaluations = evaluations or {}
         return cls(
             name=adapter.name,
             created_at=adapter.created_at,
-            versions=[AdapterVersionOut.of(adapter.name, v) for v in adapter.versions],
+            versions=[AdapterVersionOut.of(adapter.name, v, evaluations.get(v.id)) for v in adapter.versions],
         )
 
 

@@ -3,7 +3,7 @@ process (worker/engine.py: the jobs' work, stoppable), the reconciler that re-se
 the loop that delivers the jobs' webhooks (worker/webhooks.py), and the retention of old images and checkpoints. Its
 job writes publish their events to Redis.
 
-    sepen-worker                       # both queues
+    sepen-worker                       # every queue
     sepen-worker --queues finetune     # a finetune-only GPU worker
 """
 
@@ -38,6 +38,10 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
     @app.task(name=TASKS["generate"])
     def run_generate(job_id: str) -> str | None:
         return runtime.run("generate", job_id)
+
+    @app.task(name=TASKS["evaluate"])
+    def run_evaluate(job_id: str) -> str | None:
+        return runtime.run("evaluate", job_id)
 
 
 def reconcile_once(app: Celery, runtime: Runtime) -> int:
@@ -119,7 +123,9 @@ def start_retention(runtime: Runtime) -> threading.Thread | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sepen-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    parser.add_argument("--queues", default="finetune,generate", help="comma-separated: finetune, generate")
+    parser.add_argument(
+        "--queues", default="finetune,generate,evaluate", help="comma-separated: finetune, generate, evaluate"
+    )
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument(
         "--hostname",
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k.strip() for k in args.queues.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in QUEUES]
     if unknown or not kinds:
-        parser.error(f"--queues must name finetune and/or generate, not {unknown or kinds}")
+        parser.error(f"--queues must name some of {', '.join(QUEUES)}, not {unknown or kinds}")
     app = make_celery(settings)
     sessions = session_factory(
         make_engine(settings.database_url),

@@ -13,10 +13,10 @@ if TYPE_CHECKING:
     from worker.engine import Outcome
     from worker.work import Work
 
-KINDS = ("finetune", "generate")
+KINDS = ("finetune", "generate", "evaluate")
 FINISHED = ("succeeded", "failed", "canceled")
 CACHES = ("model", "adapter")
-# A generate job takes seconds to minutes, a finetune minutes to hours.
+# A generate job takes seconds to minutes, an evaluation or a finetune minutes to hours.
 DURATION_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200)
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 

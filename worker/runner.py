@@ -60,7 +60,7 @@ class Runtime:
         return cls(settings, sessions, JobProcess(settings))
 
     def time_limit_s(self, kind: str) -> float:
-        return self.settings.finetune_time_limit_s if kind == "finetune" else self.settings.generate_time_limit_s
+        return getattr(self.settings, f"{kind}_time_limit_s")
 
     def run(self, kind: str, job_id: str) -> str | None:
         """Claim and run a job; returns its final status, or None if it was not ours to run."""

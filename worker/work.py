@@ -1,7 +1,7 @@
-"""What a claimed job does, the heavy part: finetune (load, probe, train, publish) and generate (load, sample,
-store). It runs inside the worker's job process (worker/engine.py) or, for tests, in the worker itself; it
-writes outputs through the store, reports progress and reads the cancel flag through a JobControl, and
-never changes the job row's status (worker/runner.py does).
+"""What a claimed job does, the heavy part: finetune (load, probe, train, publish), generate (load, sample in batches,
+store) and evaluate (load, sample base and adapter on the same seeds, score). It runs inside the worker's job process
+(worker/engine.py) or, for tests, in the worker itself; it writes outputs through the store, reports progress and
+reads the cancel flag through a JobControl, and never changes the job row's status (worker/runner.py does).
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ from sepen_core.adapters import KeyProjectionAdapter
 from sepen_core.config import FinetuneConfig
 from sepen_core.diagnostics import diagnose
 from sepen_core.errors import Canceled, SepenError
+from sepen_core.evaluation import EvaluationConfig, EvaluationPrompt, evaluate_adapter, load_judge
 from sepen_core.finetuning import Checkpoints, StepReport, finetune
 from sepen_core.images import png_bytes
+from sepen_core.model_card import model_card
 from sepen_core.models import BaseModel
 from sepen_core.prompts import ConceptSet, fill_template
 from sepen_core.sampling import GenerationRequest, GenerationResult, batch_key, generate_batch
 from sepen_store.contract import (
     CurvePoint,
+    EvaluateProgress,
+    EvaluateResult,
     FinetuneProgress,
     FinetuneRequest,
     FinetuneResult,
@@ -99,8 +103,7 @@ class Work:
 
     def run(self, kind: str, job_id: str, resumed: bool, control: JobControl) -> Contract:
         """The job's typed result; raises what went wrong (see failure_of), or Canceled."""
-        step = self.finetune if kind == "finetune" else self.generate
-        return step(job_id, resumed, control)
+        return getattr(self, kind)(job_id, resumed, control)
 
     def run_batch(self, kind: str, job_ids: list[str], controls: list[JobControl]) -> list[Contract | Exception]:
         """Several jobs of one kind at once (only generate jobs batch): per job its result or its error."""
@@ -296,6 +299,32 @@ class Work:
             concepts=request.concepts,
             sample=result.config.to_dict(),
         )
+
+    # -- evaluate: load, sample both sides on the same seeds, score ------------------------------
+    def evaluate(self, job_id: str, resumed: bool, control: JobControl) -> EvaluateResult:
+        job, request = self._load_request(job_id)
+        with self.sessions() as session:
+            adapter = self.adapters.get(session, job.adapter_version_id) if job.adapter_version_id else None
+        if adapter is None:
+            raise JobFailure("adapter_not_found", f"adapter {request.adapter} was deleted before the job ran")
+        model = self.models.get(request.model)
+        card = model_card(self.settings.models[request.model])
+        judge = load_judge(card.judge, card.path)
+        prompts = [EvaluationPrompt(p.prompt, tuple(p.concepts)) for p in request.prompts]
+        if not prompts:
+            if judge is None:
+                raise JobFailure("invalid_request", f"model {request.model} has no prompts of its own: give prompts")
+            prompts = judge.default_prompts()
+        config = EvaluationConfig(request.samples, request.seed, model.defaults.sample_config(request.sample))
+
+        def on_prompt(done: int, total: int) -> None:
+            control.progress(EvaluateProgress(step=done, total=total).model_dump(), force=done in (0, total))
+
+        on_prompt(0, len(prompts))
+        report = evaluate_adapter(
+            model, adapter, prompts, config, judge=judge, on_prompt=on_prompt, should_cancel=control.should_cancel
+        )
+        return EvaluateResult(adapter=request.adapter, model=request.model, **report)
 
 
 @dataclass

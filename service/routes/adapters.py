@@ -17,6 +17,7 @@ from sepen_store.registry import (
     NAME_PATTERN,
     delete_version,
     get_adapter,
+    latest_evaluations,
     list_adapters,
     resolve,
     version_blob,
@@ -85,7 +86,9 @@ def list_tenant_adapters(tenant: TenantDep, session: SessionDep) -> list[Adapter
     operation_id="getAdapter",
 )
 def read_adapter(name: AdapterName, tenant: TenantDep, session: SessionDep) -> AdapterOut:
-    return AdapterOut.of(get_adapter(session, tenant, name))
+    """The adapter's versions, each with its latest evaluation against the base model (POST /evaluate)."""
+    adapter = get_adapter(session, tenant, name)
+    return AdapterOut.of(adapter, latest_evaluations(session, [v.id for v in adapter.versions]))
 
 
 def _find_version(session: Session, tenant: str, name: str, number: int) -> AdapterVersion:

@@ -116,7 +116,7 @@ def list_tenant_jobs(
     tenant: TenantDep,
     session: SessionDep,
     status: Annotated[Status | None, Query(description="only jobs in this status")] = None,
-    kind: Annotated[Literal["finetune", "generate"] | None, Query()] = None,
+    kind: Annotated[Literal["finetune", "generate", "evaluate"] | None, Query()] = None,
     cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobPage:

@@ -11,6 +11,7 @@ import pytest
 OPERATION_IDS = {
     ("post", "/finetune"): "submitFinetune",
     ("post", "/generate"): "submitGenerate",
+    ("post", "/evaluate"): "submitEvaluate",
     ("get", "/jobs"): "listJobs",
     ("get", "/jobs/{job_id}"): "getJob",
     ("post", "/jobs/{job_id}/cancel"): "cancelJob",

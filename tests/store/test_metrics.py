@@ -40,23 +40,23 @@ def redis_broker():
 
 def test_redis_queue_depths_count_priority_sub_queues_and_not_taken_messages(redis_broker):
     app, client = redis_broker
-    assert queue_depths(app) == {"sepen.finetune": 0, "sepen.generate": 0}
+    assert queue_depths(app) == {"sepen.finetune": 0, "sepen.generate": 0, "sepen.evaluate": 0}
     for _ in range(3):
         enqueue(app, "generate", uuid.uuid4().hex)
     enqueue(app, "finetune", uuid.uuid4().hex)
     app.send_task("sepen.run_generate", args=[uuid.uuid4().hex], queue="sepen.generate", priority=5)
     assert any(key != b"sepen.generate" and key.startswith(b"sepen.generate") for key in client.keys("sepen.*"))
-    assert queue_depths(app) == {"sepen.finetune": 1, "sepen.generate": 4}
+    assert queue_depths(app) == {"sepen.finetune": 1, "sepen.generate": 4, "sepen.evaluate": 0}
     client.lpop("sepen.generate")  # what a worker's fetch does
     assert queue_depths(app)["sepen.generate"] == 3
 
 
 def test_embedded_queue_depths_count_the_broker_folders_files(tmp_path):
     app = make_celery(Settings(data_dir=tmp_path))
-    assert queue_depths(app) == {"sepen.finetune": 0, "sepen.generate": 0}
+    assert queue_depths(app) == {"sepen.finetune": 0, "sepen.generate": 0, "sepen.evaluate": 0}
     for kind in ("generate", "generate", "finetune"):
         enqueue(app, kind, uuid.uuid4().hex)
-    assert queue_depths(app) == {"sepen.finetune": 1, "sepen.generate": 2}
+    assert queue_depths(app) == {"sepen.finetune": 1, "sepen.generate": 2, "sepen.evaluate": 0}
     app.close()
 
 

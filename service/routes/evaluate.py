@@ -1,0 +1,91 @@
+"""POST /evaluate: queue an evaluation of an adapter version against its base model (sepen_core.evaluation), with
+the version and the seed pinned now; its result is also shown on the version by GET /adapters/{name}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from sepen_core.config import SampleConfig
+from sepen_core.errors import ConfigError
+from sepen_store.contract import EvaluateRequest, EvaluationPrompt
+from sepen_store.errors import NotFound
+from sepen_store.registry import parse_ref, resolve
+from service.deps import CeleryDep, IdempotencyKeyDep, SessionsDep, SettingsDep, TenantDep
+from service.errors import ApiError, invalid_setting
+from service.routes.generate import pick_seed
+from service.routes.models import card_of
+from service.schemas import EvaluateIn, SubmittedJob
+from service.submission import SUBMIT_RESPONSES, submit_job, submitted, webhook_of
+
+router = APIRouter(tags=["evaluate"])
+SEED_RANGE = 2**30
+
+
+@router.post(
+    "/evaluate", status_code=202, response_model=SubmittedJob, responses=SUBMIT_RESPONSES, operation_id="submitEvaluate"
+)
+def submit_evaluate(
+    body: EvaluateIn,
+    tenant: TenantDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    idempotency_key: IdempotencyKeyDep = None,
+) -> Response:
+    """Queue sampling each prompt `samples` times with the base model and again with the adapter, on the same
+    seeds: per denoising step the weakest object's attention peak and the maps' overlap; on a model with a judge
+    (a toy-world model's detector), how often every object is drawn, with intervals and McNemar's test."""
+    webhook = webhook_of(body.webhook, settings)
+    with sessions() as session:
+        try:
+            version = resolve(session, tenant, body.adapter)
+        except NotFound as exc:
+            raise ApiError(
+                404,
+                "adapter_not_found",
+                f"adapter {body.adapter!r} not found (GET /adapters lists yours)",
+                field="adapter",
+            ) from exc
+        ref = f"{parse_ref(body.adapter)[0]}@{version.version}"
+        model = version.base_model
+        if model not in settings.models:
+            raise ApiError(
+                422,
+                "validation_error",
+                f"adapter: {ref} was finetuned on {model!r}, which this service does not serve (GET /models)",
+                field="adapter",
+            )
+        card = card_of(settings.models[model])
+        if not body.prompts and (card is None or card.judge is None):
+            raise ApiError(
+                422,
+                "validation_error",
+                f"prompts: model {model!r} has no judge (a detector of what its images hold), so no prompts of its "
+                "own; give prompts, each with the concepts it names",
+                field="prompts",
+            )
+        seed = body.seed if body.seed is not None else pick_seed(tenant, idempotency_key) % SEED_RANGE
+        sample = {
+            k: v
+            for k, v in {"num_inference_steps": body.steps, "guidance_scale": body.guidance}.items()
+            if v is not None
+        }
+        try:
+            SampleConfig.from_dict(sample)
+        except ConfigError as exc:
+            field = {"num_inference_steps": "steps", "guidance_scale": "guidance"}.get(exc.field, exc.field)
+            raise invalid_setting(exc, field) from exc
+        request = EvaluateRequest(
+            adapter=ref,
+            model=model,
+            prompts=[EvaluationPrompt(prompt=p.prompt, concepts=list(p.concepts)) for p in body.prompts or []],
+            samples=body.samples,
+            seed=seed,
+            sample=sample,
+            webhook=webhook,
+        )
+        job, created = submit_job(
+            session, celery, tenant, request, settings, idempotency_key=idempotency_key, adapter_version_id=version.id
+        )
+        return submitted(job, created)
