@@ -118,11 +118,12 @@ class Deployment:
         assert run.returncode == 0, run.stderr
         return run.stdout.strip()
 
-    def start_worker(self, queues: str = "finetune,generate", **env: str) -> subprocess.Popen:
-        """A `sepen-worker` process serving `queues`, with the deployment's environment (and `env`'s changes to it)."""
+    def start_worker(self, queues: str | None = None, **env: str) -> subprocess.Popen:
+        """A `sepen-worker` process serving `queues` (default: all), with the deployment's environment (and `env`'s
+        changes to it)."""
         log = open(self.logs / f"worker-{len(self.workers)}.log", "w")
         proc = subprocess.Popen(
-            [str(BIN / "sepen-worker"), "--loglevel", "INFO", "--queues", queues],
+            [str(BIN / "sepen-worker"), "--loglevel", "INFO", *(["--queues", queues] if queues else [])],
             env={**self.env, **env},
             cwd=ROOT,
             stdout=log,

@@ -206,3 +206,29 @@ def test_the_default_model_draws_what_the_prompt_names(deployment, api_key):
             and images[0].text["guidance_scale"] == "1.0"
         )
         assert any("cherry" in detect(load_world(), image) for image in images)
+
+
+def test_evaluate_an_adapter_against_the_base_model(deployment, api_key):
+    """On the default toy model: given prompts, then the model's own test pairs; the version shows the result."""
+    with deployment.client(api_key) as client:
+        finetune = client.post("/finetune", json={"adapter": "evaluated", "concepts": {"pairs": [["cherry", "sofa"]]},
+                                                  "recipe": {"steps": 4}})  # fmt: skip
+        assert wait_for_job(client, finetune.json()["job"]["id"])["status"] == "succeeded"
+        prompts = [{"prompt": "a cherry and a sofa", "concepts": ["cherry", "sofa"]}]
+        response = client.post("/evaluate", json={"adapter": "evaluated", "prompts": prompts, "samples": 3, "steps": 4})
+        assert response.status_code == 202, response.text
+        job = wait_for_job(client, response.json()["job"]["id"])
+        assert job["status"] == "succeeded", job
+        result = job["result"]
+        assert result["adapter"] == "evaluated@1" and result["judged"] is True and result["samples_per_prompt"] == 3
+        row = result["prompts"][0]
+        assert row["concepts"] == ["cherry", "sofa"] and len(row["base"]["min_peak_by_step"]) == 4
+        assert 0 <= row["base"]["success"] <= 1 and row["paired"]["gained"] + row["paired"]["lost"] <= 3
+        assert job["progress"] == {"step": 1, "total": 1}
+
+        own = client.post("/evaluate", json={"adapter": "evaluated", "samples": 1, "steps": 2})
+        own_job = wait_for_job(client, own.json()["job"]["id"])
+        assert own_job["status"] == "succeeded", own_job
+        assert len(own_job["result"]["prompts"]) == 60  # the toy world's test pairs
+        version = client.get("/adapters/evaluated").json()["versions"][0]
+        assert version["evaluation"]["job"] == f"/jobs/{own_job['id']}" and version["evaluation"]["prompts"] == 60
