@@ -130,7 +130,7 @@ def markdown(report: dict) -> str:
             f"{row['model']}: 8 adapters batched = {row['mixed_vs_shared']:.2f}x the images/s of one adapter batched, "
             f"{row['mixed_vs_sequential']:.2f}x one job at a time; max pixel difference batched vs alone "
             f"{row['max_pixel_difference_mixed_vs_alone']:.1e} (vs one shared adapter: "
-            f"{row['max_pixel_difference_mixed_vs_shared']:.2f}, the adapters matter)"
+            f"{row['max_pixel_difference_mixed_vs_shared']:.1e}: the adapters change the images)"
         )
     env = report["environment"]
     lines.append(f"\n{env['device']}, torch {env['torch']}, {env['threads']} threads, median of {env['runs']} runs")

@@ -164,6 +164,15 @@ class KeyProjectionAdapter:
                 weights[name].copy_(_with_delta(originals[name], delta, scale, weights[name].dtype))
         self._applied[unet] = (originals, scale)
 
+    def key_weights(self, model: BaseModel, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """The key weights apply() would write into the model, by state-dict name, without writing them (a batch
+        of several adapters uses each one's keys side by side: sepen_core.sampling.generate_batch)."""
+        self.check_compatible(model.unet, model.base_fingerprint)
+        return {
+            name: _with_delta(base, self.deltas[name], scale, base.dtype).to(model.device)
+            for name, base in model.base_keys.items()
+        }
+
     def remove(self, target) -> None:
         """Undo apply(): each key weight is again exactly what it was before. Where something changed a weight
         since (a LoRA fused into it), only this adapter's delta is taken out and that change stays."""

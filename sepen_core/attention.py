@@ -286,15 +286,25 @@ def installed_processors(unet: UNet2DConditionModel, processors: dict[str, objec
         unet.set_attn_processor(original)
 
 
-def cross_attention_keys(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every attn2 layer's keys (B, T, inner) of these prompt states with the UNet's current key weights."""
+def cross_attention_keys(
+    unet: UNet2DConditionModel,
+    encoder_hidden_states: torch.Tensor,
+    weights: list[tuple[torch.Tensor, dict[str, torch.Tensor] | None]],
+) -> dict[str, torch.Tensor]:
+    """Every attn2 layer's keys (B, T, inner) of the prompt states, rows by rows with their own key weights:
+    weights[i] = (the rows, {`...attn2.to_k.weight`: the weight to use}); None: the layer's own weights."""
     keys = {}
     for name, module in unet.named_modules():
-        if isinstance(module, Attention) and name.endswith(".attn2"):
-            states = (
-                module.norm_encoder_hidden_states(encoder_hidden_states) if module.norm_cross else encoder_hidden_states
-            )
-            keys[name] = module.to_k(states)
+        if not (isinstance(module, Attention) and name.endswith(".attn2")):
+            continue
+        states = (
+            module.norm_encoder_hidden_states(encoder_hidden_states) if module.norm_cross else encoder_hidden_states
+        )
+        layer = torch.empty(*states.shape[:2], module.to_k.out_features, dtype=states.dtype, device=states.device)
+        for rows, by_name in weights:
+            weight = module.to_k.weight if by_name is None else by_name[f"{name}.to_k.weight"]
+            layer[rows] = F.linear(states[rows], weight.to(states.dtype), module.to_k.bias)
+        keys[name] = layer
     return keys
 
 

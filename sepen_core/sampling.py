@@ -341,17 +341,19 @@ def generate_batch(
 
 
 def _keys_per_row(model: BaseModel, requests: list[GenerationRequest], denoiser: _Denoiser) -> dict[str, torch.Tensor]:
-    """Every attn2 layer's keys for every row of the UNet batch, each request's computed with its own adapter."""
+    """Every attn2 layer's keys for every row of the UNet batch, each request's rows (its negative prompt's and its
+    prompt's) with its own adapter's key weights: the weights apply() would write, used without writing them."""
     n = denoiser.members[-1].rows.stop
-    parts: list[dict[str, torch.Tensor]] = []
-    halves = [0, n] if denoiser.guided else [0]  # the negative prompts' rows, then the prompts'
-    for start in halves:
-        for request, member in zip(requests, denoiser.members, strict=True):
-            rows = slice(start + member.rows.start, start + member.rows.stop)
-            hidden = denoiser.cond.encoder_hidden_states[rows]
-            with request.adapter.applied(model) if request.adapter is not None else nullcontext():
-                parts.append(cross_attention_keys(model.unet, hidden))
-    return {layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]}
+    rows: dict[int, list[int]] = {}
+    for request, member in zip(requests, denoiser.members, strict=True):
+        own = list(range(member.rows.start, member.rows.stop))
+        rows.setdefault(id(request.adapter), []).extend(own + ([i + n for i in own] if denoiser.guided else []))
+    adapters = {id(r.adapter): r.adapter for r in requests}
+    weights = [
+        (torch.tensor(indices), None if adapters[key] is None else adapters[key].key_weights(model))
+        for key, indices in rows.items()
+    ]
+    return cross_attention_keys(model.unet, denoiser.cond.encoder_hidden_states, weights)
 
 
 def _processors(

@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny random SD-1.x-shaped model, built once per session (and fresh where a test mutates it)."""
 
+import os
 import secrets
 from contextlib import contextmanager
 
@@ -22,6 +23,16 @@ def fresh_tiny_model():
 
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+XDIST_WORKERS = 2  # scripts/test runs pytest-xdist with two workers (one per core of the CI machine)
+
+
+def local_redis_url(db: int) -> str:
+    """A database of the local Redis (127.0.0.1:6379) that is this test process's own: under pytest-xdist the second
+    worker's numbers are 8 lower (the suite uses 11-14, and 3-6), so no two workers flush each other's keys."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    if worker >= XDIST_WORKERS:
+        raise RuntimeError(f"the local Redis has databases for {XDIST_WORKERS} pytest-xdist workers, not more")
+    return f"redis://127.0.0.1:6379/{db - 8 * worker}"
 
 
 @contextmanager

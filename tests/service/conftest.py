@@ -19,9 +19,9 @@ from sepen_store.registry import publish_version
 from sepen_store.settings import GatewaySettings
 from sepen_store.tables import new_id
 from service.app import create_app
-from tests.conftest import postgres_database
+from tests.conftest import local_redis_url, postgres_database
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = local_redis_url(14)
 CLOSED_BROKER_URL = "redis://127.0.0.1:6390/0"  # nothing listens here: a broker that is down
 CLOSED_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5499/sepen"  # nor here: a database that is down
 MODELS = {"sepen-tiny": "tiny", "sd15": "/models/sd15"}

@@ -22,11 +22,11 @@ from sepen_store.database import make_engine, session_factory
 from sepen_store.job_outputs import replace_images
 from sepen_store.jobs import claim_job, create_job, finish_job
 from sepen_store.registry import publish_version
-from tests.conftest import postgres_database
+from tests.conftest import local_redis_url, postgres_database
 from tests.e2e.conftest import free_port, launch_gateway
 
 BIN = Path(sys.executable).parent
-FUZZ_REDIS_URL = "redis://127.0.0.1:6379/13"
+FUZZ_REDIS_URL = local_redis_url(13)
 FUZZ_SECONDS = int(os.environ.get("FUZZ_SECONDS", "100"))
 CHECKS = (
     "not_a_server_error",

@@ -30,8 +30,9 @@ from sepen_store.webhooks import (
     url_problem,
     verify_signature,
 )
+from tests.conftest import local_redis_url
 
-EVENTS_REDIS = "redis://127.0.0.1:6379/12"
+EVENTS_REDIS = local_redis_url(12)
 HOOK = {"url": "http://127.0.0.1:9/hook", "events": ["running", "progress", "succeeded", "failed", "canceled"]}
 SUMMARY_RESULT = {"adapter": "a@1", "name": "a", "version": 1, "sha256": "0" * 64, "summary": {"loss_curve": []}}
 

@@ -11,8 +11,9 @@ from sepen_store.jobs import STATUSES, claim_job, create_job
 from sepen_store.metrics import job_counts, queue_depths
 from sepen_store.queue import QUEUES, enqueue, make_celery
 from sepen_store.settings import Settings
+from tests.conftest import local_redis_url
 
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = local_redis_url(11)
 
 
 def test_job_counts_list_every_kind_and_status(sessions):
