@@ -156,8 +156,10 @@ def test_broker_restart_loses_no_queued_job_and_re_sends_each_lost_message_once(
         while_down = [submit(seed) for seed in range(16, 19)]  # stored even though they could not be sent
         deployment.redis.start()  # an empty broker: the first sixteen messages are gone
         first_new = len(deployment.workers)
-        deployment.start_worker()
-        deployment.start_worker()
+        # One job per message, so that every job needs its own message (a batching worker would run some lost
+        # ones as companions before their re-send: tests/e2e/test_batching.py).
+        deployment.start_worker(SEPEN_GENERATE_BATCH_JOBS="1")
+        deployment.start_worker(SEPEN_GENERATE_BATCH_JOBS="1")
         for job_id in in_broker + while_down:
             assert wait_for_job(client, job_id, timeout=180)["status"] == "succeeded"
         time.sleep(3)  # a few more reconciler rounds with nothing lost
