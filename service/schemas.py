@@ -657,6 +657,11 @@ class ModelOut(BaseModel):
         "concepts; empty for other models",
         examples=[["cherry", "sofa", "moon"]],
     )
+    judged: bool = Field(
+        False,
+        description="the model has a judge (a detector of what its images hold): POST /evaluate measures success on "
+        "it, and may leave out prompts to use the model's own",
+    )
 
 
 class HealthOut(BaseModel):

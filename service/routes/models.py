@@ -52,6 +52,7 @@ def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
                 defaults=card.defaults.to_dict() if card else {},
                 limits=model_limits(settings, name),
                 nouns=list(card.nouns) if card else [],
+                judged=card is not None and card.judge is not None,
             )
         )
     return models

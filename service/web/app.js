@@ -742,6 +742,40 @@ async function fillShot(cell, run, job, image) {
 
 // ---- adapters ------------------------------------------------------------------------------------
 
+// A version's latest evaluation (POST /evaluate) in one line: success base -> adapter where the model has a judge,
+// else the weakest object's attention peak.
+function describeEvaluation(evaluation) {
+  if (!evaluation) return "–";
+  const { base, adapter, paired } = evaluation.summary;
+  const pct = (x) => `${(100 * x).toFixed(1)}%`;
+  if (evaluation.judged && paired) {
+    const change = `${paired.difference >= 0 ? "+" : ""}${(100 * paired.difference).toFixed(1)}`;
+    return `${pct(base.success)} → ${pct(adapter.success)} (${change} points, p=${paired.p_mcnemar.toPrecision(2)})`;
+  }
+  return `weakest peak ${base.min_peak.toFixed(3)} → ${adapter.min_peak.toFixed(3)}`;
+}
+
+// Queue an evaluation: on a model with a judge, its own prompts; else one prompt per concept group of the adapter.
+async function evaluateVersion(version, groups) {
+  const status = $("#adapters-status");
+  const model = state.models.find((m) => m.name === version.base_model);
+  const body = { adapter: version.ref, samples: 4 };
+  if (!model?.judged) {
+    if (!groups?.length) {
+      setStatus(status, `${version.ref}: its model has no judge; evaluate it with prompts (POST /evaluate)`, "failed");
+      return;
+    }
+    body.prompts = groups.slice(0, 16).map((g) => ({ prompt: `a ${g.join(" and a ")}`, concepts: g }));
+  }
+  try {
+    const { job } = await api("/evaluate", { method: "POST", body });
+    setStatus(status, `evaluating ${version.ref}: job ${shortId(job.id)} (Refresh when it has finished)`);
+  } catch (exc) {
+    if (exc.status === 401) return signOut(exc.message);
+    setStatus(status, `could not evaluate ${version.ref}: ${exc.message}`, "failed");
+  }
+}
+
 async function refreshAdapters() {
   const status = $("#adapters-status");
   try {
@@ -775,6 +809,7 @@ function renderAdapters() {
         el("td", { text: v.base_model }),
         el("td", { text: when(v.created_at) }),
         el("td", { text: bytes(v.size) }),
+        el("td", { text: describeEvaluation(v.evaluation) }),
         el(
           "td",
           { class: "row-actions" },
@@ -784,6 +819,13 @@ function renderAdapters() {
             onclick: () => generateWith(v.ref, groups?.[0]),
             text: "Generate",
             "aria-label": `Generate with ${v.ref}`,
+          }),
+          el("button", {
+            type: "button",
+            class: "quiet",
+            onclick: () => evaluateVersion(v, groups),
+            text: "Evaluate",
+            "aria-label": `Evaluate ${v.ref} against its base model`,
           }),
           el("button", {
             type: "button",
@@ -866,7 +908,11 @@ async function refreshJobs(more = false) {
               .map((p) => p.join(" + "))
               .join("; ") || "a collection"
           }${job.result ? ` → ${job.result.adapter}` : ""}`
-        : `“${r.prompt}”${r.adapter ? ` with ${r.adapter}` : ""}, seed ${sampleOf(r).seed ?? "random"}`;
+        : job.kind === "evaluate"
+          ? `${r.adapter} against ${r.model}, ${r.prompts?.length || "its own"} prompts × ${r.samples}${
+              job.result ? `: ${describeEvaluation({ judged: job.result.judged, summary: job.result.summary })}` : ""
+            }`
+          : `“${r.prompt}”${r.adapter ? ` with ${r.adapter}` : ""}, seed ${sampleOf(r).seed ?? "random"}`;
     let shown = job.status;
     if (job.progress && !TERMINAL.has(job.status)) shown += ` ${job.progress.step}/${job.progress.total}`;
     if (job.error) shown += ` (${job.error.code})`;
@@ -922,6 +968,9 @@ async function openJob(id) {
   if (job.kind === "finetune") {
     go("finetune");
     watchFinetune(job);
+  } else if (job.kind === "evaluate") {
+    go("adapters"); // the version shows its latest evaluation
+    refreshAdapters();
   } else {
     go("generate");
     showGallery([{ label: job.request.adapter ?? `base ${job.request.model ?? ""}`.trim(), job }]);
