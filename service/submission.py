@@ -10,12 +10,13 @@ from fastapi import Response
 from sqlalchemy.orm import Session
 
 from sepen_store.contract import DEFAULT_WEBHOOK_EVENTS, JobRequest, Webhook, request_json
-from sepen_store.errors import Conflict
+from sepen_store.errors import Conflict, NotFound
 from sepen_store.jobs import create_job, mark_not_enqueued
 from sepen_store.queue import enqueue
 from sepen_store.quotas import Quotas, check_quotas
+from sepen_store.registry import parse_ref, resolve
 from sepen_store.settings import GatewaySettings
-from sepen_store.tables import Job
+from sepen_store.tables import AdapterVersion, Job
 from sepen_store.webhooks import url_problem
 from service.errors import ApiError
 from service.openapi import AUTHENTICATED, LOCATION, RATE_LIMITED, WITH_BODY, errors, success
@@ -63,6 +64,18 @@ def webhook_of(body: WebhookIn | None, settings: GatewaySettings) -> Webhook | N
     if problem is not None:
         raise ApiError(422, "validation_error", f"webhook.url: {problem}", field="webhook.url")
     return Webhook(url=body.url, events=list(body.events or DEFAULT_WEBHOOK_EVENTS))
+
+
+def pin_adapter(session: Session, tenant: str, ref: str) -> tuple[AdapterVersion, str]:
+    """The version a request's adapter (`name`: its latest, or `name@N`) names now, and its pinned `name@N`; 404
+    adapter_not_found naming `adapter`."""
+    try:
+        version = resolve(session, tenant, ref)
+    except NotFound as exc:
+        raise ApiError(
+            404, "adapter_not_found", f"adapter {ref!r} not found (GET /adapters lists yours)", field="adapter"
+        ) from exc
+    return version, f"{parse_ref(ref)[0]}@{version.version}"
 
 
 def quotas_of(settings: GatewaySettings) -> Quotas:

@@ -67,3 +67,24 @@ def parse_a1111(text: str) -> dict[str, str]:
         else:
             fields[key] = value
     return fields
+
+
+def publish_adapter(
+    session, adapter: KeyProjectionAdapter, name: str, *, tenant: str = "acme", model: str = "sepen-tiny"
+):
+    """Store an adapter as version name@N of a tenant, as a finetune job would (with a finetune job row of its own)."""
+    from sepen_store.jobs import create_job
+    from sepen_store.registry import publish_version
+
+    finetune, _ = create_job(session, tenant, "finetune", {"seeded": name})
+    return publish_version(
+        session,
+        tenant=tenant,
+        name=name,
+        job_id=finetune.id,
+        data=adapter.to_bytes(),
+        base_model=model,
+        base_fingerprint=adapter.base_fingerprint,
+        sha256=adapter.sha256,
+        metadata=adapter.metadata,
+    )

@@ -9,14 +9,12 @@ from fastapi.responses import Response
 from sepen_core.config import SampleConfig
 from sepen_core.errors import ConfigError
 from sepen_store.contract import EvaluateRequest, EvaluationPrompt
-from sepen_store.errors import NotFound
-from sepen_store.registry import parse_ref, resolve
 from service.deps import CeleryDep, IdempotencyKeyDep, SessionsDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
-from service.routes.generate import pick_seed
+from service.routes.generate import SAMPLE_FIELDS, pick_seed
 from service.routes.models import card_of
 from service.schemas import EvaluateIn, SubmittedJob
-from service.submission import SUBMIT_RESPONSES, submit_job, submitted, webhook_of
+from service.submission import SUBMIT_RESPONSES, pin_adapter, submit_job, submitted, webhook_of
 
 router = APIRouter(tags=["evaluate"])
 SEED_RANGE = 2**30
@@ -38,16 +36,7 @@ def submit_evaluate(
     (a toy-world model's detector), how often every object is drawn, with intervals and McNemar's test."""
     webhook = webhook_of(body.webhook, settings)
     with sessions() as session:
-        try:
-            version = resolve(session, tenant, body.adapter)
-        except NotFound as exc:
-            raise ApiError(
-                404,
-                "adapter_not_found",
-                f"adapter {body.adapter!r} not found (GET /adapters lists yours)",
-                field="adapter",
-            ) from exc
-        ref = f"{parse_ref(body.adapter)[0]}@{version.version}"
+        version, ref = pin_adapter(session, tenant, body.adapter)
         model = version.base_model
         if model not in settings.models:
             raise ApiError(
@@ -74,8 +63,7 @@ def submit_evaluate(
         try:
             SampleConfig.from_dict(sample)
         except ConfigError as exc:
-            field = {"num_inference_steps": "steps", "guidance_scale": "guidance"}.get(exc.field, exc.field)
-            raise invalid_setting(exc, field) from exc
+            raise invalid_setting(exc, SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
         request = EvaluateRequest(
             adapter=ref,
             model=model,

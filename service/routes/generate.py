@@ -13,20 +13,18 @@ from sqlalchemy.orm import Session
 from sepen_core.config import SampleConfig
 from sepen_core.errors import ConfigError
 from sepen_store.contract import GenerateRequest
-from sepen_store.errors import NotFound
-from sepen_store.registry import parse_ref, resolve
 from sepen_store.settings import Settings
 from sepen_store.tables import AdapterVersion
 from service.deps import CeleryDep, IdempotencyKeyDep, SessionsDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import check_size, resolve_model
 from service.schemas import GenerateIn, SubmittedJob
-from service.submission import SUBMIT_RESPONSES, submit_job, submitted, webhook_of
+from service.submission import SUBMIT_RESPONSES, pin_adapter, submit_job, submitted, webhook_of
 
 router = APIRouter(tags=["generate"])
 
 # SampleConfig's field names -> the request's.
-_SAMPLE_FIELDS = {
+SAMPLE_FIELDS = {
     "num_inference_steps": "steps",
     "guidance_scale": "guidance",
     "num_images": "images",
@@ -88,18 +86,7 @@ def _submit(
     if body.model is not None:
         resolve_model(settings, body.model)
     webhook = webhook_of(body.webhook, settings)
-    version, ref = None, None
-    if body.adapter is not None:
-        try:
-            version = resolve(session, tenant, body.adapter)
-        except NotFound as exc:
-            raise ApiError(
-                404,
-                "adapter_not_found",
-                f"adapter {body.adapter!r} not found (GET /adapters lists yours)",
-                field="adapter",
-            ) from exc
-        ref = f"{parse_ref(body.adapter)[0]}@{version.version}"
+    version, ref = pin_adapter(session, tenant, body.adapter) if body.adapter is not None else (None, None)
     model = pick_model(settings, body.model, version, ref)
     check_size(settings, model, body.height, body.width)
     seed = body.seed if body.seed is not None else pick_seed(tenant, idempotency_key)
@@ -124,7 +111,7 @@ def _submit(
     try:
         SampleConfig.from_dict(sample)
     except ConfigError as exc:
-        raise invalid_setting(exc, _SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
+        raise invalid_setting(exc, SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
     request = GenerateRequest(
         prompt=body.prompt,
         model=model,

@@ -13,9 +13,8 @@ from sepen_core.models import build_tiny_model
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.job_outputs import get_image
 from sepen_store.jobs import create_job, get_job, request_cancel
-from sepen_store.registry import publish_version
 from sepen_store.settings import WorkerSettings
-from tests.interop import spectral_adapter
+from tests.interop import publish_adapter, spectral_adapter
 from worker.runner import Runtime
 
 STEPS = 3
@@ -30,19 +29,7 @@ def make_runtime(path, **settings):
 def publish(runtime, name: str, seed: int) -> str:
     adapter = spectral_adapter(build_tiny_model(seed=0), seed=seed, top=2.0)
     with runtime.sessions() as session:
-        finetune, _ = create_job(session, "acme", "finetune", {"seeded": name})
-        version = publish_version(
-            session,
-            tenant="acme",
-            name=name,
-            job_id=finetune.id,
-            data=adapter.to_bytes(),
-            base_model="sepen-tiny",
-            base_fingerprint=adapter.base_fingerprint,
-            sha256=adapter.sha256,
-            metadata=adapter.metadata,
-        )
-        return version.id
+        return publish_adapter(session, adapter, name).id
 
 
 def submit(runtime, versions: dict[str, str], adapter: str | None, *, prompt="a cat and a dog", concepts=(), **sample):

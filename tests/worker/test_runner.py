@@ -14,9 +14,8 @@ from sepen_core.prompts import ConceptSet
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.job_outputs import get_image
 from sepen_store.jobs import create_job, get_job
-from sepen_store.registry import publish_version
 from sepen_store.settings import WorkerSettings
-from tests.interop import parse_a1111, spectral_adapter
+from tests.interop import parse_a1111, publish_adapter, spectral_adapter
 from worker import work as work_module
 from worker.runner import Runtime
 
@@ -107,18 +106,7 @@ def test_unknown_model_and_redelivered_message(runtime):
 def test_generated_images_carry_a1111_parameters_naming_the_adapter_version(runtime):
     adapter = spectral_adapter(build_tiny_model(seed=0))  # the worker's sepen-tiny: the same base keys
     with runtime.sessions() as session:
-        finetune, _ = create_job(session, "acme", "finetune", {"seeded": True})
-        version = publish_version(
-            session,
-            tenant="acme",
-            name="cat-dog",
-            job_id=finetune.id,
-            data=adapter.to_bytes(),
-            base_model="sepen-tiny",
-            base_fingerprint=adapter.base_fingerprint,
-            sha256=adapter.sha256,
-            metadata=adapter.metadata,
-        )
+        version = publish_adapter(session, adapter, "cat-dog")
         request = {**generate_request(), "adapter": "cat-dog@1"}
         job_id = create_job(session, "acme", "generate", request, adapter_version_id=version.id)[0].id
     assert runtime.run("generate", job_id) == "succeeded"
