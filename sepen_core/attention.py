@@ -25,10 +25,6 @@ from sepen_core.models import BaseModel, TextConditioning
 CONTENT_EPS = 1e-12
 
 
-class StopForward(Exception):
-    """Raised by the last needed capture layer: the UNet's output is not used, so stop there."""
-
-
 def attn2_downsample_factors(unet: UNet2DConditionModel) -> dict[str, int]:
     """Every cross-attention module path (`...attn2`) with its query grid's downsampling vs the latent."""
     block_factor: dict[str, int] = {}
@@ -109,8 +105,7 @@ class MapRecorder:
     """Accumulates per-sample object maps over captured layers (and, during sampling, timesteps).
 
     It reads targets' concept and content masks and grid. `rows` picks the recorded rows of the UNet
-    batch (the conditional half under CFG). With `stop_after` set, the recorder raises StopForward
-    once that many layers recorded. With keep_tokens, it also keeps the head- and layer-averaged
+    batch (the conditional half under CFG). With keep_tokens, it also keeps the head- and layer-averaged
     probabilities of every token (`token_probs()`, (B, H*W, T)), for methods that renormalise them
     their own way.
     """
@@ -120,7 +115,6 @@ class MapRecorder:
         targets: MapTargets,
         *,
         rows: slice | None = None,
-        stop_after: int | None = None,
         local_gradients: bool = False,
         keep_tokens: bool = False,
     ):
@@ -128,7 +122,6 @@ class MapRecorder:
         self.content_mask = targets.content_mask  # (B, T)
         self.grid = targets.grid
         self.rows = rows
-        self.stop_after = stop_after
         self.local_gradients = local_gradients
         self.object_sum: torch.Tensor | float = 0.0  # (B, K, H*W)
         self.content_sum: torch.Tensor | float = 0.0  # (B, H*W)
@@ -147,8 +140,6 @@ class MapRecorder:
         if self.token_sum is not None:
             self.token_sum = self.token_sum + probs
         self.count += 1
-        if self.stop_after is not None and self.count >= self.stop_after:
-            raise StopForward
 
     def maps(self, normalization: str = "raw") -> torch.Tensor:
         """(B, K, H, W) object maps averaged over everything recorded: raw probabilities, or
@@ -330,21 +321,100 @@ def capture_maps(
     local_gradients: bool = False,
     keep_tokens: bool = False,
 ) -> MapRecorder:
-    """Run the UNet only as far as the last of the targets' layers and return the recorded maps.
+    """Run the UNet only as far as the last of the targets' layers (forward_until) and return the recorded maps.
 
     The UNet's output is not needed by the SepEn losses, so stopping early leaves every gradient
     unchanged. local_gradients runs the forward without autograd except inside the capture layers.
     """
-    recorder = MapRecorder(
-        targets, stop_after=len(targets.layers), local_gradients=local_gradients, keep_tokens=keep_tokens
-    )
+    recorder = MapRecorder(targets, local_gradients=local_gradients, keep_tokens=keep_tokens)
     with installed_processors(unet, {name: CrossAttentionProcessor(recorder) for name in targets.layers}):
         with torch.no_grad() if local_gradients else nullcontext():
-            try:
-                unet_forward(unet, latents, timesteps, cond)
-            except StopForward:
-                pass
+            forward_until(unet, latents, timesteps, cond, last_layer(targets.layers))
     return recorder
+
+
+def forward_position(layer: str) -> tuple[int, int, int, int]:
+    """Where an attn2 layer runs in the UNet's forward: (down 0 / mid 1 / up 2, block, attention, transformer block)."""
+    parts = layer.split(".")
+    if parts[0] == "mid_block":
+        return (1, 0, int(parts[2]), int(parts[4]))
+    return (0 if parts[0] == "down_blocks" else 2, int(parts[1]), int(parts[3]), int(parts[5]))
+
+
+def last_layer(layers: Sequence[str]) -> str:
+    """Of some attn2 layers, the one the UNet's forward reaches last."""
+    return max(layers, key=forward_position)
+
+
+def forward_until(
+    unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning, last: str
+) -> None:
+    """The UNet's forward (UNet2DConditionModel.forward, its SD and SDXL-style paths) up to and including the
+    transformer model that holds the attn2 layer `last`, then stop: its output is never computed, by construction
+    (no exception), so the maps' consumers (the SepEn losses, diagnostics, Attend-and-Excite) pay only for the
+    layers before their maps, and torch.compile can trace it whole."""
+    phase, stop_block, stop_attention, _ = forward_position(last)
+    sample = latents
+    upsample_factor = 2**unet.num_upsamplers
+    forward_upsample_size = any(dim % upsample_factor for dim in sample.shape[-2:])
+    mask = cond.encoder_attention_mask
+    if mask is not None:  # as the UNet's forward turns a 0/1 key mask into an additive bias
+        mask = ((1 - mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timesteps), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.encoder_hidden_states, added_cond_kwargs={})
+    emb = emb + aug if aug is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    states = unet.process_encoder_hidden_states(encoder_hidden_states=cond.encoder_hidden_states, added_cond_kwargs={})
+    attend = {"encoder_hidden_states": states, "encoder_attention_mask": mask, "return_dict": False}
+    sample = unet.conv_in(sample)
+
+    residuals = (sample,)
+    for i, block in enumerate(unet.down_blocks):
+        if phase == 0 and i == stop_block:
+            for j, (resnet, attention) in enumerate(zip(block.resnets, block.attentions, strict=True)):
+                sample = attention(resnet(sample, emb), **attend)[0]
+                if j == stop_attention:
+                    return
+        if getattr(block, "has_cross_attention", False):
+            sample, more = block(hidden_states=sample, temb=emb, encoder_hidden_states=states,
+                                 encoder_attention_mask=mask)  # fmt: skip
+        else:
+            sample, more = block(hidden_states=sample, temb=emb)
+        residuals += more
+
+    mid = unet.mid_block
+    if phase == 1:
+        sample = mid.resnets[0](sample, emb)
+        for j, attention in enumerate(mid.attentions):
+            sample = attention(sample, **attend)[0]
+            if j == stop_attention:
+                return
+            sample = mid.resnets[j + 1](sample, emb)
+    if mid is not None:
+        if getattr(mid, "has_cross_attention", False):
+            sample = mid(sample, emb, encoder_hidden_states=states, encoder_attention_mask=mask)
+        else:
+            sample = mid(sample, emb)
+
+    for i, block in enumerate(unet.up_blocks):
+        skips = residuals[-len(block.resnets) :]
+        residuals = residuals[: -len(block.resnets)]
+        if i == stop_block:
+            for j, (resnet, attention) in enumerate(zip(block.resnets, block.attentions, strict=True)):
+                sample = resnet(torch.cat([sample, skips[-1 - j]], dim=1), emb)
+                sample = attention(sample, **attend)[0]
+                if j == stop_attention:
+                    return
+        size = residuals[-1].shape[2:] if forward_upsample_size and residuals else None
+        if getattr(block, "has_cross_attention", False):
+            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=skips, encoder_hidden_states=states,
+                           upsample_size=size, encoder_attention_mask=mask)  # fmt: skip
+        else:
+            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=skips, upsample_size=size)
+    raise ConfigError("map_downsample", f"the UNet's forward never reached {last}")
 
 
 def base_key_forward(

@@ -1,22 +1,32 @@
-"""Map capture: explicit probabilities only where needed, early exit, processors restored, per-sample maps."""
+"""Map capture: explicit probabilities only where needed, a forward that ends at the last map layer (traceable whole
+by torch.compile), processors restored, per-sample maps."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from sepen_core.attention import (
+    CrossAttentionProcessor,
     MapRecorder,
     MapTargets,
     attn2_downsample_factors,
     base_key_forward,
     capture_maps,
+    forward_position,
+    forward_until,
     installed_processors,
+    last_layer,
     map_layers,
     unet_forward,
 )
 from sepen_core.concepts import concept_token_mask, content_token_mask, locate_concepts
 from sepen_core.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[2]
 SD1_MAP_LAYERS = [
     "down_blocks.2.attentions.0.transformer_blocks.0.attn2",
     "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
@@ -56,7 +66,8 @@ def test_capture_stops_after_last_map_layer_and_restores_processors(tiny_model):
     called = []
     hooks = [
         unet.up_blocks[2].register_forward_pre_hook(lambda *a: called.append("up2")),
-        unet.up_blocks[1].register_forward_pre_hook(lambda *a: called.append("up1")),
+        unet.up_blocks[1].upsamplers[0].register_forward_pre_hook(lambda *a: called.append("up1 upsampler")),
+        unet.up_blocks[1].attentions[-1].register_forward_pre_hook(lambda *a: called.append("up1 last attention")),
     ]
     try:
         latents, t, cond, mask, *_ = inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])
@@ -65,7 +76,7 @@ def test_capture_stops_after_last_map_layer_and_restores_processors(tiny_model):
         for h in hooks:
             h.remove()
     assert recorder.count == 5
-    assert called == ["up1"]  # up_blocks.2 and later never ran
+    assert called == ["up1 last attention"]  # the forward ends with it: no upsampler, no up_blocks.2
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
     assert all(t is AttnProcessor2_0 for t in before.values())
 
@@ -150,3 +161,52 @@ def test_attention_mask_is_honoured_by_capture(tiny_model):
     padding[..., 10:] = 1
     maps = capture_maps(tiny_model.unet, latents, t, cond, targets(padding, content)).maps()
     assert maps.max() < 1e-3
+
+
+@pytest.mark.parametrize("last", ["down_blocks.1.attentions.0", "mid_block.attentions.0", "up_blocks.2.attentions.1"])
+def test_forward_until_records_what_the_whole_forward_records(tiny_model, last):
+    """Stopping in a down block, in the mid block or in an up block: the maps up to there are the whole forward's."""
+    unet = tiny_model.unet
+    factors = attn2_downsample_factors(unet)
+    stop = f"{last}.transformer_blocks.0.attn2"
+    layers = [n for n, f in factors.items() if f == factors[stop] and forward_position(n) <= forward_position(stop)]
+    latents, t, cond, mask, *_ = inputs(tiny_model, ["a photo of a cat and a dog"], [["cat", "dog"]])
+    early = MapRecorder(targets(mask, torch.ones(1, 77), layers=layers, grid=(1, 1)), keep_tokens=True)
+    whole = MapRecorder(targets(mask, torch.ones(1, 77), layers=layers, grid=(1, 1)), keep_tokens=True)
+    assert last_layer(layers).startswith(last)
+    with torch.no_grad():
+        for recorder, run in ((early, "until"), (whole, "whole")):
+            processors = {name: CrossAttentionProcessor(recorder) for name in layers}
+            with installed_processors(unet, processors):
+                if run == "until":
+                    forward_until(unet, latents, t, cond, last_layer(layers))
+                else:
+                    unet_forward(unet, latents, t, cond)
+    assert early.count == whole.count == len(layers)
+    assert torch.equal(early.token_probs(), whole.token_probs())
+
+
+TRACE = """
+import torch
+from sepen_core.attention import MapTargets, capture_maps, map_layers
+from sepen_core.models import build_tiny_model
+
+model = build_tiny_model(seed=0)
+cond = model.encode_prompts(["a photo of a cat and a dog"])
+mask = torch.zeros(1, 2, 77)
+mask[0, 0, 4] = mask[0, 1, 7] = 1
+layers = tuple(map_layers(model.unet, 4))
+chosen = MapTargets(mask, torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 77), layers, (8, 8))
+latents, t = torch.randn(1, 4, 32, 32), torch.tensor([500])
+with torch.no_grad():
+    explained = torch._dynamo.explain(lambda x: capture_maps(model.unet, x, t, cond, chosen).maps())(latents)
+print(explained.graph_count, explained.graph_break_count)
+"""
+
+
+def test_capture_traces_as_one_graph():
+    """No exception ends the forward and nothing breaks the trace: torch.compile can take the capture whole (in a
+    fresh interpreter: pytest's import hooks would themselves break a trace)."""
+    run = subprocess.run([sys.executable, "-c", TRACE], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["1", "0"]  # one graph, no break
