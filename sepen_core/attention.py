@@ -9,6 +9,7 @@ MapRecorder turns each captured layer's probabilities into per-sample object map
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -320,17 +321,29 @@ def capture_maps(
     *,
     local_gradients: bool = False,
     keep_tokens: bool = False,
+    compile: bool = False,
 ) -> MapRecorder:
     """Run the UNet only as far as the last of the targets' layers (forward_until) and return the recorded maps.
 
     The UNet's output is not needed by the SepEn losses, so stopping early leaves every gradient
-    unchanged. local_gradients runs the forward without autograd except inside the capture layers.
+    unchanged. local_gradients runs the forward without autograd except inside the capture layers;
+    compile runs it through torch.compile (COMPILE_BACKEND).
     """
     recorder = MapRecorder(targets, local_gradients=local_gradients, keep_tokens=keep_tokens)
+    forward = compiled_forward_until(COMPILE_BACKEND) if compile else forward_until
     with installed_processors(unet, {name: CrossAttentionProcessor(recorder) for name in targets.layers}):
         with torch.no_grad() if local_gradients else nullcontext():
-            forward_until(unet, latents, timesteps, cond, last_layer(targets.layers))
+            forward(unet, latents, timesteps, cond, last_layer(targets.layers))
     return recorder
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's own default
+
+
+@functools.cache
+def compiled_forward_until(backend: str):
+    """forward_until through torch.compile (one per backend and process; torch recompiles it for new shapes)."""
+    return torch.compile(forward_until, backend=backend)
 
 
 def forward_position(layer: str) -> tuple[int, int, int, int]:

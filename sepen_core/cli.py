@@ -84,6 +84,7 @@ def cmd_finetune(args) -> int:
             "lambda_sep": args.lambda_sep,
             "lambda_en": args.lambda_en,
             "grad_mode": args.grad_mode,
+            "compile": True if args.compile else None,
             "seed": args.seed,
             "latents": args.latents,
             "latent_pool": args.latent_pool,
@@ -346,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="training x0: pseudo (Gaussian, the paper; default) or generated (the model's own samples)",
     )
     p.add_argument("--latent-pool", type=int, help="with --latents generated: how many samples to make (default 64)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the map-capture forward: a slow first step, then faster steps on a GPU",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the training prompts, noise and timesteps")
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from one if present")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")

@@ -82,6 +82,9 @@ class FinetuneConfig(_Serializable):
     latents: str = "pseudo"
     latent_pool: int = 64  # "generated": how many samples are made and drawn from
     maps: MapConfig = field(default_factory=MapConfig)
+    # torch.compile the map-capture forward (sepen_core.attention.forward_until, one graph): a slow first step,
+    # then faster steps on a GPU; the gradients are the same.
+    compile: bool = False
 
     def __post_init__(self):
         _check(
@@ -115,6 +118,7 @@ class FinetuneConfig(_Serializable):
             "must be a multiple of 8 from 8 to 256, or null for the model's own",
         )
         _check(self.latents in LATENT_SOURCES, "latents", f"must be one of {LATENT_SOURCES}")
+        _check(isinstance(self.compile, bool), "compile", "must be true or false")
         _check(
             isinstance(self.latent_pool, int) and 1 <= self.latent_pool <= 4096,
             "latent_pool",

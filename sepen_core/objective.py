@@ -153,6 +153,7 @@ def sepen_objective(model: BaseModel, batch: TrainingBatch, config: FinetuneConf
         batch.cond,
         batch.targets,
         local_gradients=config.grad_mode == "local",
+        compile=config.compile,
     )
     maps = recorder.maps(maps_cfg.normalization)
     loss = sepen_loss(

@@ -175,6 +175,7 @@ class WorkerSettings(Settings):
     reconcile_interval_s: float = Field(30.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
     adapter_cache_size: int = Field(8, ge=1)
+    compile: bool = False  # torch.compile finetune steps' map-capture forward (worth it on a GPU)
     # A job's process is stopped when an attempt runs longer than its kind's limit (the job fails with
     # time_limit_exceeded), or when it has not stopped this long after a cancel (within one long step).
     generate_time_limit_s: float = Field(900.0, gt=0)

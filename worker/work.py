@@ -125,7 +125,8 @@ class Work:
                 return finetune_result(request.adapter, published)
         model = self.models.get(request.model)
         concepts = ConceptSet.from_dict(request.concepts)
-        config = model.defaults.finetune_config(concepts.mode, request.recipe)
+        compiled = {"compile": True} if self.settings.compile else {}  # SEPEN_COMPILE: the worker's hardware
+        config = model.defaults.finetune_config(concepts.mode, {**request.recipe, **compiled})
         probes = probe_prompts(concepts)
         before = probe(model, probes, config)
         with tempfile.TemporaryDirectory(prefix=f"sepen-{job.id[:8]}-") as directory:
