@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command, from the repo root:   bash bench/run_gpu.sh
-# Writes gpu.json, gpu.md, batch.json, batch.md and gpu.log to $OUT (default bench/out). Measured on an H100: ~95 s for the
+# Writes gpu.json, gpu.md, batch.json, batch.md, compile.json and gpu.log to $OUT (default bench/out). Measured on an H100: ~95 s for the
 # benchmark, ~2.5 min wall with the install (budget: ~6 minutes in all).
 #
 # Dependencies: `pip install -e ".[ml]"` installs the package and the library's deps (its ml extra). Where a
@@ -41,5 +41,7 @@ export PYTHONUNBUFFERED=1
   # Mixed-adapter batches (issue 12): 8 adapters in one batch vs one adapter vs one job at a time, 512 px, 20 steps.
   $PY bench/batch_bench.py --device cuda --models toy sd15 --sd15-size 512 --steps 20 --runs 5 \
     --json "$OUT/batch.json" --md "$OUT/batch.md"
+  # torch.compile on the exact SepEn step (issue 12): compiled vs not, SD 1.5 architecture at 512 px, bf16.
+  $PY bench/compile_bench.py --device cuda --dtype bf16 --json "$OUT/compile.json"
 } 2>&1 | tee "$OUT/gpu.log"
 exit "${PIPESTATUS[0]}"

@@ -197,6 +197,7 @@ def key_grads(model: BaseModel) -> dict[str, torch.Tensor]:
 CONFIGS = {
     "exact": FinetuneConfig(grad_mode="exact", batch_size=1),
     "local": FinetuneConfig(grad_mode="local", batch_size=1),
+    "exact_compiled": FinetuneConfig(grad_mode="exact", batch_size=1, compile=True),  # bench/compile_bench.py
 }
 
 
@@ -210,7 +211,7 @@ def run_method(model: BaseModel, batch: TrainingBatch, method: str, dtype: torch
     with autocast_for(model, dtype):
         if method == "reference":
             out = reference_objective(model, batch, CONFIGS["exact"])
-        elif method in ("exact", "local"):
+        elif method in CONFIGS:
             out = sepen_objective(model, batch, CONFIGS[method])
         elif method == "floor":
             with torch.no_grad():
