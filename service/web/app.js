@@ -7,7 +7,14 @@ import { formatNumber, lineChart } from "./plots.js";
 const $ = (selector, root = document) => root.querySelector(selector);
 const $$ = (selector, root = document) => [...root.querySelectorAll(selector)];
 const VIEWS = ["models", "finetune", "generate", "adapters", "jobs"];
-const state = { models: [], adapters: [], finetuneWatch: null, generateWatches: [], jobsCursor: null };
+const state = {
+  models: [],
+  adapters: [],
+  adaptersRefresh: 0, // how many adapter refreshes have started: only the latest one's answer is shown
+  finetuneWatch: null,
+  generateWatches: [],
+  jobsCursor: null,
+};
 
 /** An element: el("a", {href: "#x", class: "c", onclick: f, text: "t"}, ...children). */
 function el(tag, attributes = {}, ...children) {
@@ -776,17 +783,24 @@ async function evaluateVersion(version, groups) {
   }
 }
 
-async function refreshAdapters() {
+// Reload the adapters; `message` is what the status line then says (what the caller just did). A refresh that a
+// later one overtook (opening the view, then deleting at once) drops its answer: it would show the list from before.
+async function refreshAdapters(message = "") {
   const status = $("#adapters-status");
+  const mine = ++state.adaptersRefresh;
+  let adapters;
   try {
     const summaries = await api("/adapters");
-    state.adapters = await Promise.all(summaries.map((a) => api(`/adapters/${encodeURIComponent(a.name)}`)));
-    setStatus(status, state.adapters.length ? "" : "No adapters yet: finetune one.");
+    adapters = await Promise.all(summaries.map((a) => api(`/adapters/${encodeURIComponent(a.name)}`)));
   } catch (exc) {
+    if (mine !== state.adaptersRefresh) return;
     if (exc.status === 401) return signOut(exc.message);
     setStatus(status, `could not list the adapters: ${exc.message}`, "failed");
     return;
   }
+  if (mine !== state.adaptersRefresh) return;
+  state.adapters = adapters;
+  setStatus(status, message || (adapters.length ? "" : "No adapters yet: finetune one."));
   renderAdapters();
   fillAdapterPicker();
 }
@@ -873,13 +887,12 @@ async function deleteVersion(name, version) {
   if (!window.confirm(`Delete ${name}@${version} for good? Its number is never reused.`)) return;
   try {
     await api(`/adapters/${encodeURIComponent(name)}/${version}`, { method: "DELETE" });
-    setStatus(status, `deleted ${name}@${version}`);
   } catch (exc) {
     if (exc.status === 401) return signOut(exc.message);
     setStatus(status, `could not delete ${name}@${version}: ${exc.message}`, "failed");
     return;
   }
-  await refreshAdapters();
+  await refreshAdapters(`deleted ${name}@${version}`);
 }
 
 // ---- jobs ----------------------------------------------------------------------------------------
@@ -1000,7 +1013,7 @@ function start() {
       showFinetuneDefaults();
     });
   }
-  $("#adapters-refresh").addEventListener("click", refreshAdapters);
+  $("#adapters-refresh").addEventListener("click", () => refreshAdapters());
   $("#jobs-refresh").addEventListener("click", () => refreshJobs());
   $("#jobs-status-filter").addEventListener("change", () => refreshJobs());
   $("#jobs-more").addEventListener("click", () => refreshJobs(true));

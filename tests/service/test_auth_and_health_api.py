@@ -85,6 +85,7 @@ def test_models(client, auth):
             "defaults": {"sample": {}, "maps": {}, "finetune": {}, "large_scale": {}},
             "limits": {**wide, "max_height": 128, "max_width": 128},
             "nouns": [],
+            "judged": False,
         },
         # the gateway cannot read this model's files: no card, the service's wide limits
         {
@@ -95,6 +96,7 @@ def test_models(client, auth):
             "defaults": {},
             "limits": wide,
             "nouns": [],
+            "judged": False,
         },
     ]
 
