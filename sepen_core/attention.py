@@ -197,9 +197,14 @@ class CrossAttentionProcessor:
     def _key(self, attn: Attention, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         if self.keys is not None:
             return self.keys
-        if self.key_weight is None:
-            return attn.to_k(encoder_hidden_states)
-        return F.linear(encoder_hidden_states, self.key_weight.to(encoder_hidden_states.dtype))
+        if self.key_weight is not None:
+            return F.linear(encoder_hidden_states, self.key_weight.to(encoder_hidden_states.dtype))
+        weight = attn.to_k.weight
+        if weight.dtype != encoder_hidden_states.dtype:  # fp32 keys trained in a half-precision UNet (finetuning)
+            return F.linear(encoder_hidden_states.to(weight.dtype), weight, attn.to_k.bias).to(
+                encoder_hidden_states.dtype
+            )
+        return attn.to_k(encoder_hidden_states)
 
     def __call__(
         self,
@@ -264,6 +269,11 @@ class CrossAttentionProcessor:
             attention_probs = attention_probs.detach()
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         return attn.batch_to_head_dim(torch.bmm(attention_probs, value))  # (B, N, heads*d)
+
+
+def cross_attention_layers(unet: UNet2DConditionModel) -> list[str]:
+    """Every cross-attention module path (`...attn2`), in the UNet's module order."""
+    return [name for name, module in unet.named_modules() if isinstance(module, Attention) and name.endswith(".attn2")]
 
 
 @contextmanager

@@ -13,13 +13,14 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from sepen_core.adapters import KeyProjectionAdapter, restore_base_keys
+from sepen_core.attention import CrossAttentionProcessor, cross_attention_layers, installed_processors
 from sepen_core.checkpoints import read_checkpoint_state, restore_checkpoint, write_checkpoint
 from sepen_core.config import FinetuneConfig
 from sepen_core.errors import Canceled, CheckpointError
@@ -102,6 +103,28 @@ def _trained_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
     return {name: params[name] for name in model.base_keys}
 
 
+@contextmanager
+def _keys_in_fp32(model: BaseModel):
+    """In a half-precision model (fp16, bf16), the key projections train as fp32 copies while every frozen weight
+    stays as it is (AdamW's small updates vanish in bf16 weights, and autocast over fp32 weights would keep bf16
+    copies of the whole UNet for the backward); every cross-attention layer computes its keys in fp32 and hands
+    them on in the model's dtype. The model's own key weights are back in place on exit."""
+    if model.dtype == torch.float32:
+        yield
+        return
+    modules = {name: module.to_k for name, module in model.unet.named_modules() if name.endswith(".attn2")}
+    originals = {name: linear.weight for name, linear in modules.items()}
+    for linear in modules.values():
+        linear.weight = torch.nn.Parameter(linear.weight.detach().float(), requires_grad=False)
+    fp32_keys = {name: CrossAttentionProcessor() for name in cross_attention_layers(model.unet)}
+    try:
+        with installed_processors(model.unet, fp32_keys):
+            yield
+    finally:
+        for name, linear in modules.items():
+            linear.weight = originals[name]
+
+
 def _load_checkpoint(
     directory: Path, fingerprint: str, params: dict, optimizer: torch.optim.AdamW
 ) -> tuple[int, list[StepReport]]:
@@ -154,8 +177,33 @@ def finetune(
     on_step(report) is called after every step; should_cancel() is polled before every step and
     raises Canceled when it returns True. With checkpoint_dir, a directory (a checkpoint every 50
     steps) or Checkpoints (how often, and whom to tell of each write), checkpoints are written and
-    an existing one of the same run is resumed from.
+    an existing one of the same run is resumed from. In a half-precision model the keys train in fp32
+    (_keys_in_fp32).
     """
+    with _keys_in_fp32(model):
+        return _finetune(
+            model,
+            concepts,
+            config,
+            on_step=on_step,
+            should_cancel=should_cancel,
+            checkpoint_dir=checkpoint_dir,
+            autocast_dtype=autocast_dtype,
+            adapter_metadata=adapter_metadata,
+        )
+
+
+def _finetune(
+    model: BaseModel,
+    concepts: ConceptSet,
+    config: FinetuneConfig | None,
+    *,
+    on_step: Callable[[StepReport], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    checkpoint_dir: str | Path | Checkpoints | None,
+    autocast_dtype: torch.dtype | None,
+    adapter_metadata: dict | None,
+) -> FinetuneResult:
     config = config or model.defaults.finetune_config(concepts.mode)
     check_concepts(model, concepts)
     params = _trained_parameters(model)

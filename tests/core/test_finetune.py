@@ -1,6 +1,7 @@
 """Finetuning trains only attn2.to_k, is seeded, resumes exactly, reports progress, cancels, and works."""
 
 import dataclasses
+import math
 import random
 
 import pytest
@@ -193,3 +194,24 @@ def test_a_compiled_capture_trains_the_same_adapter(monkeypatch):
     for name, delta in plain.deltas.items():
         assert torch.allclose(compiled.deltas[name].float(), delta.float(), atol=1e-6), name
     assert any(d.abs().max() > 0 for d in plain.deltas.values())
+
+
+def test_a_half_precision_model_trains_fp32_keys_and_keeps_its_own_weights():
+    """bf16 frozen weights, fp32 keys while training: the adapter moves, the steps see fp32 keys, and afterwards the
+    model holds its own bf16 key weights, unchanged."""
+    from sepen_core.models import key_projection_weights, load_model
+
+    model = load_model("tiny", dtype="bf16")
+    before = {name: w.clone() for name, w in key_projection_weights(model.unet).items()}
+    seen = []
+    result = finetune(
+        model,
+        PAIR,
+        FinetuneConfig(steps=3, **FAST),
+        on_step=lambda report: seen.append({w.dtype for w in key_projection_weights(model.unet).values()}),
+    )
+    assert seen == [{torch.float32}] * 3
+    after = key_projection_weights(model.unet)
+    assert all(after[name].dtype == torch.bfloat16 and torch.equal(after[name], w) for name, w in before.items())
+    assert all(math.isfinite(r.loss) for r in result.history)
+    assert max(float(d.float().abs().max()) for d in result.adapter.deltas.values()) > 0
