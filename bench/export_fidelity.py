@@ -5,6 +5,11 @@ output for a fixed input against sepen's own apply(), and for a model with a VAE
 
     python bench/export_fidelity.py cat-dog.safetensors --model tiny [--ranks 1 2 4 8 16] [--energies 0.9 0.99]
     python bench/export_fidelity.py cherry-sofa.safetensors --model toy --json out.json
+    python bench/export_fidelity.py cherry-sofa.safetensors --model toy --success "a cherry and a sofa" --samples 64
+
+With --success (a model with a judge: the toy world's), each rank's adapter and the full one draw the given prompts
+(concepts: the model's nouns in them) from the same seeds, in one batch, and the judge counts how often every object
+is drawn: each rank's success against the full adapter's, paired.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sepen_core.adapters import KeyProjectionAdapter  # noqa: E402
 from sepen_core.config import SampleConfig  # noqa: E402
-from sepen_core.export import export_adapter, kohya_name  # noqa: E402
+from sepen_core.evaluation import load_judge  # noqa: E402
+from sepen_core.export import export_adapter, factorise, kohya_name  # noqa: E402
+from sepen_core.model_card import model_card  # noqa: E402
 from sepen_core.models import BaseModel, load_model  # noqa: E402
-from sepen_core.sampling import generate  # noqa: E402
+from sepen_core.sampling import GenerationRequest, generate, generate_batch  # noqa: E402
+from sepen_core.stats import paired_difference, wilson_interval  # noqa: E402
 
 PROMPT = "a photo of a cat and a dog"
 
@@ -121,6 +129,48 @@ def pipeline_images(model: BaseModel, data: bytes, prompt: str) -> dict | None:
     return {"max_abs": float(np.abs(theirs - ours).max()), "adapter_effect": float(np.abs(ours - base).max())}
 
 
+def low_rank(adapter: KeyProjectionAdapter, rank: int) -> KeyProjectionAdapter:
+    """The adapter as its rank-`rank` LoRA export holds it: each delta replaced by its truncated SVD (fp16)."""
+    deltas = {}
+    for name, delta in adapter.deltas.items():
+        up, down, _ = factorise(delta.float().numpy(), rank, None)
+        deltas[name] = torch.from_numpy(up @ down).to(delta.dtype)
+    return KeyProjectionAdapter(deltas, adapter.base_model_id, adapter.base_fingerprint, dict(adapter.metadata))
+
+
+def success_by_rank(
+    model: BaseModel, source: str, data: bytes, ranks: list[int], prompts: list[str], samples: int, seed: int
+) -> list[dict]:
+    """Per rank (and full): the share of images with every named object drawn, and the paired difference from the
+    full adapter on the same seeds (the model's judge reads the images)."""
+    card = model_card(source)
+    judge = load_judge(card.judge, card.path)
+    if judge is None:
+        raise SystemExit(f"--success needs a model with a judge (the toy world's); {source} has none")
+    full = KeyProjectionAdapter.from_bytes(data)
+    variants = {"full rank": full, **{f"rank {r}": low_rank(full, r) for r in ranks}}
+    outcomes: dict[str, list[bool]] = {name: [] for name in variants}
+    for j, prompt in enumerate(prompts):
+        concepts = tuple(n for n in card.nouns if n in prompt.split())
+        config = model.defaults.sample_config({"num_images": samples, "seed": seed + 1000 * j})
+        results = generate_batch(model, [GenerationRequest(prompt, config, a) for a in variants.values()])
+        for name, result in zip(variants, results, strict=True):
+            outcomes[name] += [judge(pixels, concepts) for pixels in result.pixels]
+    rows = []
+    for name, got in outcomes.items():
+        n, won = len(got), sum(got)
+        rows.append(
+            {
+                "adapter": name,
+                "n": n,
+                "success": won / n,
+                "success_ci95": list(wilson_interval(won, n)),
+                "vs_full": paired_difference(outcomes["full rank"], got),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("adapter", help="sepen adapter .safetensors file")
@@ -129,6 +179,9 @@ def main() -> None:
     parser.add_argument("--energies", type=float, nargs="+", default=[0.9, 0.99])
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--success", nargs="+", metavar="PROMPT", help="prompts to count drawn objects on, per rank")
+    parser.add_argument("--samples", type=int, default=32, help="with --success: images per prompt and adapter")
+    parser.add_argument("--seed", type=int, default=0, help="with --success: prompt j uses seeds seed + 1000 j + i")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = Path(args.adapter).read_bytes()
@@ -140,6 +193,8 @@ def main() -> None:
         "unet_outputs": unet_outputs(model, data, args.prompt),
         "images": pipeline_images(model, data, args.prompt),
     }
+    if args.success:
+        results["success"] = success_by_rank(model, args.model, data, args.ranks, args.success, args.samples, args.seed)
     print(f"| kohya export | ranks | energy kept | relative Frobenius error | bytes |  ({args.adapter}, {args.model})")
     print("|---|---|---|---|---|")
     for row in results["ranks"]:
@@ -157,6 +212,17 @@ def main() -> None:
             f"\ndiffusers pipeline vs sepen generate(), fp16 diffusers export: max pixel difference "
             f"{images['max_abs']:.2e} (the adapter itself changes pixels by up to {images['adapter_effect']:.2e})"
         )
+    if args.success:
+        print("\n| adapter | images | success (95% Wilson) | vs the full adapter (same seeds) | gained / lost | p |")
+        print("|---|---:|---|---|---|---:|")
+        for row in results["success"]:
+            low, high = row["success_ci95"]
+            diff = row["vs_full"]
+            print(
+                f"| {row['adapter']} | {row['n']} | {100 * row['success']:.1f}% ({100 * low:.1f}-{100 * high:.1f}) | "
+                f"{100 * diff['difference']:+.1f} [{100 * diff['ci95'][0]:+.1f}, {100 * diff['ci95'][1]:+.1f}] | "
+                f"{diff['gained']} / {diff['lost']} | {diff['p_mcnemar']:.2f} |"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
