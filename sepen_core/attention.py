@@ -296,9 +296,8 @@ def cross_attention_keys(
     """Every attn2 layer's keys (B, T, inner) of the prompt states, rows by rows with their own key weights:
     weights[i] = (the rows, {`...attn2.to_k.weight`: the weight to use}); None: the layer's own weights."""
     keys = {}
-    for name, module in unet.named_modules():
-        if not (isinstance(module, Attention) and name.endswith(".attn2")):
-            continue
+    for name in cross_attention_layers(unet):
+        module = unet.get_submodule(name)
         states = (
             module.norm_encoder_hidden_states(encoder_hidden_states) if module.norm_cross else encoder_hidden_states
         )

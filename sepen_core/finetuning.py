@@ -112,11 +112,12 @@ def _keys_in_fp32(model: BaseModel):
     if model.dtype == torch.float32:
         yield
         return
-    modules = {name: module.to_k for name, module in model.unet.named_modules() if name.endswith(".attn2")}
+    layers = cross_attention_layers(model.unet)
+    modules = {name: model.unet.get_submodule(name).to_k for name in layers}
     originals = {name: linear.weight for name, linear in modules.items()}
     for linear in modules.values():
         linear.weight = torch.nn.Parameter(linear.weight.detach().float(), requires_grad=False)
-    fp32_keys = {name: CrossAttentionProcessor() for name in cross_attention_layers(model.unet)}
+    fp32_keys = {name: CrossAttentionProcessor() for name in layers}
     try:
         with installed_processors(model.unet, fp32_keys):
             yield

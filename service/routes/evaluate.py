@@ -6,12 +6,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from sepen_core.config import SampleConfig
-from sepen_core.errors import ConfigError
 from sepen_store.contract import EvaluateRequest, EvaluationPrompt
 from service.deps import CeleryDep, IdempotencyKeyDep, SessionsDep, SettingsDep, TenantDep
-from service.errors import ApiError, invalid_setting
-from service.routes.generate import SAMPLE_FIELDS, pick_seed
+from service.errors import ApiError
+from service.routes.generate import check_sample, pick_seed
 from service.routes.models import card_of
 from service.schemas import EvaluateIn, SubmittedJob
 from service.submission import SUBMIT_RESPONSES, pin_adapter, submit_job, submitted, webhook_of
@@ -60,10 +58,7 @@ def submit_evaluate(
             for k, v in {"num_inference_steps": body.steps, "guidance_scale": body.guidance}.items()
             if v is not None
         }
-        try:
-            SampleConfig.from_dict(sample)
-        except ConfigError as exc:
-            raise invalid_setting(exc, SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
+        check_sample(sample)
         request = EvaluateRequest(
             adapter=ref,
             model=model,

@@ -35,6 +35,14 @@ SAMPLE_FIELDS = {
 SEED_RANGE = 2**31
 
 
+def check_sample(sample: dict) -> None:
+    """422 naming the request's field (steps, guidance...) when the sample settings it gave are not a SampleConfig."""
+    try:
+        SampleConfig.from_dict(sample)
+    except ConfigError as exc:
+        raise invalid_setting(exc, SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
+
+
 def pick_seed(tenant: str, idempotency_key: str | None) -> int:
     if idempotency_key is None:
         return secrets.randbelow(SEED_RANGE)
@@ -108,10 +116,7 @@ def _submit(
             if v is not None
         },
     }
-    try:
-        SampleConfig.from_dict(sample)
-    except ConfigError as exc:
-        raise invalid_setting(exc, SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
+    check_sample(sample)
     request = GenerateRequest(
         prompt=body.prompt,
         model=model,
