@@ -312,12 +312,14 @@ def cross_attention_keys(
 def unet_forward(
     unet: UNet2DConditionModel, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning
 ) -> torch.Tensor:
-    """One UNet call with the conditioning's hidden states and attention mask: (B, C, h, w) noise prediction."""
+    """One UNet call with the conditioning's hidden states, attention mask and (SDXL) added conditioning:
+    (B, C, h, w) noise prediction."""
     return unet(
         latents,
         timesteps,
         encoder_hidden_states=cond.encoder_hidden_states,
         encoder_attention_mask=cond.encoder_attention_mask,
+        added_cond_kwargs=cond.added_cond_kwargs,
     ).sample
 
 
@@ -384,12 +386,15 @@ def forward_until(
         mask = ((1 - mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
     if unet.config.center_input_sample:
         sample = 2 * sample - 1.0
+    added = cond.added_cond_kwargs or {}  # SDXL's pooled text and time ids join the time embedding
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timesteps), None)
-    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.encoder_hidden_states, added_cond_kwargs={})
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=cond.encoder_hidden_states, added_cond_kwargs=added)
     emb = emb + aug if aug is not None else emb
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
-    states = unet.process_encoder_hidden_states(encoder_hidden_states=cond.encoder_hidden_states, added_cond_kwargs={})
+    states = unet.process_encoder_hidden_states(
+        encoder_hidden_states=cond.encoder_hidden_states, added_cond_kwargs=added
+    )
     attend = {"encoder_hidden_states": states, "encoder_attention_mask": mask, "return_dict": False}
     sample = unet.conv_in(sample)
 

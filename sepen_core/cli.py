@@ -88,6 +88,8 @@ def cmd_finetune(args) -> int:
             "seed": args.seed,
             "latents": args.latents,
             "latent_pool": args.latent_pool,
+            "rank": args.rank,
+            "energy": args.energy,
         }
     )
     # Bad settings fail before the model loads.
@@ -351,6 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="torch.compile the map-capture forward: a slow first step, then faster steps on a GPU",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        help="store the adapter as a rank-RANK factorisation of each layer's delta, capped at its size; training is "
+        "the same (default: the full delta)",
+    )
+    p.add_argument(
+        "--energy",
+        type=float,
+        help="instead of --rank: store per layer the smallest rank keeping this share of the squared singular values",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the training prompts, noise and timesteps")
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from one if present")

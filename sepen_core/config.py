@@ -18,7 +18,19 @@ LATENT_SOURCES = ("pseudo", "generated")
 # Model sources that are not directories (models.load_model): the bundled toy-world model, the tiny random model.
 BUNDLED_SOURCE = "toy"
 TINY_SOURCE = "tiny"
+TINY_XL_SOURCE = "tiny-xl"  # the tiny random model in SDXL's layout
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+def tiny_source(spec: str) -> tuple[str, int] | None:
+    """("sd" or "sdxl", seed) when `spec` names a tiny random model ("tiny", "tiny:3", "tiny-xl", "tiny-xl:3"),
+    else None; ConfigError for a seed that is not a whole number."""
+    for name, architecture in ((TINY_XL_SOURCE, "sdxl"), (TINY_SOURCE, "sd")):
+        if spec == name or spec.startswith(f"{name}:"):
+            seed = spec.partition(":")[2] or "0"
+            _check(seed.isdecimal(), "model", f"{spec!r}: the tiny model's seed must be a whole number, as in {name}:3")
+            return architecture, int(seed)
+    return None
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -57,6 +69,23 @@ class MapConfig(_Serializable):
         _check(0 < self.smoothing_sigma <= 10, "smoothing_sigma", "must be in (0, 10]")
 
 
+def check_low_rank(rank: int | None, energy: float | None) -> None:
+    """ConfigError naming the field unless `rank` (a whole number from 1 to MAX_EXPORT_RANK) or `energy` (a share
+    in (0, 1]) or neither is given: how an adapter is stored low-rank (FinetuneConfig, KeyProjectionAdapter.low_rank),
+    by ExportOptions' rules and in its words."""
+    _check(rank is None or energy is None, "energy", "give rank or energy, not both")
+    _check(
+        rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= MAX_EXPORT_RANK),
+        "rank",
+        f"must be a whole number from 1 to {MAX_EXPORT_RANK}",
+    )
+    _check(
+        energy is None or (isinstance(energy, (int, float)) and not isinstance(energy, bool) and 0 < energy <= 1),
+        "energy",
+        "must be a fraction in (0, 1]: the share of squared singular values kept",
+    )
+
+
 @dataclass(frozen=True)
 class FinetuneConfig(_Serializable):
     """A SepEn finetuning recipe. Defaults are the paper's single-pair recipe (METHOD.md section 5)."""
@@ -85,6 +114,11 @@ class FinetuneConfig(_Serializable):
     # torch.compile the map-capture forward (sepen_core.attention.forward_until, one graph): a slow first step,
     # then faster steps on a GPU; the gradients are the same.
     compile: bool = False
+    # How the adapter is stored (training is the same: full-rank key weights are trained): a rank-r factorisation of
+    # each layer's delta (rank), or per layer the smallest rank keeping this share of the squared singular values
+    # (energy); neither: the full delta. A full-rank SDXL key delta is ~340 MB in fp16.
+    rank: int | None = None
+    energy: float | None = None
 
     def __post_init__(self):
         _check(
@@ -124,6 +158,7 @@ class FinetuneConfig(_Serializable):
             "latent_pool",
             "must be an integer from 1 to 4096",
         )
+        check_low_rank(self.rank, self.energy)
         if isinstance(self.maps, dict):  # from_dict / JSON
             object.__setattr__(self, "maps", MapConfig.from_dict(self.maps))
 

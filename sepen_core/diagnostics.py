@@ -47,7 +47,7 @@ def diagnose(
     """Average the object maps' statistics over `samples` pseudo-latents x_t (t evenly spaced)."""
     maps_cfg = maps or model.defaults.sample_config().maps
     size = latent_size or model.unet.config.sample_size
-    cond = model.encode_prompts([prompt]).select([0] * samples)
+    cond = model.encode_prompts([prompt], (size, size)).select([0] * samples)
     targets = map_targets(model, cond, [concepts] * samples, maps_cfg.map_downsample, (size, size))
     num_train = model.noise_scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0, num_train - 1, samples).round().long()

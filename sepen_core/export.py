@@ -2,15 +2,20 @@
 
     diffusers  unet.<module>.lora_A.weight (r, in) and .lora_B.weight (out, r): PEFT's keys, which
                `StableDiffusionPipeline.load_lora_weights` loads; per-layer ranks and alphas in `lora_adapter_metadata`
-    kohya      lora_unet_<module with _>.lora_down.weight (r, in), .lora_up.weight (out, r) and .alpha: what ComfyUI,
-               A1111 and diffusers load as a LoRA
-    full       lora_unet_<module with _>.diff (out, in): the delta itself, ComfyUI's and A1111's full-rank difference
+    kohya      <network>.lora_down.weight (r, in), .lora_up.weight (out, r) and .alpha: what ComfyUI, A1111 and
+               diffusers load as a LoRA
+    full       <network>.diff (out, in): the delta itself, ComfyUI's and A1111's full-rank difference
 
-<module> is the diffusers module path, e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k. A LoRA is the
-truncated SVD of each layer's delta: with Δ = U S Vᵀ, up = U_r √S_r and down = √S_r V_rᵀ, and alpha = r, so a loader's
-scale (alpha / rank) is 1 and strength 1.0 adds exactly the truncated delta. The rank is fixed (`rank`, capped at each
-matrix's smaller side), the smallest keeping a fraction `energy` of the squared singular values per layer, or full.
-The header carries sepen's record (base model id and fingerprint, concepts, recipe...) and what the export kept.
+<module> is the diffusers module path, e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k; <network> is
+kohya's name of it (kohya_name): lora_unet_<module with _> for SD, the original SGM UNet's names for SDXL. A LoRA is the
+truncated SVD of each layer's delta: with Δ = U S Vᵀ, up = U_r √S_r and down = √S_r V_rᵀ, and alpha = r (diffusers;
+a kohya file has one alpha for all layers, its most common rank, and each up factor carries r / alpha), so what a
+loader adds, alpha / rank · up @ down, is exactly the truncated delta at strength 1.0. The rank is fixed (`rank`,
+capped at each matrix's smaller side), the smallest keeping a fraction `energy` of the squared singular values per
+layer, or full.
+An adapter stored low-rank (Δ = up @ down, rank r) is factorised without forming Δ (factorise_product), so its LoRA
+has at most rank r. The header carries sepen's record (base model id, architecture and fingerprint, concepts,
+recipe...) and what the export kept.
 
 Torch-free, numpy alone (the safetensors file is written here, the same bytes for the same input), so the gateway
 converts a stored version on download (docs/interop.md).
@@ -19,6 +24,7 @@ converts a stored version on download (docs/interop.md).
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -100,14 +106,64 @@ def factorise(delta: np.ndarray, rank: int | None, energy: float | None) -> tupl
     return basis * root[None, :], (basis.T @ d) / root[:, None], min(kept, 1.0)  # Uᵀ Δ = S Vᵀ
 
 
+def factorise_product(
+    up: np.ndarray, down: np.ndarray, rank: int | None, energy: float | None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """factorise() of Δ = up (out, k) @ down (k, in) without forming Δ: the exact truncated SVD through the QR of each
+    factor and the SVD of a k x k core. With up = Q_u R_u and downᵀ = Q_d R_d, Δ = Q_u (R_u R_dᵀ) Q_dᵀ, so the SVD
+    R_u R_dᵀ = U' S V'ᵀ gives Δ's: U = Q_u U', V = Q_d V'. Δ has rank at most k, and so has the result."""
+    q_up, r_up = np.linalg.qr(up.astype(np.float64))  # (out, k'), (k', k)
+    q_down, r_down = np.linalg.qr(down.astype(np.float64).T)  # (in, k''), (k'', k)
+    u, singular, vt = np.linalg.svd(r_up @ r_down.T)  # the core (k', k''): (k', m), (m,), (m, k'')
+    r = lora_rank(singular, rank, energy)
+    squares = singular**2
+    total = float(squares.sum())
+    kept = float(squares[:r].sum() / total) if total > 0 else 1.0
+    root = np.sqrt(singular[:r])
+    return (q_up @ u[:, :r]) * root[None, :], root[:, None] * (vt[:r] @ q_down.T), min(kept, 1.0)
+
+
 def module_path(name: str) -> str:
     """'down_blocks.1...attn2.to_k.weight' -> 'down_blocks.1...attn2.to_k'."""
     return name.removesuffix(KEY_SUFFIX)
 
 
-def kohya_name(name: str) -> str:
-    """'down_blocks.1.attentions.0...attn2.to_k.weight' -> 'lora_unet_down_blocks_1_attentions_0_..._attn2_to_k'."""
-    return "lora_unet_" + module_path(name).replace(".", "_")
+_SGM_BLOCKS = (  # diffusers' UNet blocks -> the SGM UNet's, of an SDXL-style UNet with `stride` blocks per level
+    (re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)"), lambda b, a, s: f"input_blocks_{1 + b * s + a}_1"),
+    (re.compile(r"mid_block\.attentions\.(0)\.(.+)"), lambda a, s: "middle_block_1"),
+    (re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)"), lambda b, a, s: f"output_blocks_{b * s + a}_1"),
+)
+
+
+def kohya_name(name: str, architecture: str = "sd", stride: int = 3) -> str:
+    """kohya's network name of a key layer (its state-dict name), under which the kohya and full formats store it.
+
+    "sd": "lora_unet_" + the diffusers module path with "." -> "_" ('down_blocks.1.attentions.0...attn2.to_k.weight'
+    -> 'lora_unet_down_blocks_1_attentions_0_..._attn2_to_k'), what kohya's sd-scripts writes for SD 1.x and 2.x.
+    "sdxl": the original SGM UNet's module names, what sd-scripts writes for SDXL: down_blocks.{b}.attentions.{a}
+    -> input_blocks_{1 + b*stride + a}_1, mid_block.attentions.0 -> middle_block_1, up_blocks.{b}.attentions.{a}
+    -> output_blocks_{b*stride + a}_1, each followed by the rest of the path ('down_blocks.1.attentions.0.
+    transformer_blocks.0.attn2.to_k.weight' -> 'lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k').
+    `stride` is the number of resnets per up block, 1 + layers_per_block (sgm_stride; SDXL: 3).
+
+    Who reads which: A1111's Lora extension and ComfyUI read both the diffusers-style and the SGM names for SDXL (and
+    the diffusers-style ones for SD), diffusers' load_lora_weights converts both to its own; the SGM names are the
+    ones SDXL LoRAs in the wild carry. The diffusers format keeps unet.<module path> for either architecture."""
+    path = module_path(name)
+    if architecture == "sd":
+        return "lora_unet_" + path.replace(".", "_")
+    for pattern, block in _SGM_BLOCKS:
+        match = pattern.fullmatch(path)
+        if match:
+            *indices, rest = match.groups()
+            return f"lora_unet_{block(*(int(i) for i in indices), stride)}_{rest.replace('.', '_')}"
+    raise AdapterFormatError(f"layer {path} has no SGM UNet name: not an attention layer of a down, mid or up block")
+
+
+def sgm_stride(names) -> int:
+    """The SGM block stride of a UNet with these key layers: attentions per up block (max index + 1; SDXL: 3)."""
+    indices = [int(m.group(1)) for m in map(re.compile(r"up_blocks\.\d+\.attentions\.(\d+)\.").match, names) if m]
+    return max(indices) + 1 if indices else 3
 
 
 def export_adapter(
@@ -118,35 +174,98 @@ def export_adapter(
     options = ExportOptions(format, rank, energy, dtype)
     adapter = read_adapter_file(data)
     out_dtype = EXPORT_DTYPES[dtype]
+    stride = sgm_stride(adapter.layer_names)
+    stored: dict[str, tuple[np.ndarray, ...]] = {}  # (up, down) or (delta,)
+    written: dict[str, tuple[np.ndarray, ...]] = {}  # (up, down) or (diff,), in the export's dtype
+    kept: dict[str, float] = {}
+    for name in adapter.layer_names:
+        stored[name] = adapter.factors.get(name) or (adapter.deltas[name],)
+        if not all(np.isfinite(t).all() for t in stored[name]):
+            raise AdapterFormatError(f"layer {module_path(name)} holds NaN or infinite values: nothing to export")
+        if options.format == "full":
+            written[name], kept[name] = (_dense(stored[name]).astype(out_dtype),), 1.0
+            continue
+        if len(stored[name]) == 2:  # stored low-rank: factorised without forming Δ
+            up, down, kept[name] = factorise_product(*stored[name], options.rank, options.energy)
+        else:
+            up, down, kept[name] = factorise(stored[name][0], options.rank, options.energy)
+        written[name] = (up, down)
+    ranks = {name: min(t[0].shape) if len(t) == 1 else t[0].shape[1] for name, t in written.items()}
+    # kohya files get one alpha for every layer, and each layer's up factor carries rank / alpha: every loader's
+    # scale alpha / rank then gives back the truncated delta, even one that reads only a single alpha for all layers
+    # (diffusers' kohya conversion mis-keys per-layer alphas, so unequal ranks would be scaled wrongly).
+    alpha = _common(ranks.values()) if options.format == "kohya" else None
     tensors: dict[str, np.ndarray] = {}
     layers: dict[str, LayerExport] = {}
     error_sq = norm_sq = kept_sq = 0.0
-    for name, delta in sorted(adapter.deltas.items()):
-        if not np.isfinite(delta).all():
-            raise AdapterFormatError(f"layer {module_path(name)} holds NaN or infinite values: nothing to export")
-        reference = delta.astype(np.float64)
+    for name, parts in written.items():
+        r, network = ranks[name], kohya_name(name, adapter.base_architecture, stride)
         if options.format == "full":
-            diff = delta.astype(out_dtype)
-            tensors[f"{kohya_name(name)}.diff"] = diff
-            restored, r, kept = diff.astype(np.float64), min(delta.shape), 1.0
+            tensors[f"{network}.diff"] = parts[0]
+            restored: tuple[np.ndarray, ...] = (parts[0],)
         else:
-            up, down, kept = factorise(delta, options.rank, options.energy)
+            up, down = parts
+            if alpha is not None:
+                up = up * (r / alpha)
             up, down = up.astype(out_dtype), down.astype(out_dtype)
-            r = up.shape[1]
             if options.format == "diffusers":
                 tensors[f"unet.{module_path(name)}.lora_A.weight"] = down
                 tensors[f"unet.{module_path(name)}.lora_B.weight"] = up
             else:
-                tensors[f"{kohya_name(name)}.lora_down.weight"] = down
-                tensors[f"{kohya_name(name)}.lora_up.weight"] = up
-                tensors[f"{kohya_name(name)}.alpha"] = np.asarray(r, dtype=out_dtype)  # alpha / rank = 1
-            restored = up.astype(np.float64) @ down.astype(np.float64)
-        layer_norm_sq = float((reference**2).sum())
-        layer_error_sq = float(((restored - reference) ** 2).sum())
-        error_sq, norm_sq, kept_sq = error_sq + layer_error_sq, norm_sq + layer_norm_sq, kept_sq + kept * layer_norm_sq
-        layers[name] = LayerExport(r, kept, _ratio(layer_error_sq, layer_norm_sq))
+                tensors[f"{network}.lora_down.weight"] = down
+                tensors[f"{network}.lora_up.weight"] = up
+                tensors[f"{network}.alpha"] = np.asarray(alpha, dtype=out_dtype)
+            # What a loader adds: (alpha / r) up @ down, from the stored tensors after their dtype's rounding.
+            restored = (up.astype(np.float64) * (alpha / r if alpha is not None else 1.0), down)
+        layer_norm_sq, layer_error_sq = _difference_sq(restored, stored[name])
+        error_sq, norm_sq = error_sq + layer_error_sq, norm_sq + layer_norm_sq
+        kept_sq += kept[name] * layer_norm_sq
+        layers[name] = LayerExport(r, kept[name], _ratio(layer_error_sq, layer_norm_sq))
     export = Export(b"", options, layers, _ratio(error_sq, norm_sq), kept_sq / norm_sq if norm_sq > 0 else 1.0)
-    return replace(export, data=safetensors_bytes(tensors, _header(adapter, export)))
+    return replace(export, data=safetensors_bytes(tensors, _header(adapter, export, alpha)))
+
+
+def _common(ranks) -> int:
+    """The most common rank (the larger of equally common ones)."""
+    counts = Counter(ranks)
+    return max(counts, key=lambda r: (counts[r], r))
+
+
+def _dense(parts: tuple[np.ndarray, ...]) -> np.ndarray:
+    """A layer's delta in float64, from (delta,) or (up, down)."""
+    return parts[0].astype(np.float64) if len(parts) == 1 else _product(*parts)
+
+
+def _difference_sq(restored: tuple[np.ndarray, ...], reference: tuple[np.ndarray, ...]) -> tuple[float, float]:
+    """(||reference||², ||restored - reference||²), each given as (dense,) or (up, down); two factored matrices are
+    compared through r x r products, neither formed."""
+    if len(restored) == 2 and len(reference) == 2:
+        return _factored_difference_sq(restored, reference)
+    return _dense_difference_sq(_dense(restored), _dense(reference))
+
+
+def _product(up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    return up.astype(np.float64) @ down.astype(np.float64)
+
+
+def _inner(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
+    """<A, B>_F of A = a_up @ a_down and B = b_up @ b_down: tr(A_downᵀ A_upᵀ B_up B_down), through r x r matrices."""
+    (a_up, a_down), (b_up, b_down) = [(u.astype(np.float64), d.astype(np.float64)) for u, d in (a, b)]
+    return float(np.sum((a_up.T @ b_up) * (a_down @ b_down.T)))
+
+
+def _dense_difference_sq(restored: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(||reference||², ||restored - reference||²), float64."""
+    return float((reference**2).sum()), float(((restored - reference) ** 2).sum())
+
+
+def _factored_difference_sq(
+    restored: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray]
+) -> tuple[float, float]:
+    """_dense_difference_sq of two matrices given as factors (up, down), through r x r matrices: neither is formed."""
+    norm_sq = _inner(reference, reference)
+    error_sq = _inner(restored, restored) - 2 * _inner(restored, reference) + norm_sq
+    return max(norm_sq, 0.0), max(error_sq, 0.0)
 
 
 _SAFETENSORS_DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32"}
@@ -180,13 +299,14 @@ def _text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _header(adapter: AdapterFile, export: Export) -> dict[str, str]:
+def _header(adapter: AdapterFile, export: Export, alpha: int | None = None) -> dict[str, str]:
     """sepen's record under `sepen.*`, what the export kept, and each format's own entries."""
     options, ranks = export.options, export.ranks
     header = {
         "format": "pt",  # what safetensors files of torch weights declare; diffusers writes it too
         "sepen.export": options.format,
         "sepen.base_model_id": adapter.base_model_id,
+        "sepen.base_architecture": adapter.base_architecture,
         "sepen.base_fingerprint": adapter.base_fingerprint,
         "sepen.adapter_sha256": adapter.tensors_sha256,
         **{f"sepen.{key}": _text(value) for key, value in adapter.metadata.items() if key != "summary"},
@@ -211,7 +331,7 @@ def _header(adapter: AdapterFile, export: Export) -> dict[str, str]:
         header.update(
             ss_network_module="networks.lora",
             ss_network_dim=dim,
-            ss_network_alpha=dim,
+            ss_network_alpha=str(alpha),
             ss_output_name=str(adapter.metadata.get("name", "sepen-adapter")),
         )
     return header

@@ -92,6 +92,7 @@ def run_fingerprint(model: BaseModel, concepts: ConceptSet, config: FinetuneConf
     recipe = config.to_dict()
     if config.latents == "pseudo":  # runs from before the latents option existed keep their fingerprint
         del recipe["latents"], recipe["latent_pool"]
+    del recipe["rank"], recipe["energy"], recipe["compile"]  # how the result is stored or computed, not what it is
     blob = json.dumps(
         {"config": recipe, "concepts": concepts.to_dict(), "base": model.base_fingerprint}, sort_keys=True
     )
@@ -256,6 +257,9 @@ def _finetune(
             **(adapter_metadata or {}),
         }
         adapter = KeyProjectionAdapter.from_model(model, metadata)
+        if config.rank is not None or config.energy is not None:
+            # Storage only (the full-rank keys were trained); the SVD runs where the model is: fast on a GPU.
+            adapter = adapter.low_rank(config.rank, config.energy, device=model.device)
         return FinetuneResult(adapter, history, start)
     finally:
         for p in params.values():

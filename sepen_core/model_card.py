@@ -9,12 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sepen_core.config import BUNDLED_SOURCE, TINY_SOURCE, ModelDefaults
+from sepen_core.config import BUNDLED_SOURCE, ModelDefaults, tiny_source
 from sepen_core.errors import ModelLoadError
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "sepen-toy"
-TINY_NATIVE_SIDE = 64  # the tiny random model: a 32-pixel latent, a VAE that halves
+TINY_NATIVE_SIDE = 64  # the tiny random models: a 32-pixel latent, a VAE that halves
 MAX_SIDE_FACTOR = 2  # a request may ask for up to twice the model's native height and width
+# diffusers pipeline classes whose UNet sepen finetunes, by the architecture name sepen gives them.
+ARCHITECTURES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+SUPPORTED = (
+    "diffusers-format directories of Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL "
+    "(StableDiffusionXLPipeline): UNets whose cross-attention layers have key projections (attn2.to_k)"
+)
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,8 @@ class ModelCard:
     defaults: ModelDefaults
     nouns: tuple[str, ...] = ()  # the objects a toy-world model draws (its world.json); none for other models
     judge: str | None = None  # "module:function" that reads which objects its images hold (sepen_core.evaluation)
-    path: Path | None = None  # its directory; None for the built-in tiny model
+    path: Path | None = None  # its directory; None for the built-in tiny models
+    architecture: str = "sd"  # "sd" (SD 1.x/2.x) or "sdxl" (ARCHITECTURES)
 
     @property
     def max_height(self) -> int:
@@ -49,12 +56,14 @@ class ModelCard:
 
 
 def model_card(source: str) -> ModelCard:
-    """The card of a model source as SEPEN_MODELS names it: "toy", "tiny" / "tiny:SEED" or a diffusers directory."""
-    if source == TINY_SOURCE or source.startswith(f"{TINY_SOURCE}:"):
-        return ModelCard(TINY_NATIVE_SIDE, TINY_NATIVE_SIDE, ModelDefaults())
+    """The card of a model source as SEPEN_MODELS names it: "toy", "tiny[-xl][:SEED]" or a diffusers directory."""
+    tiny = tiny_source(source)
+    if tiny is not None:
+        return ModelCard(TINY_NATIVE_SIDE, TINY_NATIVE_SIDE, ModelDefaults(), architecture=tiny[0])
     path = BUNDLED_MODEL_DIR if source == BUNDLED_SOURCE else Path(source)
+    architecture = model_architecture(path)
     try:
-        index = _json(path / "model_index.json")
+        index = _json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
         unet = _json(path / "unet" / "config.json")
         vae = _json(path / "vae" / "config.json") if (path / "vae").is_dir() else None
     except (OSError, ValueError) as exc:
@@ -64,7 +73,28 @@ def model_card(source: str) -> ModelCard:
     scale = 1 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
     defaults = ModelDefaults.from_dict(index.get("sepen_defaults", {}))
     nouns = _world_nouns(path / "world.json")
-    return ModelCard(latent_h * scale, latent_w * scale, defaults, nouns, index.get("sepen_judge"), path)
+    return ModelCard(latent_h * scale, latent_w * scale, defaults, nouns, index.get("sepen_judge"), path, architecture)
+
+
+def model_architecture(path: Path) -> str:
+    """ "sd" or "sdxl": which of the supported layouts (ARCHITECTURES) a diffusers model directory holds, from its
+    model_index.json (or, without one, from its folders); ModelLoadError naming what is supported otherwise."""
+    if not path.is_dir():
+        raise ModelLoadError(f"base model directory {str(path)!r} does not exist")
+    try:
+        index = _json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{str(path)!r}: unreadable model_index.json ({exc})") from exc
+    pipeline = index.get("_class_name")
+    if pipeline is not None and pipeline not in ARCHITECTURES:
+        has = "a transformer, no UNet" if (path / "transformer").is_dir() else "another layout"
+        raise ModelLoadError(f"{str(path)!r} is a {pipeline} ({has}); sepen supports {SUPPORTED}")
+    architecture = ARCHITECTURES.get(pipeline) or ("sdxl" if (path / "text_encoder_2").is_dir() else "sd")
+    parts = ("unet", "text_encoder", "scheduler") + (("text_encoder_2",) if architecture == "sdxl" else ())
+    for part in parts:
+        if not (path / part).is_dir():
+            raise ModelLoadError(f"{str(path)!r} lacks '{part}/'; sepen supports {SUPPORTED}")
+    return architecture
 
 
 def _world_nouns(path: Path) -> tuple[str, ...]:

@@ -1,8 +1,10 @@
-"""Base models: load a local diffusers-format Stable Diffusion directory, or build a tiny random one.
+"""Base models: load a local diffusers-format Stable Diffusion (1.x/2.x or SDXL) directory, or build a tiny random one.
 
-A BaseModel bundles the components SepEn touches (UNet, text encoder, tokenizer, schedulers,
+A BaseModel bundles the components SepEn touches (UNet, text encoder(s), tokenizer(s), schedulers,
 optional VAE) with a copy of the UNet's original `attn2.to_k` weights: the prior loss, adapters
 and their fingerprint all refer to those base keys, so no second UNet is ever kept in memory.
+SDXL conditions its UNet on two text encoders' states side by side, on the second one's pooled
+projection and on the image size (micro-conditioning); TextConditioning carries all of it.
 """
 
 from __future__ import annotations
@@ -15,20 +17,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sepen_core.config import BUNDLED_SOURCE, TINY_SOURCE, ModelDefaults
+from sepen_core.config import BUNDLED_SOURCE, ModelDefaults, tiny_source
 from sepen_core.errors import ConfigError, ModelLoadError
-from sepen_core.model_card import BUNDLED_MODEL_DIR
+from sepen_core.model_card import BUNDLED_MODEL_DIR, model_architecture
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 BUNDLED_TOKENIZER = Path(__file__).parent / "clip_tokenizer"
 # The project's own small text-to-image model of the toy world (toyworld/README.md), trained by
 # `python -m toyworld.train`: 32x32 pixel space, sample it at guidance 1.0 and read its maps at downsample 2.
 TINY_MODEL_ID = "sepen-tiny-random"
+TINY_XL_MODEL_ID = "sepen-tiny-xl-random"
 
 
 def load_clip_tokenizer(path: Path = BUNDLED_TOKENIZER) -> CLIPTokenizer:
@@ -71,33 +74,47 @@ class TextConditioning:
     input_ids: torch.Tensor  # (B, T) token ids, start token at 0
     encoder_hidden_states: torch.Tensor  # (B, T, D)
     encoder_attention_mask: torch.Tensor | None = None  # (B, T) 1 = attend; None = all tokens
+    # SDXL's added conditioning (UNet2DConditionModel's added_cond_kwargs); None for SD 1.x/2.x.
+    pooled_embeds: torch.Tensor | None = None  # (B, P): the second text encoder's projected pooled output
+    time_ids: torch.Tensor | None = None  # (B, 6): original size, crop corner, target size, in pixels
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def added_cond_kwargs(self) -> dict[str, torch.Tensor] | None:
+        if self.pooled_embeds is None:
+            return None
+        return {"text_embeds": self.pooled_embeds, "time_ids": self.time_ids}
+
     def select(self, rows: torch.Tensor | list[int]) -> TextConditioning:
         rows = torch.as_tensor(rows, dtype=torch.long)
-        mask = (
-            None
-            if self.encoder_attention_mask is None
-            else self.encoder_attention_mask[rows.to(self.encoder_attention_mask.device)]
-        )
+
+        def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[rows.to(tensor.device)]
+
         return TextConditioning(
             [self.prompts[i] for i in rows.tolist()],
             self.input_ids[rows],
-            self.encoder_hidden_states[rows.to(self.encoder_hidden_states.device)],
-            mask,
+            pick(self.encoder_hidden_states),
+            pick(self.encoder_attention_mask),
+            pick(self.pooled_embeds),
+            pick(self.time_ids),
         )
 
     @staticmethod
     def cat(parts: list[TextConditioning]) -> TextConditioning:
-        masks = [p.encoder_attention_mask for p in parts]
-        mask = None if any(m is None for m in masks) else torch.cat(masks)
+        def join(name: str) -> torch.Tensor | None:
+            tensors = [getattr(p, name) for p in parts]
+            return None if any(t is None for t in tensors) else torch.cat(tensors)
+
         return TextConditioning(
             [s for p in parts for s in p.prompts],
-            torch.cat([p.input_ids for p in parts]),
-            torch.cat([p.encoder_hidden_states for p in parts]),
-            mask,
+            join("input_ids"),
+            join("encoder_hidden_states"),
+            join("encoder_attention_mask"),
+            join("pooled_embeds"),
+            join("time_ids"),
         )
 
 
@@ -114,14 +131,24 @@ class BaseModel:
     mask_padding: bool = False
     # Sampling, map and recipe settings this model needs where a request is silent (none: the paper's).
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
+    # SDXL's second text encoder (with its projection) and tokenizer; None for SD 1.x/2.x.
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    # SDXL: an empty negative prompt conditions on zeros rather than on the encoded empty prompt (diffusers' flag).
+    force_zeros_for_empty_prompt: bool = False
     base_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # original attn2.to_k weights
     base_fingerprint: str = ""
 
     def __post_init__(self):
-        self.unet.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
-        if self.vae is not None:
-            self.vae.requires_grad_(False)
+        takes_text_time = self.unet.config.addition_embed_type == "text_time"
+        if takes_text_time != (self.text_encoder_2 is not None):
+            raise ModelLoadError(
+                f"{self.model_id}: an SDXL UNet (addition_embed_type 'text_time') needs the second text encoder "
+                "and only it does"
+            )
+        for module in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
+            if module is not None:
+                module.requires_grad_(False)
         self.base_keys = {name: w.detach().clone() for name, w in key_projection_weights(self.unet).items()}
         if not self.base_keys:
             raise ModelLoadError(f"{self.model_id}: the UNet has no cross-attention (attn2.to_k) layers")
@@ -140,6 +167,16 @@ class BaseModel:
         return next(iter(self.base_keys.values())).dtype
 
     @property
+    def architecture(self) -> str:
+        """ "sd" (SD 1.x/2.x) or "sdxl" (sepen_core.model_card.ARCHITECTURES)."""
+        return "sd" if self.text_encoder_2 is None else "sdxl"
+
+    @property
+    def native_latent_size(self) -> tuple[int, int]:
+        side = self.unet.config.sample_size
+        return (side, side) if isinstance(side, int) else tuple(side)
+
+    @property
     def vae_scale_factor(self) -> int:
         return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -148,26 +185,56 @@ class BaseModel:
         return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> BaseModel:
-        for module in (self.unet, self.text_encoder, self.vae):
+        for module in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
             if module is not None:
                 module.to(device=device)
                 if dtype is not None and module.dtype != dtype:
                     module.to(dtype=dtype)
+        if self.architecture == "sdxl" and self.vae is not None and self.vae.config.force_upcast:
+            # SDXL's VAE overflows in fp16 (its config says so); diffusers decodes in fp32 too.
+            if self.vae.dtype == torch.float16:
+                self.vae.to(dtype=torch.float32)
         self.base_keys = {k: v.to(device=device, dtype=dtype) for k, v in self.base_keys.items()}
         return self
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> TextConditioning:
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
+    def encode_prompts(self, prompts: list[str], latent_size: tuple[int, int] | None = None) -> TextConditioning:
+        """The prompts as the UNet sees them, for latents of `latent_size` (default: the model's native size; only
+        SDXL's micro-conditioning depends on it, as the image size it states)."""
+        input_ids = _token_ids(self.tokenizer, prompts)
+        if self.text_encoder_2 is None:
+            hidden = self.text_encoder(input_ids.to(self.device))[0]
+            return TextConditioning(
+                list(prompts), input_ids, hidden.to(self.dtype), self.cross_attention_mask(input_ids)
+            )
+        # SDXL, as diffusers' StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states
+        # side by side (B, T, D1 + D2), the second encoder's projected pooled output, and the size as time ids.
+        first = self.text_encoder(input_ids.to(self.device), output_hidden_states=True)
+        second = self.text_encoder_2(_token_ids(self.tokenizer_2, prompts).to(self.device), output_hidden_states=True)
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        height, width = (side * self.vae_scale_factor for side in (latent_size or self.native_latent_size))
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]] * len(prompts), device=self.device)
+        return TextConditioning(
+            list(prompts),
+            input_ids,
+            hidden.to(self.dtype),
+            self.cross_attention_mask(input_ids),
+            second.text_embeds.to(self.dtype),
+            time_ids.to(self.dtype),
         )
-        input_ids = tokens.input_ids
-        hidden = self.text_encoder(input_ids.to(self.device))[0]
-        return TextConditioning(list(prompts), input_ids, hidden.to(self.dtype), self.cross_attention_mask(input_ids))
+
+    def encode_negative_prompts(
+        self, prompts: list[str], latent_size: tuple[int, int] | None = None
+    ) -> TextConditioning:
+        """encode_prompts for the unconditional branch of classifier-free guidance: where the model asks for it
+        (SDXL's force_zeros_for_empty_prompt), an empty negative prompt is all zeros, as in diffusers."""
+        cond = self.encode_prompts(prompts, latent_size)
+        if self.force_zeros_for_empty_prompt:
+            empty = torch.tensor([p == "" for p in prompts], device=self.device)
+            cond.encoder_hidden_states[empty] = 0
+            if cond.pooled_embeds is not None:
+                cond.pooled_embeds[empty] = 0
+        return cond
 
     def cross_attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor | None:
         """(B, T) 1 on the keys cross-attention may use: with mask_padding, the prompt's tokens and its first
@@ -178,11 +245,23 @@ class BaseModel:
         first_end = (input_ids == self.tokenizer.eos_token_id).float().argmax(dim=1)  # (B,)
         return ((positions[None] >= 1) & (positions[None] <= first_end[:, None])).to(self.device, self.dtype)
 
-    def diffusers_pipeline(self) -> StableDiffusionPipeline:
+    def diffusers_pipeline(self) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
         """diffusers' own pipeline of this model's components, with a copy of the UNet (LoRAs loaded into the
         pipeline leave this model as it is): how a diffusers user runs the model and loads exported adapters."""
-        from diffusers import StableDiffusionPipeline  # its module tree is heavy; only this needs it
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # heavy; only this needs them
 
+        if self.architecture == "sdxl":
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=copy.deepcopy(self.unet),
+                scheduler=self.scheduler,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                add_watermarker=False,
+            )
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,
@@ -200,8 +279,10 @@ class BaseModel:
         for name, module in (
             ("unet", self.unet),
             ("text_encoder", self.text_encoder),
+            ("text_encoder_2", self.text_encoder_2),
             ("vae", self.vae),
             ("tokenizer", self.tokenizer),
+            ("tokenizer_2", self.tokenizer_2),
             ("scheduler", self.scheduler),
         ):
             if module is not None:
@@ -212,14 +293,26 @@ class BaseModel:
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", type(self.scheduler).__name__],
             "vae": ["diffusers", "AutoencoderKL"] if self.vae is not None else [None, None],
-            "safety_checker": [None, None],
             "feature_extractor": [None, None],
             "image_encoder": [None, None],
         }
+        if self.architecture == "sdxl":
+            pipeline = {
+                "_class_name": "StableDiffusionXLPipeline",
+                **components,
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+            }
+        else:
+            pipeline = {
+                "_class_name": "StableDiffusionPipeline",
+                **components,
+                "safety_checker": [None, None],
+                "requires_safety_checker": False,
+            }
         index = {
-            "_class_name": "StableDiffusionPipeline",
-            **components,
-            "requires_safety_checker": False,
+            **pipeline,
             "sepen_model_id": self.model_id,
             "sepen_mask_padding": self.mask_padding,
             "sepen_defaults": self.defaults.to_dict(),
@@ -234,21 +327,23 @@ def load_base_model(
     dtype: torch.dtype = torch.float32,
     model_id: str | None = None,
 ) -> BaseModel:
-    """Load a local diffusers-format Stable Diffusion directory (SD 1.x / 2.x), offline."""
+    """Load a local diffusers-format Stable Diffusion directory (SD 1.x / 2.x or SDXL), offline."""
     import diffusers
 
     path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"base model directory {str(path)!r} does not exist")
-    for part in ("unet", "text_encoder", "scheduler"):
-        if not (path / part).is_dir():
-            raise ModelLoadError(f"{str(path)!r} is not a diffusers Stable Diffusion directory: '{part}/' is missing")
+    architecture = model_architecture(path)  # ModelLoadError naming what is supported
     index_file = path / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.exists() else {}
+    text_encoder_2 = tokenizer_2 = None
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
-        tokenizer = load_clip_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else load_clip_tokenizer()
+        tokenizer = _tokenizer(path / "tokenizer")
+        if architecture == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", local_files_only=True
+            )
+            tokenizer_2 = _tokenizer(path / "tokenizer_2")
         scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", "DDIMScheduler"), DDIMScheduler)
         scheduler = scheduler_class.from_pretrained(path, subfolder="scheduler", local_files_only=True)
@@ -271,8 +366,22 @@ def load_base_model(
         model_id or index.get("sepen_model_id") or path.resolve().name,
         mask_padding=bool(index.get("sepen_mask_padding", False)),
         defaults=defaults,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        force_zeros_for_empty_prompt=architecture == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True)),
     )
     return model.to(device, dtype)
+
+
+def _tokenizer(path: Path) -> CLIPTokenizer:
+    return load_clip_tokenizer(path) if path.is_dir() else load_clip_tokenizer()
+
+
+def _token_ids(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """(B, model_max_length) token ids, padded and truncated as the pipelines do."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def tiny_unet_config(sample_size: int = 32) -> dict:
@@ -291,24 +400,84 @@ def tiny_unet_config(sample_size: int = 32) -> dict:
     )
 
 
+def tiny_xl_unet_config(sample_size: int = 32) -> dict:
+    """SDXL's UNet layout, shrunk: no attention at the latent's own size, attn2 layers at 1/2 (down_blocks.1,
+    up_blocks.1) and at 1/4 (down_blocks.2, mid_block, up_blocks.0: SDXL's 32x32 maps at 1024 px), more transformer
+    blocks deeper down, two text encoders' states (32 + 32), and the text-time embedding (pooled text + 6 time ids)."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 32, 64),
+        norm_num_groups=8,
+        cross_attention_dim=64,
+        attention_head_dim=(2, 2, 4),
+        transformer_layers_per_block=(1, 1, 2),
+        use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+
+
+def _tiny_text_config() -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+    )
+
+
 def build_tiny_model(
     seed: int = 0, *, sample_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> BaseModel:
     """A random SD-1.x-shaped model (about 4 M parameters) with the real CLIP tokenizer; seconds on a CPU."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config(sample_size))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=32,
-        )
+    text_encoder = CLIPTextModel(_tiny_text_config())
+    model = BaseModel(
+        unet.eval(),
+        text_encoder.eval(),
+        load_clip_tokenizer(),
+        _tiny_scheduler(DDIMScheduler),
+        _tiny_vae(sample_size).eval(),
+        f"{TINY_MODEL_ID}-{seed}",
     )
-    vae = AutoencoderKL(
+    return model.to(device, dtype)
+
+
+def build_tiny_xl_model(
+    seed: int = 0, *, sample_size: int = 32, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> BaseModel:
+    """A random SDXL-shaped model (tiny_xl_unet_config, two text encoders, Euler sampling as SDXL's own
+    scheduler) with the real CLIP tokenizer; seconds on a CPU."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_xl_unet_config(sample_size))
+    text_encoder = CLIPTextModel(_tiny_text_config())
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config())
+    model = BaseModel(
+        unet.eval(),
+        text_encoder.eval(),
+        load_clip_tokenizer(),
+        _tiny_scheduler(EulerDiscreteScheduler, timestep_spacing="leading"),
+        _tiny_vae(sample_size).eval(),
+        f"{TINY_XL_MODEL_ID}-{seed}",
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=load_clip_tokenizer(),
+        force_zeros_for_empty_prompt=True,
+    )
+    return model.to(device, dtype)
+
+
+def _tiny_vae(sample_size: int) -> AutoencoderKL:
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -319,18 +488,15 @@ def build_tiny_model(
         up_block_types=("UpDecoderBlock2D",) * 2,
         sample_size=sample_size * 2,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
+
+
+def _tiny_scheduler(scheduler_class: type, **settings):
+    """Stable Diffusion's noise schedule (scaled linear, 0.00085 to 0.012) in a scheduler of the given class."""
+    if scheduler_class is DDIMScheduler:
+        settings = {"clip_sample": False, "set_alpha_to_one": False, **settings}
+    return scheduler_class(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, **settings
     )
-    model = BaseModel(
-        unet.eval(), text_encoder.eval(), load_clip_tokenizer(), scheduler, vae.eval(), f"{TINY_MODEL_ID}-{seed}"
-    )
-    return model.to(device, dtype)
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -344,18 +510,19 @@ def load_model(
     model_id: str | None = None,
 ) -> BaseModel:
     """The one way a model is named: "toy" (the bundled toy-world model), "tiny" or "tiny:SEED" (the tiny
-    random model), or a local diffusers-format Stable Diffusion directory. dtype: a DTYPES name or a torch dtype;
-    model_id: the name adapters record as their base model (default: the model's own id)."""
+    random model), "tiny-xl" or "tiny-xl:SEED" (the tiny random model in SDXL's layout), or a local diffusers-format
+    Stable Diffusion (1.x/2.x or SDXL) directory. dtype: a DTYPES name or a torch dtype; model_id: the name adapters
+    record as their base model (default: the model's own id)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConfigError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     spec = str(spec)
-    if spec == TINY_SOURCE or spec.startswith(f"{TINY_SOURCE}:"):
-        seed_text = spec.partition(":")[2] or "0"
-        if not seed_text.isdecimal():
-            raise ConfigError("model", f"{spec!r}: the tiny model's seed must be a whole number, as in tiny:3")
-        model = build_tiny_model(int(seed_text), device=device, dtype=dtype)
+    tiny = tiny_source(spec)
+    if tiny is not None:
+        architecture, seed = tiny
+        build = build_tiny_xl_model if architecture == "sdxl" else build_tiny_model
+        model = build(seed, device=device, dtype=dtype)
         model.model_id = model_id or model.model_id
         return model
     path = BUNDLED_MODEL_DIR if spec == BUNDLED_SOURCE else Path(spec)

@@ -129,9 +129,11 @@ def make_training_batch(
         rows = [rng.randrange(len(pool.prompts)) for _ in range(config.batch_size)]
         prompts = [pool.prompts[r] for r in rows]
         latents, timesteps = noised(model, pool.latents[rows].float(), generator)
-    cond = model.encode_prompts([p.prompt for p in prompts])
+    cond = model.encode_prompts([p.prompt for p in prompts], (size, size))
     targets = map_targets(model, cond, [p.concepts for p in prompts], config.maps.map_downsample, (size, size))
-    prior_cond = model.encode_prompts([p.prior_prompt for p in prompts]) if config.prior_weight > 0 else None
+    prior_cond = (
+        model.encode_prompts([p.prior_prompt for p in prompts], (size, size)) if config.prior_weight > 0 else None
+    )
     return TrainingBatch(
         prompts, latents.to(model.device, model.dtype), timesteps.to(model.device), cond, targets, prior_cond
     )

@@ -93,8 +93,9 @@ class GenerationResult:
 def _latent_size(model: BaseModel, config: SampleConfig) -> tuple[int, int]:
     """The latents' (h, w) for the configured image size (default: the UNet's sample size)."""
     scale = model.vae_scale_factor
-    height = config.height or model.unet.config.sample_size * scale
-    width = config.width or model.unet.config.sample_size * scale
+    native_height, native_width = model.native_latent_size
+    height = config.height or native_height * scale
+    width = config.width or native_width * scale
     if height % (scale * 8) or width % (scale * 8):
         raise ConfigError("height", f"height and width must be multiples of {scale * 8} for this model")
     return height // scale, width // scale
@@ -153,7 +154,13 @@ class _Denoiser:
     guided: bool
 
     @classmethod
-    def start(cls, model: BaseModel, requests: list[GenerationRequest], conds: list[TextConditioning]) -> _Denoiser:
+    def start(
+        cls,
+        model: BaseModel,
+        requests: list[GenerationRequest],
+        conds: list[TextConditioning],
+        latent_size: tuple[int, int],
+    ) -> _Denoiser:
         members, offset = [], 0
         for request, cond in zip(requests, conds, strict=True):
             config = request.config
@@ -168,7 +175,8 @@ class _Denoiser:
         cond = TextConditioning.cat(conds)
         if guided:
             negatives = [
-                model.encode_prompts([r.config.negative_prompt] * len(c)) for r, c in zip(requests, conds, strict=True)
+                model.encode_negative_prompts([r.config.negative_prompt] * len(c), latent_size)
+                for r, c in zip(requests, conds, strict=True)
             ]
             cond = TextConditioning.cat([*negatives, cond])
         return cls(model.unet, members, cond, guided)
@@ -217,8 +225,8 @@ class _Denoiser:
 
 def _decode(model: BaseModel, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> (N, 3, H, W) pixels in [0, 1]; a model without a VAE samples in pixel space."""
-    if model.vae is not None:
-        latents = model.vae.decode(latents / model.latent_scaling_factor).sample
+    if model.vae is not None:  # in the VAE's own dtype (an SDXL VAE stays in fp32 beside an fp16 UNet)
+        latents = model.vae.decode(latents.to(model.vae.dtype) / model.latent_scaling_factor).sample
     return (latents.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -277,12 +285,12 @@ def generate_batch(
         raise ConfigError("concepts", "Attend-and-Excite needs the concepts whose attention it excites, one request")
     first = requests[0].config
     latent_size = _latent_size(model, first)
-    conds = [model.encode_prompts([r.prompt] * r.config.num_images) for r in requests]
+    conds = [model.encode_prompts([r.prompt] * r.config.num_images, latent_size) for r in requests]
     cond = TextConditioning.cat(conds)
     n = len(cond)
     seeds = [r.config.seed + i for r in requests for i in range(r.config.num_images)]
     targets = map_targets(model, cond, concepts, first.maps.map_downsample, latent_size) if recording else None
-    denoiser = _Denoiser.start(model, requests, conds)
+    denoiser = _Denoiser.start(model, requests, conds, latent_size)
     recorder = None if targets is None else MapRecorder(targets, rows=slice(n, 2 * n) if denoiser.guided else None)
     adapters = {id(r.adapter): r.adapter for r in requests}
     keys = None if len(adapters) == 1 else _keys_per_row(model, requests, denoiser)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny random SD-1.x-shaped model, built once per session (and fresh where a test mutates it)."""
+"""Shared fixtures: the tiny random SD-1.x- and SDXL-shaped models, built once per session (and fresh where a test
+mutates them)."""
 
 import os
 import secrets
@@ -20,6 +21,14 @@ def fresh_tiny_model():
     from sepen_core.models import build_tiny_model
 
     return build_tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_model():
+    """The tiny random model in SDXL's layout; shared and read-only like tiny_model."""
+    from sepen_core.models import build_tiny_xl_model
+
+    return build_tiny_xl_model(seed=0)
 
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -32,7 +32,7 @@ def test_missing_or_incomplete_directories(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_base_model(tmp_path / "nowhere")
     (tmp_path / "half" / "unet").mkdir(parents=True)
-    with pytest.raises(ModelLoadError, match="'text_encoder/' is missing"):
+    with pytest.raises(ModelLoadError, match="lacks 'text_encoder/'; sepen supports"):
         load_base_model(tmp_path / "half")
 
 
@@ -144,5 +144,8 @@ def test_model_cards_read_native_size_and_defaults_without_loading(tmp_path, tin
     (tmp_path / "tiny" / "world.json").write_text('{"glyphs": [{"shape": "disc"}]}')
     with pytest.raises(ModelLoadError, match="not a toy world's definition"):
         model_card(str(tmp_path / "tiny"))
-    with pytest.raises(ModelLoadError, match="not a readable diffusers model directory"):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         model_card(str(tmp_path / "missing"))
+    (tmp_path / "tiny" / "unet" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not a readable diffusers model directory"):
+        model_card(str(tmp_path / "tiny"))
