@@ -276,9 +276,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_export_tiny_model(args) -> int:
-    from sepen_core.models import build_tiny_model
+    from sepen_core.models import build_tiny_model, build_tiny_xl_model
 
-    build_tiny_model(args.seed).save_pretrained(args.out)
+    (build_tiny_xl_model if args.xl else build_tiny_model)(args.seed).save_pretrained(args.out)
     print(args.out)
     return 0
 
@@ -307,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--model",
             default=DEFAULT_MODEL,
-            help=f"toy (the bundled toy-world model; the default; it draws {toy_nouns}), a diffusers SD directory, "
-            "or tiny / tiny:SEED",
+            help=f"toy (the bundled toy-world model; the default; it draws {toy_nouns}), a diffusers Stable Diffusion "
+            "1.x/2.x or SDXL directory, or tiny / tiny:SEED (random, SD 1.x's layout) / tiny-xl / tiny-xl:SEED "
+            "(SDXL's)",
         )
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
         p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES, help="weights' precision")
@@ -443,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-tiny-model", help="write the tiny random model as a diffusers directory", **subcommand)
     p.add_argument("out", help="directory to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--xl", action="store_true", help="the tiny model in SDXL's layout (a StableDiffusionXLPipeline)")
     p.set_defaults(run=cmd_export_tiny_model)
     return parser
 

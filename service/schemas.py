@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
-from sepen_core.config import GRAD_MODES, LATENT_SOURCES, NORMALIZATIONS
+from sepen_core.config import GRAD_MODES, LATENT_SOURCES, MAX_EXPORT_RANK, NORMALIZATIONS
 from sepen_core.errors import ConfigError
 from sepen_core.prompts import template_slots
 from sepen_store.contract import (
@@ -210,6 +210,15 @@ class RecipeIn(RequestBody):
     )
     latent_pool: json_int(ge=1, le=Limits.max_latent_pool) | None = None
     map_downsample: json_int(ge=1, le=32) | None = Field(None, description="a power of two from 1 to 32")
+    rank: json_int(ge=1, le=MAX_EXPORT_RANK) | None = Field(
+        None, description="store the adapter as a rank-r factorisation of each layer (small SDXL adapters)"
+    )
+    energy: StrictFloat | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="instead of rank: per layer, the smallest rank keeping this share of the squared singular values",
+    )
 
 
 def _adapter_ref(value: str | None, *, versioned: bool) -> str | None:
@@ -652,6 +661,11 @@ class ModelOut(BaseModel):
         examples=[{"sample": {"num_inference_steps": 20, "guidance_scale": 1.0}}],
     )
     limits: ModelLimits
+    architecture: Literal["sd", "sdxl"] | None = Field(
+        None,
+        description="the UNet's layout: 'sd' (Stable Diffusion 1.x/2.x) or 'sdxl'; adapters fit only the model they "
+        "were made on; null when the gateway cannot read the model's files",
+    )
     nouns: list[str] = Field(
         description="the objects a toy-world model was trained to draw (its world.json), to name in prompts and "
         "concepts; empty for other models",

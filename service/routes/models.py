@@ -51,6 +51,7 @@ def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
                 native_width=card.native_width if card else None,
                 defaults=card.defaults.to_dict() if card else {},
                 limits=model_limits(settings, name),
+                architecture=card.architecture if card else None,
                 nouns=list(card.nouns) if card else [],
                 judged=card is not None and card.judge is not None,
             )

@@ -142,3 +142,33 @@ def test_every_option_explains_itself_and_shows_its_default():
         text = sub.format_help()
         if any("--seed" in a.option_strings for a in sub._actions):
             assert "(default: 0)" in " ".join(text.split()), f"sepen {name} --help does not show --seed's default"
+
+
+def test_an_sdxl_directory_through_the_cli(tmp_path):
+    """export-tiny-model --xl writes a StableDiffusionXLPipeline directory; finetune stores a low-rank adapter on it,
+    generate and inspect use it, and its kohya export carries SDXL's own key names."""
+    model_dir, adapter_path, kohya_path = (
+        tmp_path / "tiny-xl",
+        tmp_path / "xl.safetensors",
+        tmp_path / "kohya.safetensors",
+    )
+    run = sepen("export-tiny-model", "--xl", str(model_dir), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((model_dir / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    common = ("--model", str(model_dir))
+    run = sepen("finetune", *common, "--pair", "cat", "dog", "--steps", "2", "--lr", "1e-2", "--rank", "4",
+                "--out", str(adapter_path), cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    adapter = KeyProjectionAdapter.load(adapter_path)
+    assert adapter.base_architecture == "sdxl" and adapter.metadata["storage"]["rank"] == 4
+    run = sepen("generate", "a cat and a dog", *common, "--adapter", str(adapter_path), "--steps", "2",
+                "--out", str(tmp_path / "images"), cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert Image.open(next((tmp_path / "images").glob("*.png"))).size == (64, 64)
+    run = sepen("inspect", "a cat and a dog", *common, "--concepts", "cat", "dog", "--adapter", str(adapter_path),
+                cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0 and "cat" in run.stdout, run.stderr
+    run = sepen("export", str(adapter_path), "--format", "kohya", "--out", str(kohya_path), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    header = json.loads(kohya_path.read_bytes()[8 : 8 + int.from_bytes(kohya_path.read_bytes()[:8], "little")])
+    assert "lora_unet_output_blocks_2_1_transformer_blocks_1_attn2_to_k.lora_up.weight" in header

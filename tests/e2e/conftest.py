@@ -171,21 +171,36 @@ def service_env(**settings: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def sdxl_directory(tmp_path_factory) -> Path:
+    """The tiny SDXL-shaped random model saved as a diffusers StableDiffusionXLPipeline directory."""
+    from sepen_core.models import build_tiny_xl_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-xl"
+    build_tiny_xl_model(0).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module", params=["servers", "embedded"])
-def deployment(request, tmp_path_factory):
+def deployment(request, tmp_path_factory, sdxl_directory):
     logs = tmp_path_factory.mktemp(f"logs-{request.param}")
     base_url = f"http://127.0.0.1:{free_port()}"
     stack = ExitStack()
+    # The default models, and an SDXL directory served beside them.
+    models = {"SEPEN_MODELS": f"sepen-toy=toy,sepen-tiny=tiny,tiny-xl={sdxl_directory}"}
     if request.param == "servers":
         redis = RedisServer(tmp_path_factory.mktemp("redis"))
         redis.start()
         database = stack.enter_context(postgres_database("sepen_e2e"))
         env = service_env(
-            SEPEN_DATABASE_URL=database, SEPEN_BROKER_URL=redis.url, SEPEN_DATA_DIR=str(tmp_path_factory.mktemp("data"))
+            SEPEN_DATABASE_URL=database,
+            SEPEN_BROKER_URL=redis.url,
+            SEPEN_DATA_DIR=str(tmp_path_factory.mktemp("data")),
+            **models,
         )
     else:
         redis = None
-        env = service_env(SEPEN_DATA_DIR=str(tmp_path_factory.mktemp("embedded")))
+        env = service_env(SEPEN_DATA_DIR=str(tmp_path_factory.mktemp("embedded")), **models)
     dep = Deployment(request.param, env, base_url, logs, redis)
     with stack:
         try:

@@ -10,6 +10,7 @@ import time
 import psutil
 import pytest
 from PIL import Image
+from safetensors.torch import load as load_safetensors
 
 from sepen_core.adapters import KeyProjectionAdapter
 from tests.e2e.conftest import wait_for_job, wait_until
@@ -234,3 +235,37 @@ def test_evaluate_an_adapter_against_the_base_model(deployment, api_key):
         assert len(own_job["result"]["prompts"]) == 60  # the toy world's test pairs
         version = client.get("/adapters/evaluated").json()["versions"][0]
         assert version["evaluation"]["job"] == f"/jobs/{own_job['id']}" and version["evaluation"]["prompts"] == 60
+
+
+def test_an_sdxl_directory_is_served_finetuned_generated_and_exported(deployment, api_key):
+    """A diffusers StableDiffusionXLPipeline directory: a low-rank adapter made on it, images with it, its kohya file
+    under SDXL's own key names."""
+    with deployment.client(api_key) as client:
+        (card,) = [m for m in client.get("/models").json() if m["name"] == "tiny-xl"]
+        assert card["architecture"] == "sdxl" and card["native_height"] == 64
+        response = client.post(
+            "/finetune",
+            json={"model": "tiny-xl", "adapter": "xl-pair", "concepts": {"pairs": [["cat", "dog"]]},
+                  "recipe": {"steps": 3, "learning_rate": 0.01, "rank": 2}},
+        )  # fmt: skip
+        assert response.status_code == 202, response.text
+        done = wait_for_job(client, response.json()["job"]["id"])
+        assert done["status"] == "succeeded", done
+        adapter = KeyProjectionAdapter.from_bytes(client.get("/adapters/xl-pair/1/weights").content)
+        assert adapter.base_architecture == "sdxl" and adapter.metadata["storage"]["rank"] == 2
+        assert {up.shape[1] for up, _ in adapter.factors.values()} == {2}
+
+        response = client.post(
+            "/generate", json={"model": "tiny-xl", "prompt": "a cat and a dog", "adapter": "xl-pair@1", "steps": 3}
+        )
+        assert response.status_code == 202, response.text
+        job = wait_for_job(client, response.json()["job"]["id"])
+        assert job["status"] == "succeeded", job
+        image = Image.open(io.BytesIO(client.get(f"/jobs/{job['id']}/images/0").content))
+        assert image.size == (64, 64) and image.text["model"] == "tiny-xl" and image.text["adapter"] == "xl-pair@1"
+
+        kohya = client.get("/adapters/xl-pair/1/weights", params={"format": "kohya"})
+        assert kohya.status_code == 200, kohya.text
+        names = set(load_safetensors(kohya.content))
+        assert "lora_unet_input_blocks_7_1_transformer_blocks_1_attn2_to_k.lora_down.weight" in names
+        assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k.alpha" in names
