@@ -25,7 +25,7 @@ from sepen_core.diagnostics import diagnose
 from sepen_core.errors import AdapterMismatchError, ModelLoadError
 from sepen_core.finetuning import finetune
 from sepen_core.model_card import model_card
-from sepen_core.models import build_tiny_xl_model, load_base_model, load_model
+from sepen_core.models import build_tiny_xl_model, key_projection_weights, load_base_model, load_model
 from sepen_core.objective import make_training_batch, sepen_objective
 from sepen_core.prompts import ConceptSet
 from sepen_core.reference import reference_objective
@@ -212,3 +212,29 @@ def test_a_low_rank_sdxl_adapter_is_small_and_applies_its_truncation(tiny_xl_mod
         u, s, vh = torch.linalg.svd(adapter.delta(name).double())
         truncated = (u[:, :2] * s[:2]) @ vh[:2]
         assert torch.allclose(restored.delta(name).double(), truncated, atol=2e-3), name
+
+
+def test_the_diffusers_export_fuses_and_sepens_apply_composes_with_a_lora_on_an_sdxl_pipeline(tiny_xl_model, tmp_path):
+    adapter = dataclasses.replace(spectral_adapter(tiny_xl_model, top=2.0), base_architecture="sdxl")
+    path = tmp_path / "diffusers.safetensors"
+    path.write_bytes(adapter.export("diffusers", dtype="fp32").data)
+    config = SampleConfig(num_inference_steps=4, num_images=2, seed=5)
+    ours = generate(tiny_xl_model, PROMPT, config, adapter=adapter).pixels.permute(0, 2, 3, 1).numpy()
+    pipe = tiny_xl_model.diffusers_pipeline()
+    base_keys = {n: w.clone() for n, w in key_projection_weights(pipe.unet).items()}
+    pipe.load_lora_weights(str(path), adapter_name="sepen")
+    pipe.fuse_lora()
+    assert np.abs(pipeline_images(pipe, PROMPT, [5, 6]) - ours).max() < 1e-4
+    pipe.unfuse_lora()
+    pipe.unload_lora_weights()
+    assert all(torch.allclose(w, base_keys[n], atol=1e-5) for n, w in key_projection_weights(pipe.unet).items())
+
+    # sepen's own adapter onto a pipeline that holds the exported LoRA at weight 0 (a fresh one: fuse and unfuse
+    # leave the keys within float rounding, and apply() insists on the exact base keys): the images are sepen's.
+    pipe = tiny_xl_model.diffusers_pipeline()
+    pipe.load_lora_weights(str(path), adapter_name="idle")
+    pipe.set_adapters(["idle"], adapter_weights=[0.0])
+    adapter.apply(pipe)
+    assert np.abs(pipeline_images(pipe, PROMPT, [5, 6]) - ours).max() < 1e-4
+    adapter.remove(pipe)
+    assert all(torch.equal(w, base_keys[n]) for n, w in key_projection_weights(pipe.unet).items())
