@@ -230,7 +230,9 @@ function defaultsText(section) {
 function renderModels() {
   const cards = state.models.map((model) => {
     const d = model.defaults ?? {};
+    const layouts = { sd: "Stable Diffusion 1.x / 2.x", sdxl: "SDXL" };
     const rows = [
+      ["Layout", layouts[model.architecture] ?? "unknown here"],
       ["Native size", model.native_width ? `${model.native_width} × ${model.native_height} px` : "unknown here"],
       ["Sampling", defaultsText(d.sample) ?? "the paper's (50 steps, guidance 6)"],
       ["Maps", defaultsText(d.maps) ?? "the paper's"],

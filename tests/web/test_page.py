@@ -115,6 +115,7 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
     expect(toy.locator(".chips li")).to_have_count(24)
     expect(toy.locator(".chips")).to_contain_text("cherry")
     expect(toy).to_contain_text("steps 150")
+    expect(toy).to_contain_text("Stable Diffusion 1.x / 2.x")  # its layout (GET /models architecture)
 
     # Finetune a pair with a short recipe; the model's defaults are the recipe fields' placeholders.
     page.get_by_role("link", name="Finetune").click()
