@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sepen_core.adapters import KeyProjectionAdapter  # noqa: E402
+from sepen_core.attention import unet_forward  # noqa: E402
 from sepen_core.config import SampleConfig  # noqa: E402
 from sepen_core.evaluation import load_judge  # noqa: E402
-from sepen_core.export import export_adapter, factorise, kohya_name  # noqa: E402
+from sepen_core.export import export_adapter, kohya_name, sgm_stride  # noqa: E402
 from sepen_core.model_card import model_card  # noqa: E402
 from sepen_core.models import BaseModel, load_model  # noqa: E402
 from sepen_core.sampling import GenerationRequest, generate, generate_batch  # noqa: E402
@@ -63,12 +64,7 @@ def unet_outputs(model: BaseModel, data: bytes, prompt: str) -> list[dict]:
 
     def output(unet) -> torch.Tensor:
         with torch.no_grad():
-            return unet(
-                latents,
-                500,
-                encoder_hidden_states=cond.encoder_hidden_states,
-                encoder_attention_mask=cond.encoder_attention_mask,
-            ).sample
+            return unet_forward(unet, latents, torch.tensor([500]), cond)
 
     unet = copy.deepcopy(model.unet)
     base = output(unet)
@@ -85,8 +81,10 @@ def unet_outputs(model: BaseModel, data: bytes, prompt: str) -> list[dict]:
                     params = dict(unet.named_parameters())
                     tensors = torch_tensors(export.data)
                     with torch.no_grad():
-                        for name in adapter.deltas:
-                            params[name] += tensors[f"{kohya_name(name)}.diff"].float()
+                        stride = sgm_stride(adapter.layer_names)
+                        for name in adapter.layer_names:
+                            network = kohya_name(name, adapter.base_architecture, stride)
+                            params[name] += tensors[f"{network}.diff"].float()
                 else:
                     path = Path(directory) / f"{format}-{dtype}.safetensors"
                     path.write_bytes(export.data)
@@ -130,12 +128,8 @@ def pipeline_images(model: BaseModel, data: bytes, prompt: str) -> dict | None:
 
 
 def low_rank(adapter: KeyProjectionAdapter, rank: int) -> KeyProjectionAdapter:
-    """The adapter as its rank-`rank` LoRA export holds it: each delta replaced by its truncated SVD (fp16)."""
-    deltas = {}
-    for name, delta in adapter.deltas.items():
-        up, down, _ = factorise(delta.float().numpy(), rank, None)
-        deltas[name] = torch.from_numpy(up @ down).to(delta.dtype)
-    return KeyProjectionAdapter(deltas, adapter.base_model_id, adapter.base_fingerprint, dict(adapter.metadata))
+    """The adapter as its rank-`rank` LoRA export holds it: each delta's truncated SVD, in the adapter's dtype."""
+    return adapter.low_rank(rank=rank)
 
 
 def success_by_rank(

@@ -144,6 +144,8 @@ class KeyProjectionAdapter:
         norm_sq = kept_sq = error_sq = 0.0
         for name in self.layer_names:
             stored = self.delta(name)
+            if not torch.isfinite(stored).all():
+                raise AdapterError(f"layer {name} holds NaN or infinite values: it has no low-rank form")
             delta = stored.to(device if device is not None else stored.device, torch.float32)
             u, singular, vh = torch.linalg.svd(delta, full_matrices=False)  # (out, k), (k,), (k, in)
             r = lora_rank(singular.cpu().numpy(), rank, energy)

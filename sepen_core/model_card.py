@@ -78,7 +78,8 @@ def model_card(source: str) -> ModelCard:
 
 def model_architecture(path: Path) -> str:
     """ "sd" or "sdxl": which of the supported layouts (ARCHITECTURES) a diffusers model directory holds, from its
-    model_index.json (or, without one, from its folders); ModelLoadError naming what is supported otherwise."""
+    components (any pipeline class of the SD family with a UNet loads; SDXL has a second text encoder); ModelLoadError
+    naming what is supported otherwise."""
     if not path.is_dir():
         raise ModelLoadError(f"base model directory {str(path)!r} does not exist")
     try:
@@ -86,11 +87,13 @@ def model_architecture(path: Path) -> str:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{str(path)!r}: unreadable model_index.json ({exc})") from exc
     pipeline = index.get("_class_name")
-    if pipeline is not None and pipeline not in ARCHITECTURES:
-        has = "a transformer, no UNet" if (path / "transformer").is_dir() else "another layout"
-        raise ModelLoadError(f"{str(path)!r} is a {pipeline} ({has}); sepen supports {SUPPORTED}")
-    architecture = ARCHITECTURES.get(pipeline) or ("sdxl" if (path / "text_encoder_2").is_dir() else "sd")
-    parts = ("unet", "text_encoder", "scheduler") + (("text_encoder_2",) if architecture == "sdxl" else ())
+    if not (path / "unet").is_dir():
+        what = f"a {pipeline}" if pipeline else "not a diffusers UNet model"
+        has = " with a transformer, no UNet" if (path / "transformer").is_dir() else ""
+        raise ModelLoadError(f"{str(path)!r} is {what}{has}; sepen supports {SUPPORTED}")
+    sdxl = pipeline == "StableDiffusionXLPipeline" or (path / "text_encoder_2").is_dir()
+    architecture = "sdxl" if sdxl else "sd"
+    parts = ("text_encoder", "scheduler") + (("text_encoder_2",) if sdxl else ())
     for part in parts:
         if not (path / part).is_dir():
             raise ModelLoadError(f"{str(path)!r} lacks '{part}/'; sepen supports {SUPPORTED}")

@@ -16,7 +16,7 @@ from safetensors.torch import save as save_safetensors
 from sepen_core.adapter_file import FORMAT, read_adapter_file, safetensors_metadata
 from sepen_core.adapters import KeyProjectionAdapter, tensors_sha256
 from sepen_core.config import FinetuneConfig
-from sepen_core.errors import AdapterFormatError, ConfigError
+from sepen_core.errors import AdapterError, AdapterFormatError, ConfigError
 from sepen_core.export import factorise, factorise_product, kohya_name, sgm_stride
 from sepen_core.finetuning import finetune
 from sepen_core.prompts import ConceptSet
@@ -232,7 +232,38 @@ def lora_products(export) -> dict[str, np.ndarray]:
                 pairs.setdefault(key.removesuffix(suffix), [None, None])[slot] = value.astype(np.float64)
         if key.endswith(".lora_A.weight"):
             pairs.setdefault(key.removesuffix(".lora_A.weight"), [None, None])[1] = value.astype(np.float64)
-    return {name: up @ down for name, (up, down) in pairs.items()}
+    # What a loader adds: alpha / rank * up @ down (kohya's alpha per layer; the diffusers format's alpha is the rank).
+    scale = {name: float(tensors[f"{name}.alpha"]) / up.shape[1] if f"{name}.alpha" in tensors else 1.0
+             for name, (up, _) in pairs.items()}  # fmt: skip
+    return {name: scale[name] * up @ down for name, (up, down) in pairs.items()}
+
+
+def test_a_kohya_file_of_unequal_ranks_has_one_alpha_and_adds_each_truncated_delta(tiny_model):
+    """energy keeps different ranks in different layers; every layer gets the file's one alpha (its most common rank),
+    so a loader that reads one alpha for all (diffusers' kohya conversion) scales each layer right."""
+    from safetensors.numpy import load
+
+    adapter = spectral_adapter(tiny_model, dtype=torch.float32)
+    export = adapter.export("kohya", dtype="fp32", energy=0.9)
+    ranks = export.ranks
+    assert len(set(ranks.values())) > 1
+    alphas = {float(v) for k, v in load(export.data).items() if k.endswith(".alpha")}
+    common = max(set(ranks.values()), key=lambda r: (list(ranks.values()).count(r), r))
+    assert alphas == {float(common)}
+    for name, product in lora_products(export).items():
+        layer = next(n for n in adapter.layer_names if kohya_name(n) == name)
+        u, s, vh = np.linalg.svd(adapter.delta(layer).double().numpy())
+        r = ranks[layer]
+        truncated = (u[:, :r] * s[:r]) @ vh[:r]
+        assert np.linalg.norm(product - truncated) <= 1e-5 * np.linalg.norm(truncated), name
+
+
+def test_a_diverged_adapter_has_no_low_rank_form(tiny_model):
+    adapter = spectral_adapter(tiny_model)
+    name = adapter.layer_names[3]
+    adapter.deltas[name][0, 0] = float("nan")
+    with pytest.raises(AdapterError, match=f"layer {name} holds NaN"):
+        adapter.low_rank(rank=2)
 
 
 @pytest.mark.parametrize(

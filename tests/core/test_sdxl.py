@@ -67,9 +67,16 @@ def test_prompts_are_encoded_as_sdxl_encodes_them(tiny_xl_model):
     assert picked.shape == (1, 6 + 32)
 
 
-@pytest.mark.parametrize("negative_prompt", [None, "blurry, a bird"])
-def test_sampling_matches_diffusers_stable_diffusion_xl_pipeline(tiny_xl_model, negative_prompt):
-    config = SampleConfig(num_inference_steps=5, guidance_scale=5.0, seed=11, negative_prompt=negative_prompt or "")
+@pytest.mark.parametrize(
+    ("negative_prompt", "size"), [(None, None), ("blurry, a bird", None), (None, (96, 64)), ("blurry", (48, 80))]
+)
+def test_sampling_matches_diffusers_stable_diffusion_xl_pipeline(tiny_xl_model, negative_prompt, size):
+    """At the native size and others (the time ids state the size made), with and without a negative prompt."""
+    height, width = size or (None, None)
+    config = SampleConfig(
+        num_inference_steps=5, guidance_scale=5.0, seed=11, negative_prompt=negative_prompt or "", height=height,
+        width=width,
+    )  # fmt: skip
     ours = generate(tiny_xl_model, PROMPT, config)
     pipe = tiny_xl_model.diffusers_pipeline()
     theirs = pipe(
@@ -77,9 +84,12 @@ def test_sampling_matches_diffusers_stable_diffusion_xl_pipeline(tiny_xl_model, 
         negative_prompt=negative_prompt,
         num_inference_steps=5,
         guidance_scale=5.0,
+        height=height,
+        width=width,
         generator=torch.Generator().manual_seed(11),
         output_type="pt",
     ).images
+    assert theirs.shape[-2:] == ((height, width) if size else (64, 64))
     assert (theirs.cpu() - ours.pixels).abs().max() < 1e-5
     assert ours.pixels.std() > 0.01  # an image, not a constant
 
@@ -147,7 +157,8 @@ def test_finetune_inspect_and_generate_with_an_sdxl_adapter(tmp_path):
     assert set(diagnosis.peaks) == {"cat", "dog"} and 0 < diagnosis.min_peak <= 1
     excited = generate(model, PROMPT, QUICK, concepts=["cat", "dog"], attend_excite=AttendExciteConfig())
     assert (excited.pixels - base.pixels).abs().max() > 0
-    assert all(torch.equal(model.base_keys[n], base_keys[n]) for n in base_keys)  # nothing stayed applied
+    unet_keys = key_projection_weights(model.unet)
+    assert all(torch.equal(unet_keys[n], base_keys[n]) for n in base_keys)  # nothing stayed applied
 
     with pytest.raises(AdapterMismatchError):
         adapter.apply(load_model("tiny"))
@@ -176,6 +187,16 @@ def test_models_without_cross_attention_keys_are_refused_naming_what_is_supporte
             read()
         message = str(error.value)
         assert pipeline in message and "StableDiffusionXLPipeline" in message and "attn2.to_k" in message
+
+
+def test_an_sd_directory_saved_by_another_pipeline_of_the_family_loads(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "img2img")
+    index_file = tmp_path / "img2img" / "model_index.json"
+    index_file.write_text(
+        json.dumps({**json.loads(index_file.read_text()), "_class_name": "StableDiffusionImg2ImgPipeline"})
+    )
+    assert load_base_model(tmp_path / "img2img").architecture == "sd"
+    assert model_card(str(tmp_path / "img2img")).architecture == "sd"
 
 
 def test_an_sdxl_directory_without_its_second_text_encoder_is_refused(tiny_xl_model, tmp_path):

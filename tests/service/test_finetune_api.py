@@ -122,6 +122,12 @@ INVALID = [
     ("recipe.map_downsample", 3, "recipe.map_downsample"),
     ("recipe.latents", "images", "recipe.latents"),
     ("recipe.latent_pool", 5000, "recipe.latent_pool"),
+    ("recipe.rank", 0, "recipe.rank"),
+    ("recipe.rank", 2.5, "recipe.rank"),
+    ("recipe.rank", 70_000, "recipe.rank"),
+    ("recipe.energy", 0, "recipe.energy"),
+    ("recipe.energy", 1.5, "recipe.energy"),
+    ("recipe.energy", "most", "recipe.energy"),
     ("recipe.stepz", 10, "recipe.stepz"),
     ("recipe", [1], "recipe"),
     ("unknown", 1, "unknown"),
@@ -249,3 +255,13 @@ def test_broker_down_still_accepts_the_job(down_client, api_key, db):
     assert response.status_code == 202, response.text
     job = db.get(Job, response.json()["job"]["id"])
     assert job.status == "queued" and job.enqueued_at is None  # the reconciler will send it
+
+
+def test_rank_and_energy_together_are_422_naming_energy_and_either_alone_is_stored(client, auth, error_of):
+    both = client.post("/finetune", json=_with("recipe", {"rank": 8, "energy": 0.9}), headers=auth)
+    assert both.status_code == 422 and error_of(both)["field"] == "recipe.energy", both.text
+    assert "not both" in error_of(both)["message"]
+    for recipe in ({"rank": 8}, {"energy": 0.99}):
+        response = client.post("/finetune", json=_with("recipe", recipe), headers=auth)
+        assert response.status_code == 202, response.text
+        assert response.json()["job"]["request"]["recipe"] == {**recipe, "maps": {}}
