@@ -140,6 +140,12 @@ class BaseModel:
     base_fingerprint: str = ""
 
     def __post_init__(self):
+        if self.unet.config.in_channels != self.unet.config.out_channels:
+            raise ModelLoadError(
+                f"{self.model_id}: the UNet takes {self.unet.config.in_channels} channels and predicts "
+                f"{self.unet.config.out_channels} (an inpainting or image-conditioned model); sepen samples and "
+                "finetunes text-to-image UNets only"
+            )
         takes_text_time = self.unet.config.addition_embed_type == "text_time"
         if takes_text_time != (self.text_encoder_2 is not None):
             raise ModelLoadError(

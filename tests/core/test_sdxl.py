@@ -259,3 +259,14 @@ def test_the_diffusers_export_fuses_and_sepens_apply_composes_with_a_lora_on_an_
     assert np.abs(pipeline_images(pipe, PROMPT, [5, 6]) - ours).max() < 1e-4
     adapter.remove(pipe)
     assert all(torch.equal(w, base_keys[n]) for n, w in key_projection_weights(pipe.unet).items())
+
+
+def test_an_inpainting_unet_is_refused_naming_its_channels(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from sepen_core.models import load_clip_tokenizer, tiny_unet_config
+
+    model = load_model("tiny")
+    inpainting = UNet2DConditionModel(**{**tiny_unet_config(), "in_channels": 9})
+    with pytest.raises(ModelLoadError, match="takes 9 channels"):
+        type(model)(inpainting, model.text_encoder, load_clip_tokenizer(), model.scheduler, model.vae, "inpainting")
