@@ -16,8 +16,8 @@ MIGRATIONS = "migrations"  # the Alembic scripts live inside sepen_store, so eve
 
 
 def make_engine(url: str, *, autocommit: bool = False) -> Engine:
-    """An engine on `url`. autocommit: for single-statement reads only (the gateway's hot reads): no BEGIN and no
-    ROLLBACK around each statement, two round trips fewer; a smaller pool beside the main engine's."""
+    """An engine on `url`. autocommit: every statement commits alone (the gateway's hot reads and its submissions):
+    no BEGIN and no COMMIT or ROLLBACK around it, two round trips fewer; a smaller pool beside the main engine's."""
     options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]

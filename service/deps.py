@@ -2,9 +2,10 @@
 
 The cheap ones are coroutines, which FastAPI runs in the event loop; a plain function costs a hop to the thread
 pool. The tenant comes from a per-process cache of keys (SEPEN_KEY_CACHE_TTL_S), so most requests need no key
-lookup. The hot reads (a key the cache does not know, GET /jobs/{id}, a stream's job row) go through sessions of a
-second, autocommit engine: one round trip a read instead of three. Things the gateway keeps per process beside
-what create_app made (the key cache, the read engine, the events publisher) are made on first use.
+lookup. The hot reads (a key the cache does not know, GET /jobs/{id}, a stream's job row) and the submissions go
+through sessions of a second, autocommit engine: one round trip a statement, with no BEGIN and COMMIT around it.
+Things the gateway keeps per process beside what create_app made (the key cache, the autocommit engine, the events
+publisher) are made on first use.
 """
 
 from __future__ import annotations
@@ -45,15 +46,18 @@ def tenant_cache(app: FastAPI) -> TenantCache:
     return app_resource(app, "tenant_cache", lambda settings: TenantCache(settings.key_cache_ttl_s))
 
 
-def read_sessions(app: FastAPI) -> sessionmaker[Session]:
-    """Sessions for single-statement reads (autocommit); the engine is disposed with the app."""
+def autocommit_sessions(app: FastAPI) -> sessionmaker[Session]:
+    """Sessions whose every statement commits alone (autocommit): single-statement reads, and submissions, whose
+    statements (adapter and quota reads, then one INSERT) need no transaction around them (a concurrent submission
+    could pass the same quota check inside one too; the idempotency key is a unique constraint). The engine is disposed
+    with the app."""
 
     def make(settings: GatewaySettings) -> sessionmaker[Session]:
         engine = make_engine(settings.database_url, autocommit=True)
         weakref.finalize(app, engine.dispose)
         return session_factory(engine)
 
-    return app_resource(app, "read_sessions", make)
+    return app_resource(app, "autocommit_sessions", make)
 
 
 def events_publisher(app: FastAPI):
@@ -70,9 +74,9 @@ async def get_sessions(request: Request) -> sessionmaker[Session]:
     return request.app.state.sessions
 
 
-async def get_read_sessions(request: Request) -> sessionmaker[Session]:
-    """Sessions for reads of one statement each (read_sessions)."""
-    return read_sessions(request.app)
+async def get_autocommit_sessions(request: Request) -> sessionmaker[Session]:
+    """Sessions of one statement a transaction (autocommit_sessions)."""
+    return autocommit_sessions(request.app)
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -89,7 +93,7 @@ async def get_celery(request: Request) -> Celery:
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
-ReadSessionsDep = Annotated[sessionmaker[Session], Depends(get_read_sessions)]
+AutocommitSessionsDep = Annotated[sessionmaker[Session], Depends(get_autocommit_sessions)]
 SessionDep = Annotated[Session, Depends(get_session)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
@@ -108,7 +112,7 @@ async def get_tenant(
     cache = tenant_cache(request.app)
     tenant = cache.get(hash_key(key)) if key else None
     if tenant is None:
-        tenant = await run_in_threadpool(authenticate_cached, read_sessions(request.app), cache, key)
+        tenant = await run_in_threadpool(authenticate_cached, autocommit_sessions(request.app), cache, key)
     await enforce_rate_limit_async(request, key)
     return tenant
 

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from sepen_store.contract import EvaluateRequest, EvaluationPrompt
-from service.deps import CeleryDep, IdempotencyKeyDep, SessionsDep, SettingsDep, TenantDep
+from service.deps import AutocommitSessionsDep, CeleryDep, IdempotencyKeyDep, SettingsDep, TenantDep
 from service.errors import ApiError
 from service.routes.generate import check_sample, pick_seed
 from service.routes.models import card_of
@@ -24,7 +24,7 @@ SEED_RANGE = 2**30
 def submit_evaluate(
     body: EvaluateIn,
     tenant: TenantDep,
-    sessions: SessionsDep,
+    sessions: AutocommitSessionsDep,
     settings: SettingsDep,
     celery: CeleryDep,
     idempotency_key: IdempotencyKeyDep = None,

@@ -9,7 +9,7 @@ from sepen_core.config import ModelDefaults
 from sepen_core.errors import ConfigError
 from sepen_core.prompts import ConceptSet
 from sepen_store.contract import FinetuneRequest
-from service.deps import CeleryDep, IdempotencyKeyDep, SessionsDep, SettingsDep, TenantDep
+from service.deps import AutocommitSessionsDep, CeleryDep, IdempotencyKeyDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import resolve_model
 from service.schemas import LARGE_SCALE, FinetuneIn, RecipeIn, SubmittedJob
@@ -83,7 +83,7 @@ def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> dict:
 def submit_finetune(
     body: FinetuneIn,
     tenant: TenantDep,
-    sessions: SessionsDep,
+    sessions: AutocommitSessionsDep,
     settings: SettingsDep,
     celery: CeleryDep,
     idempotency_key: IdempotencyKeyDep = None,

@@ -15,7 +15,7 @@ from sepen_core.errors import ConfigError
 from sepen_store.contract import GenerateRequest
 from sepen_store.settings import Settings
 from sepen_store.tables import AdapterVersion
-from service.deps import CeleryDep, IdempotencyKeyDep, SessionsDep, SettingsDep, TenantDep
+from service.deps import AutocommitSessionsDep, CeleryDep, IdempotencyKeyDep, SettingsDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import check_size, resolve_model
 from service.schemas import GenerateIn, SubmittedJob
@@ -73,7 +73,7 @@ def pick_model(settings: Settings, requested: str | None, version: AdapterVersio
 def submit_generate(
     body: GenerateIn,
     tenant: TenantDep,
-    sessions: SessionsDep,
+    sessions: AutocommitSessionsDep,
     settings: SettingsDep,
     celery: CeleryDep,
     idempotency_key: IdempotencyKeyDep = None,

@@ -12,7 +12,7 @@ from sepen_store.blobs import blob_bytes, download_url
 from sepen_store.job_outputs import get_image
 from sepen_store.jobs import STATUSES, get_job, job_view, list_jobs, request_cancel
 from sepen_store.webhooks import job_deliveries
-from service.deps import ReadSessionsDep, SessionDep, SettingsDep, TenantDep
+from service.deps import AutocommitSessionsDep, SessionDep, SettingsDep, TenantDep
 from service.errors import ApiError
 from service.job_events import HEARTBEAT, MEDIA_TYPE, RETRY_MS, event_stream_response
 from service.openapi import AUTHENTICATED, ETAG, RATE_LIMITED, errors, success
@@ -135,7 +135,7 @@ def list_tenant_jobs(
 @router.get(
     "/{job_id}", response_model=JobOut, responses={**success(200, RATE_LIMITED), **JOB_ERRORS}, operation_id="getJob"
 )
-def read_job(job_id: JobId, tenant: TenantDep, sessions: ReadSessionsDep) -> Response:
+def read_job(job_id: JobId, tenant: TenantDep, sessions: AutocommitSessionsDep) -> Response:
     with sessions() as session:
         job = job_view(session, tenant, job_id)
     return json_response(JobOut.of(job))
@@ -145,7 +145,7 @@ def read_job(job_id: JobId, tenant: TenantDep, sessions: ReadSessionsDep) -> Res
 async def stream_job_events(
     job_id: JobId,
     tenant: TenantDep,
-    sessions: ReadSessionsDep,
+    sessions: AutocommitSessionsDep,
     settings: SettingsDep,
     last_event_id: LastEventId = None,
 ) -> Response:
@@ -162,7 +162,7 @@ async def stream_job_events(
 def list_deliveries(
     job_id: JobId,
     tenant: TenantDep,
-    sessions: ReadSessionsDep,
+    sessions: AutocommitSessionsDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> Response:
     """The job's webhook deliveries, newest event first: each one's state and every attempt (time, HTTP status,
