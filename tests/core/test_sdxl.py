@@ -270,3 +270,13 @@ def test_an_inpainting_unet_is_refused_naming_its_channels(tmp_path):
     inpainting = UNet2DConditionModel(**{**tiny_unet_config(), "in_channels": 9})
     with pytest.raises(ModelLoadError, match="takes 9 channels"):
         type(model)(inpainting, model.text_encoder, load_clip_tokenizer(), model.scheduler, model.vae, "inpainting")
+
+
+def test_in_fp16_the_sdxl_vae_stays_fp32_and_the_images_are_the_fp32_ones_within_rounding(tiny_xl_model):
+    """SDXL's VAE overflows in fp16 (its config's force_upcast): it decodes in fp32 as in diffusers."""
+    half = load_model("tiny-xl", dtype="fp16")
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32
+    cond = half.encode_prompts([PROMPT])
+    assert cond.time_ids.dtype == cond.pooled_embeds.dtype == torch.float16
+    ours, reference = generate(half, PROMPT, QUICK).pixels, generate(tiny_xl_model, PROMPT, QUICK).pixels
+    assert ours.dtype == torch.float32 and (ours - reference).abs().max() < 0.02
