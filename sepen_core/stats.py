@@ -1,5 +1,6 @@
-"""The statistics of paired success counts (torch-free): Wilson intervals of a rate, and the paired difference of two
-methods on the same items with its interval and McNemar's exact test."""
+"""The statistics of paired success counts (torch-free): Wilson intervals of a rate, the paired difference of two
+methods on the same items with its interval and McNemar's exact test, and the paired difference of a method run
+several times (finetune seeds) from a base, averaged per item."""
 
 from __future__ import annotations
 
@@ -38,3 +39,27 @@ def paired_difference(base: list[bool], other: list[bool]) -> dict:
         "lost": lost,
         "p_mcnemar": mcnemar_p(gained, lost),
     }
+
+
+def paired_mean_difference(base: list[bool], runs: list[list[bool]]) -> dict:
+    """The mean over `runs` (one method, several finetune seeds) minus base, on the same items: each item's
+    difference is its success rate over the runs minus its base outcome; the difference is their mean, with a 95%
+    normal interval and a two-sided p over items (the items are the sample; the runs' own spread is in `by_run`,
+    each run's difference, and is not in the interval: a few seeds say little about a new seed)."""
+    n, k = len(base), len(runs)
+    if n == 0 or k == 0:
+        raise ValueError("paired_mean_difference needs items and at least one run")
+    per_item = [sum(run[i] for run in runs) / k - base[i] for i in range(n)]
+    mean = sum(per_item) / n
+    variance = sum((d - mean) ** 2 for d in per_item) / (n - 1) if n > 1 else 0.0
+    se = math.sqrt(variance / n)
+    z = mean / se if se > 0 else 0.0
+    p = math.erfc(abs(z) / math.sqrt(2)) if se > 0 else (1.0 if mean == 0 else 0.0)
+    return {
+        "difference": mean,
+        "ci95": [mean - 1.96 * se, mean + 1.96 * se],
+        "p": p,
+        "runs": k,
+        "by_run": [sum(run) / n - sum(base) / n for run in runs],
+    }
+
