@@ -4,7 +4,7 @@ Load a base model, finetune its cross-attention key projections on concept pairs
 result as a key-projection adapter, sample with it, and diagnose object maps before and after:
 
     from sepen_core import ConceptSet, FinetuneConfig, finetune, generate, load_base_model
-    model = load_base_model("path/to/sd-1.5")          # or build_tiny_model() for tests
+    model = load_base_model("path/to/sd-1.5")          # or an SDXL directory; build_tiny_model() for tests
     result = finetune(model, ConceptSet.pairs(("cat", "dog")), FinetuneConfig())
     result.adapter.save("cat-dog.safetensors")
     images = generate(model, "a cat and a dog", adapter=result.adapter).images
@@ -33,7 +33,7 @@ _EXPORTS = {
     ],
     "sepen_core.export": ["Export", "export_adapter"],
     "sepen_core.finetuning": ["Checkpoints", "FinetuneResult", "StepReport", "finetune"],
-    "sepen_core.models": ["BaseModel", "build_tiny_model", "load_base_model"],
+    "sepen_core.models": ["BaseModel", "build_tiny_model", "build_tiny_xl_model", "load_base_model", "load_model"],
     "sepen_core.prompts": ["ConceptSet"],
     "sepen_core.sampling": ["GenerationResult", "generate"],
     "sepen_core.scores": ["MapScores"],

@@ -62,4 +62,3 @@ def paired_mean_difference(base: list[bool], runs: list[list[bool]]) -> dict:
         "runs": k,
         "by_run": [sum(run) / n - sum(base) / n for run in runs],
     }
-
