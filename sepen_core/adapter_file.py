@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sepen_core.errors import AdapterFormatError
+from sepen_core.model_card import ARCHITECTURES  # a file without base_architecture is "sd"'s
 
 FORMAT = "sepen.key-projection-adapter"
 FORMAT_VERSION = 1  # a dense adapter's (representation "delta"): what sepen wrote before low-rank storage
@@ -29,7 +30,6 @@ LOW_RANK_FORMAT_VERSION = 2  # a low-rank adapter's (representation "low_rank")
 FORMAT_VERSIONS = (FORMAT_VERSION, LOW_RANK_FORMAT_VERSION)
 REPRESENTATIONS = ("delta", "low_rank")
 FACTORS = ("up", "down")  # a low-rank layer's tensors: <layer>.up (out, r), <layer>.down (r, in)
-BASE_ARCHITECTURES = ("sd", "sdxl")  # a file without base_architecture is "sd"'s
 # safetensors dtype -> (numpy dtype of the stored bytes, torch's name for it: tensors_sha256 hashes that name)
 _DTYPES = {"F16": (np.float16, "float16"), "F32": (np.float32, "float32"), "BF16": (np.uint16, "bfloat16")}
 
@@ -80,8 +80,8 @@ def check_header(meta: dict[str, str]) -> str:
     if representation == "low_rank" and meta["format_version"] != str(LOW_RANK_FORMAT_VERSION):
         raise AdapterFormatError(f"a low-rank adapter is format version {LOW_RANK_FORMAT_VERSION}, not 1")
     architecture = meta.get("base_architecture", "sd")
-    if architecture not in BASE_ARCHITECTURES:
-        raise AdapterFormatError(f"base_architecture {architecture!r} is not one of {BASE_ARCHITECTURES}")
+    if architecture not in ARCHITECTURES:
+        raise AdapterFormatError(f"base_architecture {architecture!r} is not one of {ARCHITECTURES}")
     return representation
 
 

@@ -32,7 +32,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from sepen_core.adapter_file import (
-    BASE_ARCHITECTURES,
     FORMAT,
     FORMAT_VERSION,
     LOW_RANK_FORMAT_VERSION,
@@ -43,6 +42,7 @@ from sepen_core.adapter_file import (
 from sepen_core.config import check_low_rank
 from sepen_core.errors import AdapterError, AdapterFormatError, AdapterMismatchError
 from sepen_core.export import Export, export_adapter, lora_rank
+from sepen_core.model_card import ARCHITECTURES
 from sepen_core.models import BaseModel, key_fingerprint, key_projection_weights
 
 
@@ -76,8 +76,8 @@ class KeyProjectionAdapter:
     def __post_init__(self):
         if self.deltas and self.factors:
             raise AdapterError("an adapter holds its layers as deltas or as factors, not both")
-        if self.base_architecture not in BASE_ARCHITECTURES:
-            raise AdapterError(f"base_architecture {self.base_architecture!r} is not one of {BASE_ARCHITECTURES}")
+        if self.base_architecture not in ARCHITECTURES:
+            raise AdapterError(f"base_architecture {self.base_architecture!r} is not one of {ARCHITECTURES}")
 
     def __getstate__(self) -> dict[str, Any]:  # pickle and copy: what apply() changed stays with the original
         return {key: value for key, value in self.__dict__.items() if key != "_applied"}

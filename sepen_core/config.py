@@ -71,8 +71,8 @@ class MapConfig(_Serializable):
 
 def check_low_rank(rank: int | None, energy: float | None) -> None:
     """ConfigError naming the field unless `rank` (a whole number from 1 to MAX_EXPORT_RANK) or `energy` (a share
-    in (0, 1]) or neither is given: how an adapter is stored low-rank (FinetuneConfig, KeyProjectionAdapter.low_rank),
-    by ExportOptions' rules and in its words."""
+    in (0, 1]) or neither is given: how an adapter is stored low-rank (FinetuneConfig, KeyProjectionAdapter.low_rank)
+    or exported as a LoRA (ExportOptions)."""
     _check(rank is None or energy is None, "energy", "give rank or energy, not both")
     _check(
         rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= MAX_EXPORT_RANK),
@@ -224,19 +224,7 @@ class ExportOptions(_Serializable):
 
     def __post_init__(self):
         _check(self.format in EXPORT_FORMATS, "format", f"{self.format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-        _check(self.rank is None or self.energy is None, "energy", "give rank or energy, not both")
-        _check(
-            self.rank is None
-            or (isinstance(self.rank, int) and not isinstance(self.rank, bool) and 1 <= self.rank <= MAX_EXPORT_RANK),
-            "rank",
-            f"must be a whole number from 1 to {MAX_EXPORT_RANK}",
-        )
-        _check(
-            self.energy is None
-            or (isinstance(self.energy, (int, float)) and not isinstance(self.energy, bool) and 0 < self.energy <= 1),
-            "energy",
-            "must be a fraction in (0, 1]: the share of squared singular values kept",
-        )
+        check_low_rank(self.rank, self.energy)
         for name in ("rank", "energy"):
             _check(
                 self.format in LORA_FORMATS or getattr(self, name) is None,

@@ -341,7 +341,7 @@ def _lora_config(ranks: dict[str, int]) -> dict:
     """PEFT LoraConfig fields, prefixed 'unet.' as diffusers stores them: each layer's rank, alpha = rank (scale 1).
     A pattern key starting with '^' matches from the start of a module's name (PEFT's rule), so no layer catches
     another whose name ends the same."""
-    common = Counter(ranks.values()).most_common(1)[0][0]
+    common = _common(ranks.values())
     pattern = {f"^{module_path(name)}": r for name, r in ranks.items() if r != common}
     return {
         "unet.r": common,

@@ -15,8 +15,9 @@ from sepen_core.errors import ModelLoadError
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "sepen-toy"
 TINY_NATIVE_SIDE = 64  # the tiny random models: a 32-pixel latent, a VAE that halves
 MAX_SIDE_FACTOR = 2  # a request may ask for up to twice the model's native height and width
-# diffusers pipeline classes whose UNet sepen finetunes, by the architecture name sepen gives them.
-ARCHITECTURES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+# The UNet layouts sepen finetunes: "sd", SD 1.x/2.x (StableDiffusionPipeline and its family), and "sdxl"
+# (StableDiffusionXLPipeline). Adapters record theirs (sepen_core.adapter_file).
+ARCHITECTURES = ("sd", "sdxl")
 SUPPORTED = (
     "diffusers-format directories of Stable Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL "
     "(StableDiffusionXLPipeline): UNets whose cross-attention layers have key projections (attn2.to_k)"
@@ -61,9 +62,9 @@ def model_card(source: str) -> ModelCard:
     if tiny is not None:
         return ModelCard(TINY_NATIVE_SIDE, TINY_NATIVE_SIDE, ModelDefaults(), architecture=tiny[0])
     path = BUNDLED_MODEL_DIR if source == BUNDLED_SOURCE else Path(source)
-    architecture = model_architecture(path)
+    index = _model_index(path)
+    architecture = _architecture(path, index)
     try:
-        index = _json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
         unet = _json(path / "unet" / "config.json")
         vae = _json(path / "vae" / "config.json") if (path / "vae").is_dir() else None
     except (OSError, ValueError) as exc:
@@ -80,12 +81,21 @@ def model_architecture(path: Path) -> str:
     """ "sd" or "sdxl": which of the supported layouts (ARCHITECTURES) a diffusers model directory holds, from its
     components (any pipeline class of the SD family with a UNet loads; SDXL has a second text encoder); ModelLoadError
     naming what is supported otherwise."""
+    return _architecture(path, _model_index(path))
+
+
+def _model_index(path: Path) -> dict:
+    """A model directory's model_index.json ({} without one); ModelLoadError when the directory is missing or the
+    file unreadable."""
     if not path.is_dir():
         raise ModelLoadError(f"base model directory {str(path)!r} does not exist")
     try:
-        index = _json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+        return _json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{str(path)!r}: unreadable model_index.json ({exc})") from exc
+
+
+def _architecture(path: Path, index: dict) -> str:
     pipeline = index.get("_class_name")
     if not (path / "unet").is_dir():
         what = f"a {pipeline}" if pipeline else "not a diffusers UNet model"

@@ -191,15 +191,14 @@ class BaseModel:
         return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> BaseModel:
+        # SDXL's VAE overflows in fp16 (its config's force_upcast); diffusers decodes in fp32 too.
+        upcast_vae = self.architecture == "sdxl" and self.vae is not None and self.vae.config.force_upcast
         for module in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
             if module is not None:
                 module.to(device=device)
-                if dtype is not None and module.dtype != dtype:
-                    module.to(dtype=dtype)
-        if self.architecture == "sdxl" and self.vae is not None and self.vae.config.force_upcast:
-            # SDXL's VAE overflows in fp16 (its config says so); diffusers decodes in fp32 too.
-            if self.vae.dtype == torch.float16:
-                self.vae.to(dtype=torch.float32)
+                wanted = torch.float32 if module is self.vae and upcast_vae and dtype == torch.float16 else dtype
+                if wanted is not None and module.dtype != wanted:
+                    module.to(dtype=wanted)
         self.base_keys = {k: v.to(device=device, dtype=dtype) for k, v in self.base_keys.items()}
         return self
 

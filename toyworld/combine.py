@@ -55,11 +55,10 @@ def combine(reports: list[dict], sources: list[str]) -> dict:
             if name in methods and name != "base":
                 raise CombineError(f"{source}: method {name} is also in {methods[name]['source']}")
             methods.setdefault(name, {**row, "source": source})
-    base_groups = {g for g in base}
     methods["base"] = {**methods["base"], "outcomes": {g: o for g, (o, _) in base.items()}}
     for report in reports:  # the base row's summaries, from whichever run had each group
         methods["base"].setdefault("summary", {}).update(report["methods"]["base"]["summary"])
-    groups = [g for g in GROUPS if g in base_groups]
+    groups = [g for g in GROUPS if g in base]
 
     families: dict[str, list[str]] = {}
     for name in methods:
