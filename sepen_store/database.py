@@ -15,9 +15,12 @@ from sepen_store.events import SESSION_INFO_KEY
 MIGRATIONS = "migrations"  # the Alembic scripts live inside sepen_store, so every installation carries them
 
 
-def make_engine(url: str, *, autocommit: bool = False) -> Engine:
+def make_engine(url: str, *, autocommit: bool = False, pool_size: int | None = None) -> Engine:
     """An engine on `url`. autocommit: every statement commits alone (the gateway's hot reads and its submissions):
-    no BEGIN and no COMMIT or ROLLBACK around it, two round trips fewer; a smaller pool beside the main engine's."""
+    no BEGIN and no COMMIT or ROLLBACK around it, two round trips fewer. pool_size: a fixed pool of that many
+    connections (a caller beyond it waits for one); else 10 kept and up to 20 more opened while busy, each closed
+    when it comes back (under a steady load of more than 10 at once, a connection opened and closed per request:
+    a new Postgres backend process each time)."""
     options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -34,7 +37,7 @@ def make_engine(url: str, *, autocommit: bool = False) -> Engine:
             cursor.close()
 
         return engine
-    pool = {"pool_size": 5, "max_overflow": 10} if autocommit else {"pool_size": 10, "max_overflow": 20}
+    pool = {"pool_size": pool_size, "max_overflow": 0} if pool_size else {"pool_size": 10, "max_overflow": 20}
     return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5}, **pool, **options)
 
 

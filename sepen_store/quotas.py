@@ -78,13 +78,14 @@ def check_quotas(
     made a job passes: it creates nothing."""
     if not (quotas.max_queued_jobs or quotas.compute_seconds_per_day):
         return
-    if idempotency_key is not None and session.scalar(
+    connection = session.connection()  # Core statements: the ORM's execute path would cost more than the reads
+    if idempotency_key is not None and connection.scalar(
         select(Job.id).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key)
     ):
         return
     now = now or utcnow()
     usage = {"tenant": tenant, "cap": quotas.max_queued_jobs, "since": day_start(now)}
-    waiting, used = session.execute(_USAGE, usage).one()
+    waiting, used = connection.execute(_USAGE, usage).one()
     if quotas.max_queued_jobs:
         if waiting >= quotas.max_queued_jobs:
             raise QuotaExceeded(

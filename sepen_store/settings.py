@@ -156,6 +156,9 @@ class GatewaySettings(Settings):
     # An API key's tenant is remembered this long in each gateway process (0: looked up on every request), so a
     # revoked key stops working within it.
     key_cache_ttl_s: float = Field(10.0, ge=0)
+    # Database connections each gateway process keeps open for its hot path (key lookups, job reads, submissions):
+    # a fixed pool, so a request beyond it waits for a connection rather than opening (and closing) one of its own.
+    db_pool_size: int = Field(20, ge=1, le=500)
     # GET /jobs/{id}/events: a comment line at least this often on a quiet stream (proxies close silent
     # connections); the job row read this often without a Redis broker; a stream closed after this long (the client
     # reconnects with Last-Event-ID).

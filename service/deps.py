@@ -49,11 +49,11 @@ def tenant_cache(app: FastAPI) -> TenantCache:
 def autocommit_sessions(app: FastAPI) -> sessionmaker[Session]:
     """Sessions whose every statement commits alone (autocommit): single-statement reads, and submissions, whose
     statements (adapter and quota reads, then one INSERT) need no transaction around them (a concurrent submission
-    could pass the same quota check inside one too; the idempotency key is a unique constraint). The engine is disposed
-    with the app."""
+    could pass the same quota check inside one too; the idempotency key is a unique constraint). Its pool keeps
+    SEPEN_DB_POOL_SIZE connections open, and opens no more. The engine is disposed with the app."""
 
     def make(settings: GatewaySettings) -> sessionmaker[Session]:
-        engine = make_engine(settings.database_url, autocommit=True)
+        engine = make_engine(settings.database_url, autocommit=True, pool_size=settings.db_pool_size)
         weakref.finalize(app, engine.dispose)
         return session_factory(engine)
 

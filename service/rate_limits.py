@@ -5,7 +5,6 @@ the window resets), as the IETF draft on rate-limit headers names them. The coun
 from __future__ import annotations
 
 from fastapi import Request
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sepen_store.auth import hash_key
@@ -70,10 +69,15 @@ class RateLimitHeaders:
         async def send_with_headers(message: Message) -> None:
             decision = state.get(_STATE_KEY)
             if message["type"] == "http.response.start" and decision is not None:
-                headers = MutableHeaders(scope=message)
-                for name, value in rate_limit_headers(decision).items():
-                    if name not in headers:
-                        headers[name] = value
+                # Raw header pairs, not MutableHeaders: this runs on every authenticated answer.
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers += [
+                    (name.lower().encode(), value.encode())
+                    for name, value in rate_limit_headers(decision).items()
+                    if name.lower().encode() not in present
+                ]
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -170,9 +170,7 @@ def test_versions_are_immutable_and_one_per_job(sessions):
         assert version_bytes(s, resolve(s, "acme", "cat-dog@1")) == b"one"
         with pytest.raises(NotFound):
             resolve(s, "other", "cat-dog")
-        user, _ = create_job(s, "acme", "generate", {"a": 1})
-        user.adapter_version_id = v2.id
-        s.commit()
+        user, _ = create_job(s, "acme", "generate", {"a": 1}, adapter_version_id=v2.id)
         with pytest.raises(Conflict, match=user.id):
             delete_version(s, "acme", "cat-dog", 2)
         finish_job(s, claim_job(s, user.id, "w", lease_s=60), "succeeded")
