@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, func, insert, literal, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -176,10 +177,10 @@ def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
     return job
 
 
-def job_view(session: Session, tenant: str, job_id: str):
+def job_view(connection: Connection, tenant: str, job_id: str):
     """get_job for reading only, at the least cost (one SELECT of the row, no ORM object): a row with the Job's
-    attribute names. Meant for a session in autocommit mode (sepen_store.database.make_engine)."""
-    row = session.connection().execute(select(_JOBS).where(_JOBS.c.id == job_id)).first()
+    attribute names. Meant for a connection of an autocommit engine (sepen_store.database.make_engine)."""
+    row = connection.execute(select(_JOBS).where(_JOBS.c.id == job_id)).first()
     if row is None or row.tenant != tenant:
         raise NotFound("job", job_id)
     return row

@@ -153,6 +153,9 @@ class GatewaySettings(Settings):
     compute_seconds_per_day: int = Field(28_800, ge=0)  # 8 hours of a worker per tenant and UTC day
     # GET /metrics (Prometheus) is open like /healthz when empty; else it asks for `Authorization: Bearer <token>`.
     metrics_token: str = ""
+    # FastAPI's OpenTelemetry spans, metrics and logs of each request, sent to the providers the process configures
+    # (opentelemetry-instrument, or an SDK set up before the app is made).
+    opentelemetry: bool = False
     # An API key's tenant is remembered this long in each gateway process (0: looked up on every request), so a
     # revoked key stops working within it.
     key_cache_ttl_s: float = Field(10.0, ge=0)

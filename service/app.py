@@ -62,9 +62,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         engine.dispose()
 
     # strict_content_type=False: a JSON body sent without a Content-Type is read as JSON (one sent as another
-    # media type gets 415 naming it).
+    # media type gets 415 naming it). FastAPI's own OpenTelemetry instrumentation only with SEPEN_OPENTELEMETRY: off,
+    # it costs nothing; on but with no provider configured, it still looks for one on every request.
     app = FastAPI(
-        title="sepen", version=_version(), description=DESCRIPTION, lifespan=lifespan, strict_content_type=False
+        title="sepen",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        strict_content_type=False,
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.engine = engine

@@ -3,7 +3,8 @@
 The cheap ones are coroutines, which FastAPI runs in the event loop; a plain function costs a hop to the thread
 pool. The tenant comes from a per-process cache of keys (SEPEN_KEY_CACHE_TTL_S), so most requests need no key
 lookup. The hot reads (a key the cache does not know, GET /jobs/{id}, a stream's job row) and the submissions go
-through sessions of a second, autocommit engine: one round trip a statement, with no BEGIN and COMMIT around it.
+through a second, autocommit engine (GET /jobs/{id} through one of its connections, without a session): one round
+trip a statement, with no BEGIN and COMMIT around it.
 Things the gateway keeps per process beside what create_app made (the key cache, the autocommit engine, the events
 publisher) are made on first use.
 """
@@ -19,6 +20,7 @@ from celery import Celery
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sepen_store.auth import TenantCache, authenticate_cached, hash_key
@@ -46,18 +48,24 @@ def tenant_cache(app: FastAPI) -> TenantCache:
     return app_resource(app, "tenant_cache", lambda settings: TenantCache(settings.key_cache_ttl_s))
 
 
-def autocommit_sessions(app: FastAPI) -> sessionmaker[Session]:
-    """Sessions whose every statement commits alone (autocommit): single-statement reads, and submissions, whose
+def autocommit_engine(app: FastAPI) -> Engine:
+    """The engine whose every statement commits alone (autocommit): single-statement reads, and submissions, whose
     statements (adapter and quota reads, then one INSERT) need no transaction around them (a concurrent submission
     could pass the same quota check inside one too; the idempotency key is a unique constraint). Its pool keeps
-    SEPEN_DB_POOL_SIZE connections open, and opens no more. The engine is disposed with the app."""
+    SEPEN_DB_POOL_SIZE connections open, and opens no more. Disposed with the app."""
 
-    def make(settings: GatewaySettings) -> sessionmaker[Session]:
+    def make(settings: GatewaySettings) -> Engine:
         engine = make_engine(settings.database_url, autocommit=True, pool_size=settings.db_pool_size)
         weakref.finalize(app, engine.dispose)
-        return session_factory(engine)
+        return engine
 
-    return app_resource(app, "autocommit_sessions", make)
+    return app_resource(app, "autocommit_engine", make)
+
+
+def autocommit_sessions(app: FastAPI) -> sessionmaker[Session]:
+    """Sessions of the autocommit engine."""
+    engine = autocommit_engine(app)  # first: app_resource makes one thing at a time
+    return app_resource(app, "autocommit_sessions", lambda _: session_factory(engine))
 
 
 def events_publisher(app: FastAPI):

@@ -45,7 +45,7 @@ def encode(event: JobEvent) -> bytes:
 
 def _current(sessions: sessionmaker[Session], tenant: str, job_id: str) -> JobEvent:
     with sessions() as session:
-        return event_of(job_view(session, tenant, job_id))
+        return event_of(job_view(session.connection(), tenant, job_id))
 
 
 def catch_up(current: JobEvent, held: list[StreamedEvent] | None, last_seq: int | None) -> list[JobEvent]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from sepen_store.blobs import blob_bytes, download_url
 from sepen_store.job_outputs import get_image
 from sepen_store.jobs import STATUSES, get_job, job_view, list_jobs, request_cancel
 from sepen_store.webhooks import job_deliveries
-from service.deps import AutocommitSessionsDep, SessionDep, SettingsDep, TenantDep
+from service.deps import AutocommitSessionsDep, SessionDep, SettingsDep, TenantDep, autocommit_engine
 from service.errors import ApiError
 from service.job_events import HEARTBEAT, MEDIA_TYPE, RETRY_MS, event_stream_response
 from service.openapi import AUTHENTICATED, ETAG, RATE_LIMITED, errors, success
@@ -135,9 +135,9 @@ def list_tenant_jobs(
 @router.get(
     "/{job_id}", response_model=JobOut, responses={**success(200, RATE_LIMITED), **JOB_ERRORS}, operation_id="getJob"
 )
-def read_job(job_id: JobId, tenant: TenantDep, sessions: AutocommitSessionsDep) -> Response:
-    with sessions() as session:
-        job = job_view(session, tenant, job_id)
+def read_job(job_id: JobId, tenant: TenantDep, request: Request) -> Response:
+    with autocommit_engine(request.app).connect() as connection:
+        job = job_view(connection, tenant, job_id)
     return json_response(JobOut.of(job))
 
 
@@ -168,7 +168,7 @@ def list_deliveries(
     """The job's webhook deliveries, newest event first: each one's state and every attempt (time, HTTP status,
     error, duration). A progress report not yet sent is replaced by the next one."""
     with sessions() as session:
-        job_view(session, tenant, job_id)  # another tenant's job is a 404 like a missing one
+        job_view(session.connection(), tenant, job_id)  # another tenant's job is a 404 like a missing one
         deliveries = [DeliveryOut.of(delivery) for delivery in job_deliveries(session, job_id, limit=limit)]
     return json_response(DeliveryList(deliveries=deliveries))
 

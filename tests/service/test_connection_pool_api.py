@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 
 from service.app import create_app
-from service.deps import autocommit_sessions
+from service.deps import autocommit_engine
 
 POOL = 2
 REQUESTS = 48
@@ -19,7 +19,7 @@ def test_a_burst_of_requests_shares_the_fixed_pool(service_settings, auth):
         answer = client.post("/generate", json={"prompt": "a cat and a dog"}, headers=auth)
         assert answer.status_code == 202
         job_url = answer.json()["url"]
-        engine = autocommit_sessions(app).kw["bind"]
+        engine = autocommit_engine(app)
         opened = []
         event.listen(engine.pool, "connect", lambda *_: opened.append(1))
 

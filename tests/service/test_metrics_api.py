@@ -1,10 +1,15 @@
 """GET /metrics in the gateway: Prometheus text left out of the OpenAPI document, requests counted under their route
 template whatever the answer, and a scrape that still answers while the database or the broker is down, saying
-which one in sepen_metrics_source_up."""
+which one in sepen_metrics_source_up; FastAPI's OpenTelemetry spans only with SEPEN_OPENTELEMETRY."""
 
 from __future__ import annotations
 
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry import trace
 from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
 
 
 def scrape(client) -> dict[tuple[str, frozenset], float]:
@@ -62,3 +67,29 @@ def test_a_scrape_answers_while_the_database_is_down(db_down_client):
     assert count(samples, "sepen_metrics_source_up", source="database") == 0
     assert count(samples, "sepen_metrics_source_up", source="broker") == 1
     assert not [name for name, _ in samples if name == "sepen_jobs"]
+
+
+class RecordingTracerProvider(trace.TracerProvider):  # not a NoOpTracerProvider: FastAPI skips those
+    """An OpenTelemetry tracer provider that notes the path of every span started through it."""
+
+    def __init__(self):
+        self.spans: list[str] = []
+
+    def get_tracer(self, *args, **kwargs):
+        provider = self
+
+        class Tracer(trace.NoOpTracer):
+            def start_span(self, name, *args, **kwargs):
+                provider.spans.append((kwargs.get("attributes") or {}).get("url.path", name))
+                return super().start_span(name, *args, **kwargs)
+
+        return Tracer()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_opentelemetry_spans_only_when_asked(service_settings, monkeypatch, enabled):
+    provider = RecordingTracerProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)  # as if an OpenTelemetry SDK were set up
+    with TestClient(create_app(service_settings.with_(opentelemetry=enabled))) as client:
+        assert client.get("/healthz").status_code == 200
+    assert ("/healthz" in provider.spans) is enabled and (provider.spans == []) is not enabled, provider.spans

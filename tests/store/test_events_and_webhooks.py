@@ -105,11 +105,11 @@ def test_a_failed_finish_carries_its_error(publishing):
 def test_job_view_reads_the_row_and_hides_other_tenants_jobs(sessions):
     with sessions() as s:
         job = new_job(s, webhook=HOOK)
-        view = job_view(s, "acme", job.id)
+        view = job_view(s.connection(), "acme", job.id)
         assert (view.id, view.status, view.event_seq, view.webhook) == (job.id, "queued", 0, HOOK)
         assert view.created_at.tzinfo is not None
         with pytest.raises(NotFound):
-            job_view(s, "globex", job.id)
+            job_view(s.connection(), "globex", job.id)
 
 
 def test_deliveries_are_queued_with_their_event_and_progress_coalesces(sessions):
@@ -267,5 +267,5 @@ def test_the_events_migration_goes_down_and_up_again(tmp_path):
     command.downgrade(alembic_config(url), "0003")
     upgrade_database(url)
     with sessions() as s:
-        row = job_view(s, "acme", job.id)
+        row = job_view(s.connection(), "acme", job.id)
         assert row.event_seq == 0 and row.webhook is None and job_deliveries(s, job.id) == []
