@@ -40,9 +40,10 @@ def day_start(now: datetime) -> datetime:
 def _compute_today(tenant, since):
     """The seconds the tenant's jobs ran that count against the day that began at `since`: those finished since,
     and those running (a queued job has run nothing)."""
+    # status = each ACTIVE one, not IN (ACTIVE): an IN list's parameters are rendered again at every execution.
     return select(func.coalesce(func.sum(Job.compute_s), 0.0)).where(
         Job.tenant == tenant,
-        or_(Job.status.in_(ACTIVE), Job.finished_at >= since),
+        or_(*(Job.status == status for status in ACTIVE), Job.finished_at >= since),
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from celery import Celery
@@ -99,11 +100,28 @@ async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
+@dataclass(frozen=True)
+class SubmitContext:
+    """What a submission route needs of its app (the settings, sessions of the autocommit engine, the Celery client)
+    as one dependency: FastAPI's handling of each dependency costs a submission more than reading app.state."""
+
+    settings: GatewaySettings
+    sessions: sessionmaker[Session]
+    celery: Celery
+
+
+async def get_submit_context(request: Request) -> SubmitContext:
+    app = request.app
+    sessions = autocommit_sessions(app)  # first: app_resource makes one thing at a time
+    return app_resource(app, "submit_context", lambda settings: SubmitContext(settings, sessions, app.state.celery))
+
+
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
 AutocommitSessionsDep = Annotated[sessionmaker[Session], Depends(get_autocommit_sessions)]
 SessionDep = Annotated[Session, Depends(get_session)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+SubmitContextDep = Annotated[SubmitContext, Depends(get_submit_context)]
 
 # auto_error=False: a missing key must give our 401 (with the JSON error shape), not FastAPI's.
 bearer = HTTPBearer(auto_error=False, description="an API key from `sepen-admin create-key`")

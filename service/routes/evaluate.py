@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from sepen_store.contract import EvaluateRequest, EvaluationPrompt
-from service.deps import AutocommitSessionsDep, CeleryDep, IdempotencyKeyDep, SettingsDep, TenantDep
+from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError
 from service.routes.generate import check_sample, pick_seed
 from service.routes.models import card_of
@@ -24,16 +24,15 @@ SEED_RANGE = 2**30
 def submit_evaluate(
     body: EvaluateIn,
     tenant: TenantDep,
-    sessions: AutocommitSessionsDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
+    context: SubmitContextDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:
     """Queue sampling each prompt `samples` times with the base model and again with the adapter, on the same
     seeds: per denoising step the weakest object's attention peak and the maps' overlap; on a model with a judge
     (a toy-world model's detector), how often every object is drawn, with intervals and McNemar's test."""
+    settings, celery = context.settings, context.celery
     webhook = webhook_of(body.webhook, settings)
-    with sessions() as session:
+    with context.sessions() as session:
         version, ref = pin_adapter(session, tenant, body.adapter)
         model = version.base_model
         if model not in settings.models:

@@ -9,7 +9,7 @@ from sepen_core.config import ModelDefaults
 from sepen_core.errors import ConfigError
 from sepen_core.prompts import ConceptSet
 from sepen_store.contract import FinetuneRequest
-from service.deps import AutocommitSessionsDep, CeleryDep, IdempotencyKeyDep, SettingsDep, TenantDep
+from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import resolve_model
 from service.schemas import LARGE_SCALE, FinetuneIn, RecipeIn, SubmittedJob
@@ -83,13 +83,12 @@ def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> dict:
 def submit_finetune(
     body: FinetuneIn,
     tenant: TenantDep,
-    sessions: AutocommitSessionsDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
+    context: SubmitContextDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:
     """Queue a SepEn finetune that publishes the next version of adapter `adapter`; follow the job at `url` (or its
     events at `links.events`)."""
+    settings, celery = context.settings, context.celery
     model = resolve_model(settings, body.model)
     concept_set = build_concept_set(body)
     recipe = build_recipe(body.recipe, concept_set)
@@ -100,6 +99,6 @@ def submit_finetune(
         recipe=recipe,
         webhook=webhook_of(body.webhook, settings),
     )
-    with sessions() as session:
+    with context.sessions() as session:
         job, created = submit_job(session, celery, tenant, request, settings, idempotency_key=idempotency_key)
     return submitted(job, created)

@@ -15,7 +15,7 @@ from sepen_core.errors import ConfigError
 from sepen_store.contract import GenerateRequest
 from sepen_store.settings import Settings
 from sepen_store.tables import AdapterVersion
-from service.deps import AutocommitSessionsDep, CeleryDep, IdempotencyKeyDep, SettingsDep, TenantDep
+from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import check_size, resolve_model
 from service.schemas import GenerateIn, SubmittedJob
@@ -73,14 +73,12 @@ def pick_model(settings: Settings, requested: str | None, version: AdapterVersio
 def submit_generate(
     body: GenerateIn,
     tenant: TenantDep,
-    sessions: AutocommitSessionsDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
+    context: SubmitContextDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Response:
     """Queue sampling `images` images of `prompt`, optionally with an adapter and per-concept heatmaps."""
-    with sessions() as session:
-        return _submit(session, body, tenant, settings, celery, idempotency_key)
+    with context.sessions() as session:
+        return _submit(session, body, tenant, context.settings, context.celery, idempotency_key)
 
 
 def _submit(
