@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, case, func, insert, literal, or_, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -118,7 +118,7 @@ def create_job(
     *,
     idempotency_key: str | None = None,
     adapter_version_id: str | None = None,
-):
+) -> tuple[Row, bool]:
     """Insert and commit a queued job; with an idempotency key already used by this tenant, return that
     job instead (created=False), or raise Conflict if the key came with a different request. The job is a row with
     the Job's attribute names (read it again with get_job for an ORM object), written and read through Core
@@ -158,12 +158,12 @@ _JOBS = Job.__table__
 _INSERT_JOB = insert(_JOBS).returning(*_JOBS.c)
 
 
-def _with_idempotency_key(session: Session, tenant: str, idempotency_key: str):
+def _with_idempotency_key(session: Session, tenant: str, idempotency_key: str) -> Row | None:
     query = select(_JOBS).where(_JOBS.c.tenant == tenant, _JOBS.c.idempotency_key == idempotency_key)
     return session.connection().execute(query).first()
 
 
-def _same_request(job: Job, digest: str) -> Job:
+def _same_request(job: Row, digest: str) -> Row:
     if job.request_hash != digest:
         raise Conflict(f"Idempotency-Key was already used for a different request (job {job.id})")
     return job
@@ -177,7 +177,7 @@ def get_job(session: Session, tenant: str | None, job_id: str) -> Job:
     return job
 
 
-def job_view(connection: Connection, tenant: str, job_id: str):
+def job_view(connection: Connection, tenant: str, job_id: str) -> Row:
     """get_job for reading only, at the least cost (one SELECT of the row, no ORM object): a row with the Job's
     attribute names. Meant for a connection of an autocommit engine (sepen_store.database.make_engine)."""
     row = connection.execute(select(_JOBS).where(_JOBS.c.id == job_id)).first()

@@ -67,12 +67,12 @@ class SendingRedisTransport(kombu_redis.Transport):
 def make_celery(settings: Settings, *, fail_fast: bool = False) -> Celery:
     """The Celery app of the contract. fail_fast (for senders: the gateway, the reconciler): one connection
     try, no kombu retry back-off (about 6 s), since the job row is already stored and is re-sent later; on a Redis
-    broker, the SendingRedisTransport."""
+    broker (redis://), the SendingRedisTransport."""
     url, transport_options = broker_settings(settings)
     transport = None
     if fail_fast:
         transport_options = {**transport_options, "max_retries": 1, "interval_start": 0}
-        if url.startswith(("redis://", "rediss://")):
+        if url.startswith("redis://"):  # not rediss://: kombu reads its TLS defaults from the scheme's name
             transport = SendingRedisTransport
     app = Celery("sepen", broker=url, set_as_current=False)
     app.conf.update(

@@ -78,11 +78,6 @@ async def get_settings(request: Request) -> GatewaySettings:
     return request.app.state.settings
 
 
-async def get_sessions(request: Request) -> sessionmaker[Session]:
-    """The session factory, for a route that opens its session in its own thread (one hop to the pool, not three)."""
-    return request.app.state.sessions
-
-
 async def get_autocommit_sessions(request: Request) -> sessionmaker[Session]:
     """Sessions of one statement a transaction (autocommit_sessions)."""
     return autocommit_sessions(request.app)
@@ -94,10 +89,6 @@ def get_session(request: Request) -> Iterator[Session]:
         if publisher:
             session.info[SESSION_INFO_KEY] = publisher
         yield session
-
-
-async def get_celery(request: Request) -> Celery:
-    return request.app.state.celery
 
 
 @dataclass(frozen=True)
@@ -117,10 +108,8 @@ async def get_submit_context(request: Request) -> SubmitContext:
 
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
-SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
 AutocommitSessionsDep = Annotated[sessionmaker[Session], Depends(get_autocommit_sessions)]
 SessionDep = Annotated[Session, Depends(get_session)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
 SubmitContextDep = Annotated[SubmitContext, Depends(get_submit_context)]
 
 # auto_error=False: a missing key must give our 401 (with the JSON error shape), not FastAPI's.

@@ -63,3 +63,10 @@ def test_senders_send_the_same_messages_through_one_client(broker, monkeypatch):
         return {**message, "body": None, "headers": headers, "properties": properties}
 
     assert [shape(m) for m in ours] == [shape(m) for m in plain]
+
+
+def test_only_plain_redis_urls_get_the_senders_transport(tmp_path):
+    """kombu picks rediss://'s TLS defaults by the scheme's name, which a transport class given by hand would skip."""
+    assert make_celery(Settings(broker_url="rediss://127.0.0.1:6380/0"), fail_fast=True).conf.broker_transport is None
+    assert make_celery(Settings(broker_url=REDIS_URL)).conf.broker_transport is None  # consumers: kombu's own
+    assert make_celery(Settings(data_dir=tmp_path), fail_fast=True).conf.broker_transport is None  # embedded broker
