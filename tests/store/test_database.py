@@ -26,7 +26,7 @@ def backend_pid(connection) -> int:
 
 def terminate(pid: int) -> None:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))  # returns once the backend has gone
 
 
 @pytest.fixture
