@@ -110,6 +110,16 @@ def request_hash(kind: str, request: dict) -> str:
     return hashlib.sha256(json.dumps({"kind": kind, "request": request}, sort_keys=True).encode()).hexdigest()
 
 
+_JOBS = Job.__table__
+_INSERT_JOB = insert(_JOBS).returning(*_JOBS.c)
+
+
+def job_with_idempotency_key(session: Session, tenant: str, idempotency_key: str) -> Row | None:
+    """The tenant's job made with this Idempotency-Key, as a row (a Core statement on the session's connection)."""
+    query = select(_JOBS).where(_JOBS.c.tenant == tenant, _JOBS.c.idempotency_key == idempotency_key)
+    return session.connection().execute(query).first()
+
+
 def create_job(
     session: Session,
     tenant: str,
@@ -125,7 +135,7 @@ def create_job(
     statements on the session's connection: a third of the cost of the ORM's unit of work, on the gateway's path."""
     digest = request_hash(kind, request)
     if idempotency_key is not None:
-        existing = _with_idempotency_key(session, tenant, idempotency_key)
+        existing = job_with_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
             return _same_request(existing, digest), False
     # enqueued_at is set optimistically (the caller sends right after the commit, and clears it with
@@ -147,20 +157,11 @@ def create_job(
         session.commit()
     except IntegrityError:  # a concurrent retry with the same key won the insert
         session.rollback()
-        existing = _with_idempotency_key(session, tenant, idempotency_key) if idempotency_key is not None else None
+        existing = job_with_idempotency_key(session, tenant, idempotency_key) if idempotency_key is not None else None
         if existing is None:
             raise
         return _same_request(existing, digest), False
     return job, True
-
-
-_JOBS = Job.__table__
-_INSERT_JOB = insert(_JOBS).returning(*_JOBS.c)
-
-
-def _with_idempotency_key(session: Session, tenant: str, idempotency_key: str) -> Row | None:
-    query = select(_JOBS).where(_JOBS.c.tenant == tenant, _JOBS.c.idempotency_key == idempotency_key)
-    return session.connection().execute(query).first()
 
 
 def _same_request(job: Row, digest: str) -> Row:

@@ -19,7 +19,7 @@ from sqlalchemy import Integer, bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from sepen_store.errors import QuotaExceeded
-from sepen_store.jobs import ACTIVE
+from sepen_store.jobs import ACTIVE, job_with_idempotency_key
 from sepen_store.tables import Job, utcnow
 
 QUEUED_RETRY_AFTER_S = 30  # a guess at when a queued job will have started: the client polls again then
@@ -79,14 +79,12 @@ def check_quotas(
     made a job passes: it creates nothing."""
     if not (quotas.max_queued_jobs or quotas.compute_seconds_per_day):
         return
-    connection = session.connection()  # Core statements: the ORM's execute path would cost more than the reads
-    if idempotency_key is not None and connection.scalar(
-        select(Job.id).where(Job.tenant == tenant, Job.idempotency_key == idempotency_key)
-    ):
+    if idempotency_key is not None and job_with_idempotency_key(session, tenant, idempotency_key) is not None:
         return
     now = now or utcnow()
     usage = {"tenant": tenant, "cap": quotas.max_queued_jobs, "since": day_start(now)}
-    waiting, used = connection.execute(_USAGE, usage).one()
+    # On the session's connection: the ORM's execute path would cost more than the statement.
+    waiting, used = session.connection().execute(_USAGE, usage).one()
     if quotas.max_queued_jobs:
         if waiting >= quotas.max_queued_jobs:
             raise QuotaExceeded(

@@ -30,7 +30,7 @@ from sepen_store.events import SESSION_INFO_KEY, publisher_for
 from sepen_store.settings import GatewaySettings
 from service.rate_limits import enforce_rate_limit_async
 
-_made_lock = threading.Lock()
+_made_lock = threading.RLock()  # reentrant: a thing's make() may ask for another (sessions for the engine)
 
 
 def app_resource(app: FastAPI, name: str, make: Callable[[GatewaySettings], Any]) -> Any:
@@ -65,8 +65,7 @@ def autocommit_engine(app: FastAPI) -> Engine:
 
 def autocommit_sessions(app: FastAPI) -> sessionmaker[Session]:
     """Sessions of the autocommit engine."""
-    engine = autocommit_engine(app)  # first: app_resource makes one thing at a time
-    return app_resource(app, "autocommit_sessions", lambda _: session_factory(engine))
+    return app_resource(app, "autocommit_sessions", lambda _: session_factory(autocommit_engine(app)))
 
 
 def events_publisher(app: FastAPI):
@@ -103,8 +102,9 @@ class SubmitContext:
 
 async def get_submit_context(request: Request) -> SubmitContext:
     app = request.app
-    sessions = autocommit_sessions(app)  # first: app_resource makes one thing at a time
-    return app_resource(app, "submit_context", lambda settings: SubmitContext(settings, sessions, app.state.celery))
+    return app_resource(
+        app, "submit_context", lambda settings: SubmitContext(settings, autocommit_sessions(app), app.state.celery)
+    )
 
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]

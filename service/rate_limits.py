@@ -72,12 +72,8 @@ class RateLimitHeaders:
                 # Raw header pairs, not MutableHeaders: this runs on every authenticated answer.
                 headers = list(message.get("headers", ()))
                 present = {name.lower() for name, _ in headers}
-                headers += [
-                    (name.lower().encode(), value.encode())
-                    for name, value in rate_limit_headers(decision).items()
-                    if name.lower().encode() not in present
-                ]
-                message["headers"] = headers
+                ours = [(name.lower().encode(), value.encode()) for name, value in rate_limit_headers(decision).items()]
+                message["headers"] = headers + [pair for pair in ours if pair[0] not in present]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
