@@ -193,6 +193,10 @@ class WorkerSettings(Settings):
     finetune_time_limit_s: float = Field(43200.0, gt=0)
     evaluate_time_limit_s: float = Field(3600.0, gt=0)
     cancel_grace_s: float = Field(5.0, ge=0)
+    # A job's work waits this long for an unreachable database or object store (retrying with back-off) before its
+    # job fails with database_unavailable or storage_unavailable; the worker itself waits out any outage to record
+    # how a job ended.
+    outage_grace_s: float = Field(300.0, ge=0)
     # Prometheus metrics of this worker at http://HOST:PORT/metrics; port 0: none.
     worker_metrics_port: int = Field(0, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"

@@ -2,8 +2,10 @@
 moment, even inside one long step, to honour a cancel or a time limit; a fresh child then takes its place.
 InProcess runs the same work in the worker itself (tests of the work; no hard stop).
 
-The child keeps the models and adapters it loaded between jobs, sends progress to the worker through a pipe
-and reads the cancel flag from an Event; it exits on its own when the worker dies.
+The child keeps the models and adapters it loaded between jobs, talks with the worker through a pipe in the typed
+messages of worker/protocol.py (each names its batch; one of another batch is dropped), reads each job's cancel flag
+from shared memory, and exits on its own when the worker dies. The worker never leaves a batch with the child still
+at work on it: whatever stops the worker's side of a batch stops the child too.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from sepen_store.jobs import Claim
 from sepen_store.logs import configure_logging, job_logging
 from sepen_store.settings import WorkerSettings
+from worker.protocol import Done, JobToRun, Outcome, Progress, Report, RunBatch, Started
 from worker.reporting import JobReporter
 
 if TYPE_CHECKING:
@@ -27,19 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a job's work ended: succeeded with its result, canceled, or failed with an error code and message;
-    stats: what the work cost, for the worker's metrics (worker.metrics.JobUsage; empty when the process was
-    stopped)."""
-
-    status: str
-    result: dict | None = None
-    code: str | None = None
-    message: str | None = None
-    stats: dict[str, int] = field(default_factory=dict)
 
 
 def run_work(work: Work, kind: str, job_id: str, resumed: bool, control) -> Outcome:
@@ -54,22 +46,22 @@ def run_work(work: Work, kind: str, job_id: str, resumed: bool, control) -> Outc
     return replace(outcome, stats=usage.stats())
 
 
-def run_jobs(work: Work, kind: str, jobs: list[tuple[str, bool]], controls: list) -> list[Outcome]:
-    """Run one job ((job id, resumed), its control), or several generate jobs as a batch: one Outcome per job. A
-    batch's usage (cache hits, GPU memory) is counted on its first job."""
+def run_jobs(work: Work, kind: str, jobs: Sequence[JobToRun], controls: list) -> list[Outcome]:
+    """Run one job (with its control), or several generate jobs as a batch: one Outcome per job. A batch's usage
+    (cache hits, GPU memory) is counted on its first job."""
     from worker.metrics import JobUsage
 
     if len(jobs) == 1:
-        (job_id, resumed), (control,) = jobs[0], controls
-        return [run_work(work, kind, job_id, resumed, control)]
+        (job,), (control,) = jobs, controls
+        return [run_work(work, kind, job.job_id, job.resumed, control)]
     usage = JobUsage(work)
     try:
-        ended = work.run_batch(kind, [job_id for job_id, _ in jobs], controls)
+        ended = work.run_batch(kind, [job.job_id for job in jobs], controls)
     except Exception as exc:  # noqa: BLE001 - the whole batch failed
         ended = [exc] * len(jobs)
     outcomes = [
-        _ended_by(result, job_id) if isinstance(result, BaseException) else _succeeded(result)
-        for (job_id, _), result in zip(jobs, ended, strict=True)
+        _ended_by(result, job.job_id) if isinstance(result, BaseException) else _succeeded(result)
+        for job, result in zip(jobs, ended, strict=True)
     ]
     outcomes[0] = replace(outcomes[0], stats=usage.stats())
     return outcomes
@@ -88,7 +80,10 @@ def _ended_by(exc: BaseException, job_id: str) -> Outcome:
     if isinstance(exc, Canceled):
         return Outcome("canceled")
     failure = failure_of(exc)
-    log.warning("job %s failed: %s", job_id, failure, exc_info=exc if failure.code == "internal_error" else None)
+    # The log has what the user's message leaves out: the error itself (a driver's hosts and ports), a bug's traceback.
+    log.warning(
+        "job %s failed (%s): %s", job_id, failure.code, exc, exc_info=exc if failure.code == "internal_error" else None
+    )
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return Outcome("failed", code=failure.code, message=str(failure))
@@ -101,7 +96,7 @@ class InProcess:
         self.work = work
 
     def run(self, kind: str, claims: list[Claim], reporters: list[JobReporter], time_limit_s: float) -> list[Outcome]:
-        return run_jobs(self.work, kind, [(c.job_id, c.resumed) for c in claims], reporters)
+        return run_jobs(self.work, kind, [JobToRun(c.job_id, c.resumed) for c in claims], reporters)
 
     def close(self) -> None:
         pass
@@ -146,54 +141,78 @@ class JobProcess:
         self._process = self._conn = self._cancel = None
 
     def run(self, kind: str, claims: list[Claim], reporters: list[JobReporter], time_limit_s: float) -> list[Outcome]:
-        """Hand the jobs to the child and wait for their outcomes, passing their progress on. A canceled job's
-        flag tells the child; the child is stopped when every job of the batch is canceled and has not stopped
-        within cancel_grace_s, or when the batch runs past time_limit_s."""
+        """Hand the jobs to the child as one batch and wait for their outcomes, passing their progress on. A canceled
+        job's flag tells the child; the child is stopped when every job of the batch is canceled and has not stopped
+        within cancel_grace_s, or when the batch runs past time_limit_s. Whatever else ends this call (an error, an
+        interrupt) stops the child first, so that no later batch meets this one's messages."""
         self.start()
+        batch = RunBatch(uuid.uuid4().hex, kind, tuple(JobToRun(c.job_id, c.resumed) for c in claims))
+        try:
+            return self._run(batch, reporters, time_limit_s)
+        except BaseException:
+            log.warning("batch %s (%s) ended on an error in the worker; stopping its job process", batch.batch_id, kind)
+            self.close()
+            raise
+
+    def _run(self, batch: RunBatch, reporters: list[JobReporter], time_limit_s: float) -> list[Outcome]:
         cancel = self._cancel
         for i in range(len(cancel)):
             cancel[i] = 0
-        self._conn.send((kind, [(c.job_id, c.resumed) for c in claims]))
-        deadline = None  # counted from the child's "started": a fresh child's imports are not the job's time
+        reporter_of = {job.job_id: reporter for job, reporter in zip(batch.jobs, reporters, strict=True)}
+        self._conn.send(batch)
+        deadline = None  # counted from the child's Started: a fresh child's imports are not the job's time
         canceled_at: dict[int, float] = {}
         while True:
-            try:
-                message = self._conn.recv() if self._conn.poll(POLL_S) else None
-            except (EOFError, OSError):
-                message = None
-            if message is not None:
-                if message[0] == "done":
-                    return message[1]
-                if message[0] == "started":
+            match self._receive(batch):
+                case Done(job_ids=job_ids, outcomes=outcomes):
+                    if job_ids != tuple(job.job_id for job in batch.jobs):
+                        raise ProtocolError(f"batch {batch.batch_id} ended with the outcomes of jobs {job_ids}")
+                    return list(outcomes)
+                case Started():
                     deadline = time.monotonic() + time_limit_s
-                else:
-                    _, index, progress, force = message
-                    reporters[index].progress(progress, force=force)
+                case Progress(job_id=job_id, progress=progress, force=force):
+                    reporter_of[job_id].progress(progress, force=force)
             if not self._process.is_alive():
-                return [self._crashed()] * len(claims)
+                return [self._crashed()] * len(batch.jobs)
             now = time.monotonic()
             for i, reporter in enumerate(reporters):
                 if i not in canceled_at and reporter.should_cancel():
                     cancel[i] = 1
                     canceled_at[i] = now
-            if len(canceled_at) == len(claims) and now - max(canceled_at.values()) > self.settings.cancel_grace_s:
+            if len(canceled_at) == len(batch.jobs) and now - max(canceled_at.values()) > self.settings.cancel_grace_s:
                 log.warning(
                     "job %s did not stop within %.0f s of its cancel; stopping its process",
-                    ", ".join(c.job_id for c in claims),
+                    ", ".join(job.job_id for job in batch.jobs),
                     self.settings.cancel_grace_s,
                 )
                 self.close()
-                return [Outcome("canceled")] * len(claims)
+                return [Outcome("canceled")] * len(batch.jobs)
             if deadline is not None and now > deadline:
                 self.close()
                 return [
                     Outcome(
                         "failed",
                         code="time_limit_exceeded",
-                        message=f"the {kind} job ran longer than its time limit of {time_limit_s:g} s "
-                        f"(SEPEN_{kind.upper()}_TIME_LIMIT_S) and was stopped",
+                        message=f"the {batch.kind} job ran longer than its time limit of {time_limit_s:g} s "
+                        f"(SEPEN_{batch.kind.upper()}_TIME_LIMIT_S) and was stopped",
                     )
-                ] * len(claims)
+                ] * len(batch.jobs)
+
+    def _receive(self, batch: RunBatch) -> Report | None:
+        """The child's next message about `batch` within POLL_S, or None; a message about another batch is dropped."""
+        try:
+            message = self._conn.recv() if self._conn.poll(POLL_S) else None
+        except (EOFError, OSError):
+            return None
+        if message is not None and message.batch_id != batch.batch_id:
+            log.warning(
+                "dropped a %s message of batch %s while running batch %s",
+                type(message).__name__,
+                message.batch_id,
+                batch.batch_id,
+            )
+            return None
+        return message
 
     def _crashed(self) -> Outcome:
         code = self._process.exitcode
@@ -203,17 +222,23 @@ class JobProcess:
         return Outcome("failed", code="worker_crashed", message=f"the process running the job {how}{hint}")
 
 
-class PipeControl:
-    """The child's JobControl for the index-th job of the batch: progress goes to the worker through the pipe,
-    cancel comes from the job's flag."""
+class ProtocolError(RuntimeError):
+    """The job process answered a batch with something that does not fit it (a bug, never an outage)."""
 
-    def __init__(self, conn, cancel, index: int):
+
+class PipeControl:
+    """The child's JobControl for the index-th job of a batch: progress goes to the worker through the pipe, under
+    the batch's and the job's ids; cancel comes from the job's flag."""
+
+    def __init__(self, conn, cancel, index: int, batch_id: str, job_id: str):
         self.conn = conn
         self.cancel = cancel
         self.index = index
+        self.batch_id = batch_id
+        self.job_id = job_id
 
     def progress(self, progress: dict, *, force: bool = False) -> None:
-        self.conn.send(("progress", self.index, progress, force))
+        self.conn.send(Progress(self.batch_id, self.job_id, progress, force))
 
     def should_cancel(self) -> bool:
         return bool(self.cancel[self.index])
@@ -236,15 +261,15 @@ def serve(settings: dict, conn, cancel, parent_pid: int, loglevel: int) -> None:
     work = Work.create(worker_settings, sessions)
     while True:
         try:
-            kind, jobs = conn.recv()
+            batch: RunBatch = conn.recv()
         except (EOFError, OSError):
             return
-        conn.send(("started",))
-        controls = [PipeControl(conn, cancel, i) for i in range(len(jobs))]
-        with job_logging(jobs[0][0]):
-            outcomes = run_jobs(work, kind, jobs, controls)
+        conn.send(Started(batch.batch_id))
+        controls = [PipeControl(conn, cancel, i, batch.batch_id, job.job_id) for i, job in enumerate(batch.jobs)]
+        with job_logging(batch.jobs[0].job_id):
+            outcomes = run_jobs(work, batch.kind, batch.jobs, controls)
         try:
-            conn.send(("done", outcomes))
+            conn.send(Done(batch.batch_id, tuple(job.job_id for job in batch.jobs), tuple(outcomes)))
         except OSError:
             return
 

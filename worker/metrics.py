@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
-    from worker.engine import Outcome
+    from worker.protocol import Outcome
     from worker.work import Work
 
 KINDS = ("finetune", "generate", "evaluate")

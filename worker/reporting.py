@@ -1,4 +1,5 @@
-"""A running job's link to its row: a heartbeat thread, throttled progress writes, and the cancel flag."""
+"""A running job's link to its row: a heartbeat thread, throttled progress writes, and the cancel flag; progress is
+kept in memory while the database is unreachable and written when it is back."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from sepen_store.availability import outage_of
 from sepen_store.jobs import Claim, LostClaim, heartbeat
+from worker.outages import FIRST_WAIT_S
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +20,11 @@ log = logging.getLogger(__name__)
 class JobReporter:
     """Writes progress at most every `interval_s` and beats every `beat_s` from a thread, so a job stays
     claimed through long steps (model loading, a slow first step). should_cancel() reads the flag the
-    last write returned: True once cancellation was requested, or once the claim was lost."""
+    last write returned: True once cancellation was requested, or once the claim was lost.
+
+    While the database is unreachable no call raises: the newest progress waits in `unsaved` and the heartbeat
+    thread tries again, after 0.5 s, then twice as long each time up to `beat_s`; the first write that gets through
+    stores it. The runner stores whatever is still unsaved with the job's final status."""
 
     def __init__(self, sessions: sessionmaker[Session], claim: Claim, *, interval_s: float, beat_s: float):
         self.sessions = sessions
@@ -26,6 +33,8 @@ class JobReporter:
         self.beat_s = beat_s
         self.cancel_requested = False
         self.lost = False
+        self.unsaved: dict | None = None  # the newest progress not yet in the row
+        self.down_since: float | None = None  # when a write first met the outage going on now
         self._last_write = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -42,24 +51,50 @@ class JobReporter:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _write(self, progress: dict | None) -> None:
-        with self._lock, self.sessions() as session:
+    def _write(self) -> None:
+        """Beat, with the unsaved progress if any; an outage leaves it unsaved for the next try."""
+        with self._lock:
+            progress = self.unsaved
             try:
-                self.cancel_requested = heartbeat(session, self.claim, progress) or self.cancel_requested
+                with self.sessions() as session:
+                    self.cancel_requested = heartbeat(session, self.claim, progress) or self.cancel_requested
             except LostClaim:
                 self.lost = True
+            except Exception as exc:
+                if outage_of(exc) != "database":
+                    raise
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning(
+                        "job %s: database unreachable; its progress waits in memory (%s)", self.claim.job_id, exc
+                    )
+                return
+            if self.down_since is not None:
+                log.info("job %s: database back after %.0f s", self.claim.job_id, time.monotonic() - self.down_since)
+                self.down_since = None
+            if self.unsaved is progress:  # nothing newer came while it was written
+                self.unsaved = None
             self._last_write = time.monotonic()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.beat_s):
+        wait = self.beat_s
+        while not self._stop.wait(wait):
+            was_up = self.down_since is None
             try:
-                self._write(None)
-            except Exception:  # the database may be briefly away; the next beat retries
+                self._write()
+            except Exception:  # not an outage: log it, the next beat tries again
                 log.warning("heartbeat of job %s failed", self.claim.job_id, exc_info=True)
+            if self.down_since is None:
+                wait = self.beat_s
+            else:  # back-off while the database is away, never longer than a beat (the claim's lease counts)
+                wait = min(self.beat_s, FIRST_WAIT_S if was_up else wait * 2)
 
     def progress(self, progress: dict, *, force: bool = False) -> None:
+        self.unsaved = progress
+        if self.down_since is not None:
+            return  # the heartbeat thread is trying already; the caller (the job's loop) must not wait on it
         if force or time.monotonic() - self._last_write >= self.interval_s:
-            self._write(progress)
+            self._write()
 
     def should_cancel(self) -> bool:
         return self.cancel_requested or self.lost

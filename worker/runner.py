@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -25,14 +25,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sepen_core.errors import SepenError
 from sepen_core.model_card import model_card
-from sepen_store.availability import outage_of
-from sepen_store.contract import GenerateRequest, parse_request
+from sepen_store.contract import GenerateRequest, parse_request, parse_result
 from sepen_store.job_outputs import delete_checkpoint
 from sepen_store.jobs import Claim, claim_companions, claim_job, finish_job, get_job
 from sepen_store.logs import job_logging
 from sepen_store.settings import WorkerSettings
-from worker.engine import InProcess, JobProcess, Outcome
+from worker.engine import InProcess, JobProcess
 from worker.metrics import WorkerMetrics
+from worker.outages import through_outages
+from worker.protocol import Outcome
 from worker.reporting import JobReporter
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Runtime:
                 log.warning("job %s was taken over by another worker; dropping this attempt", c.job_id)
                 statuses.append(None)
             else:
-                statuses.append(self._finish(kind, c, outcome, claimed_at))
+                statuses.append(self._finish(kind, c, outcome, claimed_at, progress=reporter.unsaved))
         return statuses[0]
 
     def _companions(self, kind: str, claim: Claim, me: str) -> list[Claim]:
@@ -149,7 +150,13 @@ class Runtime:
         except SepenError:
             return None
 
-    def _finish(self, kind: str, claim: Claim, outcome: Outcome, claimed_at: float) -> str | None:
+    def _finish(
+        self, kind: str, claim: Claim, outcome: Outcome, claimed_at: float, *, progress: dict | None = None
+    ) -> str | None:
+        """Record how the job ended (with `progress`, its last report if that was not stored yet), unless the claim
+        was lost; waits out a database outage."""
+        outcome = result_checked(kind, claim, outcome)
+
         def record(session: Session) -> bool:
             finished = finish_job(
                 session,
@@ -158,6 +165,7 @@ class Runtime:
                 result=outcome.result,
                 error_code=outcome.code,
                 error_message=outcome.message,
+                progress=progress,
             )
             if finished and kind == "finetune":
                 delete_checkpoint(session, claim.job_id)
@@ -171,18 +179,26 @@ class Runtime:
         return outcome.status
 
     def with_database(self, step: Callable[[Session], T]) -> T:
-        """Run a database step, waiting (with back-off) through an outage instead of failing the job."""
-        delay = 0.5
-        while True:
-            try:
-                with self.sessions() as session:
-                    return step(session)
-            except Exception as exc:
-                if outage_of(exc) != "database":
-                    raise
-                log.warning("database unreachable; retrying in %.0f s (%s)", delay, type(exc).__name__)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        """Run a database step, waiting (with back-off) through an outage however long, instead of failing the job."""
+
+        def attempt() -> T:
+            with self.sessions() as session:
+                return step(session)
+
+        return through_outages(attempt, dependencies=("database",))
 
     def close(self) -> None:
         self.jobs.close()
+
+
+def result_checked(kind: str, claim: Claim, outcome: Outcome) -> Outcome:
+    """The outcome, if it did not succeed or its result fits its kind's result model; else an internal error (a result
+    of the wrong shape is a bug, and storing it would hand a client what is not its job's answer)."""
+    if outcome.status != "succeeded":
+        return outcome
+    try:
+        parse_result(kind, outcome.result)
+    except ValidationError as exc:
+        log.error("job %s ended with a result that is not a %s result; failing it: %s", claim.job_id, kind, exc)
+        return replace(Outcome.internal_error(), stats=outcome.stats)
+    return outcome

@@ -10,9 +10,10 @@ import io
 import logging
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel as Contract
@@ -30,6 +31,7 @@ from sepen_core.model_card import model_card
 from sepen_core.models import BaseModel
 from sepen_core.prompts import ConceptSet, fill_template
 from sepen_core.sampling import GenerationRequest, GenerationResult, batch_key, generate_batch
+from sepen_store.availability import outage_of
 from sepen_store.contract import (
     CurvePoint,
     EvaluateProgress,
@@ -47,15 +49,18 @@ from sepen_store.contract import (
     ProbeDiagnosis,
     parse_request,
 )
-from sepen_store.errors import StorageUnavailable, StoreError
+from sepen_store.errors import StoreError
 from sepen_store.job_outputs import load_checkpoint, replace_images, save_checkpoint
 from sepen_store.jobs import get_job
 from sepen_store.registry import publish_version, version_of_job
 from sepen_store.settings import WorkerSettings
 from sepen_store.tables import AdapterVersion, Job
 from worker.caches import AdapterCache, ModelCache
+from worker.outages import WHAT_IS_DOWN, OutageTooLong, through_outages
+from worker.protocol import INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 LOSS_CURVE_POINTS = 200
 PROBE_PROMPTS = 4
 PROBE_SAMPLES = 8
@@ -76,16 +81,26 @@ class JobFailure(Exception):
 
 
 def failure_of(exc: BaseException) -> JobFailure:
-    """What went wrong as the error code a client sees: the code each error class declares."""
+    """What went wrong as a client sees it: the code each error class declares, with a message for the user. An
+    outage or a bug gets a message of its own: the driver's or the exception's text (hosts, ports, buckets, paths)
+    stays in the log, which carries the job's id."""
     if isinstance(exc, JobFailure):
         return exc
+    if isinstance(exc, OutageTooLong):
+        return JobFailure(exc.code, str(exc))
+    dependency = outage_of(exc)
+    if dependency is not None:
+        return JobFailure(
+            f"{dependency}_unavailable",
+            f"the service's {WHAT_IS_DOWN[dependency]} did not answer; submit the job again",
+        )
     if isinstance(exc, (SepenError, StoreError)):
         return JobFailure(exc.code, str(exc))
     if isinstance(exc, ValidationError):
         return JobFailure("invalid_request", f"the job's stored request does not fit the job contract: {exc}")
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return JobFailure("out_of_memory", f"the worker ran out of memory: {exc}".strip())
-    return JobFailure("internal_error", f"{type(exc).__name__}: {exc}")
+    return JobFailure(INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE)
 
 
 @dataclass
@@ -111,18 +126,32 @@ class Work:
             raise ValueError(f"{kind} jobs run one at a time")
         return self.generate_batch(job_ids, controls)
 
+    def stored(self, step: Callable[[Session], T]) -> T:
+        """Run a step on the database and the object store in a session of its own, riding out an outage of either for
+        up to SEPEN_OUTAGE_GRACE_S (worker/outages.py)."""
+
+        def attempt() -> T:
+            with self.sessions() as session:
+                return step(session)
+
+        return through_outages(attempt, grace_s=self.settings.outage_grace_s)
+
+    def _adapter_of(self, job: Job) -> KeyProjectionAdapter | None:
+        """The job's adapter version (from the cache, or loaded once), or None without one or when it was deleted."""
+        if not job.adapter_version_id:
+            return None
+        return self.stored(lambda session: self.adapters.get(session, job.adapter_version_id))
+
     def _load_request(self, job_id: str) -> tuple[Job, JobRequest]:
-        with self.sessions() as session:
-            job = get_job(session, None, job_id)
-            return job, parse_request(job.kind, job.request)
+        job = self.stored(lambda session: get_job(session, None, job_id))
+        return job, parse_request(job.kind, job.request)
 
     # -- finetune: load, probe, train, publish ---------------------------------------------------
     def finetune(self, job_id: str, resumed: bool, control: JobControl) -> FinetuneResult:
         job, request = self._load_request(job_id)
-        with self.sessions() as session:
-            published = version_of_job(session, job.id)
-            if published is not None:  # an earlier attempt published and died before finishing the job
-                return finetune_result(request.adapter, published)
+        published = self.stored(lambda session: version_of_job(session, job.id))
+        if published is not None:  # an earlier attempt published and died before finishing the job
+            return finetune_result(request.adapter, published)
         model = self.models.get(request.model)
         concepts = ConceptSet.from_dict(request.concepts)
         compiled = {"compile": True} if self.settings.compile else {}  # SEPEN_COMPILE: the worker's hardware
@@ -167,8 +196,9 @@ class Work:
         self, job: Job, request: FinetuneRequest, adapter: KeyProjectionAdapter, summary: FinetuneSummary
     ) -> FinetuneResult:
         adapter.metadata["summary"] = summary.model_dump()
-        with self.sessions() as session:
-            version = publish_version(
+        # The finished weights wait in memory through an outage of the database or the object store (up to the grace).
+        version = self.stored(
+            lambda session: publish_version(
                 session,
                 tenant=job.tenant,
                 name=request.adapter,
@@ -179,22 +209,25 @@ class Work:
                 sha256=adapter.sha256,
                 metadata=adapter.metadata,
             )
-            return finetune_result(request.adapter, version)
+        )
+        return finetune_result(request.adapter, version)
 
     def _store_checkpoint(self, job_id: str, directory: Path, step: int) -> None:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for path in sorted(directory.iterdir()):
                 tar.add(path, arcname=path.name)
-        with self.sessions() as session:
-            try:
+        try:
+            with self.sessions() as session:
                 save_checkpoint(session, job_id, step, buffer.getvalue())
-            except StorageUnavailable as exc:  # a checkpoint is insurance: train on, the next one may get through
-                log.warning("job %s: its checkpoint at step %d was not stored: %s", job_id, step, exc)
+        except Exception as exc:
+            if outage_of(exc) is None:
+                raise
+            # A checkpoint is insurance: train on through an outage, the next one may get through.
+            log.warning("job %s: its checkpoint at step %d was not stored: %s", job_id, step, exc)
 
     def _restore_checkpoint(self, job_id: str, directory: Path) -> int:
-        with self.sessions() as session:
-            stored = load_checkpoint(session, job_id)
+        stored = self.stored(lambda session: load_checkpoint(session, job_id))
         if stored is None:
             return 0
         step, data = stored
@@ -231,8 +264,7 @@ class Work:
 
     def _prepare_generation(self, index: int, job_id: str) -> _Generation:
         job, request = self._load_request(job_id)
-        with self.sessions() as session:
-            adapter = self.adapters.get(session, job.adapter_version_id) if job.adapter_version_id else None
+        adapter = self._adapter_of(job)
         if request.adapter and adapter is None:
             raise JobFailure("adapter_not_found", f"adapter {request.adapter} was deleted before the job ran")
         model = self.models.get(request.model)
@@ -291,8 +323,7 @@ class Work:
                     scores=result.scores[i].to_dict() if result.scores is not None else None,
                 )
             )
-        with self.sessions() as session:
-            replace_images(session, job.id, pngs)
+        self.stored(lambda session: replace_images(session, job.id, pngs))
         return GenerateResult(
             images=images,
             adapter=request.adapter,
@@ -304,8 +335,7 @@ class Work:
     # -- evaluate: load, sample both sides on the same seeds, score ------------------------------
     def evaluate(self, job_id: str, resumed: bool, control: JobControl) -> EvaluateResult:
         job, request = self._load_request(job_id)
-        with self.sessions() as session:
-            adapter = self.adapters.get(session, job.adapter_version_id) if job.adapter_version_id else None
+        adapter = self._adapter_of(job)
         if adapter is None:
             raise JobFailure("adapter_not_found", f"adapter {request.adapter} was deleted before the job ran")
         model = self.models.get(request.model)

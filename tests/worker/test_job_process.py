@@ -2,6 +2,7 @@
 inside one long step within seconds, a fresh process takes the stopped one's place, and a job reclaimed
 after its worker died keeps its cancel request."""
 
+import multiprocessing
 import threading
 import time
 from datetime import timedelta
@@ -10,11 +11,14 @@ import pytest
 from sqlalchemy import update
 
 from sepen_core.config import SampleConfig
+from sepen_core.prompts import ConceptSet
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.job_outputs import get_image
 from sepen_store.jobs import claim_job, create_job, get_job, request_cancel
 from sepen_store.settings import WorkerSettings
 from sepen_store.tables import Job, utcnow
+from worker.protocol import Done, JobToRun, Outcome, Progress, RunBatch, Started
+from worker.reporting import JobReporter
 from worker.runner import Runtime
 
 # One denoising step of the tiny model at 256x256 with two images takes about a minute on a 2-core CPU: a job
@@ -114,3 +118,48 @@ def test_a_reclaimed_job_keeps_its_cancel_request(make_runtime):
     assert time.monotonic() - started < 5  # ended without running its minute-long step
     done = row(runtime, job_id)
     assert done.status == "canceled" and done.attempts == 2 and done.result is None
+
+
+def finetune_request(adapter: str) -> dict:
+    concepts = ConceptSet.pairs(("cat", "dog"), templates=("a {A} and a {B}",)).to_dict()
+    return {"adapter": adapter, "model": "sepen-tiny", "concepts": concepts, "recipe": {"steps": 2}}
+
+
+def test_a_message_of_another_batch_is_dropped(make_runtime):
+    """What a batch the worker gave up on left in the pipe is never read as the running batch's."""
+    process = make_runtime().jobs
+    ours, theirs = multiprocessing.Pipe()
+    process._conn = ours
+    batch = RunBatch("new", "finetune", (JobToRun("job-b", False),))
+    theirs.send(Progress("old", "job-a", {"step": 1, "total": 60}))
+    theirs.send(Done("old", ("job-a",), (Outcome("succeeded", {"images": []}),)))
+    theirs.send(Started("new"))
+    assert process._receive(batch) is None and process._receive(batch) is None
+    assert process._receive(batch) == Started("new")
+
+
+def test_an_error_in_the_worker_stops_the_job_process_and_the_next_job_gets_its_own_result(make_runtime, monkeypatch):
+    """The worker's side of a batch fails (here its first progress write raises what is not an outage): the job
+    process is stopped before the error leaves run(), so the next job, a finetune, gets a finetune's result and
+    progress, not the abandoned generate's."""
+    runtime = make_runtime()
+    runtime.jobs.start()
+    child = runtime.jobs._process
+    real_progress = JobReporter.progress
+
+    def progress_once_failing(reporter, progress, *, force=False):
+        if reporter.claim.job_id == abandoned:
+            raise RuntimeError("a bug on the worker's side")
+        real_progress(reporter, progress, force=force)
+
+    monkeypatch.setattr(JobReporter, "progress", progress_once_failing)
+    abandoned = submit(runtime, SampleConfig(num_inference_steps=40).to_dict())
+    with pytest.raises(RuntimeError, match="a bug on the worker's side"):
+        runtime.run("generate", abandoned)
+    assert runtime.jobs.pid is None and not child.is_alive()  # stopped, not left sampling the abandoned job
+
+    with runtime.sessions() as session:
+        finetune, _ = create_job(session, "globex", "finetune", finetune_request("after"))
+    assert runtime.run("finetune", finetune.id) == "succeeded"
+    done = row(runtime, finetune.id)
+    assert done.result["adapter"] == "after@1" and done.progress["step"] == done.progress["total"] == 2

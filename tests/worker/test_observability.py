@@ -17,8 +17,8 @@ from sepen_store.logs import JsonFormatter, job_logging
 from sepen_store.registry import resolve
 from sepen_store.settings import WorkerSettings
 from tests.e2e.conftest import wait_until
-from worker.engine import Outcome
 from worker.metrics import JobUsage, StepTimer, WorkerMetrics
+from worker.protocol import Outcome
 from worker.reporting import JobReporter
 from worker.runner import Runtime
 

@@ -11,6 +11,7 @@ from PIL import Image
 from sepen_core.config import FinetuneConfig, SampleConfig
 from sepen_core.models import build_tiny_model
 from sepen_core.prompts import ConceptSet
+from sepen_store.contract import GenerateResult
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.job_outputs import get_image
 from sepen_store.jobs import create_job, get_job
@@ -68,12 +69,16 @@ def test_out_of_memory_fails_the_job_and_the_next_job_runs(runtime, monkeypatch)
     assert "url" not in stored["images"][0]
 
 
-def test_unexpected_crash_is_an_internal_error_with_its_message(runtime, monkeypatch):
+def test_unexpected_crash_is_an_internal_error_logged_with_its_traceback(runtime, monkeypatch, caplog):
     monkeypatch.setattr(work_module, "generate_batch", lambda *a, **k: 1 / 0)
     job_id = submit(runtime, "generate", generate_request())
     assert runtime.run("generate", job_id) == "failed"
     row = job_row(runtime, job_id)
-    assert row.error_code == "internal_error" and row.error_message == "ZeroDivisionError: division by zero"
+    # The user reads that it was the service's fault; the exception's own text (paths, hosts) only goes to the log.
+    assert row.error_code == "internal_error" and "internal error" in row.error_message
+    assert "ZeroDivisionError" not in row.error_message
+    logged = [r for r in caplog.records if r.getMessage().startswith(f"job {job_id} failed (internal_error)")]
+    assert logged and logged[0].exc_info[0] is ZeroDivisionError
 
 
 def test_bad_concepts_fail_with_a_named_error(runtime):
@@ -93,6 +98,20 @@ def test_bad_concepts_fail_with_a_named_error(runtime):
     )
     assert runtime.run("finetune", finetune) == "failed"
     assert job_row(runtime, finetune).error_code == "concept_not_found"
+
+
+def test_a_result_of_another_kind_is_never_stored_as_the_jobs(runtime, monkeypatch):
+    """Whatever mix-up hands a finetune a generate's result, the runner checks the result against the job's kind
+    before storing it: the job fails as an internal error instead of succeeding with someone else's images."""
+    images = GenerateResult(images=[], adapter=None, model="sepen-tiny", concepts=[], sample={})
+    monkeypatch.setattr(work_module.Work, "finetune", lambda self, job_id, resumed, control: images)
+    concepts = ConceptSet.pairs(("cat", "dog")).to_dict()
+    job_id = submit(
+        runtime, "finetune", {"adapter": "mixed-up", "model": "sepen-tiny", "concepts": concepts, "recipe": {}}
+    )
+    assert runtime.run("finetune", job_id) == "failed"
+    row = job_row(runtime, job_id)
+    assert row.result is None and row.error_code == "internal_error"
 
 
 def test_unknown_model_and_redelivered_message(runtime):
