@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 # the 5 GB limit of a single PUT never applies.
 TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=4)
 DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
+# How long what the last operation or probe said of the store is believed: a busy gateway probes at most this often.
+HEALTH_TTL_S = 5.0
 
 
 def _config(settings: Settings) -> Config:
@@ -58,6 +60,10 @@ class ObjectStore:
         )
         config = _config(settings)
         self.client = session.client("s3", endpoint_url=settings.s3_endpoint_url or None, config=config)
+        # Probes answer quickly or not at all: short timeouts, no retries (readiness must answer within its own).
+        quick = config.merge(Config(connect_timeout=2, read_timeout=2, retries={"max_attempts": 1}))
+        self.prober = session.client("s3", endpoint_url=settings.s3_endpoint_url or None, config=quick)
+        self._health = (True, float("-inf"))  # (answered, when: time.monotonic()) of the last operation or probe
         # Presigned URLs are for clients, which may reach the store under another name than the services do. Signing
         # is local: this client never connects.
         public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
@@ -91,7 +97,10 @@ class ObjectStore:
 
     def presigned_url(self, key: str, *, content_type: str, filename: str | None = None) -> str:
         """A URL that GETs the object without credentials for presign_ttl_s seconds, answering with `content_type`
-        (and as an attachment named `filename`)."""
+        (and as an attachment named `filename`). Refused (StorageUnavailable) while the store is known to be down:
+        a client sent there would meet the outage instead of a 503 that says when to try again."""
+        if not self.reachable():
+            raise StorageUnavailable(f"object store: {self.where} is not answering; no URL to it is handed out")
         params = {"Bucket": self.bucket, "Key": key, "ResponseContentType": content_type}
         if filename is not None:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
@@ -106,6 +115,21 @@ class ObjectStore:
             ):
                 names += [entry["Key"] for entry in page.get("Contents", [])]
         return names
+
+    def reachable(self) -> bool:
+        """Whether the bucket answers: what the last operation or probe found if under HEALTH_TTL_S old, else a HEAD of
+        the bucket now (2 s at most)."""
+        answered, when = self._health
+        if time.monotonic() - when < HEALTH_TTL_S:
+            return answered
+        try:
+            self.prober.head_bucket(Bucket=self.bucket)
+            answered = True
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            log.warning("object store: %s does not answer: %s", self.where, exc)
+            answered = False
+        self._health = (answered, time.monotonic())
+        return answered
 
     def ensure_bucket(self, wait_s: float = 0.0) -> bool:
         """Create the bucket unless it exists; True when it was created (`sepen-admin migrate` calls this). A server
@@ -130,19 +154,25 @@ class ObjectStore:
 
     @contextmanager
     def _failure(self, action: str, key: str) -> Iterator[None]:
-        """boto3's errors as StorageUnavailable, saying what failed where; a missing object as NotFound."""
+        """boto3's errors as StorageUnavailable, saying what failed where; a missing object as NotFound. Either way
+        the store answered or not, which reachable() remembers."""
         try:
             yield
         except botocore.exceptions.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                self._health = (True, time.monotonic())
                 raise NotFound("stored object", key) from exc
+            self._health = (False, time.monotonic())
             raise StorageUnavailable(f"object store: could not {action} {key!r} in {self.where}: {exc}") from exc
         except botocore.exceptions.BotoCoreError as exc:
+            self._health = (False, time.monotonic())
             raise StorageUnavailable(f"object store: could not {action} {key!r} in {self.where}: {exc}") from exc
+        self._health = (True, time.monotonic())
 
     def close(self) -> None:
         self.client.close()
         self.signer.close()
+        self.prober.close()
 
 
 def object_store_for(settings: Settings) -> ObjectStore | None:

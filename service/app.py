@@ -74,6 +74,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.blobs = blobs
     app.state.sessions = session_factory(engine, blobs=blobs)
     app.state.celery = celery
     app.state.rate_limiter = rate_limiter

@@ -1,4 +1,5 @@
-"""Liveness (/healthz, no I/O) and readiness (/readyz: the database answers and the broker accepts a connection).
+"""Liveness (/healthz, no I/O) and readiness (/readyz: the database answers, the broker accepts a connection and, with
+SEPEN_BLOB_BACKEND=s3, the object store's bucket answers).
 
 Unauthenticated, so /readyz names a dependency that is down and nothing more: the driver's message (hosts,
 ports, user names) goes to the log only.
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from sepen_store.availability import OUTAGE_RETRY_AFTER_S
 from sepen_store.database import check_database
+from sepen_store.errors import StorageUnavailable
 from service.openapi import RETRY_AFTER
 from service.schemas import HealthOut, ReadinessOut
 
@@ -33,6 +35,11 @@ def _check_broker(request: Request) -> None:
     with request.app.state.celery.connection_for_write() as connection:
         # One immediate retry and a 2 s budget: a probe must answer before its own timeout.
         connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=2)
+
+
+def _check_storage(request: Request) -> None:
+    if not request.app.state.blobs.reachable():
+        raise StorageUnavailable("the object store's bucket does not answer")
 
 
 def _state(name: str, check, request: Request) -> str:
@@ -61,6 +68,8 @@ def readyz(request: Request) -> JSONResponse:
         "database": _state("database", _check_database, request),
         "broker": _state("broker", _check_broker, request),
     }
+    if request.app.state.blobs is not None:  # blobs in the object store, not the database
+        checks["storage"] = _state("storage", _check_storage, request)
     failed = [name for name, state in checks.items() if state != "ok"]
     if not failed:
         return JSONResponse(ReadinessOut(status="ok", checks=checks).model_dump(exclude_none=True))

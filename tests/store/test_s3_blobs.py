@@ -23,7 +23,7 @@ from sepen_store.job_outputs import (
     save_checkpoint,
 )
 from sepen_store.jobs import Claim, claim_job, create_job, finish_job
-from sepen_store.object_store import ObjectStore
+from sepen_store.object_store import HEALTH_TTL_S, ObjectStore
 from sepen_store.registry import delete_version, publish_version, version_blob, version_bytes
 from sepen_store.retention import apply_retention
 from sepen_store.settings import Settings
@@ -312,3 +312,18 @@ def test_migration_0005_keeps_the_blobs_stored_before_it(backend, tmp_path):
         with engine.connect() as connection:
             assert connection.execute(text("SELECT data FROM blobs WHERE id = 'b1'")).scalar() == b"old"
         engine.dispose()
+
+
+def test_no_presigned_url_to_a_store_that_does_not_answer(s3_server, s3_bucket):
+    """A redirect would send the client to the outage: the store refuses to sign while it is known down, and a store
+    that answers again is believed once what it last said is older than HEALTH_TTL_S."""
+    nobody = ObjectStore(Settings(**s3_server.settings(s3_bucket, s3_endpoint_url="http://127.0.0.1:9")))
+    assert not nobody.reachable()
+    with pytest.raises(StorageUnavailable, match="not answering"):
+        nobody.presigned_url("misc/x", content_type="text/plain")
+    nobody.close()
+    store = ObjectStore(Settings(**s3_server.settings(s3_bucket)))
+    assert store.reachable() and store.presigned_url("misc/x", content_type="text/plain").startswith("http")
+    store._health = (False, time.monotonic() - HEALTH_TTL_S)  # an outage seen long enough ago: asked again
+    assert store.reachable()
+    store.close()
