@@ -1,4 +1,5 @@
-"""What a job leaves besides its row: a generate job's images and heatmaps, a running finetune's latest checkpoint."""
+"""What a job leaves besides its row: a generate job's images and heatmaps, a running finetune's latest checkpoint (kept
+after the job when its tenant's compute quota stopped it, for the same request to resume)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from sqlalchemy.orm import Session
 
 from sepen_store.blobs import blob_bytes, delete_blob, delete_blobs, get_blob, put_blob, rewrite_blob
 from sepen_store.errors import NotFound
-from sepen_store.tables import Blob, Checkpoint, JobImage, new_id, utcnow
+from sepen_store.quotas import COMPUTE_QUOTA_EXCEEDED
+from sepen_store.tables import Blob, Checkpoint, Job, JobImage, new_id, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,24 @@ def load_checkpoint(session: Session, job_id: str) -> tuple[int, bytes] | None:
     except NotFound as exc:
         log.warning("job %s: its checkpoint cannot be read (%s); it starts from step 0", job_id, exc)
         return None
+
+
+def quota_stopped_predecessor(session: Session, job: Job) -> str | None:
+    """The id of the tenant's latest finetune of this same request that its compute quota stopped and that left a
+    checkpoint: the job `job` may start from that checkpoint instead of step 0. None when there is none."""
+    return session.scalar(
+        select(Job.id)
+        .join(Checkpoint, Checkpoint.job_id == Job.id)
+        .where(
+            Job.tenant == job.tenant,
+            Job.kind == "finetune",
+            Job.request_hash == job.request_hash,
+            Job.error_code == COMPUTE_QUOTA_EXCEEDED,
+            Job.id != job.id,
+        )
+        .order_by(Job.finished_at.desc())
+        .limit(1)
+    )
 
 
 def delete_checkpoint(session: Session, job_id: str) -> None:

@@ -265,6 +265,7 @@ class Claim:
     attempt: int
     resumed: bool  # an earlier attempt ran (and may have left a checkpoint)
     cancel_requested: bool = False  # asked before this claim (a reclaimed job keeps its cancel request)
+    tenant: str = ""  # whose job it is (the worker checks the tenant's daily compute while it runs)
 
 
 def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Claim | None:
@@ -281,7 +282,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Cla
         job_id,
         claimable,
         kind_of_event="status",
-        returning=(Job.attempts, Job.cancel_requested),
+        returning=(Job.attempts, Job.cancel_requested, Job.tenant),
         status=case((Job.cancel_requested, "canceling"), else_="running"),
         attempts=Job.attempts + 1,
         worker=worker,
@@ -290,7 +291,7 @@ def claim_job(session: Session, job_id: str, worker: str, lease_s: float) -> Cla
     )
     if result is None:
         return None
-    return Claim(job_id, result.attempts, result.attempts > 1, bool(result.cancel_requested))
+    return Claim(job_id, result.attempts, result.attempts > 1, bool(result.cancel_requested), result.tenant)
 
 
 def claim_companions(

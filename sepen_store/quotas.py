@@ -1,9 +1,10 @@
 """Per-tenant quotas, checked before a new job is stored: jobs waiting in the queue, and compute seconds per UTC day.
 
 Compute is what the jobs' attempts ran (jobs.compute_s, added at each heartbeat and at a job's end). A day's
-use counts the jobs that finished since midnight UTC and those not finished yet; a job is never cut short by
-the quota, so a tenant may end a day a little over it. The checks read before the insert: submissions racing
-each other may pass a cap by the few in flight.
+use counts the jobs that finished since midnight UTC and those not finished yet. A worker stops a running job once
+its tenant's day passes the budget (over_compute_quota, checked every QUOTA_CHECK_S while it runs): the job fails
+with COMPUTE_QUOTA_EXCEEDED, and a finetune's checkpoint is kept, so the same request resumes from it. The checks
+read before the insert: submissions racing each other may pass a cap by the few in flight.
 
 Both are read in one statement, each through an index, and neither reads more rows than it must: the queued
 count stops at the cap, and the day's sum leaves out queued jobs, which have run nothing (compute_s grows only
@@ -23,6 +24,8 @@ from sepen_store.jobs import ACTIVE, job_with_idempotency_key
 from sepen_store.tables import Job, utcnow
 
 QUEUED_RETRY_AFTER_S = 30  # a guess at when a queued job will have started: the client polls again then
+COMPUTE_QUOTA_EXCEEDED = "compute_quota_exceeded"  # the error code of a refused submission and of a stopped job
+QUOTA_CHECK_S = 15.0  # how often a worker compares a running job's tenant's day with the budget
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ def compute_seconds_today(session: Session, tenant: str, now: datetime | None = 
     return float(session.scalar(_compute_today(tenant, day_start(now or utcnow()))))
 
 
+def over_compute_quota(session: Session, tenant: str, per_day: int, now: datetime | None = None) -> bool:
+    """Whether the tenant's jobs have run `per_day` compute seconds or more today (never with per_day 0)."""
+    return bool(per_day) and compute_seconds_today(session, tenant, now) >= per_day
+
+
 def queued_jobs(session: Session, tenant: str) -> int:
     return session.scalar(_queued(tenant))
 
@@ -97,7 +105,7 @@ def check_quotas(
         if used >= quotas.compute_seconds_per_day:
             midnight = day_start(now) + timedelta(days=1)
             raise QuotaExceeded(
-                "compute_quota_exceeded",
+                COMPUTE_QUOTA_EXCEEDED,
                 f"your jobs have run {used:.0f} compute seconds today, and the daily budget is "
                 f"{quotas.compute_seconds_per_day}; it renews at midnight UTC",
                 max(1, int((midnight - now).total_seconds()) + 1),

@@ -7,14 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session
 
 from sepen_store.blobs import delete_blobs
 from sepen_store.jobs import TERMINAL
+from sepen_store.quotas import COMPUTE_QUOTA_EXCEEDED
 from sepen_store.tables import Checkpoint, Job, JobImage, utcnow
 
 BATCH = 500  # rows per transaction: a first run over a large backlog holds no long lock
+# A finetune stopped by its tenant's compute quota: the same request resumes from its checkpoint, kept for the days.
+_resumable = Job.error_code.is_not_distinct_from(COMPUTE_QUOTA_EXCEEDED)
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,8 @@ def apply_retention(
     session: Session, *, image_days: float, checkpoint_days: float, now: datetime | None = None
 ) -> Removed:
     """Delete the images and heatmaps of jobs finished more than `image_days` ago, and the checkpoints not written
-    for `checkpoint_days` or whose job has finished (0 days: that kind is kept for ever); commits each batch."""
+    for `checkpoint_days` or whose job has finished, unless the quota stopped it (0 days: that kind is kept for
+    ever); commits each batch."""
     now = now or utcnow()
     images = checkpoints = 0
     if image_days > 0:
@@ -45,7 +49,7 @@ def apply_retention(
             session,
             select(Checkpoint.job_id, Checkpoint.blob_id)
             .join(Job, Job.id == Checkpoint.job_id)
-            .where(or_(Checkpoint.updated_at < written_before, Job.status.in_(TERMINAL))),
+            .where(or_(Checkpoint.updated_at < written_before, and_(Job.status.in_(TERMINAL), ~_resumable))),
             Checkpoint.job_id,
         )
     return Removed(images, checkpoints)

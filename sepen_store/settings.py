@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     s3_access_key_id: str = ""  # both empty: boto3's own chain (AWS_* variables, an instance role, ...)
     s3_secret_access_key: str = ""
     s3_presign_ttl_s: int = Field(900, ge=1, le=604_800)  # how long a presigned download URL works (S3: 7 days max)
+    # Compute seconds a tenant's jobs may run per UTC day (0: unlimited): the gateway refuses new jobs past it, and a
+    # worker stops a running job that crosses it (a finetune keeps its checkpoint: the same request resumes from it).
+    compute_seconds_per_day: int = Field(28_800, ge=0)  # 8 hours of a worker per tenant and UTC day
 
     @classmethod
     def settings_customise_sources(
@@ -150,7 +153,6 @@ class GatewaySettings(Settings):
     # every gateway process) or in memory (embedded mode); the caps are per tenant, checked when a job is submitted.
     rate_limit_per_minute: int = Field(600, ge=0)
     max_queued_jobs_per_tenant: int = Field(1000, ge=0)
-    compute_seconds_per_day: int = Field(28_800, ge=0)  # 8 hours of a worker per tenant and UTC day
     # GET /metrics (Prometheus) is open like /healthz when empty; else it asks for `Authorization: Bearer <token>`.
     metrics_token: str = ""
     # FastAPI's OpenTelemetry spans, metrics and logs of each request, sent to the providers the process configures

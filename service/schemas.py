@@ -643,12 +643,18 @@ class AdapterOut(BaseModel):
 
 
 class ModelLimits(BaseModel):
-    """What one POST /generate may ask of this model: twice its native height and width at most."""
+    """What one request may ask of this model: twice its native height and width at most, a bounded number of
+    image-steps, and a bounded finetune."""
 
     max_height: int
     max_width: int
     max_images: int
     max_steps: int
+    max_image_steps: int = Field(
+        description="images x steps x (height x width) / (native height x native width) of one POST /generate (and "
+        "of each side of a POST /evaluate prompt): a request within it finishes inside the generate time limit"
+    )
+    max_finetune_work: int = Field(description="recipe steps x batch_size of one POST /finetune")
 
 
 class ModelOut(BaseModel):

@@ -1,5 +1,5 @@
-"""A running job's link to its row: a heartbeat thread, throttled progress writes, and the cancel flag; progress is
-kept in memory while the database is unreachable and written when it is back."""
+"""A running job's link to its row: a heartbeat thread, throttled progress writes, the cancel flag and its tenant's
+daily compute budget; progress is kept in memory while the database is unreachable and written when it is back."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sepen_store.availability import outage_of
 from sepen_store.jobs import Claim, LostClaim, heartbeat
+from sepen_store.quotas import QUOTA_CHECK_S, over_compute_quota
 from worker.outages import FIRST_WAIT_S
 
 log = logging.getLogger(__name__)
@@ -20,19 +21,31 @@ log = logging.getLogger(__name__)
 class JobReporter:
     """Writes progress at most every `interval_s` and beats every `beat_s` from a thread, so a job stays
     claimed through long steps (model loading, a slow first step). should_cancel() reads the flag the
-    last write returned: True once cancellation was requested, or once the claim was lost.
+    last write returned: True once cancellation was requested, once the claim was lost, or once the tenant's jobs
+    have run `compute_quota_s` seconds today (checked every QUOTA_CHECK_S; 0: no budget), when `over_quota` is set.
 
     While the database is unreachable no call raises: the newest progress waits in `unsaved` and the heartbeat
     thread tries again, after 0.5 s, then twice as long each time up to `beat_s`; the first write that gets through
     stores it. The runner stores whatever is still unsaved with the job's final status."""
 
-    def __init__(self, sessions: sessionmaker[Session], claim: Claim, *, interval_s: float, beat_s: float):
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        claim: Claim,
+        *,
+        interval_s: float,
+        beat_s: float,
+        compute_quota_s: int = 0,
+    ):
         self.sessions = sessions
         self.claim = claim
         self.interval_s = interval_s
         self.beat_s = beat_s
+        self.compute_quota_s = compute_quota_s
         self.cancel_requested = False
         self.lost = False
+        self.over_quota = False
+        self._quota_checked = float("-inf")
         self.unsaved: dict | None = None  # the newest progress not yet in the row
         self.down_since: float | None = None  # when a write first met the outage going on now
         self._last_write = 0.0
@@ -58,6 +71,7 @@ class JobReporter:
             try:
                 with self.sessions() as session:
                     self.cancel_requested = heartbeat(session, self.claim, progress) or self.cancel_requested
+                    self._check_quota(session)
             except LostClaim:
                 self.lost = True
             except Exception as exc:
@@ -75,6 +89,13 @@ class JobReporter:
             if self.unsaved is progress:  # nothing newer came while it was written
                 self.unsaved = None
             self._last_write = time.monotonic()
+
+    def _check_quota(self, session: Session) -> None:
+        if self.compute_quota_s and time.monotonic() - self._quota_checked >= QUOTA_CHECK_S:
+            self._quota_checked = time.monotonic()
+            if over_compute_quota(session, self.claim.tenant, self.compute_quota_s) and not self.over_quota:
+                log.warning("job %s: its tenant is over the daily compute budget; stopping it", self.claim.job_id)
+                self.over_quota = True
 
     def _beat(self) -> None:
         wait = self.beat_s
@@ -97,4 +118,4 @@ class JobReporter:
             self._write()
 
     def should_cancel(self) -> bool:
-        return self.cancel_requested or self.lost
+        return self.cancel_requested or self.lost or self.over_quota

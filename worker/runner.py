@@ -29,6 +29,7 @@ from sepen_store.contract import GenerateRequest, parse_request, parse_result
 from sepen_store.job_outputs import delete_checkpoint
 from sepen_store.jobs import Claim, claim_companions, claim_job, finish_job, get_job
 from sepen_store.logs import job_logging
+from sepen_store.quotas import COMPUTE_QUOTA_EXCEEDED
 from sepen_store.settings import WorkerSettings
 from worker.engine import InProcess, JobProcess
 from worker.metrics import WorkerMetrics
@@ -85,7 +86,13 @@ class Runtime:
         with ExitStack() as stack:
             reporters = [
                 stack.enter_context(
-                    JobReporter(self.sessions, c, interval_s=self.settings.progress_interval_s, beat_s=beat)
+                    JobReporter(
+                        self.sessions,
+                        c,
+                        interval_s=self.settings.progress_interval_s,
+                        beat_s=beat,
+                        compute_quota_s=self.settings.compute_seconds_per_day,
+                    )
                 )
                 for c in claims
             ]
@@ -97,6 +104,8 @@ class Runtime:
                 log.warning("job %s was taken over by another worker; dropping this attempt", c.job_id)
                 statuses.append(None)
             else:
+                if outcome.status == "canceled" and reporter.over_quota and not reporter.cancel_requested:
+                    outcome = replace(self._stopped_by_quota(kind), stats=outcome.stats)
                 statuses.append(self._finish(kind, c, outcome, claimed_at, progress=reporter.unsaved))
         return statuses[0]
 
@@ -150,6 +159,16 @@ class Runtime:
         except SepenError:
             return None
 
+    def _stopped_by_quota(self, kind: str) -> Outcome:
+        """How a job ends that was stopped because its tenant crossed the daily compute budget."""
+        message = (
+            f"stopped: your jobs have run the {self.settings.compute_seconds_per_day} compute seconds of today's "
+            "budget (SEPEN_COMPUTE_SECONDS_PER_DAY), which renews at midnight UTC"
+        )
+        if kind == "finetune":
+            message += "; its checkpoint is kept, and the same finetune request, sent again, resumes from it"
+        return Outcome("failed", code=COMPUTE_QUOTA_EXCEEDED, message=message)
+
     def _finish(
         self, kind: str, claim: Claim, outcome: Outcome, claimed_at: float, *, progress: dict | None = None
     ) -> str | None:
@@ -167,7 +186,7 @@ class Runtime:
                 error_message=outcome.message,
                 progress=progress,
             )
-            if finished and kind == "finetune":
+            if finished and kind == "finetune" and outcome.code != COMPUTE_QUOTA_EXCEEDED:
                 delete_checkpoint(session, claim.job_id)
             return finished
 

@@ -50,7 +50,13 @@ from sepen_store.contract import (
     parse_request,
 )
 from sepen_store.errors import StoreError
-from sepen_store.job_outputs import load_checkpoint, replace_images, save_checkpoint
+from sepen_store.job_outputs import (
+    delete_checkpoint,
+    load_checkpoint,
+    quota_stopped_predecessor,
+    replace_images,
+    save_checkpoint,
+)
 from sepen_store.jobs import get_job
 from sepen_store.registry import publish_version, version_of_job
 from sepen_store.settings import WorkerSettings
@@ -159,7 +165,7 @@ class Work:
         probes = probe_prompts(concepts)
         before = probe(model, probes, config)
         with tempfile.TemporaryDirectory(prefix=f"sepen-{job.id[:8]}-") as directory:
-            resumed_from = self._restore_checkpoint(job.id, Path(directory)) if resumed else 0
+            resumed_from, predecessor = self._restore_checkpoint(job, Path(directory), resumed)
             checkpoints = Checkpoints(
                 directory,
                 every=self.settings.checkpoint_every,
@@ -190,7 +196,10 @@ class Work:
                 ProbeDiagnosis(prompt=b["prompt"], before=b, after=a) for b, a in zip(before, after, strict=True)
             ],
         )
-        return self._publish(job, request, result.adapter, summary)
+        finished = self._publish(job, request, result.adapter, summary)
+        if predecessor is not None:  # this job carried the stopped one's training to its end
+            self.stored(lambda session: delete_checkpoint(session, predecessor))
+        return finished
 
     def _publish(
         self, job: Job, request: FinetuneRequest, adapter: KeyProjectionAdapter, summary: FinetuneSummary
@@ -226,15 +235,20 @@ class Work:
             # A checkpoint is insurance: train on through an outage, the next one may get through.
             log.warning("job %s: its checkpoint at step %d was not stored: %s", job_id, step, exc)
 
-    def _restore_checkpoint(self, job_id: str, directory: Path) -> int:
-        stored = self.stored(lambda session: load_checkpoint(session, job_id))
+    def _restore_checkpoint(self, job: Job, directory: Path, resumed: bool) -> tuple[int, str | None]:
+        """Lay the checkpoint to resume from in `directory`: the job's own (an earlier attempt's), else that of the same
+        request stopped by the compute quota. Returns its step (0: none) and, for the latter, that job's id."""
+        own = self.stored(lambda session: load_checkpoint(session, job.id)) if resumed else None
+        predecessor = None if own else self.stored(lambda session: quota_stopped_predecessor(session, job))
+        stored = own or (self.stored(lambda session: load_checkpoint(session, predecessor)) if predecessor else None)
         if stored is None:
-            return 0
+            return 0, None
         step, data = stored
         with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
             tar.extractall(directory, filter="data")
-        log.info("job %s resumes from its checkpoint at step %d", job_id, step)
-        return step
+        origin = f"job {predecessor}'s checkpoint (stopped by the compute quota)" if predecessor else "its checkpoint"
+        log.info("job %s resumes from %s at step %d", job.id, origin, step)
+        return step, predecessor
 
     # -- generate: load, sample (several jobs as one batch), store -------------------------------
     def generate(self, job_id: str, resumed: bool, control: JobControl) -> GenerateResult:

@@ -10,7 +10,7 @@ from sepen_store.contract import EvaluateRequest, EvaluationPrompt
 from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError
 from service.routes.generate import check_sample, pick_seed
-from service.routes.models import card_of
+from service.routes.models import card_of, check_image_steps
 from service.schemas import EvaluateIn, SubmittedJob
 from service.submission import SUBMIT_RESPONSES, pin_adapter, submit_job, submitted, webhook_of
 
@@ -58,6 +58,12 @@ def submit_evaluate(
             if v is not None
         }
         check_sample(sample)
+        check_image_steps(
+            settings,
+            model,
+            {**sample, "num_images": body.samples},
+            {"num_inference_steps": "steps", "num_images": "samples"},
+        )
         request = EvaluateRequest(
             adapter=ref,
             model=model,

@@ -11,7 +11,7 @@ from sepen_core.prompts import ConceptSet
 from sepen_store.contract import FinetuneRequest
 from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError, invalid_setting
-from service.routes.models import resolve_model
+from service.routes.models import check_finetune_work, resolve_model
 from service.schemas import LARGE_SCALE, FinetuneIn, RecipeIn, SubmittedJob
 from service.submission import SUBMIT_RESPONSES, submit_job, submitted, webhook_of
 
@@ -92,6 +92,7 @@ def submit_finetune(
     model = resolve_model(settings, body.model)
     concept_set = build_concept_set(body)
     recipe = build_recipe(body.recipe, concept_set)
+    check_finetune_work(settings, model, concept_set.mode, recipe)
     request = FinetuneRequest(
         adapter=body.adapter,
         model=model,

@@ -17,7 +17,7 @@ from sepen_store.settings import Settings
 from sepen_store.tables import AdapterVersion
 from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError, invalid_setting
-from service.routes.models import check_size, resolve_model
+from service.routes.models import check_image_steps, check_size, resolve_model
 from service.schemas import GenerateIn, SubmittedJob
 from service.submission import SUBMIT_RESPONSES, pin_adapter, submit_job, submitted, webhook_of
 
@@ -115,6 +115,7 @@ def _submit(
         },
     }
     check_sample(sample)
+    check_image_steps(settings, model, sample, SAMPLE_FIELDS)
     request = GenerateRequest(
         prompt=body.prompt,
         model=model,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from typing import Any
 
 from fastapi import APIRouter
 
+from sepen_core.config import ModelDefaults
 from sepen_core.errors import ModelLoadError
 from sepen_core.model_card import ModelCard, model_card
 from sepen_store.contract import Limits
@@ -18,6 +20,11 @@ from service.openapi import AUTHENTICATED, RATE_LIMITED, errors, success
 from service.schemas import ModelLimits, ModelOut
 
 log = logging.getLogger(__name__)
+# What one request may ask of a model, in units of the model's own size and recipes (so one table serves a toy model
+# on a CPU and SDXL on a GPU): a sample request at most max_images images of max_steps steps at the native size (or as
+# many image-steps at another size), a finetune at most twice the samples (steps x batch) of its largest recipe.
+MAX_IMAGE_STEPS = Limits.max_images * Limits.max_sample_steps
+FINETUNE_WORK_FACTOR = 2
 
 router = APIRouter(tags=["models"])
 
@@ -72,11 +79,15 @@ def card_of(source: str) -> ModelCard | None:
 
 def model_limits(settings: Settings, name: str) -> ModelLimits:
     card = card_of(settings.models[name])
+    defaults = card.defaults if card else ModelDefaults()
+    recipes = (defaults.finetune_config("groups"), defaults.finetune_config("collection"))
     return ModelLimits(
         max_height=min(card.max_height, Limits.max_side) if card else Limits.max_side,
         max_width=min(card.max_width, Limits.max_side) if card else Limits.max_side,
         max_images=Limits.max_images,
         max_steps=Limits.max_sample_steps,
+        max_image_steps=MAX_IMAGE_STEPS,
+        max_finetune_work=FINETUNE_WORK_FACTOR * max(r.steps * r.batch_size for r in recipes),
     )
 
 
@@ -92,3 +103,44 @@ def check_size(settings: Settings, name: str, height: int | None, width: int | N
                 "or omit it for the model's own size (GET /models lists each model's limits)",
                 field=field,
             )
+
+
+def check_image_steps(settings: Settings, name: str, sample: dict[str, Any], fields: dict[str, str]) -> None:
+    """422 when a sample request's images x steps x (its size / the model's native size) passes the model's
+    max_image_steps: such a request could not finish within a generate job's time limit. `fields`: SampleConfig
+    names -> the request's; the field named is the steps if the request gave them, else the images."""
+    card = card_of(settings.models[name])
+    if card is None:
+        return  # sizes unknown here: the worker's time limit bounds it
+    config = card.defaults.sample_config(sample)
+    area = (config.height or card.native_height) * (config.width or card.native_width)
+    work = config.num_images * config.num_inference_steps * area / (card.native_height * card.native_width)
+    if work > MAX_IMAGE_STEPS:
+        field = fields["num_inference_steps"] if "num_inference_steps" in sample else fields["num_images"]
+        raise ApiError(
+            422,
+            "validation_error",
+            f"{field}: {config.num_images} image(s) x {config.num_inference_steps} steps at "
+            f"{config.height or card.native_height}x{config.width or card.native_width} is {work:g} image-steps at "
+            f"model {name!r}'s native size, more than its {MAX_IMAGE_STEPS} (GET /models, limits.max_image_steps); "
+            "ask for fewer images or steps, or a smaller size",
+            field=field,
+        )
+
+
+def check_finetune_work(settings: Settings, name: str, mode: str, recipe: dict[str, Any]) -> None:
+    """422 naming recipe.steps (or recipe.batch_size, when only it was given) when steps x batch_size passes the
+    model's max_finetune_work."""
+    card = card_of(settings.models[name])
+    config = (card.defaults if card else ModelDefaults()).finetune_config(mode, recipe)
+    bound = model_limits(settings, name).max_finetune_work
+    if config.steps * config.batch_size > bound:
+        field = "recipe.batch_size" if "batch_size" in recipe and "steps" not in recipe else "recipe.steps"
+        raise ApiError(
+            422,
+            "validation_error",
+            f"{field}: {config.steps} steps x batch_size {config.batch_size} is {config.steps * config.batch_size} "
+            f"samples, more than model {name!r} takes ({bound}: {FINETUNE_WORK_FACTOR}x its largest own recipe; "
+            "GET /models, limits.max_finetune_work); ask for fewer steps or a smaller batch",
+            field=field,
+        )

@@ -265,3 +265,14 @@ def test_rank_and_energy_together_are_422_naming_energy_and_either_alone_is_stor
         response = client.post("/finetune", json=_with("recipe", recipe), headers=auth)
         assert response.status_code == 202, response.text
         assert response.json()["job"]["request"]["recipe"] == {**recipe, "maps": {}}
+
+
+@pytest.mark.parametrize("recipe", [{"steps": 100_000, "batch_size": 64}, {"batch_size": 64, "steps": 1251}])
+def test_a_finetune_is_bounded_by_twice_its_models_largest_recipe(client, auth, error_of, recipe):
+    """sepen-tiny keeps the paper's recipes: 10,000 steps x 4 at most in the large-scale one, so a finetune may take
+    80,000 samples (limits.max_finetune_work in GET /models); 64 x 1250 passes, one step more does not."""
+    refused = client.post("/finetune", json={**PAIRS, "recipe": recipe}, headers=auth)
+    assert refused.status_code == 422 and error_of(refused)["field"] == "recipe.steps"
+    assert "max_finetune_work" in error_of(refused)["message"]
+    allowed = client.post("/finetune", json={**PAIRS, "recipe": {**recipe, "steps": 1250}}, headers=auth)
+    assert allowed.status_code == 202, allowed.text

@@ -13,10 +13,12 @@ from sepen_core.models import build_tiny_model
 from sepen_core.prompts import ConceptSet
 from sepen_store.contract import GenerateResult
 from sepen_store.database import make_engine, session_factory, upgrade_database
-from sepen_store.job_outputs import get_image
+from sepen_store.job_outputs import get_image, load_checkpoint
 from sepen_store.jobs import create_job, get_job
+from sepen_store.retention import apply_retention
 from sepen_store.settings import WorkerSettings
 from tests.interop import parse_a1111, publish_adapter, spectral_adapter
+from worker import reporting
 from worker import work as work_module
 from worker.runner import Runtime
 
@@ -136,3 +138,39 @@ def test_generated_images_carry_a1111_parameters_naming_the_adapter_version(runt
     assert fields["Prompt"] == "a photo of a cat and a dog" and fields["SepEn adapter"] == "cat-dog@1"
     assert fields["Model"] == "sepen-tiny" and fields["Sampler"] == "DDIM" and fields["Steps"] == "2"
     assert (fields["Seed"], fields["Size-1"], fields["Size-2"]) == ("0", "64", "64")
+
+
+def test_a_finetune_that_crosses_the_daily_compute_budget_stops_and_the_same_request_resumes(tmp_path, monkeypatch):
+    """Its tenant's day passes SEPEN_COMPUTE_SECONDS_PER_DAY while it trains: the job fails compute_quota_exceeded
+    within a quota check and a step, its checkpoint stays (retention keeps it too), and the same request sent again
+    (here once the budget is raised) starts from that checkpoint instead of step 0, then drops it."""
+    monkeypatch.setattr(reporting, "QUOTA_CHECK_S", 0.2)
+    settings = WorkerSettings(data_dir=tmp_path, checkpoint_every=2, progress_interval_s=0.0, compute_seconds_per_day=3)
+    upgrade_database(settings.database_url)
+    sessions = session_factory(make_engine(settings.database_url))
+    runtime = Runtime.create(settings, sessions, in_process=True)
+    concepts = ConceptSet.pairs(("cat", "dog")).to_dict()
+    request = {
+        "adapter": "budget",
+        "model": "sepen-tiny",
+        "concepts": concepts,
+        "recipe": {"steps": 300, "batch_size": 1},
+    }
+    stopped = submit(runtime, "finetune", request)
+    assert runtime.run("finetune", stopped) == "failed"
+    row = job_row(runtime, stopped)
+    assert row.error_code == "compute_quota_exceeded" and "resumes from it" in row.error_message
+    stopped_at = row.progress["step"]
+    assert 2 <= stopped_at < 300
+    with sessions() as session:
+        assert apply_retention(session, image_days=0, checkpoint_days=7).checkpoints == 0
+        kept_step, _ = load_checkpoint(session, stopped)
+    assert 2 <= kept_step <= stopped_at
+
+    unlimited = Runtime.create(settings.with_(compute_seconds_per_day=0), sessions, in_process=True)
+    again = submit(unlimited, "finetune", request)
+    assert unlimited.run("finetune", again) == "succeeded"
+    done = job_row(unlimited, again)
+    assert done.result["summary"]["resumed_from_step"] == kept_step and done.result["adapter"] == "budget@1"
+    with sessions() as session:
+        assert load_checkpoint(session, stopped) is None and load_checkpoint(session, again) is None
