@@ -14,6 +14,8 @@ from sepen_core.errors import ModelLoadError
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "sepen-toy"
 TINY_NATIVE_SIDE = 64  # the tiny random models: a 32-pixel latent, a VAE that halves
+TINY_VAE_SCALE = 2
+LATENT_MULTIPLE = 8  # latent sides a multiple of this: the UNets' down- and upsampling meet again
 MAX_SIDE_FACTOR = 2  # a request may ask for up to twice the model's native height and width
 # The UNet layouts sepen finetunes: "sd", SD 1.x/2.x (StableDiffusionPipeline and its family), and "sdxl"
 # (StableDiffusionXLPipeline). Adapters record theirs (sepen_core.adapter_file).
@@ -33,6 +35,12 @@ class ModelCard:
     judge: str | None = None  # "module:function" that reads which objects its images hold (sepen_core.evaluation)
     path: Path | None = None  # its directory; None for the built-in tiny models
     architecture: str = "sd"  # "sd" (SD 1.x/2.x) or "sdxl" (ARCHITECTURES)
+    vae_scale: int = 1  # pixels per latent pixel (1: a model without a VAE, such as the bundled toy model)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image heights and widths must be multiples of this."""
+        return size_multiple(self.vae_scale)
 
     @property
     def max_height(self) -> int:
@@ -60,7 +68,9 @@ def model_card(source: str) -> ModelCard:
     """The card of a model source as SEPEN_MODELS names it: "toy", "tiny[-xl][:SEED]" or a diffusers directory."""
     tiny = tiny_source(source)
     if tiny is not None:
-        return ModelCard(TINY_NATIVE_SIDE, TINY_NATIVE_SIDE, ModelDefaults(), architecture=tiny[0])
+        return ModelCard(
+            TINY_NATIVE_SIDE, TINY_NATIVE_SIDE, ModelDefaults(), architecture=tiny[0], vae_scale=TINY_VAE_SCALE
+        )
     path = BUNDLED_MODEL_DIR if source == BUNDLED_SOURCE else Path(source)
     index = _model_index(path)
     architecture = _architecture(path, index)
@@ -74,7 +84,13 @@ def model_card(source: str) -> ModelCard:
     scale = 1 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
     defaults = ModelDefaults.from_dict(index.get("sepen_defaults", {}))
     nouns = _world_nouns(path / "world.json")
-    return ModelCard(latent_h * scale, latent_w * scale, defaults, nouns, index.get("sepen_judge"), path, architecture)
+    judge = index.get("sepen_judge")
+    return ModelCard(latent_h * scale, latent_w * scale, defaults, nouns, judge, path, architecture, vae_scale=scale)
+
+
+def size_multiple(vae_scale: int) -> int:
+    """What image heights and widths must be multiples of, for a model whose VAE scales by `vae_scale`."""
+    return vae_scale * LATENT_MULTIPLE
 
 
 def model_architecture(path: Path) -> str:

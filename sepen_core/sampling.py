@@ -32,6 +32,7 @@ from sepen_core.config import SampleConfig
 from sepen_core.errors import Canceled, ConfigError
 from sepen_core.heatmap import render_heatmaps
 from sepen_core.images import png_bytes, sample_metadata, sampler_name
+from sepen_core.model_card import size_multiple
 from sepen_core.models import BaseModel, TextConditioning
 from sepen_core.scores import MapScores, object_scores
 
@@ -96,8 +97,9 @@ def _latent_size(model: BaseModel, config: SampleConfig) -> tuple[int, int]:
     native_height, native_width = model.native_latent_size
     height = config.height or native_height * scale
     width = config.width or native_width * scale
-    if height % (scale * 8) or width % (scale * 8):
-        raise ConfigError("height", f"height and width must be multiples of {scale * 8} for this model")
+    multiple = size_multiple(scale)
+    if height % multiple or width % multiple:
+        raise ConfigError("height", f"height and width must be multiples of {multiple} for this model")
     return height // scale, width // scale
 
 

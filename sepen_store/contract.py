@@ -32,6 +32,7 @@ class Limits:
     max_sample_steps = 200
     max_guidance = 30.0
     min_side, max_side = 8, 2048  # any model; each model's own maximum is tighter (GET /models)
+    size_multiple = 8  # any model (a latent pixel of a model without a VAE); most need more (GET /models)
     max_prompt = 1_000
     max_evaluation_prompts = 64
     max_evaluation_samples = 32  # images per prompt and side

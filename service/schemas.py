@@ -302,10 +302,10 @@ class GenerateIn(RequestBody):
     guidance: StrictFloat | None = Field(
         None, ge=0, le=Limits.max_guidance, description="classifier-free guidance scale; default: the model's"
     )
-    height: json_int(ge=Limits.min_side, le=Limits.max_side, multiple_of=8) | None = Field(
+    height: json_int(ge=Limits.min_side, le=Limits.max_side, multiple_of=Limits.size_multiple) | None = Field(
         None, description="pixels, a multiple of 8; default: the model's own size"
     )
-    width: json_int(ge=Limits.min_side, le=Limits.max_side, multiple_of=8) | None = None
+    width: json_int(ge=Limits.min_side, le=Limits.max_side, multiple_of=Limits.size_multiple) | None = None
     seed: json_int(ge=0, lt=SEED_LIMIT) | None = Field(
         None, description="image i uses seed + i; omitted: a random seed, stored"
     )
@@ -648,6 +648,7 @@ class ModelLimits(BaseModel):
 
     max_height: int
     max_width: int
+    size_multiple: int = Field(description="height and width must be multiples of this many pixels")
     max_images: int
     max_steps: int
     max_image_steps: int = Field(

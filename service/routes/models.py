@@ -84,6 +84,7 @@ def model_limits(settings: Settings, name: str) -> ModelLimits:
     return ModelLimits(
         max_height=min(card.max_height, Limits.max_side) if card else Limits.max_side,
         max_width=min(card.max_width, Limits.max_side) if card else Limits.max_side,
+        size_multiple=card.size_multiple if card else Limits.size_multiple,
         max_images=Limits.max_images,
         max_steps=Limits.max_sample_steps,
         max_image_steps=MAX_IMAGE_STEPS,
@@ -92,9 +93,20 @@ def model_limits(settings: Settings, name: str) -> ModelLimits:
 
 
 def check_size(settings: Settings, name: str, height: int | None, width: int | None) -> None:
-    """422 naming height or width when a request asks for more than the model's limit."""
+    """422 naming height or width when a request asks for more than the model's limit, or for a size its UNet cannot
+    draw (not a multiple of its size_multiple)."""
     limits = model_limits(settings, name)
     for field, value, bound in (("height", height, limits.max_height), ("width", width, limits.max_width)):
+        multiple = limits.size_multiple
+        if value is not None and value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
+            raise ApiError(
+                422,
+                "validation_error",
+                f"{field}: model {name!r} draws sizes that are multiples of {multiple} pixels, not {value}; ask for "
+                f"{nearest}, or omit it for the model's own size (GET /models, limits.size_multiple)",
+                field=field,
+            )
         if value is not None and value > bound:
             raise ApiError(
                 422,

@@ -76,7 +76,7 @@ def test_readyz_names_a_database_that_is_down(service_settings):
 
 def test_models(client, auth):
     # Image-steps: 8 images of 200 steps at the native size; finetunes: twice the paper's large-scale recipe's samples.
-    wide = {"max_height": 2048, "max_width": 2048, "max_images": 8, "max_steps": 200}
+    wide = {"max_height": 2048, "max_width": 2048, "size_multiple": 8, "max_images": 8, "max_steps": 200}
     wide |= {"max_image_steps": 1600, "max_finetune_work": 2 * 10_000 * 4}
     assert client.get("/models", headers=auth).json() == [
         {
@@ -85,7 +85,7 @@ def test_models(client, auth):
             "native_height": 64,
             "native_width": 64,
             "defaults": {"sample": {}, "maps": {}, "finetune": {}, "large_scale": {}},
-            "limits": {**wide, "max_height": 128, "max_width": 128},
+            "limits": {**wide, "max_height": 128, "max_width": 128, "size_multiple": 16},
             "architecture": "sd",
             "nouns": [],
             "judged": False,

@@ -123,6 +123,8 @@ INVALID = [
     ({"height": 100}, "height"),
     ({"height": 4}, "height"),
     ({"height": 136}, "height"),  # sepen-tiny draws 64 pixels: at most 128
+    ({"width": 8}, "width"),  # sepen-tiny's VAE halves: its sizes are multiples of 16
+    ({"height": 40}, "height"),
     ({"width": 1032}, "width"),
     ({"width": 2056}, "width"),
     ({"seed": -1}, "seed"),
