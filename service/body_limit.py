@@ -1,4 +1,5 @@
-"""Refuse request bodies larger than settings.max_body_bytes with a 413 before they are parsed.
+"""Refuse request bodies larger than settings.max_body_bytes with a 413 before they are parsed, and bodies in a
+Content-Encoding the gateway does not decode (gzip, br...) with a 415, rather than read compressed bytes as JSON.
 
 Checked twice: the declared Content-Length before a byte is read, and the bytes counted as they
 stream in (a chunked body declares no length). Our own, rather than FastAPI's `max_body_size`,
@@ -30,7 +31,18 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response = error_response(
+                415,
+                "unsupported_content_encoding",
+                f"this service does not decode request bodies sent with Content-Encoding {encoding[:40]!r}; send the "
+                "JSON body as it is, without Content-Encoding",
+            )
+            await response(scope, receive, send)
+            return
+        declared = headers.get("content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             response = error_response(413, "body_too_large", BodyTooLarge(self.max_bytes).detail)
             await response(scope, receive, send)

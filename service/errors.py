@@ -8,7 +8,8 @@ sepen_store Unauthorized 401 (WWW-Authenticate)      IllegalTransition 409 illeg
 sepen_store QuotaExceeded 429 (Retry-After)          queued_jobs_limit, compute_quota_exceeded
 RequestValidationError   422 validation_error, `field` = the dotted path of the value at fault;
                          415 unsupported_media_type for a body sent as something other than JSON
-HTTPException            its status (404 unknown path, 405, 413 body too large, 400 a body that is not UTF-8...)
+HTTPException            its status (404 unknown path, 405, 413 body too large, 400 a body json cannot read...)
+BodySizeLimit            413 body_too_large, 415 unsupported_content_encoding (service/body_limit.py)
 a dependency outage      503 database_unavailable | broker_unavailable | storage_unavailable (Retry-After), the
                          driver's text only logged
 anything else            500 internal_error, logged
@@ -149,13 +150,22 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     return error_response(422, "validation_error", message, field)
 
 
+def unparsable_body_reason(cause: BaseException | None) -> str:
+    """Why json.loads gave up on a body, in words that say what to change (FastAPI keeps the error as the cause)."""
+    if isinstance(cause, RecursionError):
+        return "the request body nests arrays or objects too deeply to read; send a JSON object a few levels deep"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return "the request body holds an integer of more than 4300 digits; send numbers of ordinary size"
+    return "the request body is not UTF-8 text; send a JSON object encoded as UTF-8"
+
+
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code) or HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace(
         "-", "_"
     )
     message = exc.detail if isinstance(exc.detail, str) else str(jsonable_encoder(exc.detail))
     if exc.status_code == 400 and message == _UNPARSABLE_BODY:
-        code, message = "invalid_body", "the request body is not UTF-8 text; send a JSON object encoded as UTF-8"
+        code, message = "invalid_body", unparsable_body_reason(exc.__cause__)
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 

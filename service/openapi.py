@@ -19,7 +19,7 @@ LOCATION = {"Location": _header("the job's URL, /jobs/{id}")}
 ETAG = {"ETag": _header("the file's sha256, quoted; send it as If-None-Match to get 304 while it is unchanged")}
 
 _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
-    400: ("the request body is not UTF-8 text", {}),
+    400: ("the request body cannot be read: not UTF-8, nested too deeply, or an over-long integer", {}),
     401: (
         "no API key, or an unknown or revoked one",
         {"WWW-Authenticate": _header("Bearer: send 'Authorization: Bearer <key>'")},
@@ -27,7 +27,7 @@ _ERRORS: dict[int, tuple[str, dict[str, Any]]] = {
     404: ("not found for this API key's tenant; `code` says what", {}),
     409: ("the request contradicts what is stored; `code` says how", {}),
     413: ("the request body is larger than this service accepts", {}),
-    415: ("the request body was sent as something other than JSON", {}),
+    415: ("the request body was sent as something other than JSON, or in a Content-Encoding not decoded here", {}),
     422: ("a value is invalid; `field` names it and `message` says what to change", {}),
     429: (
         "rate_limited (this API key's requests per minute), queued_jobs_limit or compute_quota_exceeded "

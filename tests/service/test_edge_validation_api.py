@@ -196,6 +196,27 @@ def test_a_body_that_is_not_utf8_is_400(client, auth, error_of):
     assert error["code"] == "invalid_body" and "UTF-8" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [(b"[" * 100_000 + b"]" * 100_000, "nests"), (b'{"images": ' + b"1" * 5000 + b"}", "4300 digits")],
+)
+def test_a_body_python_cannot_read_is_400_saying_why(client, auth, error_of, body, reason):
+    response = client.post("/generate", content=body, headers={**auth, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "invalid_body" and reason in error["message"] and "UTF-8" not in error["message"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate, gzip"])
+def test_a_content_encoding_the_gateway_does_not_decode_is_415(client, auth, error_of, encoding):
+    headers = {**auth, "Content-Type": "application/json", "Content-Encoding": encoding}
+    response = client.post("/finetune", content=json.dumps(FINETUNE), headers=headers)
+    assert response.status_code == 415, response.text
+    assert error_of(response)["code"] == "unsupported_content_encoding" and encoding in error_of(response)["message"]
+    plain = {**headers, "Content-Encoding": "identity"}
+    assert client.post("/finetune", content=json.dumps(FINETUNE), headers=plain).status_code == 202
+
+
 # ---- tenants -------------------------------------------------------------------------------------
 
 
