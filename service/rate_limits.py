@@ -12,9 +12,9 @@ from sepen_store.rate_limits import RateDecision, RateLimiter
 from service.errors import ApiError
 
 RATE_LIMIT_HEADERS = {
-    "RateLimit-Limit": "requests allowed per API key in a one-minute window",
-    "RateLimit-Remaining": "requests left in the current window",
-    "RateLimit-Reset": "seconds until the current window ends and the count starts again",
+    "RateLimit-Limit": "requests allowed per API key in any one minute (a sliding window)",
+    "RateLimit-Remaining": "requests that may be sent now",
+    "RateLimit-Reset": "seconds until the whole limit is free again, if no request is sent meanwhile",
 }
 _STATE_KEY = "sepen_rate_limit"
 
@@ -49,8 +49,8 @@ def apply_decision(request: Request, decision: RateDecision | None) -> None:
             429,
             "rate_limited",
             f"this API key sent more than {decision.limit} requests in a minute; "
-            f"wait {decision.reset_s} s (Retry-After) and slow down",
-            headers={**rate_limit_headers(decision), "Retry-After": str(decision.reset_s)},
+            f"wait {decision.retry_after_s} s (Retry-After) and slow down",
+            headers={**rate_limit_headers(decision), "Retry-After": str(decision.retry_after_s)},
         )
 
 

@@ -35,10 +35,12 @@ def test_past_the_rate_limit_is_429_with_retry_after(limited, auth, other_auth, 
     answers = [limited.get("/jobs", headers=auth) for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [a.headers["ratelimit-remaining"] for a in answers] == ["2", "1", "0"]
-    assert all(a.headers["ratelimit-limit"] == "3" and a.headers["ratelimit-reset"] == "30" for a in answers)
+    # 30 s into the window: what it counted weighs on through the next one, 90 s in all.
+    assert all(a.headers["ratelimit-limit"] == "3" and a.headers["ratelimit-reset"] == "90" for a in answers)
     refused = limited.post("/finetune", json=FINETUNE, headers=auth)
     assert refused.status_code == 429
-    assert refused.headers["retry-after"] == "30" and refused.headers["ratelimit-remaining"] == "0"
+    # 4 counted: one more fits once they weigh 2, halfway into the next window, 60 s from now.
+    assert refused.headers["retry-after"] == "60" and refused.headers["ratelimit-remaining"] == "0"
     error = error_of(refused)
     assert error["code"] == "rate_limited" and "3 requests" in error["message"]
     assert limited.get("/jobs", headers=other_auth).status_code == 200  # per key: another key has its own window
@@ -78,14 +80,33 @@ def test_the_embedded_mode_counts_in_memory(service_settings, api_key, tmp_path)
             assert [client.get("/models", headers=auth).status_code for _ in range(3)] == [200, 200, 429]
 
 
-def test_the_window_resets(redis_client):
+def test_the_window_slides(redis_client):
     now = [NOW]
     limiter = RateLimiter(1, shared_counter_url(REDIS_URL), clock=lambda: now[0])
     try:
-        assert limiter.hit("reset-test").allowed and not limiter.hit("reset-test").allowed
-        now[0] += WINDOW_S
-        decision = limiter.hit("reset-test")
-        assert decision.allowed and decision.remaining == 0 and decision.reset_s == 30
+        assert limiter.hit("slide-test").allowed and not limiter.hit("slide-test").allowed
+        now[0] += WINDOW_S  # the two requests of the last window still weigh one (half of them)
+        assert not limiter.hit("slide-test").allowed
+        now[0] += 2 * WINDOW_S
+        decision = limiter.hit("slide-test")
+        assert decision.allowed and decision.remaining == 0 and decision.reset_s == 90
+    finally:
+        limiter.close()
+
+
+@pytest.mark.parametrize("redis_url", [REDIS_URL, None], ids=["redis", "memory"])
+def test_no_window_edge_lets_more_than_the_limit_through(redis_client, redis_url):
+    """600 a minute: a client sending 100 requests a second from 6 s before a minute's edge to 6 s after it gets its
+    600 through in the first 6 s and none after the edge, where a fixed window let 600 more through."""
+    now = [NOW + 24.0]  # 6 s before the edge
+    limiter = RateLimiter(600, shared_counter_url(redis_url) if redis_url else None, clock=lambda: now[0])
+    try:
+        allowed_at = []
+        while now[0] < NOW + 36.0:
+            if limiter.hit(f"edge-{redis_url is None}").allowed:
+                allowed_at.append(now[0])
+            now[0] += 0.01  # 100 requests a second
+        assert 600 <= len(allowed_at) <= 605 and max(allowed_at) < NOW + 30.5, (len(allowed_at), max(allowed_at))
     finally:
         limiter.close()
 
