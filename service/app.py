@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 
 from sepen_store.database import make_engine, session_factory
+from sepen_store.events import EventHub, events_url
 from sepen_store.logs import configure_logging
 from sepen_store.object_store import object_store_for
 from sepen_store.queue import make_celery
@@ -48,6 +49,8 @@ def _version() -> str:
 def create_app(settings: GatewaySettings) -> FastAPI:
     engine = make_engine(settings.database_url)
     blobs = object_store_for(settings)  # None: blobs keep their bytes in the database
+    url = events_url(settings.broker_url)
+    event_hub = EventHub(url) if url else None  # one reader of job event streams for all of this process's watchers
     celery = make_celery(settings, fail_fast=True)  # the gateway only sends; a broker outage must not stall requests
     # Counted in the broker's Redis when there is one (shared by every gateway process), else in memory.
     rate_limiter = RateLimiter(settings.rate_limit_per_minute, shared_counter_url(settings.broker_url))
@@ -59,6 +62,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.rate_limiter.close()
         if blobs is not None:
             blobs.close()
+        if event_hub is not None:
+            await event_hub.close()
         engine.dispose()
 
     # strict_content_type=False: a JSON body sent without a Content-Type is read as JSON (one sent as another
@@ -75,6 +80,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.blobs = blobs
+    app.state.event_hub = event_hub
     app.state.sessions = session_factory(engine, blobs=blobs)
     app.state.celery = celery
     app.state.rate_limiter = rate_limiter

@@ -2,8 +2,9 @@
 
 A stream starts with the job as its row has it (a `status` event), or, for a client that reconnects with
 Last-Event-ID, with the events it missed: from the job's Redis stream when it still holds them all, else the
-row again. Then it forwards the events the workers publish (sepen_store.events), waiting in Redis: no database
-read per client, except the row once every few quiet heartbeats in case a publish was lost. Without a Redis
+row again. Then it forwards the events the workers publish (sepen_store.events), through the process's one
+EventHub (one blocked Redis read for all its streams, not a connection per client): no database read per client,
+except the row once every few quiet heartbeats in case a publish was lost. Without a Redis
 broker (the embedded mode) it reads the row every SEPEN_EVENTS_POLL_S instead, and sends what changed.
 
 A comment line goes out after every SEPEN_EVENTS_HEARTBEAT_S without an event, so that proxies keep the
@@ -26,7 +27,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from sepen_store.contract import JobEvent
-from sepen_store.events import EventReader, StreamedEvent, event_of, events_url
+from sepen_store.events import EventHub, StreamedEvent, Subscription, event_of
 from sepen_store.jobs import job_view
 from sepen_store.settings import GatewaySettings
 
@@ -61,30 +62,28 @@ def catch_up(current: JobEvent, held: list[StreamedEvent] | None, last_seq: int 
 
 
 async def event_stream_response(
-    sessions: sessionmaker[Session], settings: GatewaySettings, tenant: str, job_id: str, last_seq: int | None
+    sessions: sessionmaker[Session],
+    settings: GatewaySettings,
+    hub: EventHub | None,
+    tenant: str,
+    job_id: str,
+    last_seq: int | None,
 ) -> Response:
-    """The response of GET /jobs/{id}/events; NotFound (404) before anything is streamed."""
-    url = events_url(settings.broker_url)
-    reader = EventReader(url, job_id) if url else None
+    """The response of GET /jobs/{id}/events; NotFound (404) before anything is streamed. hub: the process's reader of
+    job streams (None without a Redis broker: the row is polled)."""
     held = None
-    try:
-        if reader is not None:
-            try:
-                held = await reader.held()  # before the row: what is published after this read comes next
-            except redis.RedisError as exc:
-                log.warning("job events: Redis unavailable (%s); reading the job row instead", exc)
-                await _close(reader)
-                reader = None
-        current = await run_in_threadpool(_current, sessions, tenant, job_id)
-    except BaseException:
-        await _close(reader)
-        raise
+    if hub is not None:
+        try:
+            held = await hub.held(job_id)  # before the row: what is published after this read comes next
+        except redis.RedisError as exc:
+            log.warning("job events: Redis unavailable (%s); reading the job row instead", exc)
+            hub = None
+    current = await run_in_threadpool(_current, sessions, tenant, job_id)
     first = catch_up(current, held, last_seq)
     if not first and current.terminal:
-        await _close(reader)
         return Response(status_code=204, headers=HEADERS)
-    after_id = held[-1].stream_id if held else "0-0"
-    stream = _stream(sessions, settings, tenant, job_id, current, first, reader, after_id)
+    subscription = hub.subscribe(job_id, held[-1].stream_id if held else "0-0") if hub is not None else None
+    stream = _stream(sessions, settings, tenant, job_id, current, first, subscription)
     return StreamingResponse(stream, media_type=MEDIA_TYPE, headers=HEADERS)
 
 
@@ -95,8 +94,7 @@ async def _stream(
     job_id: str,
     current: JobEvent,
     first: list[JobEvent],
-    reader: EventReader | None,
-    after_id: str,
+    subscription: Subscription | None,
 ) -> AsyncIterator[bytes]:
     started = time.monotonic()
     last_seq, last_status = current.seq if not first else -1, current.status
@@ -114,16 +112,15 @@ async def _stream(
         if current.terminal and last_seq >= current.seq:
             return
         while time.monotonic() - started < settings.events_max_stream_s:
-            if reader is not None:
+            if subscription is not None:
                 try:
-                    batch = await reader.after(after_id, block_ms=int(settings.events_heartbeat_s * 1000))
+                    batch = await subscription.next(settings.events_heartbeat_s)
                 except redis.RedisError as exc:
                     log.warning("job events: Redis unavailable (%s); reading the job row instead", exc)
-                    await _close(reader)
-                    reader = None
+                    subscription.close()
+                    subscription = None
                     continue
                 if batch:
-                    after_id = batch[-1].stream_id
                     quiet = 0
                     for event in (item.event for item in batch if fresh(item.event)):
                         yield encode(event)
@@ -139,23 +136,15 @@ async def _stream(
                 await anyio.sleep(settings.events_poll_s)
             row = await run_in_threadpool(_current, sessions, tenant, job_id)
             if fresh(row):
-                if row.status == last_status and reader is None:
+                if row.status == last_status and subscription is None:
                     row = row.model_copy(update={"type": "progress", "result": None, "error": None})
                 yield encode(row)
                 last_seq, last_status, last_sent = row.seq, row.status, time.monotonic()
                 if row.terminal:
                     return
-            elif reader is None and time.monotonic() - last_sent >= settings.events_heartbeat_s:
+            elif subscription is None and time.monotonic() - last_sent >= settings.events_heartbeat_s:
                 yield HEARTBEAT
                 last_sent = time.monotonic()
     finally:
-        await _close(reader)
-
-
-async def _close(reader: EventReader | None) -> None:
-    if reader is not None:
-        with anyio.CancelScope(shield=True):  # also when the client went away and the stream was cancelled
-            try:
-                await reader.close()
-            except Exception:  # noqa: BLE001 - closing a connection Redis already dropped
-                pass
+        if subscription is not None:
+            subscription.close()

@@ -147,10 +147,12 @@ async def stream_job_events(
     tenant: TenantDep,
     sessions: AutocommitSessionsDep,
     settings: SettingsDep,
+    request: Request,
     last_event_id: LastEventId = None,
 ) -> Response:
     """The job's progress, status changes and result as they happen (`text/event-stream`), without polling."""
-    return await event_stream_response(sessions, settings, tenant, job_id, last_event_id)
+    hub = request.app.state.event_hub
+    return await event_stream_response(sessions, settings, hub, tenant, job_id, last_event_id)
 
 
 @router.get(

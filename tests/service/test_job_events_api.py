@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from sepen_store.auth import create_api_key, revoke_api_key
 from sepen_store.database import make_engine, session_factory, upgrade_database
-from sepen_store.events import EventPublisher
+from sepen_store.events import HUB_CLIENT_NAME, HUB_CONNECTIONS, EventPublisher
 from sepen_store.jobs import claim_job, create_job, finish_job, heartbeat
 from service.app import create_app
 from tests.e2e.conftest import free_port, launch_gateway, wait_until
@@ -248,6 +248,32 @@ def hooks_client(service_settings):
     settings = service_settings.with_(webhook_allowed_hosts=("127.0.0.1", "hooks.example.com:8443"))
     with TestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+def test_many_watchers_share_one_redis_reader(gateway, redis_client):
+    """Twelve clients watching twelve jobs cost the gateway at most HUB_CONNECTIONS Redis connections (one blocked
+    read for all, one for catching up), not one each, and each still gets its own job's events as they happen."""
+    if gateway.mode != "servers":
+        pytest.skip("the embedded mode has no Redis: it polls the rows")
+    jobs = [gateway.new_job() for _ in range(12)]
+    streams = [stream(gateway, job.id) for job in jobs]
+    for watcher in streams:
+        assert watcher.wait_for(1)[0]["data"]["status"] == "queued"
+    name = HUB_CLIENT_NAME.format(pid=gateway.process.pid)
+    with gateway.sessions() as session:
+        claims = [claim_job(session, job.id, "worker-1", lease_s=60) for job in jobs]
+        for i, claim in enumerate(claims):
+            heartbeat(session, claim, {"step": i + 1, "total": 20})
+    for i, watcher in enumerate(streams):  # from the hub, or a quiet stream's look at the row: its own progress
+        wait_until(lambda w=watcher: w.events[-1]["data"]["progress"] is not None, 10, "the progress")
+        assert watcher.events[-1]["data"]["progress"] == {"step": i + 1, "total": 20}, watcher.summary()
+    connections = [c for c in redis_client.client_list() if c.get("name") == name]
+    assert 1 <= len(connections) <= HUB_CONNECTIONS, connections
+    with gateway.sessions() as session:
+        for claim in claims:
+            finish_job(session, claim, "succeeded", result=generate_result(1))
+    for watcher in streams:
+        assert watcher.closed.wait(10)
 
 
 def test_a_service_that_allows_no_hosts_refuses_webhooks_naming_the_field(client, auth, error_of):

@@ -5,6 +5,7 @@ tries; URL checks, signatures, per-tenant keys, the key cache, and migration 000
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import timedelta
@@ -16,7 +17,7 @@ from sqlalchemy import update
 from sepen_store.auth import TenantCache, authenticate_cached, create_api_key, revoke_api_key
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.errors import NotFound, Unauthorized
-from sepen_store.events import EventPublisher, stream_key
+from sepen_store.events import HUB_CONNECTIONS, EventHub, EventPublisher, stream_key
 from sepen_store.jobs import claim_job, create_job, finish_job, get_job, heartbeat, job_view, request_cancel
 from sepen_store.settings import SettingsError, WorkerSettings
 from sepen_store.tables import WebhookDelivery, utcnow
@@ -78,6 +79,41 @@ def test_each_status_change_and_progress_report_is_a_numbered_published_event(pu
     assert events[2]["progress"] == {"step": 2, "total": 2}
     assert events[3]["result"] == {**SUMMARY_RESULT, "summary": None}  # events leave a finetune's summary out
     assert client.ttl(stream_key(job.id)) > 0
+
+
+def test_one_hub_reads_every_watched_stream_and_hands_each_its_own(publishing):
+    """Subscriptions to two jobs' streams, one of them twice from different places: each gets its own job's events,
+    the later subscriber (from the stream's start) what came before it too, all through one client of two
+    connections; a closed subscription gets nothing more and a hub with no subscription stops reading."""
+    writer, client = publishing
+    with writer() as session:
+        first, second = new_job(session), new_job(session)
+
+    async def watch() -> tuple[list, list, list]:
+        hub = EventHub(EVENTS_REDIS, block_ms=100)
+        try:
+            early = hub.subscribe(first.id, "0-0")
+            other = hub.subscribe(second.id, "0-0")
+            with writer() as session:
+                claim_job(session, first.id, "w", lease_s=60)
+                claim_job(session, second.id, "w", lease_s=60)
+            got_early = await early.next(5)
+            late = hub.subscribe(first.id, "0-0")  # sets the stream back: the early one may see entries twice
+            got_late = await late.next(5)
+            got_other = await other.next(5)
+            assert hub.redis.connection_pool.max_connections == HUB_CONNECTIONS
+            for subscription in (early, late, other):
+                subscription.close()
+            await asyncio.sleep(0.3)
+            assert hub._task.done()  # nobody watches: no read waits in Redis
+            return got_early, got_late, got_other
+        finally:
+            await hub.close()
+
+    got_early, got_late, got_other = asyncio.run(watch())
+    assert [(e.event.job_id, e.event.seq) for e in got_early] == [(first.id, 1)]
+    assert [(e.event.job_id, e.event.seq) for e in got_late] == [(first.id, 1)]
+    assert [(e.event.job_id, e.event.seq) for e in got_other] == [(second.id, 1)]
 
 
 def test_a_cancel_is_an_event_and_a_session_without_publisher_publishes_nothing(publishing, sessions):
