@@ -20,6 +20,7 @@ from service.body_limit import BodySizeLimit
 from service.errors import ErrorsAsResponses, add_error_handlers
 from service.metrics import GatewayMetrics, RequestMetrics
 from service.metrics import router as metrics_router
+from service.openapi import with_service_settings
 from service.rate_limits import RateLimitHeaders
 from service.routes import adapters, evaluate, finetune, generate, health, jobs, models, web
 
@@ -86,6 +87,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.rate_limiter = rate_limiter
     app.state.metrics = GatewayMetrics(app.state.sessions, celery)
     add_error_handlers(app)
+    with_service_settings(app, settings.webhook_allowed_hosts)
     # Each add_middleware wraps the ones before: ErrorsAsResponses (see service.errors) takes whatever escapes.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitHeaders)

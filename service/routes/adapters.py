@@ -53,15 +53,20 @@ WeightsFormat = Annotated[
 ]
 Rank = Annotated[
     int | None,
-    Query(ge=1, le=MAX_EXPORT_RANK, description="diffusers, kohya: the LoRA rank of every layer (default: full rank)"),
+    Query(
+        ge=1,
+        le=MAX_EXPORT_RANK,
+        description="with format=diffusers or kohya only (422 with sepen or full): the LoRA rank of every layer "
+        "(default: full rank)",
+    ),
 ]
 Energy = Annotated[
     float | None,
     Query(
         gt=0,
         le=1,
-        description="diffusers, kohya, instead of rank: per layer, the smallest rank keeping this share of the "
-        "squared singular values",
+        description="with format=diffusers or kohya only (422 with sepen or full, or beside rank): per layer, the "
+        "smallest rank keeping this share of the squared singular values",
     ),
 ]
 

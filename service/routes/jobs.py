@@ -73,6 +73,8 @@ LastEventId = Annotated[
         le=2**53,
         description="the `id` of the last event you received: the stream resumes after it (an EventSource sends it "
         "when it reconnects)",
+        # A header is text: the document says integer, not FastAPI's anyOf integer/null ("null" is no event id).
+        json_schema_extra={"anyOf": None, "type": "integer", "minimum": 0, "maximum": 2**53},
     ),
 ]
 # One event of the stream (OpenAPI 3.1: the schema of a text/event-stream describes each event); `data` is a JSON

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -332,3 +333,34 @@ def test_a_job_with_a_webhook_stores_it_and_lists_its_deliveries(hooks_client, a
     plain = hooks_client.post("/generate", json=GENERATE, headers=auth).json()["job"]
     assert "webhook" not in plain["request"] and plain["links"]["deliveries"] is None
     assert hooks_client.get(f"/jobs/{plain['id']}/deliveries", headers=auth).json() == {"deliveries": []}
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("http://127.0.0.1/hook", True),
+        ("http://127.0.0.1:65535/hook?x=1", True),
+        ("https://hooks.example.com:8443/sepen", True),
+        ("https://hooks.example.com/sepen", False),  # that host only on port 8443
+        ("http://127.0.0.1:65536/hook", False),
+        ("http://127.0.0.1.example.org/", False),
+        ("http://me@127.0.0.1/hook", False),
+        ("ftp://127.0.0.1/hook", False),
+    ],
+)
+def test_the_documents_webhook_url_pattern_is_what_the_service_accepts(hooks_client, client, auth, url, accepted):
+    """The OpenAPI document writes the allowed hosts into webhook.url's pattern, so a URL the schema allows is one
+    the service takes (no 422 for a schema-valid request), and a service that calls no webhooks says so."""
+    document = hooks_client.get("/openapi.json").json()
+    pattern = document["components"]["schemas"]["WebhookIn"]["properties"]["url"]["pattern"]
+    assert bool(re.search(pattern, url)) is accepted
+    response = hooks_client.post("/generate", json={**GENERATE, "webhook": {"url": url}}, headers=auth)
+    assert (response.status_code == 202) is accepted, response.text
+    none = client.get("/openapi.json").json()["components"]["schemas"]["WebhookIn"]["properties"]["url"]
+    assert none["not"] == {} and "no webhooks" in none["description"]
+
+
+def test_last_event_id_is_an_integer_in_the_document(client):
+    parameters = client.get("/openapi.json").json()["paths"]["/jobs/{job_id}/events"]["get"]["parameters"]
+    (header,) = [p for p in parameters if p["name"] == "Last-Event-ID"]
+    assert header["schema"]["type"] == "integer" and "anyOf" not in header["schema"]
