@@ -71,31 +71,37 @@ class AttendExcite:
         }
         self.updates = 0  # latent updates made, refinements included (their cost is the method's cost)
 
-    def _softmax_tokens(self, probs: torch.Tensor) -> torch.Tensor:
+    def _softmax_tokens(self, probs: torch.Tensor, targets: MapTargets) -> torch.Tensor:
         """(N, T) mask of the tokens A&E's softmax runs over."""
         if self.config.token_softmax == "prompt":
-            return self.targets.content_mask.to(probs).bool()
+            return targets.content_mask.to(probs).bool()
         tokens = torch.zeros(probs.shape[::2], dtype=torch.bool, device=probs.device)  # (N, T)
         tokens[:, 1:-1] = True  # the reference's attention_maps[:, :, 1:-1]
         return tokens
 
-    def peaks(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(N, K) smoothed peaks of each object's A&E map; differentiable w.r.t. latents."""
+    def peaks(self, latents: torch.Tensor, t: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """(N, K) smoothed peaks of each object's A&E map; differentiable w.r.t. latents. With rows, latents are
+        those images' only."""
+        cond, targets = (
+            (self.cond, self.targets) if rows is None else (self.cond.select(rows), self.targets.select(rows))
+        )
         timesteps = t.expand(latents.shape[0]) if t.ndim == 0 else t
-        recorder = capture_maps(self.unet, latents, timesteps, self.cond, self.targets, keep_tokens=True)
+        recorder = capture_maps(self.unet, latents, timesteps, cond, targets, keep_tokens=True)
         probs = recorder.token_probs()  # (N, H*W, T)
-        tokens = self._softmax_tokens(probs)  # (N, T)
+        tokens = self._softmax_tokens(probs, targets)  # (N, T)
         logits = (probs * self.config.temperature).masked_fill(~tokens[:, None, :], float("-inf"))
         renormalised = logits.softmax(dim=-1).nan_to_num(0.0)  # (N, H*W, T), 0 outside the softmax's tokens
-        maps = torch.einsum("bnt,bkt->bkn", renormalised, self.targets.concept_mask.to(probs))  # (N, K, H*W)
-        maps = maps.reshape(*maps.shape[:2], *self.targets.grid)  # (N, K, h, w)
+        maps = torch.einsum("bnt,bkt->bkn", renormalised, targets.concept_mask.to(probs))  # (N, K, H*W)
+        maps = maps.reshape(*maps.shape[:2], *targets.grid)  # (N, K, h, w)
         return peak_activation(maps, self.config.smoothing_sigma)
 
-    def _loss_gradient(self, latents: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) losses max_k(max(0, 1 - peak)) and their gradient w.r.t. latents, per image."""
+    def _loss_gradient(
+        self, latents: torch.Tensor, t: torch.Tensor, rows: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) losses max_k(max(0, 1 - peak)) and their gradient w.r.t. latents, per image (of rows only)."""
         latents = latents.detach().requires_grad_(True)
         with torch.enable_grad():
-            losses = (1 - self.peaks(latents, t)).clamp_min(0).amax(dim=1)  # (N,) the weakest object's shortfall
+            losses = (1 - self.peaks(latents, t, rows)).clamp_min(0).amax(dim=1)  # (N,) the weakest object's shortfall
             (grad,) = torch.autograd.grad(losses.sum(), latents)  # images are independent: per-image gradients
         return losses.detach(), grad
 
@@ -116,9 +122,11 @@ class AttendExcite:
             for _ in range(self.config.max_refinement_steps):
                 if not refining.any():
                     break
+                moved = refining.nonzero().squeeze(1).tolist()
                 latents = self._step(latents, grad, size, refining)
                 # The reference decides on another iteration by the loss before this update, so each image makes
                 # one update more than "until the threshold is passed": matched, not improved on.
                 refining = refining & (losses > target)
-                losses, grad = self._loss_gradient(latents, t)
+                # Only the moved images are measured again: the others' latents, losses and gradients are as they were.
+                losses[moved], grad[moved] = self._loss_gradient(latents[moved], t, moved)
         return self._step(latents, grad, size, losses > 0)  # the reference skips an update at zero loss

@@ -105,13 +105,13 @@ class RecordingExcite(AttendExcite):
             self.current.refinement_updates = refinement_updates
         return latents
 
-    def peaks(self, latents, t):
-        peaks = super().peaks(latents, t)
+    def peaks(self, latents, t, rows=None):
+        peaks = super().peaks(latents, t, rows)
         self.current.peaks.append(peaks[0].detach())
         return peaks
 
-    def _loss_gradient(self, latents, t):
-        losses, grad = super()._loss_gradient(latents, t)
+    def _loss_gradient(self, latents, t, rows=None):
+        losses, grad = super()._loss_gradient(latents, t, rows)
         self.current.losses.append(float(losses[0]))
         return losses, grad
 
@@ -214,9 +214,19 @@ def test_refinement_stops_where_the_reference_stops(model, initial_latents):
     model.scheduler.set_timesteps(STEPS)
     cond = model.encode_prompts([PROMPT])
     targets = map_targets(model, cond, [CONCEPTS], map_downsample=4, latent_size=(SIDE, SIDE))
-    excite = RecordingExcite(AttendExciteConfig(refinement={0.0: threshold}), model.unet, cond, targets, STEPS)
-    excite.update(initial_latents, 0, model.scheduler.timesteps[0])
+    config, t = AttendExciteConfig(refinement={0.0: threshold}), model.scheduler.timesteps[0]
+    excite = RecordingExcite(config, model.unet, cond, targets, STEPS)
+    alone = excite.update(initial_latents, 0, t)
     assert_same_step(excite.records[0], theirs, 0)
+
+    # In a batch, each image refines as long as it does alone (the reference loops over images).
+    other = sampling._initial_noise(model, [1], (SIDE, SIDE))
+    batch = AttendExcite(config, model.unet, cond.select([0, 0]), targets.select([0, 0]), STEPS)
+    together = batch.update(torch.cat([initial_latents, other]), 0, t)
+    assert_close(together[:1], alone, "an image refined in a batch")
+    separately = AttendExcite(config, model.unet, cond, targets, STEPS)
+    assert_close(together[1:], separately.update(other, 0, t), "the other image")
+    assert batch.updates == max(excite.updates, separately.updates) != min(excite.updates, separately.updates)
 
 
 def test_smoothing_is_the_reference_kernel():
