@@ -46,9 +46,10 @@ def largest_requests(model: str) -> list[dict]:
     card = model_card(WorkerSettings().models[model])
     steps = Limits.max_sample_steps
     native = {"num_images": min(Limits.max_images, MAX_IMAGE_STEPS // steps), "num_inference_steps": steps}
+    weight = 4**2  # twice the side: four times the area, whose square weighs each image-step
     double = {
-        "num_images": max(1, MAX_IMAGE_STEPS // (4 * steps)),
-        "num_inference_steps": min(steps, MAX_IMAGE_STEPS // 4),
+        "num_images": max(1, MAX_IMAGE_STEPS // (weight * steps)),
+        "num_inference_steps": min(steps, MAX_IMAGE_STEPS // weight),
         "height": card.max_height,
         "width": card.max_width,
     }

@@ -652,8 +652,8 @@ class ModelLimits(BaseModel):
     max_images: int
     max_steps: int
     max_image_steps: int = Field(
-        description="images x steps x (height x width) / (native height x native width) of one POST /generate (and "
-        "of each side of a POST /evaluate prompt): a request within it finishes inside the generate time limit"
+        description="images x steps x ((height x width) / (native height x native width))^2 of one POST /generate "
+        "(and of each side of a POST /evaluate prompt): a request within it finishes inside the generate time limit"
     )
     max_finetune_work: int = Field(description="recipe steps x batch_size of one POST /finetune")
 

@@ -21,8 +21,10 @@ from service.schemas import ModelLimits, ModelOut
 
 log = logging.getLogger(__name__)
 # What one request may ask of a model, in units of the model's own size and recipes (so one table serves a toy model
-# on a CPU and SDXL on a GPU): a sample request at most max_images images of max_steps steps at the native size (or as
-# many image-steps at another size), a finetune at most twice the samples (steps x batch) of its largest recipe.
+# on a CPU and SDXL on a GPU): a sample request at most max_images images of max_steps steps at the native size, an
+# image-step at another size weighing the square of its area's ratio to the native one (self-attention's cost grows
+# with the square of the latent's pixels: twice the side cost 9.8x the time per image-step on sepen-tiny,
+# bench/generate_limits.py); a finetune at most twice the samples (steps x batch) of its largest recipe.
 MAX_IMAGE_STEPS = Limits.max_images * Limits.max_sample_steps
 FINETUNE_WORK_FACTOR = 2
 
@@ -118,7 +120,7 @@ def check_size(settings: Settings, name: str, height: int | None, width: int | N
 
 
 def check_image_steps(settings: Settings, name: str, sample: dict[str, Any], fields: dict[str, str]) -> None:
-    """422 when a sample request's images x steps x (its size / the model's native size) passes the model's
+    """422 when a sample request's images x steps x (its area / the model's native area)^2 passes the model's
     max_image_steps: such a request could not finish within a generate job's time limit. `fields`: SampleConfig
     names -> the request's; the field named is the steps if the request gave them, else the images."""
     card = card_of(settings.models[name])
@@ -126,7 +128,7 @@ def check_image_steps(settings: Settings, name: str, sample: dict[str, Any], fie
         return  # sizes unknown here: the worker's time limit bounds it
     config = card.defaults.sample_config(sample)
     area = (config.height or card.native_height) * (config.width or card.native_width)
-    work = config.num_images * config.num_inference_steps * area / (card.native_height * card.native_width)
+    work = config.num_images * config.num_inference_steps * (area / (card.native_height * card.native_width)) ** 2
     if work > MAX_IMAGE_STEPS:
         field = fields["num_inference_steps"] if "num_inference_steps" in sample else fields["num_images"]
         raise ApiError(

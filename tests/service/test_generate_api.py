@@ -200,14 +200,15 @@ def test_each_models_own_size_limit(client, auth, error_of):
 
 def test_image_steps_are_bounded_so_the_largest_request_fits_the_time_limit(client, auth, error_of):
     """limits.max_image_steps (1600 at the native size, bench/generate_limits.py): 8 images of 200 steps pass at
-    sepen-tiny's native 64 pixels, and 2 such images at 128 pixels (four times the pixels), but not 8: the error names
-    the steps the request gave."""
+    sepen-tiny's native 64 pixels; at 128 pixels an image-step weighs 16 (four times the area, squared), so 1 image
+    of 100 steps passes and 2 of 200 do not: the error names the steps the request gave."""
     most = {"prompt": PROMPT, "images": 8, "steps": 200}
     assert client.post("/generate", json=most, headers=auth).status_code == 202
-    assert (
-        client.post("/generate", json={**most, "images": 2, "height": 128, "width": 128}, headers=auth).status_code
-        == 202
-    )
-    refused = client.post("/generate", json={**most, "height": 128, "width": 128}, headers=auth)
+    double = {"prompt": PROMPT, "height": 128, "width": 128}
+    assert client.post("/generate", json={**double, "images": 1, "steps": 100}, headers=auth).status_code == 202
+    refused = client.post("/generate", json={**double, "images": 2, "steps": 200}, headers=auth)
     assert refused.status_code == 422 and error_of(refused)["field"] == "steps"
     assert "6400 image-steps" in error_of(refused)["message"] and "max_image_steps" in error_of(refused)["message"]
+    # Without steps, the model's own (50) count, and the images are named.
+    refused = client.post("/generate", json={**double, "images": 3}, headers=auth)
+    assert refused.status_code == 422 and error_of(refused)["field"] == "images"
