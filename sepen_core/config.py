@@ -119,8 +119,16 @@ class FinetuneConfig(_Serializable):
     # (energy); neither: the full delta. A full-rank SDXL key delta is ~340 MB in fp16.
     rank: int | None = None
     energy: float | None = None
+    # The do-no-harm check when training ends (sepen_core.harm_check): images per prompt and side on the adapter's own
+    # pairs (both orders) and nouns alone, against the base model on held-out seeds; 0: no check.
+    check_samples: int = 16
 
     def __post_init__(self):
+        _check(
+            isinstance(self.check_samples, int) and 0 <= self.check_samples <= 64,
+            "check_samples",
+            "must be an integer from 0 (no check) to 64",
+        )
         _check(
             isinstance(self.steps, int) and 1 <= self.steps <= 1_000_000,
             "steps",

@@ -92,7 +92,8 @@ def run_fingerprint(model: BaseModel, concepts: ConceptSet, config: FinetuneConf
     recipe = config.to_dict()
     if config.latents == "pseudo":  # runs from before the latents option existed keep their fingerprint
         del recipe["latents"], recipe["latent_pool"]
-    del recipe["rank"], recipe["energy"]  # how the adapter is stored, not what is trained; newer than checkpoints
+    # How the adapter is stored and checked, not what is trained; newer than checkpoints.
+    del recipe["rank"], recipe["energy"], recipe["check_samples"]
     blob = json.dumps(
         {"config": recipe, "concepts": concepts.to_dict(), "base": model.base_fingerprint}, sort_keys=True
     )

@@ -27,9 +27,14 @@ def mcnemar_p(gained: int, lost: int) -> float:
 
 def paired_difference(base: list[bool], other: list[bool]) -> dict:
     """other - base on the same items: the difference, its 95% interval (Wald, paired) and McNemar's p."""
-    n = len(base)
     gained = sum(o and not b for b, o in zip(base, other, strict=True))
     lost = sum(b and not o for b, o in zip(base, other, strict=True))
+    return difference_of_counts(gained, lost, len(base))
+
+
+def difference_of_counts(gained: int, lost: int, n: int) -> dict:
+    """paired_difference from its counts: of n paired items, `gained` succeed only with the other method, `lost`
+    only without it (so results of several prompts pool by adding their counts)."""
     diff = (gained - lost) / n if n else 0.0
     se = math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n if n else 0.0
     return {

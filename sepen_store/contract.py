@@ -197,11 +197,45 @@ class ProbeDiagnosis(Contract):
     after: dict[str, Any]  # the same with the new adapter
 
 
+class PairedDifference(Contract):
+    """adapter - base on the same seeds."""
+
+    difference: float
+    ci95: list[float]
+    gained: int  # images the adapter got right and the base model wrong
+    lost: int
+    p_mcnemar: float
+
+
+class CheckedConcepts(Contract):
+    """One pair (both orders pooled) or one noun alone in the do-no-harm check: each side's success (with a judge),
+    weakest peak and overlap, the paired difference, and its verdict."""
+
+    concepts: list[str]
+    base: dict[str, float]
+    adapter: dict[str, float]
+    paired: PairedDifference | None
+    verdict: Literal["helps", "no clear effect", "hurts", "not judged"]
+
+
+class HarmCheck(Contract):
+    """The do-no-harm check of a finished finetune (sepen_core.harm_check): the adapter against the base model on its
+    own pairs and nouns, on held-out seeds."""
+
+    verdict: Literal["helps", "no clear effect", "hurts", "not judged"]
+    pairs: list[CheckedConcepts]
+    nouns: list[CheckedConcepts]
+    images: int
+    samples_per_prompt: int
+    seed: int
+
+
 class FinetuneSummary(Contract):
     loss_curve: list[CurvePoint]
     final: FinetuneProgress
     resumed_from_step: int
     diagnostics: list[ProbeDiagnosis]
+    check: HarmCheck | None = None  # None: the recipe turned it off (check_samples 0), or an older version
 
 
 class FinetuneResult(Contract):
@@ -235,16 +269,6 @@ class EvaluationSide(Contract):
     min_peak: float  # the weakest object's attention peak, mean over images (raw maps, whole trajectory)
     overlap: float | None  # mean soft IoU of the objects' maps; None with one object
     min_peak_by_step: list[float] | None = None  # per prompt: the weakest peak of each denoising step alone
-
-
-class PairedDifference(Contract):
-    """adapter - base on the same seeds."""
-
-    difference: float
-    ci95: list[float]
-    gained: int  # images the adapter got right and the base model wrong
-    lost: int
-    p_mcnemar: float
 
 
 class PromptEvaluation(Contract):

@@ -37,6 +37,7 @@ from sepen_store.contract import (
     GeneratedImage,
     GenerateProgress,
     GenerateResult,
+    HarmCheck,
     JobResult,
     Limits,
     parse_progress,
@@ -218,6 +219,11 @@ class RecipeIn(RequestBody):
         gt=0,
         le=1,
         description="instead of rank: per layer, the smallest rank keeping this share of the squared singular values",
+    )
+    check_samples: json_int(ge=0, le=64) | None = Field(
+        None,
+        description="the do-no-harm check when training ends: images per prompt and side on the adapter's own pairs "
+        "(both orders) and each noun alone, against the base model on held-out seeds (default 16; 0: no check)",
     )
 
 
@@ -504,6 +510,11 @@ class JobOut(BaseModel):
 class SubmittedJob(BaseModel):
     job: JobOut
     url: str = Field(examples=["/jobs/0f3c2a..."])
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what the service thinks you should know and did not refuse you for: an adapter whose "
+        "do-no-harm check found it hurts its own pairs",
+    )
 
 
 class JobPage(BaseModel):
@@ -596,6 +607,12 @@ class EvaluationOut(BaseModel):
         )
 
 
+def harm_check_of(version: AdapterVersion) -> HarmCheck | None:
+    """The do-no-harm check its finetune recorded in the version's metadata (its summary), if it ran one."""
+    check = (version.meta.get("summary") or {}).get("check")
+    return HarmCheck.model_validate(check) if check else None
+
+
 class AdapterVersionOut(BaseModel):
     version: int
     ref: str = Field(examples=["cat-dog@1"])
@@ -607,6 +624,11 @@ class AdapterVersionOut(BaseModel):
     metadata: dict[str, Any]
     job_id: str
     weights: str = Field(description="URL of the safetensors file")
+    check: HarmCheck | None = Field(
+        None,
+        description="the do-no-harm check its finetune ran: the adapter against the base model on its own pairs and "
+        "each noun alone, on held-out seeds, with a verdict (helps / no clear effect / hurts / not judged)",
+    )
     evaluation: EvaluationOut | None = Field(None, description="its latest evaluation (POST /evaluate), if any")
 
     @classmethod
@@ -622,6 +644,7 @@ class AdapterVersionOut(BaseModel):
             metadata=version.meta,
             job_id=version.job_id,
             weights=f"/adapters/{name}/{version.version}/weights",
+            check=harm_check_of(version),
             evaluation=EvaluationOut.of(evaluation) if evaluation is not None else None,
         )
 

@@ -20,7 +20,7 @@ from sepen_store.tables import AdapterVersion, Job
 from sepen_store.webhooks import url_problem
 from service.errors import ApiError
 from service.openapi import AUTHENTICATED, LOCATION, RATE_LIMITED, WITH_BODY, errors, success
-from service.schemas import JobOut, SubmittedJob, WebhookIn, json_response
+from service.schemas import JobOut, SubmittedJob, WebhookIn, harm_check_of, json_response
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,23 @@ def submit_job(
     return job, created
 
 
-def submitted(job: Job, created: bool) -> Response:
+def submitted(job: Job, created: bool, warnings: list[str] | None = None) -> Response:
     """202 with the job for a new submission; 200 with the same body for an Idempotency-Key replay."""
     url = f"/jobs/{job.id}"
     headers = {"Location": url}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return json_response(SubmittedJob(job=JobOut.of(job), url=url), 202 if created else 200, headers)
+    body = SubmittedJob(job=JobOut.of(job), url=url, warnings=warnings or [])
+    return json_response(body, 202 if created else 200, headers)
+
+
+def adapter_warnings(version: AdapterVersion | None, ref: str | None) -> list[str]:
+    """What a client should hear about the adapter it samples with: that its do-no-harm check found it hurts."""
+    check = harm_check_of(version) if version is not None else None
+    if check is None or check.verdict != "hurts":
+        return []
+    hurt = [" and ".join(row.concepts) for row in check.pairs + check.nouns if row.verdict == "hurts"]
+    return [
+        f"adapter {ref}: its do-no-harm check found it draws fewer of its objects than the base model "
+        f"({'; '.join(hurt)}: GET /adapters/{ref.split('@')[0]}, versions[].check); the job runs as asked"
+    ]

@@ -26,6 +26,7 @@ from sepen_core.diagnostics import diagnose
 from sepen_core.errors import Canceled, SepenError
 from sepen_core.evaluation import EvaluationConfig, EvaluationPrompt, evaluate_adapter, load_judge
 from sepen_core.finetuning import Checkpoints, StepReport, finetune
+from sepen_core.harm_check import HarmCheckConfig, check_adapter
 from sepen_core.images import png_bytes
 from sepen_core.model_card import model_card
 from sepen_core.models import BaseModel
@@ -44,6 +45,7 @@ from sepen_store.contract import (
     GenerateProgress,
     GenerateRequest,
     GenerateResult,
+    HarmCheck,
     JobRequest,
     Losses,
     ProbeDiagnosis,
@@ -195,11 +197,38 @@ class Work:
             diagnostics=[
                 ProbeDiagnosis(prompt=b["prompt"], before=b, after=a) for b, a in zip(before, after, strict=True)
             ],
+            check=self._harm_check(request, model, result.adapter, concepts, config, control),
         )
         finished = self._publish(job, request, result.adapter, summary)
         if predecessor is not None:  # this job carried the stopped one's training to its end
             self.stored(lambda session: delete_checkpoint(session, predecessor))
         return finished
+
+    def _harm_check(
+        self,
+        request: FinetuneRequest,
+        model: BaseModel,
+        adapter: KeyProjectionAdapter,
+        concepts: ConceptSet,
+        config: FinetuneConfig,
+        control: JobControl,
+    ) -> HarmCheck | None:
+        """The do-no-harm check of the new adapter (sepen_core.harm_check), with the model's judge if it has one; None
+        when the recipe turns it off."""
+        if not config.check_samples:
+            return None
+        card = model_card(self.settings.models[request.model])
+        check = HarmCheckConfig(config.check_samples, model.defaults.sample_config())
+        report = check_adapter(
+            model,
+            adapter,
+            concepts,
+            check,
+            judge=load_judge(card.judge, card.path),
+            should_cancel=control.should_cancel,
+        )
+        log.info("adapter %s: the do-no-harm check says %s", request.adapter, report["verdict"])
+        return HarmCheck.model_validate(report)
 
     def _publish(
         self, job: Job, request: FinetuneRequest, adapter: KeyProjectionAdapter, summary: FinetuneSummary

@@ -19,7 +19,7 @@ from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.routes.models import check_image_steps, check_size, resolve_model
 from service.schemas import GenerateIn, SubmittedJob
-from service.submission import SUBMIT_RESPONSES, pin_adapter, submit_job, submitted, webhook_of
+from service.submission import SUBMIT_RESPONSES, adapter_warnings, pin_adapter, submit_job, submitted, webhook_of
 
 router = APIRouter(tags=["generate"])
 
@@ -133,4 +133,4 @@ def _submit(
         idempotency_key=idempotency_key,
         adapter_version_id=version.id if version is not None else None,
     )
-    return submitted(job, created)
+    return submitted(job, created, adapter_warnings(version, ref))

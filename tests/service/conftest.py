@@ -140,7 +140,11 @@ def publish(db):
     """publish(tenant, name, data=...) stores a new adapter version as a finetune job would (no worker needed)."""
 
     def publish_adapter(
-        tenant: str, name: str, data: bytes = b"not really safetensors", base_model: str = "sepen-tiny"
+        tenant: str,
+        name: str,
+        data: bytes = b"not really safetensors",
+        base_model: str = "sepen-tiny",
+        metadata: dict | None = None,
     ):
         return publish_version(
             db,
@@ -151,7 +155,7 @@ def publish(db):
             base_model=base_model,
             base_fingerprint="f" * 64,
             sha256=hashlib.sha256(data).hexdigest(),
-            metadata={"concepts": [["cat", "dog"]], "steps": 3},
+            metadata=metadata or {"concepts": [["cat", "dog"]], "steps": 3},
         )
 
     return publish_adapter

@@ -212,3 +212,31 @@ def test_image_steps_are_bounded_so_the_largest_request_fits_the_time_limit(clie
     # Without steps, the model's own (50) count, and the images are named.
     refused = client.post("/generate", json={**double, "images": 3}, headers=auth)
     assert refused.status_code == 422 and error_of(refused)["field"] == "images"
+
+
+def harm_check(verdict: str, pair_verdict: str) -> dict:
+    """A do-no-harm check as a finetune records it in its version's metadata (its summary)."""
+    paired = {"difference": -0.4, "ci95": [-0.6, -0.2], "gained": 1, "lost": 14, "p_mcnemar": 0.001}
+    row = {"base": {"success": 0.7}, "adapter": {"success": 0.3}, "paired": paired, "verdict": pair_verdict}
+    return {
+        "verdict": verdict,
+        "pairs": [{"concepts": ["cat", "dog"], **row}],
+        "nouns": [],
+        "images": 128,
+        "samples_per_prompt": 16,
+        "seed": 900_000_000,
+    }
+
+
+def test_sampling_with_an_adapter_its_check_found_hurting_warns_without_refusing(client, auth, tenant, publish):
+    publish(tenant, "hurts", metadata={"summary": {"check": harm_check("hurts", "hurts")}})
+    publish(tenant, "fine", metadata={"summary": {"check": harm_check("no clear effect", "no clear effect")}})
+    warned = client.post("/generate", json={"prompt": PROMPT, "adapter": "hurts"}, headers=auth)
+    assert warned.status_code == 202
+    (warning,) = warned.json()["warnings"]
+    assert "hurts@1" in warning and "cat and dog" in warning and "versions[].check" in warning
+    quiet = client.post("/generate", json={"prompt": PROMPT, "adapter": "fine"}, headers=auth)
+    assert quiet.status_code == 202 and quiet.json()["warnings"] == []
+    assert client.post("/generate", json={"prompt": PROMPT}, headers=auth).json()["warnings"] == []
+    (version,) = client.get("/adapters/hurts", headers=auth).json()["versions"]
+    assert version["check"]["verdict"] == "hurts" and version["check"]["pairs"][0]["paired"]["lost"] == 14

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sepen_core.adapters import KeyProjectionAdapter
 from sepen_core.config import FinetuneConfig, SampleConfig
 from sepen_core.models import build_tiny_model
 from sepen_core.prompts import ConceptSet
@@ -15,6 +16,7 @@ from sepen_store.contract import GenerateResult
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.job_outputs import get_image, load_checkpoint
 from sepen_store.jobs import create_job, get_job
+from sepen_store.registry import resolve, version_bytes
 from sepen_store.retention import apply_retention
 from sepen_store.settings import WorkerSettings
 from tests.interop import parse_a1111, publish_adapter, spectral_adapter
@@ -174,3 +176,25 @@ def test_a_finetune_that_crosses_the_daily_compute_budget_stops_and_the_same_req
     assert done.result["summary"]["resumed_from_step"] == kept_step and done.result["adapter"] == "budget@1"
     with sessions() as session:
         assert load_checkpoint(session, stopped) is None and load_checkpoint(session, again) is None
+
+
+def test_every_finetune_ends_with_its_do_no_harm_check(runtime):
+    """On the toy model (it has a judge): the check's verdict and per-pair and per-noun numbers are in the job's
+    result, in the version's metadata and in the adapter file; check_samples 0 turns it off."""
+    concepts = ConceptSet.pairs(("ball", "bench")).to_dict()
+    request = {"adapter": "checked", "model": "sepen-toy", "concepts": concepts}
+    job_id = submit(runtime, "finetune", {**request, "recipe": {"steps": 2, "batch_size": 1, "check_samples": 2}})
+    assert runtime.run("finetune", job_id) == "succeeded"
+    check = job_row(runtime, job_id).result["summary"]["check"]
+    assert check["verdict"] in ("helps", "no clear effect", "hurts") and check["samples_per_prompt"] == 2
+    assert [row["concepts"] for row in check["pairs"]] == [["ball", "bench"]]
+    assert [row["concepts"] for row in check["nouns"]] == [["ball"], ["bench"]]
+    assert check["images"] == 2 * 2 * 4 and check["pairs"][0]["paired"] is not None
+    with runtime.sessions() as session:
+        version = resolve(session, "acme", "checked@1")
+        stored = KeyProjectionAdapter.from_bytes(version_bytes(session, version))
+    assert version.meta["summary"]["check"] == check == stored.metadata["summary"]["check"]
+
+    unchecked = submit(runtime, "finetune", {**request, "recipe": {"steps": 2, "batch_size": 1, "check_samples": 0}})
+    assert runtime.run("finetune", unchecked) == "succeeded"
+    assert job_row(runtime, unchecked).result["summary"]["check"] is None
