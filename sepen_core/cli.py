@@ -90,6 +90,7 @@ def cmd_finetune(args) -> int:
             "latent_pool": args.latent_pool,
             "rank": args.rank,
             "energy": args.energy,
+            "check_samples": args.check_samples,
         }
     )
     # Bad settings fail before the model loads.
@@ -117,6 +118,9 @@ def cmd_finetune(args) -> int:
         adapter_metadata={"name": args.name or Path(args.out).stem},
     )
     bar.close()
+    check = _harm_check(args, model, result.adapter, concepts, config.check_samples)
+    if check is not None:
+        result.adapter.metadata["summary"] = {"check": check}
     path = result.adapter.save(args.out)
     first, last = result.history[0], result.history[-1]
     print(f"adapter: {path} ({result.adapter.num_parameters:,} key parameters, base {model.model_id})")
@@ -124,7 +128,43 @@ def cmd_finetune(args) -> int:
         f"loss {first.loss:.4f} -> {last.loss:.4f}; weakest peak {first.min_peak:.3f} -> {last.min_peak:.3f}; "
         f"overlap {first.overlap:.3f} -> {last.overlap:.3f}"
     )
+    for line in _check_lines(check):
+        print(line)
     return 0
+
+
+def _harm_check(args, model, adapter, concepts: ConceptSet, samples: int) -> dict | None:
+    """The do-no-harm check of the new adapter (sepen_core.harm_check), or None with --check-samples 0."""
+    from sepen_core.evaluation import load_judge
+    from sepen_core.harm_check import HarmCheckConfig, check_adapter
+
+    if not samples:
+        return None
+    card = model_card(args.model)
+    config = HarmCheckConfig(samples, model.defaults.sample_config())
+    return check_adapter(model, adapter, concepts, config, judge=load_judge(card.judge, card.path))
+
+
+def _check_lines(check: dict | None) -> list[str]:
+    """The check as the last lines of `sepen finetune`: its verdict, then each pair and noun."""
+    if check is None:
+        return ["do-no-harm check: off (--check-samples 0)"]
+    lines = [
+        f"do-no-harm check ({check['samples_per_prompt']} images per prompt and side, held-out seeds): "
+        f"{check['verdict']}"
+    ]
+    for row in check["pairs"] + check["nouns"]:
+        what = " and ".join(row["concepts"]) if len(row["concepts"]) > 1 else f"{row['concepts'][0]} alone"
+        if row["paired"] is None:
+            peaks = f"weakest peak {row['base']['min_peak']:.3f} -> {row['adapter']['min_peak']:.3f}"
+            lines.append(f"  {what}: {peaks} ({row['verdict']})")
+            continue
+        low, high = (100 * x for x in row["paired"]["ci95"])
+        lines.append(
+            f"  {what}: drawn {100 * row['base']['success']:.0f}% -> {100 * row['adapter']['success']:.0f}%, "
+            f"{100 * row['paired']['difference']:+.0f} points [{low:+.0f}, {high:+.0f}] ({row['verdict']})"
+        )
+    return lines
 
 
 def _read_adapter(path: str | None):
@@ -365,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--energy",
         type=float,
         help="instead of --rank: store per layer the smallest rank keeping this share of the squared singular values",
+    )
+    p.add_argument(
+        "--check-samples",
+        type=int,
+        help="the do-no-harm check when training ends: images per prompt and side on the adapter's own pairs and "
+        "nouns, against the base model on held-out seeds (default 16; 0: no check)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the training prompts, noise and timesteps")
     p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from one if present")

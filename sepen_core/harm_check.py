@@ -6,8 +6,10 @@ orders (its first template) and each of their nouns alone (the prior template), 
 of this project draws from (HELD_OUT_SEED onward). With the model's judge, each pair and each noun gets the paired
 difference in success (both orders pooled), its 95% interval and McNemar's p, and a verdict: `helps` when the
 interval lies above 0, `hurts` when it lies below, else `no clear effect`; the adapter's verdict is `hurts` when any
-pair or noun is hurt, `helps` when none is and the pairs pooled gain, else `no clear effect`. Without a judge the
-verdict is `not judged` and only the attention statistics (weakest peak, overlap) speak.
+pair or noun is hurt, `helps` when none is and the pairs pooled gain, else `no clear effect`; each side's weakest
+attention peak and overlap come with it. A model without a judge samples nothing here: its verdict is `not judged`,
+and what speaks for the adapter is the finetune's attention diagnostics of its pairs, before and after (at no extra
+cost: sampling images no one can read would cost more than the finetune on such a model).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def check_adapter(
 ) -> dict:
     """The check's JSON-ready report: `verdict`, `pairs` and `nouns` (each with both sides' numbers, the paired
     difference and its verdict), the images it took, and the seeds it drew from."""
+    if judge is None:
+        return {"verdict": "not judged", "pairs": [], "nouns": [], "images": 0, "samples_per_prompt": 0, "seed": 0}
     pairs = checked_pairs(concepts)
     nouns = list(dict.fromkeys(noun for pair in pairs for noun in pair))
     template = concepts.templates_for(2)[0] if all(len(p) == 2 for p in pairs) else None
@@ -75,7 +79,7 @@ def check_adapter(
     pair_rows = [_combined(p, [r for r in rows if sorted(r["concepts"]) == sorted(p)], config.samples) for p in pairs]
     noun_rows = [_combined((noun,), [r for r in rows if r["concepts"] == [noun]], config.samples) for noun in nouns]
     return {
-        "verdict": _overall(pair_rows, noun_rows, config.samples, judge is not None),
+        "verdict": _overall(pair_rows, noun_rows, config.samples),
         "pairs": pair_rows,
         "nouns": noun_rows,
         "images": 2 * config.samples * len(prompts),
@@ -108,9 +112,7 @@ def verdict_of(paired: dict | None) -> str:
     return "helps" if low > 0 else "hurts" if high < 0 else "no clear effect"
 
 
-def _overall(pairs: list[dict], nouns: list[dict], samples: int, judged: bool) -> str:
-    if not judged:
-        return "not judged"
+def _overall(pairs: list[dict], nouns: list[dict], samples: int) -> str:
     if any(row["verdict"] == "hurts" for row in pairs + nouns):
         return "hurts"
     gained, lost = (sum(row["paired"][count] for row in pairs) for count in ("gained", "lost"))

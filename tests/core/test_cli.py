@@ -102,8 +102,16 @@ def test_default_model_is_the_toy_model_with_its_own_settings(tmp_path):
     from toyworld.world import load_world
 
     adapter_path = tmp_path / "cherry-sofa.safetensors"
-    run = sepen("finetune", "--pair", "cherry", "sofa", "--steps", "2", "--out", str(adapter_path), cwd=tmp_path)
+    run = sepen(
+        "finetune", "--pair", "cherry", "sofa", "--steps", "2", "--check-samples", "3", "--out", str(adapter_path),
+        cwd=tmp_path,
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
+    last = run.stdout.strip().splitlines()[-4:]  # the do-no-harm check: the verdict, the pair, each noun alone
+    assert last[0].startswith("do-no-harm check (3 images per prompt and side, held-out seeds): ")
+    assert last[1].startswith("  cherry and sofa: drawn ") and last[2].startswith("  cherry alone: drawn ")
+    check = KeyProjectionAdapter.load(adapter_path).metadata["summary"]["check"]
+    assert last[0].endswith(check["verdict"]) and check["images"] == 2 * 3 * 4
     recipe = KeyProjectionAdapter.load(adapter_path).metadata["recipe"]
     assert recipe["learning_rate"] == 1e-4 and recipe["batch_size"] == 8 and recipe["maps"]["map_downsample"] == 2
 

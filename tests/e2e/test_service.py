@@ -50,6 +50,12 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
         summary = result["summary"]
         assert len(summary["loss_curve"]) == 8 and summary["diagnostics"][0]["before"]["concepts"] == ["cherry", "box"]
         assert done["progress"]["step"] == 8 and done["progress"]["total"] == 8
+        # The do-no-harm check ran with the toy model's judge, at its default size, and the version shows it.
+        check = summary["check"]
+        assert check["verdict"] in ("helps", "no clear effect", "hurts") and check["samples_per_prompt"] == 16
+        assert [row["concepts"] for row in check["pairs"]] == [["cherry", "box"]]
+        (version,) = client.get("/adapters/cherry-box").json()["versions"]
+        assert version["check"] == check
 
         response = client.post(
             "/generate",
@@ -215,7 +221,7 @@ def test_evaluate_an_adapter_against_the_base_model(deployment, api_key):
     """On the default toy model: given prompts, then the model's own test pairs; the version shows the result."""
     with deployment.client(api_key) as client:
         finetune = client.post("/finetune", json={"adapter": "evaluated", "concepts": {"pairs": [["cherry", "sofa"]]},
-                                                  "recipe": {"steps": 4}})  # fmt: skip
+                                                  "recipe": {"steps": 4, "check_samples": 0}})  # fmt: skip
         assert wait_for_job(client, finetune.json()["job"]["id"])["status"] == "succeeded"
         prompts = [{"prompt": "a cherry and a sofa", "concepts": ["cherry", "sofa"]}]
         response = client.post("/evaluate", json={"adapter": "evaluated", "prompts": prompts, "samples": 3, "steps": 4})
