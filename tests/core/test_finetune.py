@@ -219,16 +219,18 @@ def test_a_half_precision_model_trains_fp32_keys_and_keeps_its_own_weights():
 
 def test_a_checkpoint_resumes_whatever_storage_the_run_asks_for(tiny_model):
     """run_fingerprint hashes what is trained: the recipe fields checkpoints have always carried (compile since it
-    came), not how the adapter is stored (rank, energy), so a checkpoint written before those existed still resumes."""
+    came), not how the adapter is stored (rank, energy) or checked (check_samples), so a checkpoint written before
+    those existed still resumes."""
     from sepen_core.finetuning import run_fingerprint
 
     config = FinetuneConfig(steps=4)
     fingerprint = run_fingerprint(tiny_model, PAIR, config)
     assert run_fingerprint(tiny_model, PAIR, dataclasses.replace(config, rank=4)) == fingerprint
     assert run_fingerprint(tiny_model, PAIR, dataclasses.replace(config, energy=0.9)) == fingerprint
+    assert run_fingerprint(tiny_model, PAIR, dataclasses.replace(config, check_samples=0)) == fingerprint
     assert run_fingerprint(tiny_model, PAIR, dataclasses.replace(config, compile=True)) != fingerprint
     assert run_fingerprint(tiny_model, PAIR, dataclasses.replace(config, steps=5)) != fingerprint
-    hashed = set(FinetuneConfig.__dataclass_fields__) - {"rank", "energy", "latents", "latent_pool"}
+    hashed = set(FinetuneConfig.__dataclass_fields__) - {"rank", "energy", "check_samples", "latents", "latent_pool"}
     written_before = {"steps", "learning_rate", "batch_size", "lambda_sep", "lambda_en", "prior_weight", "seed",
                       "grad_mode", "max_grad_norm", "weight_decay", "adam_betas", "adam_epsilon", "latent_size",
                       "maps", "compile"}  # fmt: skip
