@@ -602,8 +602,13 @@ async function submitGenerate(event) {
     } else {
       runs.push({ label: `base ${body.model ?? ""}`.trim(), body });
     }
-    for (const run of [...runs].reverse()) run.job = (await api("/generate", { method: "POST", body: run.body })).job;
-    showGallery(runs);
+    const warnings = [];
+    for (const run of [...runs].reverse()) {
+      const submitted = await api("/generate", { method: "POST", body: run.body });
+      run.job = submitted.job;
+      warnings.push(...(submitted.warnings ?? []));
+    }
+    showGallery(runs, warnings);
   } catch (exc) {
     showError(form, exc);
   } finally {
@@ -611,8 +616,9 @@ async function submitGenerate(event) {
   }
 }
 
-/** Base and adapter side by side, one row per seed; each image with its heatmap and scores, filled in as jobs end. */
-function showGallery(runs) {
+/** Base and adapter side by side, one row per seed; each image with its heatmap and scores, filled in as jobs end;
+ * the service's warnings (an adapter whose check says it hurts) in the status line. */
+function showGallery(runs, warnings = []) {
   for (const watch of state.generateWatches) watch.stop();
   const gallery = $("#gallery");
   gallery.hidden = false;
@@ -641,7 +647,8 @@ function showGallery(runs) {
   const prompt = runs[0].job.request.prompt;
   setStatus(
     $("#gen-status"),
-    `“${prompt}”: ${runs.map((run) => `${run.label} job ${shortId(run.job.id)}`).join(", ")}`,
+    [`“${prompt}”: ${runs.map((run) => `${run.label} job ${shortId(run.job.id)}`).join(", ")}`, ...warnings].join(". "),
+    warnings.length ? "warn" : "",
   );
   state.generateWatches = runs.map((run) =>
     watchJob(run.job.id, (job) => renderRun(run, job), {
@@ -764,6 +771,15 @@ function describeEvaluation(evaluation) {
   return `weakest peak ${base.min_peak.toFixed(3)} → ${adapter.min_peak.toFixed(3)}`;
 }
 
+// A version's do-no-harm check (run when its finetune ended) in one line: the verdict, then each pair or noun it hurt.
+function describeCheck(check) {
+  if (!check) return "–";
+  const hurt = [...check.pairs, ...check.nouns].filter((row) => row.verdict === "hurts");
+  const points = (row) => `${(100 * row.paired.difference).toFixed(0)} points`;
+  const detail = hurt.map((row) => `${row.concepts.join(" + ")} ${points(row)}`).join("; ");
+  return detail ? `${check.verdict}: ${detail}` : check.verdict;
+}
+
 // Queue an evaluation: on a model with a judge, its own prompts; else one prompt per concept group of the adapter.
 async function evaluateVersion(version, groups) {
   const status = $("#adapters-status");
@@ -825,6 +841,7 @@ function renderAdapters() {
         el("td", { text: v.base_model }),
         el("td", { text: when(v.created_at) }),
         el("td", { text: bytes(v.size) }),
+        el("td", { text: describeCheck(v.check), "data-kind": v.check?.verdict === "hurts" ? "warn" : "" }),
         el("td", { text: describeEvaluation(v.evaluation) }),
         el(
           "td",

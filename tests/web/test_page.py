@@ -131,7 +131,7 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
     # Watch it: record what the panel shows until it says succeeded.
     panel = page.locator("#ft-job")
     seen: set[str] = set()
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 240  # 20 steps, then the do-no-harm check (128 images of the toy model)
     while panel.get_attribute("data-status") != "succeeded":
         assert time.monotonic() < deadline, f"the finetune did not finish; the page showed {sorted(seen)}"
         assert panel.get_attribute("data-status") not in ("failed", "canceled"), page.locator("#ft-status").inner_text()
@@ -204,6 +204,9 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
     page.get_by_role("link", name="Adapters").click()
     expect(page.locator("#adapters-table tbody tr")).to_have_count(1)
     expect(page.locator("#adapters-table tbody tr")).to_contain_text("cherry + drop")
+    verdict = client.get("/adapters/cherry-drop").json()["versions"][0]["check"]["verdict"]
+    check_cell = page.locator("#adapters-table tbody tr td[data-label='Do-no-harm check']")
+    expect(check_cell).to_contain_text(verdict)
 
     # At a phone's width: one column, nothing wider than the screen.
     page.set_viewport_size(PHONE)
