@@ -47,6 +47,12 @@ class MemoryCounter:
         self._counts: dict[int, dict[str, int]] = {}
         self._lock = threading.Lock()
 
+    def decr(self, key: str, window: int) -> None:
+        with self._lock:
+            counts = self._counts.get(window, {})
+            if counts.get(key):
+                counts[key] -= 1
+
     def incr(self, key: str, window: int) -> tuple[int, int]:
         """(this window's count after this request, the previous window's count)."""
         with self._lock:
@@ -85,7 +91,13 @@ class RateLimiter:
         now = self.clock()
         window = int(now // WINDOW_S)
         counts = self._count_in_redis(key, window) if self._redis_up() else None
-        return self._decide(key, window, now, counts)
+        decision = self._decide(key, window, now, counts)
+        if not decision.allowed:  # only what was let through counts, or a client just over the limit gets nothing
+            try:
+                self.redis.decr(_counter(key, window)) if counts is not None else self.memory.decr(key, window)
+            except redis.RedisError as exc:
+                self._redis_failed(exc)
+        return decision
 
     async def hit_async(self, key: str) -> RateDecision | None:
         """hit() without blocking the event loop on Redis."""
@@ -94,7 +106,16 @@ class RateLimiter:
         now = self.clock()
         window = int(now // WINDOW_S)
         counts = await self._count_in_redis_async(key, window) if self._redis_up() else None
-        return self._decide(key, window, now, counts)
+        decision = self._decide(key, window, now, counts)
+        if not decision.allowed:  # only what was let through counts (see hit)
+            try:
+                if counts is not None:
+                    await self._async[1].decr(_counter(key, window))
+                else:
+                    self.memory.decr(key, window)
+            except redis.RedisError as exc:
+                self._redis_failed(exc)
+        return decision
 
     def _decide(self, key: str, window: int, now: float, counts: tuple[int, int] | None) -> RateDecision:
         current, previous = counts if counts is not None else self.memory.incr(key, window)
@@ -150,6 +171,10 @@ class RateLimiter:
     def close(self) -> None:
         if self.redis is not None:
             self.redis.close()
+
+
+def _counter(key: str, window: int) -> str:
+    return f"{KEY_PREFIX}:{key}:{window}"
 
 
 def _counting(pipe, key: str, window: int):

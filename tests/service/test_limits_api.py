@@ -97,7 +97,9 @@ def test_the_window_slides(redis_client):
 @pytest.mark.parametrize("redis_url", [REDIS_URL, None], ids=["redis", "memory"])
 def test_no_window_edge_lets_more_than_the_limit_through(redis_client, redis_url):
     """600 a minute: a client sending 100 requests a second from 6 s before a minute's edge to 6 s after it gets its
-    600 through in the first 6 s and none after the edge, where a fixed window let 600 more through."""
+    600 through in the first 6 s and after the edge only what the minute's sliding frees (a tenth of 600 in 6 s),
+    where a fixed window let 600 more through. Refused requests do not count: a client just over the limit is
+    slowed to it, not shut out."""
     now = [NOW + 24.0]  # 6 s before the edge
     limiter = RateLimiter(600, shared_counter_url(redis_url) if redis_url else None, clock=lambda: now[0])
     try:
@@ -106,7 +108,8 @@ def test_no_window_edge_lets_more_than_the_limit_through(redis_client, redis_url
             if limiter.hit(f"edge-{redis_url is None}").allowed:
                 allowed_at.append(now[0])
             now[0] += 0.01  # 100 requests a second
-        assert 600 <= len(allowed_at) <= 605 and max(allowed_at) < NOW + 30.5, (len(allowed_at), max(allowed_at))
+        assert 600 <= len(allowed_at) <= 661, len(allowed_at)
+        assert sum(t < NOW + 30.0 for t in allowed_at) == 600  # all of the first minute's, before the edge
     finally:
         limiter.close()
 
