@@ -1,6 +1,7 @@
 """The deployment files hold together: compose parses offline (alone and with the GPU override) and wires every
-service it promises, the images install the extras the compose services need, and .env.example is true to the
-code and to compose."""
+service it promises, the images install the extras the compose services need, .env.example is true to the
+code and to compose, and scripts/bootstrap, the Dockerfile and the README install the same torch (its CPU wheel
+unless the CUDA build is asked for)."""
 
 import os
 import re
@@ -185,6 +186,50 @@ def test_torch_is_pinned_to_one_version_everywhere():
     pins = {path.name: set(re.findall(r"torch==([\w.+]+)", path.read_text())) for path in files}
     assert all(pins.values()), pins
     assert len(set().union(*pins.values())) == 1, pins
+
+
+CPU_INDEX = "--index-url https://download.pytorch.org/whl/cpu"
+
+
+def _pin(command: str) -> str:
+    (pin,) = re.findall(r"torch==([\w.+]+)", command)
+    return pin
+
+
+def test_bootstrap_the_dockerfile_and_the_readme_install_torch_alike():
+    """The CPU wheel from PyTorch's index, at pyproject.toml's pin, where no GPU is asked for; PyPI's (CUDA) build
+    where it is: SEPEN_TORCH=cuda for scripts/bootstrap, TORCH_VARIANT=cuda for the worker image."""
+    (pin,) = re.findall(r'"torch==([\w.+]+)"', (ROOT / "pyproject.toml").read_text())
+    bootstrap = (ROOT / "scripts" / "bootstrap").read_text()
+    branches = dict(re.findall(r"^\s*(cpu|cuda)\) torch=\((.*)\) ;;$", bootstrap, re.M))
+    assert set(branches) == {"cpu", "cuda"}, bootstrap
+    assert CPU_INDEX in branches["cpu"] and _pin(branches["cpu"]) == pin
+    assert "--index-url" not in branches["cuda"] and _pin(branches["cuda"]) == pin
+    installs = [line.strip() for line in bootstrap.splitlines() if "pip install" in line]
+    assert installs.index('.venv/bin/python -m pip install -q "${torch[@]}"') < installs.index(
+        '.venv/bin/python -m pip install -q -e ".[test]"'
+    ), "torch first, so that the test extra finds it installed"
+
+    worker = " ".join(dockerfile_stages()["worker"])
+    docker_cpu = re.search(r"\bcpu\) (pip install [^;]*);;", worker).group(1)
+    assert CPU_INDEX in docker_cpu and _pin(docker_cpu) == pin
+    assert re.search(r"\bcuda\) ;;", worker), "cuda: the worker extra resolves torch from PyPI"
+
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if re.match(r"pip install .*torch==", line)]
+    assert commands and all(CPU_INDEX in line and _pin(line) == pin for line in commands), commands
+    assert "SEPEN_TORCH=cuda" in readme and f"`torch=={pin}`" in readme
+
+
+def test_bootstrap_refuses_an_unknown_torch_variant_before_it_installs_anything(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "bootstrap", tmp_path / "scripts" / "bootstrap")
+    run = subprocess.run(
+        [str(tmp_path / "scripts" / "bootstrap")], env={**os.environ, "SEPEN_TORCH": "gpu"}, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2 and "SEPEN_TORCH must be cpu (the default) or cuda, not 'gpu'" in run.stderr
+    assert not (tmp_path / ".venv").exists()
 
 
 def test_every_relative_link_in_the_docs_resolves_inside_the_repository():
