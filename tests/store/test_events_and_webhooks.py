@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import uuid
 from datetime import timedelta
 
@@ -17,7 +19,7 @@ from sqlalchemy import update
 from sepen_store.auth import TenantCache, authenticate_cached, create_api_key, revoke_api_key
 from sepen_store.database import make_engine, session_factory, upgrade_database
 from sepen_store.errors import NotFound, Unauthorized
-from sepen_store.events import HUB_CONNECTIONS, EventHub, EventPublisher, stream_key
+from sepen_store.events import HUB_CLIENT_NAME, HUB_CONNECTIONS, EventHub, EventPublisher, stream_key
 from sepen_store.jobs import claim_job, create_job, finish_job, get_job, heartbeat, job_view, request_cancel
 from sepen_store.settings import SettingsError, WorkerSettings
 from sepen_store.tables import WebhookDelivery, utcnow
@@ -81,9 +83,14 @@ def test_each_status_change_and_progress_report_is_a_numbered_published_event(pu
     assert client.ttl(stream_key(job.id)) > 0
 
 
+def hub_connections(client) -> list[dict]:
+    """The connections of this process's event hubs, in Redis's CLIENT LIST."""
+    return [c for c in client.client_list() if c.get("name") == HUB_CLIENT_NAME.format(pid=os.getpid())]
+
+
 def test_one_hub_reads_every_watched_stream_and_hands_each_its_own(publishing):
     """Subscriptions to two jobs' streams, one of them twice from different places: each gets its own job's events,
-    the later subscriber (from the stream's start) what came before it too, all through one client of two
+    the later subscriber (from the stream's start) what came before it too, all through at most HUB_CONNECTIONS
     connections; a closed subscription gets nothing more and a hub with no subscription stops reading."""
     writer, client = publishing
     with writer() as session:
@@ -101,7 +108,7 @@ def test_one_hub_reads_every_watched_stream_and_hands_each_its_own(publishing):
             late = hub.subscribe(first.id, "0-0")  # sets the stream back: the early one may see entries twice
             got_late = await late.next(5)
             got_other = await other.next(5)
-            assert hub.redis.connection_pool.max_connections == HUB_CONNECTIONS
+            assert 1 <= len(hub_connections(client)) <= HUB_CONNECTIONS
             for subscription in (early, late, other):
                 subscription.close()
             await asyncio.sleep(0.3)
@@ -114,6 +121,127 @@ def test_one_hub_reads_every_watched_stream_and_hands_each_its_own(publishing):
     assert [(e.event.job_id, e.event.seq) for e in got_early] == [(first.id, 1)]
     assert [(e.event.job_id, e.event.seq) for e in got_late] == [(first.id, 1)]
     assert [(e.event.job_id, e.event.seq) for e in got_other] == [(second.id, 1)]
+
+
+def test_many_catch_up_reads_at_once_wait_for_a_connection_instead_of_failing(publishing):
+    """Forty clients asking what a stream holds at the same moment, while the hub's read waits in Redis: each gets the
+    stream, through the hub's few connections (a pool that refuses when all are busy would fail most of them)."""
+    writer, client = publishing
+    with writer() as session:
+        job = new_job(session)
+        claim_job(session, job.id, "w", lease_s=60)
+
+    async def ask() -> list[list]:
+        hub = EventHub(EVENTS_REDIS, block_ms=2000)
+        try:
+            subscription = hub.subscribe(job.id, "0-0")
+            assert [e.event.seq for e in await subscription.next(5)] == [1]  # the read now waits for more
+            held = await asyncio.gather(*(hub.held(job.id) for _ in range(40)))
+            assert len(hub_connections(client)) <= HUB_CONNECTIONS
+            subscription.close()
+            return held
+        finally:
+            await hub.close()
+
+    for held in asyncio.run(ask()):
+        assert [(e.event.job_id, e.event.seq) for e in held] == [(job.id, 1)]
+
+
+def test_a_failed_read_is_retried_while_the_subscriptions_wait(publishing, caplog):
+    """A read that Redis refuses (here: one of the watched keys is not a stream) fails no subscription: the hub logs
+    it and reads again with back-off, and once the read works the waiting watchers get what was published meanwhile."""
+    writer, client = publishing
+    with writer() as session:
+        job = new_job(session)
+    broken = f"not-a-stream-{uuid.uuid4().hex}"
+    client.set(stream_key(broken), "a string where a stream should be")
+
+    async def watch() -> list:
+        hub = EventHub(EVENTS_REDIS, block_ms=100)
+        try:
+            watcher = hub.subscribe(job.id, "0-0")
+            other = hub.subscribe(broken, "0-0")
+            assert await watcher.next(1.0) == []  # the read fails: nothing, and no error
+            with writer() as session:
+                claim_job(session, job.id, "w", lease_s=60)
+            assert await watcher.next(1.0) == []
+            client.delete(stream_key(broken))
+            got = await watcher.next(15)
+            other.close()
+            watcher.close()
+            return got
+        finally:
+            await hub.close()
+
+    with caplog.at_level(logging.WARNING, logger="sepen_store.events"):
+        got = asyncio.run(watch())
+    assert [(e.event.job_id, e.event.seq) for e in got] == [(job.id, 1)]
+    assert any("reading the streams failed" in r.getMessage() and "WRONGTYPE" in r.getMessage() for r in caplog.records)
+
+
+def test_an_entry_that_is_not_a_job_event_is_skipped_and_logged(publishing, caplog):
+    writer, client = publishing
+    with writer() as session:
+        job = new_job(session)
+    client.xadd(stream_key(job.id), {"data": "not a job event"})
+    client.xadd(stream_key(job.id), {"something": "else"})
+
+    async def watch() -> tuple[list, list]:
+        hub = EventHub(EVENTS_REDIS, block_ms=100)
+        try:
+            watcher = hub.subscribe(job.id, "0-0")
+            with writer() as session:
+                claim = claim_job(session, job.id, "w", lease_s=60)
+            got = await watcher.next(5)
+            with writer() as session:
+                heartbeat(session, claim, {"step": 1, "total": 2})
+            got += await watcher.next(5)
+            watcher.close()
+            return got, await hub.held(job.id)
+        finally:
+            await hub.close()
+
+    with caplog.at_level(logging.WARNING, logger="sepen_store.events"):
+        got, held = asyncio.run(watch())
+    assert [e.event.seq for e in got] == [1, 2] and [e.event.seq for e in held] == [1, 2]
+    skipped = [r.getMessage() for r in caplog.records if "not a job event" in r.getMessage()]
+    assert skipped and all(stream_key(job.id) in line for line in skipped)
+
+
+def test_a_subscriber_behind_the_hubs_read_gets_what_it_missed_then_the_live_entries(publishing):
+    """A second watcher of a job joins from an older entry than the hub has read to, while the hub's read waits in
+    Redis: it gets the entries in between at once (read by itself), then the next live entry, each once; the first
+    watcher gets no entry twice."""
+    writer, client = publishing
+    with writer() as session:
+        job = new_job(session)
+        claim = claim_job(session, job.id, "w", lease_s=60)
+        heartbeat(session, claim, {"step": 1, "total": 3})
+    first_id, second_id = [entry_id.decode() for entry_id, _ in client.xrange(stream_key(job.id))]
+
+    async def watch() -> tuple[list, list]:
+        hub = EventHub(EVENTS_REDIS, block_ms=3000)
+        try:
+            early = hub.subscribe(job.id, "0-0")
+            got_early = await early.next(5)
+            while len(got_early) < 2:
+                got_early += await early.next(5)
+            await asyncio.sleep(0.1)  # the hub's next read now waits in Redis, after the second entry
+            late = hub.subscribe(job.id, first_id)
+            got_late = await late.next(1.0)  # at once, not when the hub's read returns
+            with writer() as session:
+                heartbeat(session, claim, {"step": 2, "total": 3})
+            got_late += await late.next(5)
+            got_early += await early.next(5)
+            for subscription in (early, late):
+                subscription.close()
+            return got_early, got_late
+        finally:
+            await hub.close()
+
+    got_early, got_late = asyncio.run(watch())
+    assert [e.event.seq for e in got_early] == [1, 2, 3]
+    assert [e.event.seq for e in got_late] == [2, 3] and got_late[0].stream_id == second_id
 
 
 def test_a_cancel_is_an_event_and_a_session_without_publisher_publishes_nothing(publishing, sessions):
