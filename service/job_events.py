@@ -82,20 +82,24 @@ async def event_stream_response(
     first = catch_up(current, held, last_seq)
     if not first and current.terminal:
         return Response(status_code=204, headers=HEADERS)
-    subscription = hub.subscribe(job_id, held[-1].stream_id if held else "0-0") if hub is not None else None
-    stream = _stream(sessions, settings, tenant, job_id, current, first, subscription)
+    after_id = held[-1].stream_id if held else "0-0"
+    stream = _stream(sessions, settings, hub, tenant, job_id, current, first, after_id)
     return StreamingResponse(stream, media_type=MEDIA_TYPE, headers=HEADERS)
 
 
 async def _stream(
     sessions: sessionmaker[Session],
     settings: GatewaySettings,
+    hub: EventHub | None,
     tenant: str,
     job_id: str,
     current: JobEvent,
     first: list[JobEvent],
-    subscription: Subscription | None,
+    after_id: str,
 ) -> AsyncIterator[bytes]:
+    """The stream's bytes. Its subscription to the hub (from after_id, the last entry `first` was made from) is taken
+    when the stream starts and closed when it ends, whatever ends it: a response that never started (its client
+    left before the first byte) holds none."""
     started = time.monotonic()
     last_seq, last_status = current.seq if not first else -1, current.status
     quiet = 0
@@ -104,7 +108,10 @@ async def _stream(
     def fresh(event: JobEvent) -> bool:
         return event.seq > last_seq
 
+    subscription: Subscription | None = None
     try:
+        if hub is not None:
+            subscription = hub.subscribe(job_id, after_id)
         yield f"retry: {RETRY_MS}\n\n".encode()
         for event in filter(fresh, first):
             yield encode(event)

@@ -7,6 +7,7 @@ Webhook fields of POST /finetune and POST /generate, and GET /jobs/{id}/deliveri
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -21,9 +22,10 @@ from fastapi.testclient import TestClient
 
 from sepen_store.auth import create_api_key, revoke_api_key
 from sepen_store.database import make_engine, session_factory, upgrade_database
-from sepen_store.events import HUB_CLIENT_NAME, HUB_CONNECTIONS, EventPublisher
+from sepen_store.events import HUB_CLIENT_NAME, HUB_CONNECTIONS, EventHub, EventPublisher
 from sepen_store.jobs import claim_job, create_job, finish_job, heartbeat
 from service.app import create_app
+from service.job_events import event_stream_response
 from tests.e2e.conftest import free_port, launch_gateway, wait_until
 from tests.service.conftest import REDIS_URL
 
@@ -253,7 +255,8 @@ def hooks_client(service_settings):
 
 def test_many_watchers_share_one_redis_reader(gateway, redis_client):
     """Twelve clients watching twelve jobs cost the gateway at most HUB_CONNECTIONS Redis connections (one blocked
-    read for all, one for catching up), not one each, and each still gets its own job's events as they happen."""
+    read for all, the others for catching up), not one each, and each still gets its own job's events as they
+    happen."""
     if gateway.mode != "servers":
         pytest.skip("the embedded mode has no Redis: it polls the rows")
     jobs = [gateway.new_job() for _ in range(12)]
@@ -275,6 +278,32 @@ def test_many_watchers_share_one_redis_reader(gateway, redis_client):
             finish_job(session, claim, "succeeded", result=generate_result(1))
     for watcher in streams:
         assert watcher.closed.wait(10)
+
+
+def test_a_stream_subscribes_only_once_it_starts_and_lets_go_when_it_ends(pg_url, service_settings):
+    """A response whose client leaves before its first byte is never iterated: it must hold no subscription of the
+    process's hub (one taken before the stream started would stay for ever, its stream read on every round)."""
+    sessions = session_factory(make_engine(pg_url))
+    tenant = f"leak-{uuid.uuid4().hex[:8]}"
+    with sessions() as session:
+        job, _ = create_job(session, tenant, "generate", {"n": uuid.uuid4().hex})
+
+    async def respond() -> None:
+        hub = EventHub(REDIS_URL, block_ms=100)
+        try:
+            left = await event_stream_response(sessions, service_settings, hub, tenant, job.id, None)
+            assert hub._subscriptions == {}
+            await left.body_iterator.aclose()  # what the server does with a response whose client has gone
+            assert hub._subscriptions == {}
+            watched = await event_stream_response(sessions, service_settings, hub, tenant, job.id, None)
+            assert (await anext(watched.body_iterator)).startswith(b"retry: ")
+            assert list(hub._subscriptions) == [f"sepen:job-events:{job.id}"]
+            await watched.body_iterator.aclose()
+            assert hub._subscriptions == {}
+        finally:
+            await hub.close()
+
+    asyncio.run(respond())
 
 
 def test_a_service_that_allows_no_hosts_refuses_webhooks_naming_the_field(client, auth, error_of):
