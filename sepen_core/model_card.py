@@ -1,16 +1,17 @@
 """What a base model says about itself without being loaded (no torch): its native image size, its defaults and, for
-a toy-world model, the nouns it draws. The gateway derives each model's request limits from it; only workers load
-models."""
+a toy-world model, the nouns it draws, its closed vocabulary. The gateway derives each model's request limits from it
+and checks the concepts a request names against its vocabulary; only workers load models."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sepen_core.config import BUNDLED_SOURCE, ModelDefaults, tiny_source
-from sepen_core.errors import ModelLoadError
+from sepen_core.errors import ConfigError, ModelLoadError
 
 BUNDLED_MODEL_DIR = Path(__file__).parent / "bundled" / "sepen-toy"
 TINY_NATIVE_SIDE = 64  # the tiny random models: a 32-pixel latent, a VAE that halves
@@ -36,6 +37,27 @@ class ModelCard:
     path: Path | None = None  # its directory; None for the built-in tiny models
     architecture: str = "sd"  # "sd" (SD 1.x/2.x) or "sdxl" (ARCHITECTURES)
     vae_scale: int = 1  # pixels per latent pixel (1: a model without a VAE, such as the bundled toy model)
+
+    @property
+    def vocabulary(self) -> tuple[str, ...] | None:
+        """The only nouns the model can draw, which the concepts of a request must come from: a toy-world model's
+        (its world.json); None for an open vocabulary (the tiny models, real checkpoints), where any word goes."""
+        return self.nouns or None
+
+    def check_vocabulary(self, named: Iterable[tuple[str, str]], model: str) -> None:
+        """ConfigError naming the field of the first concept the model cannot draw, with the nouns it can. `named`:
+        (the request's field, the concept it names) pairs; `model`: the model's name in the message."""
+        vocabulary = self.vocabulary
+        if vocabulary is None:
+            return
+        known = {noun.lower() for noun in vocabulary}
+        for field, concept in named:
+            if concept.strip().lower() not in known:
+                raise ConfigError(
+                    field,
+                    f"model {model!r} cannot draw {concept!r}: its vocabulary is closed, {len(vocabulary)} nouns "
+                    f"({', '.join(vocabulary)}); name one of them, or use a model with an open vocabulary",
+                )
 
     @property
     def size_multiple(self) -> int:

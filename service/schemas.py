@@ -701,6 +701,13 @@ class ModelOut(BaseModel):
         "concepts; empty for other models",
         examples=[["cherry", "sofa", "moon"]],
     )
+    vocabulary: list[str] | None = Field(
+        None,
+        description="the only nouns the model can draw, where its vocabulary is closed (a toy-world model's nouns): "
+        "every concept a request names (concepts of POST /finetune, /generate, /evaluate) must be one of them, else "
+        "422 naming the concept's field; null: an open vocabulary, any word goes",
+        examples=[["cherry", "sofa", "moon"]],
+    )
     judged: bool = Field(
         False,
         description="the model has a judge (a detector of what its images hold): POST /evaluate measures success on "

@@ -1,5 +1,6 @@
 """POST /evaluate: queue an evaluation of an adapter version against its base model (sepen_core.evaluation), with
-the version and the seed pinned now; its result is also shown on the version by GET /adapters/{name}."""
+the version and the seed pinned now and the prompts' concepts checked against the model's vocabulary; its result is
+also shown on the version by GET /adapters/{name}."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from sepen_store.contract import EvaluateRequest, EvaluationPrompt
 from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError
 from service.routes.generate import check_sample, pick_seed
-from service.routes.models import card_of, check_image_steps
+from service.routes.models import card_of, check_image_steps, check_vocabulary
 from service.schemas import EvaluateIn, SubmittedJob
 from service.submission import SUBMIT_RESPONSES, pin_adapter, submit_job, submitted, webhook_of
 
@@ -51,6 +52,10 @@ def submit_evaluate(
                 "own; give prompts, each with the concepts it names",
                 field="prompts",
             )
+        named = [
+            (f"prompts.{i}.concepts.{j}", c) for i, p in enumerate(body.prompts or []) for j, c in enumerate(p.concepts)
+        ]
+        check_vocabulary(settings, model, named)
         seed = body.seed if body.seed is not None else pick_seed(tenant, idempotency_key) % SEED_RANGE
         sample = {
             k: v

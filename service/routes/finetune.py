@@ -1,4 +1,5 @@
-"""POST /finetune: validate the concept set and recipe with sepen_core's own classes, then queue the finetune job."""
+"""POST /finetune: validate the concept set and recipe with sepen_core's own classes, and the concepts against the
+model's vocabulary, then queue the finetune job."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sepen_core.prompts import ConceptSet
 from sepen_store.contract import FinetuneRequest
 from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError, invalid_setting
-from service.routes.models import check_finetune_work, resolve_model
+from service.routes.models import check_finetune_work, check_vocabulary, resolve_model
 from service.schemas import LARGE_SCALE, FinetuneIn, RecipeIn, SubmittedJob
 from service.submission import SUBMIT_RESPONSES, submit_job, submitted, webhook_of
 
@@ -64,6 +65,16 @@ def build_concept_set(body: FinetuneIn) -> ConceptSet:
         raise invalid_setting(exc, _CONCEPT_FIELDS.get(exc.field, "concepts")) from exc
 
 
+def named_concepts(body: FinetuneIn, concept_set: ConceptSet) -> list[tuple[str, str]]:
+    """(the request's field, the concept it names) for every concept of the request, in its order."""
+    if body.concepts.pairs is not None:
+        groups = concept_set.groups
+        return [(f"concepts.pairs.{i}.{j}", c) for i, group in enumerate(groups) for j, c in enumerate(group)]
+    if body.concepts.collection == LARGE_SCALE:
+        return [("concepts.collection", c) for c in concept_set.collection]
+    return [(f"concepts.collection.{i}", c) for i, c in enumerate(concept_set.collection)]
+
+
 def build_recipe(recipe: RecipeIn, concept_set: ConceptSet) -> dict:
     """The request's overrides, checked against the paper's recipe for the mode (pairs; large-scale for a collection).
 
@@ -91,6 +102,7 @@ def submit_finetune(
     settings, celery = context.settings, context.celery
     model = resolve_model(settings, body.model)
     concept_set = build_concept_set(body)
+    check_vocabulary(settings, model, named_concepts(body, concept_set))
     recipe = build_recipe(body.recipe, concept_set)
     check_finetune_work(settings, model, concept_set.mode, recipe)
     request = FinetuneRequest(

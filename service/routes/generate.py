@@ -1,4 +1,5 @@
-"""POST /generate: pin the adapter version and the seed now, so the queued job is reproducible, then queue it."""
+"""POST /generate: pin the adapter version and the seed now, so the queued job is reproducible, check the concepts
+against the model's vocabulary, then queue it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sepen_store.settings import Settings
 from sepen_store.tables import AdapterVersion
 from service.deps import IdempotencyKeyDep, SubmitContextDep, TenantDep
 from service.errors import ApiError, invalid_setting
-from service.routes.models import check_image_steps, check_size, resolve_model
+from service.routes.models import check_image_steps, check_size, check_vocabulary, resolve_model
 from service.schemas import GenerateIn, SubmittedJob
 from service.submission import SUBMIT_RESPONSES, adapter_warnings, pin_adapter, submit_job, submitted, webhook_of
 
@@ -95,6 +96,7 @@ def _submit(
     version, ref = pin_adapter(session, tenant, body.adapter) if body.adapter is not None else (None, None)
     model = pick_model(settings, body.model, version, ref)
     check_size(settings, model, body.height, body.width)
+    check_vocabulary(settings, model, [(f"concepts.{i}", c) for i, c in enumerate(body.concepts or [])])
     seed = body.seed if body.seed is not None else pick_seed(tenant, idempotency_key)
     # Only what the request gives is stored: the worker fills the rest from the model's defaults.
     given = {

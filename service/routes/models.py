@@ -1,16 +1,17 @@
-"""GET /models: the base models this service can finetune and sample, with their native size, defaults and request
-limits; and the lookups the POST routes share (a model by name, its limits)."""
+"""GET /models: the base models this service can finetune and sample, with their native size, defaults, request
+limits and vocabulary; and the lookups the POST routes share (a model by name, its limits, its vocabulary)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
 from fastapi import APIRouter
 
 from sepen_core.config import ModelDefaults
-from sepen_core.errors import ModelLoadError
+from sepen_core.errors import ConfigError, ModelLoadError
 from sepen_core.model_card import ModelCard, model_card
 from sepen_store.contract import Limits
 from sepen_store.settings import Settings
@@ -48,7 +49,7 @@ def resolve_model(settings: Settings, name: str | None) -> str:
 @router.get("/models", responses={**success(200, RATE_LIMITED), **errors(*AUTHENTICATED)}, operation_id="listModels")
 def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
     """The models, each with its native size, its defaults, what one request may ask of it and, for a toy-world
-    model, its nouns. The sources are server paths, no business of the client's."""
+    model, its nouns: its closed vocabulary. The sources are server paths, no business of the client's."""
     models = []
     for name, source in settings.models.items():
         card = card_of(source)
@@ -62,6 +63,7 @@ def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
                 limits=model_limits(settings, name),
                 architecture=card.architecture if card else None,
                 nouns=list(card.nouns) if card else [],
+                vocabulary=list(card.vocabulary) if card and card.vocabulary else None,
                 judged=card is not None and card.judge is not None,
             )
         )
@@ -140,6 +142,21 @@ def check_image_steps(settings: Settings, name: str, sample: dict[str, Any], fie
             "ask for fewer images or steps, or a smaller size",
             field=field,
         )
+
+
+def check_vocabulary(settings: Settings, name: str, named: Iterable[tuple[str, str]]) -> None:
+    """422 naming the field of the first concept that model `name` cannot draw, with the nouns it can, where its
+    vocabulary is closed (a toy-world model's); any word goes where it is open, or unknown here (no card).
+    `named`: (the request's field, the concept it names) pairs."""
+    card = card_of(settings.models[name])
+    if card is None:
+        return
+    try:
+        card.check_vocabulary(named, name)
+    except ConfigError as exc:
+        raise ApiError(
+            422, "validation_error", f"{exc} (GET /models lists each model's vocabulary)", field=exc.field
+        ) from exc
 
 
 def check_finetune_work(settings: Settings, name: str, mode: str, recipe: dict[str, Any]) -> None:

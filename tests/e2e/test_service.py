@@ -38,7 +38,7 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
     with deployment.client(api_key) as client:
         response = client.post(
             "/finetune",
-            json={"adapter": "cherry-box", "concepts": {"pairs": [["cherry", "box"]]}, "recipe": {"steps": 8}},
+            json={"adapter": "cherry-brick", "concepts": {"pairs": [["cherry", "brick"]]}, "recipe": {"steps": 8}},
         )
         assert response.status_code == 202, response.text
         job = response.json()["job"]
@@ -46,25 +46,26 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
         done = wait_for_job(client, job["id"])
         assert done["status"] == "succeeded", done
         result = done["result"]
-        assert result["adapter"] == "cherry-box@1" and result["version"] == 1
+        assert result["adapter"] == "cherry-brick@1" and result["version"] == 1
         summary = result["summary"]
-        assert len(summary["loss_curve"]) == 8 and summary["diagnostics"][0]["before"]["concepts"] == ["cherry", "box"]
+        assert len(summary["loss_curve"]) == 8
+        assert summary["diagnostics"][0]["before"]["concepts"] == ["cherry", "brick"]
         assert done["progress"]["step"] == 8 and done["progress"]["total"] == 8
         # The do-no-harm check ran with the toy model's judge, at its default size, and the version shows it.
         check = summary["check"]
         assert check["verdict"] in ("helps", "no clear effect", "hurts") and check["samples_per_prompt"] == 16
-        assert [row["concepts"] for row in check["pairs"]] == [["cherry", "box"]]
-        (version,) = client.get("/adapters/cherry-box").json()["versions"]
+        assert [row["concepts"] for row in check["pairs"]] == [["cherry", "brick"]]
+        (version,) = client.get("/adapters/cherry-brick").json()["versions"]
         assert version["check"] == check
 
         response = client.post(
             "/generate",
             json={
-                "prompt": "a cherry and a box",
-                "adapter": "cherry-box@1",
+                "prompt": "a cherry and a brick",
+                "adapter": "cherry-brick@1",
                 "images": 2,
                 "seed": 11,
-                "concepts": ["cherry", "box"],
+                "concepts": ["cherry", "brick"],
             },
         )
         assert response.status_code == 202, response.text
@@ -82,19 +83,19 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         image = Image.open(io.BytesIO(png.content))
         assert image.size == (32, 32)
-        assert image.text["prompt"] == "a cherry and a box" and image.text["seed"] == "12"
-        assert image.text["adapter"] == "cherry-box@1" and image.text["model"] == "sepen-toy"
+        assert image.text["prompt"] == "a cherry and a brick" and image.text["seed"] == "12"
+        assert image.text["adapter"] == "cherry-brick@1" and image.text["model"] == "sepen-toy"
         heatmap = client.get(f"/jobs/{gen['id']}/heatmaps/0")
         assert heatmap.status_code == 200 and Image.open(io.BytesIO(heatmap.content)).size[0] == 3 * 128
-        assert set(gen["result"]["images"][0]["scores"]["peaks"]) == {"cherry", "box"}
+        assert set(gen["result"]["images"][0]["scores"]["peaks"]) == {"cherry", "brick"}
 
-        weights = client.get("/adapters/cherry-box/1/weights")
+        weights = client.get("/adapters/cherry-brick/1/weights")
         assert weights.status_code == 200
         adapter = KeyProjectionAdapter.from_bytes(weights.content)
-        assert adapter.metadata["job_id"] == job["id"] and adapter.metadata["name"] == "cherry-box"
+        assert adapter.metadata["job_id"] == job["id"] and adapter.metadata["name"] == "cherry-brick"
         assert adapter.metadata["recipe"]["learning_rate"] == 1e-4  # the toy model's recipe, not the paper's 8e-6
         assert len(adapter.deltas) == 7 and adapter.sha256 == result["sha256"]
-        listing = client.get("/adapters/cherry-box").json()
+        listing = client.get("/adapters/cherry-brick").json()
         assert [v["version"] for v in listing["versions"]] == [1]
 
 

@@ -1,5 +1,5 @@
 """Gateway fixtures: a fresh Postgres database migrated with Alembic, Redis db 14 as the broker, an app, API keys,
-and the same app with its broker or its database down."""
+the same app with the bundled toy model too, and with its broker or its database down."""
 
 from __future__ import annotations
 
@@ -58,6 +58,14 @@ def service_settings(pg_url, redis_client, tmp_path_factory) -> GatewaySettings:
 @pytest.fixture(scope="session")
 def client(service_settings):
     with TestClient(create_app(service_settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def toy_client(service_settings):
+    """The service with the bundled toy model too: a model with a judge (its detector and test pairs) and a closed
+    vocabulary (its world's nouns)."""
+    with TestClient(create_app(service_settings.with_(models={**MODELS, "sepen-toy": "toy"}))) as test_client:
         yield test_client
 
 

@@ -88,6 +88,7 @@ def test_models(client, auth):
             "limits": {**wide, "max_height": 128, "max_width": 128, "size_multiple": 16},
             "architecture": "sd",
             "nouns": [],
+            "vocabulary": None,  # open: any word
             "judged": False,
         },
         # the gateway cannot read this model's files: no card, the service's wide limits
@@ -100,6 +101,7 @@ def test_models(client, auth):
             "limits": wide,
             "architecture": None,
             "nouns": [],
+            "vocabulary": None,  # open: any word
             "judged": False,
         },
     ]

@@ -4,23 +4,12 @@ bad fields are 422s naming them; GET /adapters/{name} shows a version's latest e
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from sepen_store.contract import EvaluateResult
 from sepen_store.jobs import claim_job, finish_job
 from sepen_store.tables import Job
-from service.app import create_app
-from tests.service.conftest import MODELS
 
 PROMPTS = [{"prompt": "a photo of a cat and a dog", "concepts": ["cat", "dog"]}]
-
-
-@pytest.fixture(scope="module")
-def toy_client(service_settings):
-    """The service with the bundled toy model too: a model with a judge (its detector and test pairs)."""
-    settings = service_settings.with_(models={**MODELS, "sepen-toy": "toy"})
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
 
 
 def test_prompts_are_stored_with_the_pinned_version_and_a_seed(client, auth, tenant, publish, db, redis_client):

@@ -91,10 +91,10 @@ def test_a_bad_field_shows_the_api_message_beside_that_field(page: Page, service
     # In the generate form, a concept missing from the prompt: beside 'Concepts', not beside the prompt.
     page.get_by_role("link", name="Generate").click()
     generate = page.locator("#generate-form")
-    generate.get_by_label("Prompt", exact=True).fill("a cherry and a leaf")
-    generate.get_by_label("Concepts for heatmaps").fill("cherry, drop")
+    generate.get_by_label("Prompt", exact=True).fill("a cherry and a moon")
+    generate.get_by_label("Concepts for heatmaps").fill("cherry, sofa")
     generate.get_by_role("button", name="Generate").click()
-    expect(generate.locator("[data-field=concepts] .error")).to_contain_text("'drop' must appear in the prompt")
+    expect(generate.locator("[data-field=concepts] .error")).to_contain_text("'sofa' must appear in the prompt")
     expect(generate.locator("[data-field=prompt] .error")).to_be_hidden()
     with httpx.Client(base_url=service.base_url, headers={"Authorization": f"Bearer {api_key}"}) as client:
         assert client.get("/jobs").json()["jobs"] == []  # nothing was queued
@@ -122,8 +122,8 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
     form = page.locator("#finetune-form")
     expect(form.get_by_label("Steps", exact=True)).to_have_attribute("placeholder", "150")
     expect(form.get_by_label("Learning rate")).to_have_attribute("placeholder", "0.0001")
-    form.get_by_label("Adapter name").fill("cherry-drop")
-    form.get_by_label("Pairs, one per line").fill("cherry, drop")
+    form.get_by_label("Adapter name").fill("cherry-moon")
+    form.get_by_label("Pairs, one per line").fill("cherry, moon")
     form.get_by_label("Templates, one per line").fill("a {A} and a {B}")
     form.get_by_label("Steps", exact=True).fill("20")
     form.get_by_role("button", name="Start finetune").click()
@@ -139,7 +139,7 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
         time.sleep(0.1)
     live = [text for text in seen if re.fullmatch(r"running · step (\d+) of 20 · about \d+ (s|min) left", text)]
     assert live, f"no live progress shown: {sorted(seen)}"
-    expect(page.locator("#ft-status")).to_have_text("succeeded · published cherry-drop@1")
+    expect(page.locator("#ft-status")).to_have_text("succeeded · published cherry-moon@1")
     expect(page.locator("#ft-progress")).to_have_attribute("max", "20")
     expect(page.locator("#ft-progress")).to_have_js_property("value", 20)
     expect(page.locator("#ft-loss-plot polyline")).to_have_count(3)  # loss, separate, enhance
@@ -147,24 +147,24 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
     maps = page.locator("#ft-maps-plot")
     expect(maps.locator("polyline")).to_have_count(3)  # each object's peak and the pair's overlap
     expect(maps.locator(".legend")).to_contain_text("peak cherry")
-    expect(maps.locator(".legend")).to_contain_text("peak drop")
+    expect(maps.locator(".legend")).to_contain_text("peak moon")
     expect(maps.locator(".legend")).to_contain_text("overlap")
     expect(page.locator("#ft-cancel")).to_have_count(0)  # a finished job cannot be canceled
     save_screenshot(page, screenshots / "finetune.png")
 
     with page.expect_download() as weights:
         page.get_by_role("button", name="Download weights").click()
-    assert weights.value.suggested_filename == "cherry-drop@1.safetensors"
+    assert weights.value.suggested_filename == "cherry-moon@1.safetensors"
     client = httpx.Client(base_url=origin, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
-    version = client.get("/adapters/cherry-drop").json()["versions"][0]
+    version = client.get("/adapters/cherry-moon").json()["versions"][0]
     assert Path(weights.value.path()).stat().st_size == version["size"]
 
     # Generate with it, and the base model on the same seeds.
-    page.get_by_role("button", name="Generate with cherry-drop@1").click()
+    page.get_by_role("button", name="Generate with cherry-moon@1").click()
     generate = page.locator("#generate-form")
-    expect(generate.get_by_label("Adapter")).to_have_value("cherry-drop@1")
-    expect(generate.get_by_label("Prompt", exact=True)).to_have_value("a cherry and a drop")
-    expect(generate.get_by_label("Concepts for heatmaps")).to_have_value("cherry, drop")
+    expect(generate.get_by_label("Adapter")).to_have_value("cherry-moon@1")
+    expect(generate.get_by_label("Prompt", exact=True)).to_have_value("a cherry and a moon")
+    expect(generate.get_by_label("Concepts for heatmaps")).to_have_value("cherry, moon")
     expect(generate.get_by_label("Also the base model on the same seeds")).to_be_checked()
     generate.get_by_label("Seed", exact=True).fill("7")
     generate.get_by_label("Images").fill("2")
@@ -177,21 +177,21 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
         shots = row.locator("figure.shot")
         expect(shots).to_have_count(2)
         expect(shots.nth(0).locator("figcaption")).to_have_text(f"base sepen-toy · seed {seed}")
-        expect(shots.nth(1).locator("figcaption")).to_have_text(f"cherry-drop@1 · seed {seed}")
+        expect(shots.nth(1).locator("figcaption")).to_have_text(f"cherry-moon@1 · seed {seed}")
         for shot in (shots.nth(0), shots.nth(1)):
             expect(shot.locator("img.image")).to_have_js_property("naturalWidth", 32)  # the toy model's 32x32
             expect(shot.locator("img.heatmap")).not_to_have_js_property("naturalWidth", 0)
             assert shot.locator("img.image").get_attribute("src").startswith("blob:")
             expect(shot.locator(".scores")).to_contain_text("peak cherry")
-            expect(shot.locator(".scores")).to_contain_text("overlap cherry & drop")
+            expect(shot.locator(".scores")).to_contain_text("overlap cherry & moon")
     jobs = client.get("/jobs", params={"kind": "generate"}).json()["jobs"]
     assert sorted((job["request"]["adapter"] or "", job["request"]["sample"]["seed"]) for job in jobs) == [
         ("", 7),
-        ("cherry-drop@1", 7),
+        ("cherry-moon@1", 7),
     ]
     with page.expect_download() as image:
-        gallery.get_by_role("button", name="Download the image (cherry-drop@1, seed 8)").click()
-    assert image.value.suggested_filename == "cherry-drop@1-seed8.png"
+        gallery.get_by_role("button", name="Download the image (cherry-moon@1, seed 8)").click()
+    assert image.value.suggested_filename == "cherry-moon@1-seed8.png"
     assert Path(image.value.path()).read_bytes().startswith(b"\x89PNG")
     save_screenshot(page, screenshots / "generate.png")
 
@@ -203,8 +203,8 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
     expect(page.locator("#jobs-table").get_by_role("button", name=re.compile("^Cancel"))).to_have_count(0)
     page.get_by_role("link", name="Adapters").click()
     expect(page.locator("#adapters-table tbody tr")).to_have_count(1)
-    expect(page.locator("#adapters-table tbody tr")).to_contain_text("cherry + drop")
-    verdict = client.get("/adapters/cherry-drop").json()["versions"][0]["check"]["verdict"]
+    expect(page.locator("#adapters-table tbody tr")).to_contain_text("cherry + moon")
+    verdict = client.get("/adapters/cherry-moon").json()["versions"][0]["check"]["verdict"]
     check_cell = page.locator("#adapters-table tbody tr td[data-label='Do-no-harm check']")
     expect(check_cell).to_contain_text(verdict)
 
@@ -227,10 +227,10 @@ def test_sign_in_finetune_watch_generate_base_and_adapter_and_the_lists(page: Pa
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     page.get_by_role("link", name="Adapters").click()
     page.once("dialog", lambda dialog: dialog.accept())
-    page.get_by_role("button", name="Delete cherry-drop@1").click()
-    expect(page.locator("#adapters-status")).to_have_text("deleted cherry-drop@1")
+    page.get_by_role("button", name="Delete cherry-moon@1").click()
+    expect(page.locator("#adapters-status")).to_have_text("deleted cherry-moon@1")
     expect(page.locator("#adapters-table tbody tr")).to_have_count(0)
-    assert client.get("/adapters/cherry-drop/1/weights").status_code == 404
+    assert client.get("/adapters/cherry-moon/1/weights").status_code == 404
 
     # Everything came from this gateway; the key never travelled in a URL and is kept for this tab only.
     assert requested and all(url.startswith((origin, "blob:", "data:")) for url in requested), requested
