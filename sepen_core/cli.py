@@ -10,13 +10,20 @@ the base model, export an adapter for other tools, export the tiny model.
 --model takes `toy` (the default: the bundled toy-world model, which draws recognisable glyphs),
 a local diffusers-format Stable Diffusion directory, or `tiny` / `tiny:SEED` for the built-in tiny
 random model. Settings left out take the model's own defaults (ModelDefaults), then the paper's.
+
+What can be checked before the work is, before the model loads: the model's name (an unknown one lists what
+exists), the concepts against a closed vocabulary (the toy model's nouns), and that every output path can be
+written. A finetune whose adapter still cannot be written where asked writes it beside and says where.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from sepen_core.config import (
@@ -29,9 +36,9 @@ from sepen_core.config import (
     ModelDefaults,
     SampleConfig,
 )
-from sepen_core.errors import SepenError
+from sepen_core.errors import ConfigError, ModelLoadError, SepenError
 from sepen_core.extras import require, version
-from sepen_core.model_card import model_card
+from sepen_core.model_card import ModelCard, model_card
 from sepen_core.prompts import ConceptSet
 
 DEFAULT_MODEL = BUNDLED_SOURCE
@@ -42,6 +49,82 @@ def load_model(args: argparse.Namespace):
     from sepen_core.models import load_model as load
 
     return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def model_card_of(args: argparse.Namespace) -> ModelCard:
+    """The --model's card, read without torch before any work: a name that is no model fails at once, listing the
+    models there are."""
+    try:
+        return model_card(args.model)
+    except ModelLoadError as exc:
+        if Path(args.model).exists():  # a directory, but not a model sepen can use: the card says why
+            raise SepenError(f"argument --model: {exc}") from exc
+        raise SepenError(
+            f"argument --model: {args.model!r} is no model name, nor a directory; {known_models()}"
+        ) from exc
+
+
+def known_models() -> str:
+    """What --model takes, with the model directories of the current directory."""
+    here = sorted(p.name for p in Path.cwd().iterdir() if p.is_dir() and (p / "model_index.json").is_file())
+    found = f"; model directories here: {', '.join(here)}" if here else ""
+    return (
+        f"give {BUNDLED_SOURCE} (the bundled toy-world model, the default), tiny or tiny:SEED, tiny-xl or "
+        f"tiny-xl:SEED (random tiny models) or a diffusers Stable Diffusion model directory{found}"
+    )
+
+
+def check_vocabulary(card: ModelCard, args: argparse.Namespace, option: str, concepts: Iterable[str]) -> None:
+    """SepenError naming `option` when a concept is not a noun of the model's closed vocabulary (the toy model's)."""
+    try:
+        card.check_vocabulary([(option, concept) for concept in concepts], args.model)
+    except ConfigError as exc:
+        raise SepenError(f"argument {exc.field}: {exc.message}") from exc
+
+
+def check_writable(path: str | Path, option: str, *, directory: bool = False) -> None:
+    """SepenError naming `option` unless `path`, a file (or a directory, with `directory`), can be written: checked
+    before the work, in the nearest folder on its way that exists, which must be a directory that takes a new file."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise SepenError(f"argument {option}: {path} is a file, not a directory; give a directory")
+    if not directory and path.is_dir():
+        raise SepenError(f"argument {option}: {path} is a directory; give a file name, such as {path / 'name'}")
+    folder = path if directory else path.parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SepenError(f"argument {option}: cannot write {path}: {folder} is not a directory; give another path")
+    try:
+        if not directory and path.exists():
+            open(path, "ab").close()  # opened to append, nothing written: the file stays as it is
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise SepenError(
+            f"argument {option}: cannot write {path}: {exc.strerror or exc} ({folder}); give another path"
+        ) from exc
+
+
+def save_adapter(adapter, out: str) -> tuple[Path, str | None]:
+    """Write a trained adapter to `out`; where that fails after all (the disk filled up, a folder went away), into
+    the current directory, else the temporary one, so that the training is not lost: (where it is, why not `out`)."""
+    try:
+        return adapter.save(out), None
+    except OSError as exc:
+        reason = f"{exc.strerror or exc}"
+    stem, suffix = Path(out).stem or "adapter", Path(out).suffix or ".safetensors"
+    for folder in (os.getcwd, tempfile.gettempdir):
+        try:
+            handle, name = tempfile.mkstemp(prefix=f"{stem}-", suffix=suffix, dir=folder())
+            os.close(handle)
+        except OSError:  # the current directory may be gone, or not take a file
+            continue
+        try:
+            return adapter.save(name), reason
+        except OSError:
+            Path(name).unlink(missing_ok=True)
+    raise SepenError(f"could not write the adapter to {out} ({reason}), nor to the current or the temporary directory")
 
 
 def _progress(total: int, description: str):
@@ -60,8 +143,6 @@ def _given_maps(args) -> dict:
 
 
 def cmd_finetune(args) -> int:
-    from sepen_core.finetuning import Checkpoints, finetune
-
     if args.pair:
         concepts = ConceptSet.pairs(*args.pair, templates=tuple(args.template))
     elif args.collection == "large-scale":
@@ -75,6 +156,12 @@ def cmd_finetune(args) -> int:
         )
     else:
         raise SepenError("give --pair A B (repeatable) or --collection FILE|large-scale")
+    card = model_card_of(args)
+    named = concepts.collection or [concept for group in concepts.groups for concept in group]
+    check_vocabulary(card, args, "--pair" if args.pair else "--collection", named)
+    check_writable(args.out, "--out")
+    if args.checkpoint_dir is not None:
+        check_writable(args.checkpoint_dir, "--checkpoint-dir", directory=True)
     given = _given(
         {
             "steps": args.steps,
@@ -95,6 +182,8 @@ def cmd_finetune(args) -> int:
     )
     # Bad settings fail before the model loads.
     ModelDefaults().finetune_config(concepts.mode, {**given, "maps": _given_maps(args)})
+    from sepen_core.finetuning import Checkpoints, finetune  # torch: after what fails fast
+
     model = load_model(args)
     config = model.defaults.finetune_config(concepts.mode, {**given, "maps": _given_maps(args)})
     bar = _progress(config.steps, "finetune")
@@ -118,10 +207,12 @@ def cmd_finetune(args) -> int:
         adapter_metadata={"name": args.name or Path(args.out).stem},
     )
     bar.close()
-    check = _harm_check(args, model, result.adapter, concepts, config.check_samples)
+    check = _harm_check(card, model, result.adapter, concepts, config.check_samples)
     if check is not None:
         result.adapter.metadata["summary"] = {"check": check}
-    path = result.adapter.save(args.out)
+    path, failure = save_adapter(result.adapter, args.out)
+    if failure is not None:
+        print(f"sepen finetune: could not write {args.out} ({failure}); the adapter is at {path}", file=sys.stderr)
     first, last = result.history[0], result.history[-1]
     print(f"adapter: {path} ({result.adapter.num_parameters:,} key parameters, base {model.model_id})")
     print(
@@ -130,17 +221,16 @@ def cmd_finetune(args) -> int:
     )
     for line in _check_lines(check):
         print(line)
-    return 0
+    return 0 if failure is None else 1
 
 
-def _harm_check(args, model, adapter, concepts: ConceptSet, samples: int) -> dict | None:
+def _harm_check(card: ModelCard, model, adapter, concepts: ConceptSet, samples: int) -> dict | None:
     """The do-no-harm check of the new adapter (sepen_core.harm_check), or None with --check-samples 0."""
     from sepen_core.evaluation import load_judge
     from sepen_core.harm_check import HarmCheckConfig, check_adapter
 
     if not samples:
         return None
-    card = model_card(args.model)
     config = HarmCheckConfig(samples, model.defaults.sample_config())
     return check_adapter(model, adapter, concepts, config, judge=load_judge(card.judge, card.path))
 
@@ -174,8 +264,6 @@ def _read_adapter(path: str | None):
 
 
 def cmd_generate(args) -> int:
-    from sepen_core.sampling import generate
-
     given = {
         **_given(
             {
@@ -191,9 +279,13 @@ def cmd_generate(args) -> int:
         "maps": _given_maps(args),
     }
     SampleConfig.from_dict(given)  # bad settings fail before the model loads
+    check_vocabulary(model_card_of(args), args, "--concepts", args.concepts or ())
+    check_writable(args.out, "--out", directory=True)
+    from sepen_core.sampling import generate  # torch: after what fails fast
+
+    adapter = _read_adapter(args.adapter)
     model = load_model(args)
     config = model.defaults.sample_config(given)
-    adapter = _read_adapter(args.adapter)
     bar = _progress(config.num_inference_steps, "generate")
     result = generate(
         model, args.prompt, config, adapter=adapter, concepts=args.concepts, on_step=lambda i, total: bar.update(1)
@@ -214,10 +306,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from sepen_core.diagnostics import diagnose
+    check_vocabulary(model_card_of(args), args, "--concepts", args.concepts)
+    from sepen_core.diagnostics import diagnose  # torch: after what fails fast
 
-    model = load_model(args)
     adapter = _read_adapter(args.adapter)
+    model = load_model(args)
     runs = [("base", None)] + ([("adapter", adapter)] if adapter is not None else [])
     maps = model.defaults.sample_config({"maps": _given_maps(args)}).maps
     reports = {
@@ -240,14 +333,16 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from sepen_core.errors import ConfigError
     from sepen_core.evaluation import EvaluationConfig, EvaluationPrompt, evaluate_adapter, load_judge
 
     prompts_given, concepts_given = args.prompt or [], args.concepts or []
     if len(prompts_given) != len(concepts_given):
         raise ConfigError("concepts", "give one --concepts list after each --prompt")
     prompts = [EvaluationPrompt(p, tuple(c)) for p, c in zip(prompts_given, concepts_given, strict=True)]
-    card = model_card(args.model)
+    card = model_card_of(args)
+    check_vocabulary(card, args, "--concepts", (concept for p in prompts for concept in p.concepts))
+    if args.json:
+        check_writable(args.json, "--json")
     judge = load_judge(card.judge, card.path)
     if not prompts:
         if judge is None:
@@ -257,9 +352,9 @@ def cmd_evaluate(args) -> int:
         prompts = judge.default_prompts()
     sample = _given({"num_inference_steps": args.steps, "guidance_scale": args.guidance, "maps": _given_maps(args)})
     EvaluationConfig(args.samples, args.seed, SampleConfig.from_dict(sample))  # bad settings fail before loading
+    adapter = _read_adapter(args.adapter)
     model = load_model(args)
     config = EvaluationConfig(args.samples, args.seed, model.defaults.sample_config(sample))
-    adapter = _read_adapter(args.adapter)
     bar = _progress(len(prompts), "evaluate")
     bar.unit = "prompt"
     report = evaluate_adapter(model, adapter, prompts, config, judge=judge, on_prompt=lambda i, n: bar.update(1))
@@ -299,9 +394,9 @@ def evaluation_table(report: dict) -> str:
 
 
 def cmd_export(args) -> int:
-    from sepen_core.errors import ConfigError
     from sepen_core.export import export_adapter
 
+    check_writable(args.out, "--out")
     try:
         export = export_adapter(
             Path(args.adapter).read_bytes(), args.format, rank=args.rank, energy=args.energy, dtype=args.dtype
@@ -318,6 +413,7 @@ def cmd_export(args) -> int:
 def cmd_export_tiny_model(args) -> int:
     from sepen_core.models import build_tiny_model, build_tiny_xl_model
 
+    check_writable(args.out, "out", directory=True)
     (build_tiny_xl_model if args.xl else build_tiny_model)(args.seed).save_pretrained(args.out)
     print(args.out)
     return 0
@@ -503,8 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     except SepenError as exc:
         print(f"sepen {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"sepen {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+    except OSError as exc:  # a file to read that is not there, one that cannot be written...: one line, no traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"sepen {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
 
 

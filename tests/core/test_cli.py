@@ -1,13 +1,19 @@
 """The `sepen` CLI end to end: finetune, generate (PNG metadata with A1111's parameters), inspect on the tiny model;
-the toy model by default; clear errors. `sepen export`: tests/core/test_export.py."""
+the toy model by default; clear errors, and those that can come before the work (output paths, model names, nouns
+the model cannot draw) before it; an adapter that cannot be saved where asked is saved beside.
+`sepen export`: tests/core/test_export.py."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from sepen_core.adapters import KeyProjectionAdapter
+from sepen_core.cli import save_adapter
+from sepen_core.model_card import model_card
 from sepen_core.models import BUNDLED_MODEL_DIR
 from tests.interop import parse_a1111
 
@@ -123,15 +129,116 @@ def test_default_model_is_the_toy_model_with_its_own_settings(tmp_path):
 
 
 def test_errors_are_one_readable_line(tmp_path):
-    run = sepen("inspect", "a photo of a cat", "--concepts", "cat", "zebra", cwd=tmp_path)
+    run = sepen("inspect", "a photo of a cat", "--model", "tiny", "--concepts", "cat", "zebra", cwd=tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip().endswith(
         "error: concept 'zebra' does not appear in the prompt as a whole word sequence (prompt: 'a photo of a cat')"
     )
-    run = sepen("finetune", "--pair", "cat", "dog", "--steps", "0", "--out", "x.safetensors", cwd=tmp_path)
+    run = sepen("finetune", "--model", "tiny", "--pair", "cat", "dog", "--steps", "0", "--out", "x.safetensors",
+                cwd=tmp_path)  # fmt: skip
     assert run.returncode == 2 and "steps: must be an integer from 1" in run.stderr
     run = sepen("generate", "a cat", "--model", str(tmp_path / "missing"), cwd=tmp_path)
-    assert run.returncode == 2 and "does not exist" in run.stderr
+    assert run.returncode == 2 and f"'{tmp_path / 'missing'}' is no model name, nor a directory" in run.stderr
+
+
+def one_line_error(run) -> str:
+    """The one line a command that failed before its work wrote: exit code 2, no traceback, nothing on stdout."""
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr and run.stdout == "" and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    return run.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["finetune", "--pair", "cherry", "sofa", "--out", "/dev/null/x.safetensors"],
+            "sepen finetune: error: argument --out: cannot write /dev/null/x.safetensors: /dev/null is not a directory",
+        ),
+        (
+            ["finetune", "--pair", "cherry", "sofa", "--out", "a-file/x.safetensors"],
+            "argument --out: cannot write a-file/x.safetensors: a-file is not a directory",
+        ),
+        (["finetune", "--pair", "cherry", "sofa", "--out", "."], "argument --out: . is a directory; give a file name"),
+        (
+            ["finetune", "--pair", "cherry", "sofa", "--checkpoint-dir", "a-file", "--out", "x.safetensors"],
+            "argument --checkpoint-dir: a-file is a file, not a directory",
+        ),
+        (
+            ["generate", "a cherry", "--out", "/dev/null/out/"],
+            "sepen generate: error: argument --out: cannot write /dev/null/out: /dev/null is not a directory",
+        ),
+        (["generate", "a cherry", "--out", "a-file"], "argument --out: a-file is a file, not a directory"),
+        (
+            ["evaluate", "x.safetensors", "--json", "/dev/null/report.json"],
+            "argument --json: cannot write /dev/null/report.json: /dev/null is not a directory",
+        ),
+    ],
+    ids=["finetune-dev-null", "finetune-under-a-file", "finetune-a-directory", "checkpoints-a-file",
+         "generate-dev-null", "generate-a-file", "evaluate-json"],
+)  # fmt: skip
+def test_an_output_path_that_cannot_be_written_fails_before_the_work(tmp_path, args, message):
+    (tmp_path / "a-file").write_text("not a directory")
+    assert message in one_line_error(sepen(*args, cwd=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written, nothing half made
+
+
+def test_an_unknown_model_fails_before_the_work_naming_the_models_there_are(tmp_path):
+    (tmp_path / "my-sd15").mkdir()
+    (tmp_path / "my-sd15" / "model_index.json").write_text("{}")
+    (tmp_path / "not-a-model").mkdir()
+    run = sepen("finetune", "--model", "nosuchmodel", "--pair", "cat", "dog", "--out", "x.safetensors", cwd=tmp_path)
+    line = one_line_error(run)
+    assert line.startswith("sepen finetune: error: argument --model: 'nosuchmodel' is no model name, nor a directory")
+    for name in ("toy (the bundled toy-world model, the default)", "tiny or tiny:SEED", "tiny-xl or tiny-xl:SEED"):
+        assert name in line
+    assert line.endswith("model directories here: my-sd15")
+    run = sepen("generate", "a cat", "--model", "nosuchmodel", cwd=tmp_path)
+    assert "argument --model: 'nosuchmodel' is no model name" in one_line_error(run)
+
+
+def test_nouns_the_toy_model_cannot_draw_fail_before_the_work_listing_its_nouns(tmp_path):
+    nouns = ", ".join(model_card("toy").nouns)
+    run = sepen("finetune", "--pair", "cherry", "giraffe", "--out", "x.safetensors", cwd=tmp_path)
+    line = one_line_error(run)
+    assert line.startswith("sepen finetune: error: argument --pair: model 'toy' cannot draw 'giraffe'")
+    assert f"24 nouns ({nouns})" in line
+    run = sepen("generate", "a cherry and a giraffe", "--concepts", "cherry", "giraffe", "--out", "out", cwd=tmp_path)
+    assert "error: argument --concepts: model 'toy' cannot draw 'giraffe'" in one_line_error(run)
+    run = sepen("inspect", "a cherry and a giraffe", "--concepts", "Cherry", "giraffe", cwd=tmp_path)
+    assert "error: argument --concepts: model 'toy' cannot draw 'giraffe'" in one_line_error(run)
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Adapter:
+    """What save_adapter needs of a KeyProjectionAdapter: save(path) as it does it."""
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"trained weights")
+        return path
+
+
+def test_an_adapter_that_cannot_be_saved_where_asked_is_saved_beside(tmp_path, monkeypatch):
+    """The check before the work passed, but the save after it fails (the folder became a file meanwhile): the
+    adapter goes to the current directory, or where that takes no file, to the temporary directory."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "gone").write_text("was a folder")
+    monkeypatch.chdir(tmp_path / "work")
+    path, failure = save_adapter(_Adapter(), str(tmp_path / "gone" / "cherry-sofa.safetensors"))
+    assert failure is not None and path.parent == tmp_path / "work" and path.read_bytes() == b"trained weights"
+    assert path.name.startswith("cherry-sofa-") and path.suffix == ".safetensors"
+
+    (tmp_path / "vanishing").mkdir()
+    monkeypatch.chdir(tmp_path / "vanishing")
+    (tmp_path / "vanishing").rmdir()  # the current directory itself is gone: the temporary directory
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "temp"))
+    (tmp_path / "temp").mkdir()
+    path, failure = save_adapter(_Adapter(), str(tmp_path / "gone" / "cherry-sofa.safetensors"))
+    assert failure is not None and path.parent == tmp_path / "temp" and path.read_bytes() == b"trained weights"
+    path, failure = save_adapter(_Adapter(), str(tmp_path / "temp" / "fine.safetensors"))
+    assert failure is None and path == tmp_path / "temp" / "fine.safetensors"
 
 
 def test_every_option_explains_itself_and_shows_its_default():
