@@ -49,9 +49,9 @@ def test_train_resume_and_saved_model(tmp_path):
     assert set(summary["evals"][-1]["results"]) == {"single", "train_pairs", "heldout_pairs"}
     assert (tmp_path / "b" / "eval-0000020.png").exists() and (model_dir / "world.json").exists()
     assert b.mask_padding and b.tokenizer.model_max_length == 16
-    # 80 steps at batch 8 and a small evaluation: about 50 s on the slowest CI machine seen (2-core EPYC, fp32);
-    # the bound catches a step that became several times slower, not machine noise.
-    assert time.perf_counter() - began < 180
+    # 80 steps at batch 8 and a small evaluation: about 50 s on the slowest CI machine seen (2-core EPYC, fp32), alone;
+    # the bound catches a step that became an order of magnitude slower, not a machine loaded by other work.
+    assert time.perf_counter() - began < 500
 
 
 def test_warm_start_copies_a_saved_models_weights_and_refuses_another_shape(tmp_path):
