@@ -14,7 +14,9 @@ from sepen_core.errors import ConfigError
 
 NORMALIZATIONS = ("raw", "content")
 GRAD_MODES = ("exact", "local")
-LATENT_SOURCES = ("pseudo", "generated")
+LATENT_SOURCES = ("pseudo", "generated", "trajectory", "attend-excite")
+# The sources whose pool holds sampling trajectories (their latents at the steps of `trajectory_window`).
+TRAJECTORY_SOURCES = ("trajectory", "attend-excite")
 # Model sources that are not directories (models.load_model): the bundled toy-world model, the tiny random model.
 BUNDLED_SOURCE = "toy"
 TINY_SOURCE = "tiny"
@@ -106,10 +108,20 @@ class FinetuneConfig(_Serializable):
     adam_epsilon: float = 1e-8
     # Side of the pseudo-latents in latent pixels; None uses the UNet's sample_size.
     latent_size: int | None = None
-    # Where each step's clean x0 comes from: "pseudo" (the paper: Gaussian latents) or "generated" (the base
-    # model's own samples of training prompts, made once before training: still no training images).
+    # Where each step's noisy latents come from, all without training images: "pseudo" (the paper: Gaussian x0 noised
+    # at a uniform timestep), "generated" (the base model's own samples of training prompts, made once before
+    # training, noised the same way), "trajectory" (the base model's own sampling trajectories of training prompts: the
+    # latents it denoises at the steps of trajectory_window, where an object is kept or lost), "attend-excite"
+    # (Attend-and-Excite's samples of training prompts, its final latents noised at the window's timesteps: with
+    # teacher_weight > 0, A&E is the teacher).
     latents: str = "pseudo"
-    latent_pool: int = 64  # "generated": how many samples are made and drawn from
+    latent_pool: int = 64  # every source but "pseudo": how many samples are made and drawn from
+    # The share of the model's sampling steps the trajectory sources take their latents or timesteps from: (0.35, 0.7)
+    # is steps 8-14 of 20, where the toy model's maps start to say which object goes missing.
+    trajectory_window: tuple[float, float] = (0.35, 0.7)
+    # latents="attend-excite": weight of the teacher's loss, the denoising loss towards A&E's samples (the adapter's
+    # plain prediction learns where A&E's latent updates lead, paid once at finetune time); 0: SepEn's losses only.
+    teacher_weight: float = 0.0
     maps: MapConfig = field(default_factory=MapConfig)
     # torch.compile the map-capture forward (sepen_core.attention.forward_until, one graph): a slow first step,
     # then faster steps on a GPU; the gradients are the same.
@@ -142,7 +154,23 @@ class FinetuneConfig(_Serializable):
         )
         _check(0 <= self.lambda_sep <= 100, "lambda_sep", "must be in [0, 100]")
         _check(0 <= self.lambda_en <= 100, "lambda_en", "must be in [0, 100]")
-        _check(self.lambda_sep + self.lambda_en > 0, "lambda_sep", "lambda_sep and lambda_en cannot both be 0")
+        _check(
+            self.lambda_sep + self.lambda_en + self.teacher_weight > 0,
+            "lambda_sep",
+            "lambda_sep, lambda_en and teacher_weight cannot all be 0",
+        )
+        _check(0 <= self.teacher_weight <= 100, "teacher_weight", "must be in [0, 100]")
+        _check(
+            self.teacher_weight == 0 or self.latents == "attend-excite",
+            "teacher_weight",
+            'needs latents "attend-excite" (the teacher\'s samples)',
+        )
+        window = self.trajectory_window
+        _check(
+            len(window) == 2 and all(isinstance(w, (int, float)) for w in window) and 0 <= window[0] < window[1] <= 1,
+            "trajectory_window",
+            "must be two shares of the sampling steps, 0 <= start < end <= 1",
+        )
         _check(0 <= self.prior_weight <= 100, "prior_weight", "must be in [0, 100]")
         _check(isinstance(self.seed, int) and 0 <= self.seed < 2**31, "seed", "must be an integer in [0, 2^31)")
         _check(self.grad_mode in GRAD_MODES, "grad_mode", f"must be one of {GRAD_MODES}")

@@ -94,6 +94,9 @@ def run_fingerprint(model: BaseModel, concepts: ConceptSet, config: FinetuneConf
         del recipe["latents"], recipe["latent_pool"]
     # How the adapter is stored and checked, not what is trained; newer than checkpoints.
     del recipe["rank"], recipe["energy"], recipe["check_samples"]
+    for name in ("trajectory_window", "teacher_weight"):  # newer options: at their defaults, older runs' fingerprints
+        if getattr(config, name) == getattr(FinetuneConfig, name):
+            del recipe[name]
     blob = json.dumps(
         {"config": recipe, "concepts": concepts.to_dict(), "base": model.base_fingerprint}, sort_keys=True
     )
@@ -223,7 +226,7 @@ def _finetune(
     try:
         start, history = (0, [])
         # Made with the base keys, before a checkpoint's weights are restored.
-        pool = generated_pool(model, concepts, config, should_cancel) if config.latents == "generated" else None
+        pool = generated_pool(model, concepts, config, should_cancel) if config.latents != "pseudo" else None
         if checkpoints is not None:
             start, history = _load_checkpoint(checkpoints.directory, fingerprint, params, optimizer)
         for p in params.values():

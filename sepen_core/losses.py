@@ -122,6 +122,7 @@ class SepenLoss:
     separate: torch.Tensor  # scalar, batch mean of L_sep
     enhance: torch.Tensor  # scalar, batch mean of L_en
     prior: torch.Tensor | None = None
+    teacher: torch.Tensor | None = None  # the teacher's denoising loss (recipe teacher_weight > 0)
 
 
 def sepen_loss(

@@ -49,6 +49,8 @@ class GenerationResult:
     # step_scores[s][i]: image i's scores from the maps of denoising step s alone (when the object is decided)
     step_scores: list[list[MapScores]] | None = None
     latents: torch.Tensor | None = None  # (N, C, h, w): the final latents, before the VAE decodes them
+    # With record_steps: step i -> (its timestep, (N, C, h, w) the latents denoised at step i, after any A&E update)
+    trajectory: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)
     # How the images were made, for their PNG metadata: the settings, the model, its sampler, the adapter's name.
     config: SampleConfig | None = None
     model_id: str = ""
@@ -210,8 +212,10 @@ class _Denoiser:
         excite: AttendExcite | None,
         on_step: Callable[[int, int], None] | None,
         should_cancel: Callable[[], bool] | None,
+        trajectory: dict[int, tuple[int, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Every step of the schedule from the initial noise (scaled here), polling should_cancel before each."""
+        """Every step of the schedule from the initial noise (scaled here), polling should_cancel before each; the
+        latents of the steps already in `trajectory` are put there."""
         latents = latents * self.members[0].scheduler.init_noise_sigma
         timesteps = self.timesteps
         for i, t in enumerate(timesteps):
@@ -219,6 +223,8 @@ class _Denoiser:
                 raise Canceled(i)
             if excite is not None:
                 latents = excite.update(latents, i, t)
+            if trajectory is not None and i in trajectory:
+                trajectory[i] = (int(t), latents.detach().cpu())
             latents = self.step(latents, t)
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
@@ -244,6 +250,7 @@ def generate(
     adapter: KeyProjectionAdapter | None = None,
     concepts: list[str] | None = None,
     attend_excite: AttendExciteConfig | None = None,
+    record_steps: tuple[int, ...] = (),
     on_step: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> GenerationResult:
@@ -252,12 +259,19 @@ def generate(
     With an adapter, its keys are applied for this call only (the unconditional branch uses them
     too, as in the paper). With concepts, their maps and scores are recorded (conditional branch).
     With attend_excite (needs concepts), the latents are optimised at test time (the A&E baseline).
-    on_step(i, total) is called after each step; should_cancel() is polled before each.
+    record_steps: the (0-based) steps whose latents the result's `trajectory` keeps (what finetuning on the model's
+    own trajectories trains on). on_step(i, total) is called after each step; should_cancel() is polled before each.
     """
     request = GenerationRequest(prompt, config or model.defaults.sample_config(), adapter, tuple(concepts or ()))
-    return generate_batch(model, [request], attend_excite=attend_excite, on_step=on_step, should_cancel=should_cancel)[
-        0
-    ]
+    (result,) = generate_batch(
+        model,
+        [request],
+        attend_excite=attend_excite,
+        record_steps=record_steps,
+        on_step=on_step,
+        should_cancel=should_cancel,
+    )
+    return result
 
 
 @torch.no_grad()
@@ -266,6 +280,7 @@ def generate_batch(
     requests: list[GenerationRequest],
     *,
     attend_excite: AttendExciteConfig | None = None,
+    record_steps: tuple[int, ...] = (),
     on_step: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[GenerationResult]:
@@ -275,7 +290,7 @@ def generate_batch(
     Requests with different adapters share the batch through their keys: a prompt's keys do not change while
     it is denoised, so each request's keys are computed once, with its adapter, and every step uses them. With
     one adapter (or none) for all, the adapter is applied to the weights instead, as generate() always did.
-    attend_excite takes a single request. on_step and should_cancel are the batch's (see generate()).
+    attend_excite takes a single request. record_steps, on_step and should_cancel are the batch's (see generate()).
     """
     if not requests:
         return []
@@ -313,12 +328,14 @@ def generate_batch(
                 on_step(i, total)
 
     shared = next(iter(adapters.values())) if keys is None else None
+    trajectory: dict[int, tuple[int, torch.Tensor]] = dict.fromkeys(record_steps)  # type: ignore[arg-type]
     with shared.applied(model) if shared is not None else nullcontext(), installed_processors(model.unet, processors):
         latents = denoiser.denoise(
             _initial_noise(model, seeds, latent_size),
             excite,
             on_step if recorder is None else score_step,
             should_cancel,
+            trajectory,
         )
         pixels = _decode(model, latents)
 
@@ -341,6 +358,7 @@ def generate_batch(
                 None if scores is None else scores[rows],
                 None if step_scores is None else [step[rows] for step in step_scores],
                 latents[rows],
+                {i: (step[0], step[1][rows]) for i, step in trajectory.items() if step is not None},
                 config=request.config,
                 model_id=model.model_id,
                 sampler=sampler,

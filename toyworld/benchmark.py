@@ -69,6 +69,7 @@ class Method:
     seed: int = 0
     recipe: dict = field(default_factory=dict)  # overrides of the model's own recipe (ModelDefaults)
     label: str = ""
+    attend_excite: bool = False  # sample with Attend-and-Excite (kind "attend_excite", or on top of a SepEn adapter)
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,15 @@ def methods(config: BenchmarkConfig) -> list[Method]:
     for s in config.finetune_seeds:
         rows.append(Method(f"sepen-per-pair-s{s}", "sepen", "per_pair", s, dict(steps), f"SepEn, per pair (seed {s})"))
     for s in config.finetune_seeds:
+        label = f"SepEn per pair + Attend-and-Excite (seed {s})"
+        rows.append(Method(f"sepen-per-pair-excite-s{s}", "sepen", "per_pair", s, dict(steps), label, True))
+    for s in config.finetune_seeds:
         rows.append(Method(f"sepen-pairs-s{s}", "sepen", "pairs", s, dict(steps), f"SepEn, training pairs (seed {s})"))
     for s in config.finetune_seeds:
         rows.append(
             Method(f"sepen-large-s{s}", "sepen", "large_scale", s, dict(steps), f"SepEn, large-scale (seed {s})")
         )
-    rows.append(Method("attend-excite", "attend_excite", label="Attend-and-Excite"))
+    rows.append(Method("attend-excite", "attend_excite", label="Attend-and-Excite", attend_excite=True))
     if config.ablations:
         s = config.finetune_seeds[0]
         rows += [
@@ -169,7 +173,8 @@ def group_items(world: World, group: str, n: int, seed: int) -> list[tuple[tuple
 
 def sepen_concepts(world: World, kind: str, pair: tuple[str, ...] = ()) -> ConceptSet:
     if kind == "per_pair":  # the README's way: sepen finetune --pair A B --template "a {A} and a {B}"
-        return ConceptSet.pairs(tuple(sorted(pair)), templates=(TEMPLATE,))
+        # (the world's caption of one object for the recipes with a prior loss; it draws nothing else)
+        return ConceptSet(groups=(tuple(sorted(pair)),), templates=(TEMPLATE,), prior_template=PRIOR_TEMPLATE)
     if kind == "pairs":
         return ConceptSet(
             groups=tuple(group_pairs(world, "seen_pairs")[::2]), templates=(TEMPLATE,), prior_template=PRIOR_TEMPLATE
@@ -256,7 +261,7 @@ def run_method(
     adapter, numbers, per_pair, per_pair_runs = None, {}, {}, []
     if method.kind == "sepen" and method.concepts != "per_pair":
         adapter, numbers["finetune"] = finetune_adapter(model, sepen_concepts(world, method.concepts), method)
-    excite = AttendExciteConfig() if method.kind == "attend_excite" else None
+    excite = AttendExciteConfig() if method.attend_excite else None
     previews: dict[str, list[Image.Image]] = {}
     numbers["groups"] = {}
     for group, group_items_ in items.items():
@@ -344,7 +349,53 @@ def summarise(records: list[dict]) -> dict:
     }
 
 
+def per_pair(prompts: list[str], items: int, base: list[bool], runs: list[list[bool]]) -> dict:
+    """A pair group's outcomes per pair (both caption orders pooled): each pair's paired difference from the base
+    model (the mean over `runs`, a method's finetune seeds), the worst and the best pair, and how many pairs lose
+    (significantly: McNemar's p < 0.05 in every run). `prompts` are the group's "A / B" prompts in item order, each
+    with its share of `items` (evaluate.spread), as the benchmark samples them."""
+    spans: dict[str, list[int]] = {}
+    start = 0
+    for prompt, count in zip(prompts, spread(items, len(prompts)), strict=True):
+        spans.setdefault(" + ".join(sorted(prompt.split(" / "))), []).extend(range(start, start + count))
+        start += count
+    pairs = {}
+    for pair, rows in spans.items():
+        before = [base[i] for i in rows]
+        each = [paired_difference(before, [run[i] for i in rows]) for run in runs]
+        pairs[pair] = {
+            "n": len(rows),
+            "base": sum(before) / len(rows),
+            "difference": statistics.fmean(d["difference"] for d in each),
+            "significant_loss": all(d["difference"] < 0 and d["p_mcnemar"] < 0.05 for d in each),
+        }
+    ranked = sorted(pairs, key=lambda k: pairs[k]["difference"])
+    return {
+        "pairs": pairs,
+        "worst": ranked[0],
+        "best": ranked[-1],
+        "hurt": sum(pairs[k]["difference"] < 0 for k in ranked),
+        "hurt_significantly": sum(pairs[k]["significant_loss"] for k in ranked),
+        "count": len(ranked),
+    }
+
+
+def per_pair_cell(numbers: dict) -> str:
+    """'worst a + b -25.0 (n 16), best c + d +12.5; 7 of 24 hurt (1 significantly)'."""
+    pairs = numbers["pairs"]
+    worst, best = numbers["worst"], numbers["best"]
+    return (
+        f"worst {worst} {100 * pairs[worst]['difference']:+.1f} (n {pairs[worst]['n']}), best {best} "
+        f"{100 * pairs[best]['difference']:+.1f}; {numbers['hurt']} of {numbers['count']} hurt "
+        f"({numbers['hurt_significantly']} significantly)"
+    )
+
+
 # ---- report ------------------------------------------------------------------------------------
+
+
+def _bits(outcomes: str) -> list[bool]:
+    return [c == "1" for c in outcomes]
 
 
 def _pct(x: float) -> str:
@@ -377,6 +428,16 @@ def markdown(report: dict) -> str:
         ]
         out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
     pair_groups = [g for g in groups if g != "single"]
+    if all("per_pair" in r for name, r in rows.items() if name != "base"):
+        out += [
+            "\n### Per pair (both caption orders): the worst and the best pair's difference from the base model in "
+            "points, and how many pairs lose\n",
+            "| method | " + " | ".join(pair_groups) + " |\n|---|" + "---|" * len(pair_groups) + "\n",
+        ]
+        for name, r in rows.items():
+            if name != "base":
+                cells = [per_pair_cell(r["per_pair"][g]) for g in pair_groups]
+                out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
     out += [
         "\n### Attention while sampling (raw maps, the paper's): mean weakest-object peak over the first quarter "
         "of the steps / at the end / mean IoU\n",
@@ -478,6 +539,14 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
             for g, rec in r["groups"].items()
         }
         r["outcomes"] = {g: "".join("1" if x["success"] else "0" for x in rec) for g, rec in r.pop("groups").items()}
+    prompts = {g: [" / ".join(p) for p in group_pairs(world, g)] for g in config.groups}
+    for name, r in results.items():
+        if name != "base":
+            r["per_pair"] = {
+                g: per_pair(prompts[g], config.items_per_group, _bits(results["base"]["outcomes"][g]), [_bits(o)])
+                for g, o in r["outcomes"].items()
+                if g != "single"
+            }
     report = {
         "config": config.to_dict(),
         "model": model.model_id,
@@ -488,7 +557,7 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
             "gpu": torch.cuda.get_device_name() if model.device.type == "cuda" else None,
         },
         "groups": list(config.groups),
-        "prompts": {g: [" / ".join(p) for p in group_pairs(world, g)] for g in config.groups},
+        "prompts": prompts,
         "methods": results,
         "timing": time_per_image(model, adapters, config, timing_pair),
     }

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from sepen_core.stats import paired_mean_difference
-from toyworld.benchmark import GROUPS
+from toyworld.benchmark import GROUPS, per_pair, per_pair_cell
 
 SEED_SUFFIX = re.compile(r"-s(\d+)$")  # sepen-pairs-s1: the method family sepen-pairs, finetune seed 1
 SEED_LABEL = re.compile(r"\s*\(seed \d+\)$")
@@ -59,6 +59,19 @@ def combine(reports: list[dict], sources: list[str]) -> dict:
     for report in reports:  # the base row's summaries, from whichever run had each group
         methods["base"].setdefault("summary", {}).update(report["methods"]["base"]["summary"])
     groups = [g for g in GROUPS if g in base]
+    prompts = {g: p for report in reports for g, p in report.get("prompts", {}).items()}
+    items = first["config"]["items_per_group"]
+
+    def pairs_of(runs_by_group: dict[str, list[list[bool]]]) -> dict:
+        return {
+            g: per_pair(prompts[g], items, bits(base[g][0]), runs)
+            for g, runs in runs_by_group.items()
+            if g != "single" and g in prompts
+        }
+
+    for name, row in methods.items():
+        if name != "base":
+            row["per_pair"] = pairs_of({g: [bits(o)] for g, o in row["outcomes"].items()})
 
     families: dict[str, list[str]] = {}
     for name in methods:
@@ -76,7 +89,14 @@ def combine(reports: list[dict], sources: list[str]) -> dict:
                 difference = paired_mean_difference(bits(base[group][0]), runs)
                 by_group[group] = {**difference, "success": sum(map(sum, runs)) / (len(runs) * len(runs[0]))}
         label = SEED_LABEL.sub("", methods[names[0]]["label"])
-        seed_means[family] = {"label": f"{label}: mean of {len(names)} seeds", "methods": names, "groups": by_group}
+        seed_means[family] = {
+            "label": f"{label}: mean of {len(names)} seeds",
+            "methods": names,
+            "groups": by_group,
+            "per_pair": pairs_of(
+                {g: [bits(methods[n]["outcomes"][g]) for n in names] for g in by_group}  # every seed ran the group
+            ),
+        }
     return {
         "model": first["model"],
         "config": {"items_per_group": first["config"]["items_per_group"], "seed": first["config"]["seed"]},
@@ -129,6 +149,18 @@ def markdown(combined: dict) -> str:
                     f"{100 * d['ci95'][1]:+.1f}]; p={d['p']:.2g}; " + " / ".join(f"{100 * x:+.1f}" for x in d["by_run"])
                 )
             out.append(f"| {family['label']} | " + " | ".join(cells) + " |\n")
+    pair_groups = [g for g in groups if g != "single"]
+    rows = [(r["label"], r.get("per_pair", {})) for n, r in combined["methods"].items() if n != "base"]
+    rows += [(f["label"], f.get("per_pair", {})) for f in combined["seed_means"].values()]
+    if pair_groups and any(numbers for _, numbers in rows):
+        out += [
+            "\n### Per pair (both caption orders): the worst and the best pair's difference from the base model in "
+            "points (for a mean of seeds: the pair's mean), and how many pairs lose (significantly: in every seed)\n",
+            "| method | " + " | ".join(pair_groups) + " |\n|---|" + "---|" * len(pair_groups) + "\n",
+        ]
+        for label, numbers in rows:
+            cells = [per_pair_cell(numbers[g]) if g in numbers else "not run" for g in pair_groups]
+            out.append(f"| {label} | " + " | ".join(cells) + " |\n")
     sources = ", ".join(f"`{s}`" for s in combined["sources"])
     items = combined["config"]["items_per_group"]
     out.append(f"\nRuns: {sources}; {items} items per group, model {combined['model']}.\n")

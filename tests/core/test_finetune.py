@@ -230,7 +230,13 @@ def test_a_checkpoint_resumes_whatever_storage_the_run_asks_for(tiny_model):
     assert run_fingerprint(tiny_model, PAIR, dataclasses.replace(config, check_samples=0)) == fingerprint
     assert run_fingerprint(tiny_model, PAIR, dataclasses.replace(config, compile=True)) != fingerprint
     assert run_fingerprint(tiny_model, PAIR, dataclasses.replace(config, steps=5)) != fingerprint
-    hashed = set(FinetuneConfig.__dataclass_fields__) - {"rank", "energy", "check_samples", "latents", "latent_pool"}
+    trajectory = dataclasses.replace(config, latents="trajectory")
+    assert run_fingerprint(tiny_model, PAIR, trajectory) != fingerprint
+    assert run_fingerprint(tiny_model, PAIR, dataclasses.replace(trajectory, trajectory_window=(0.1, 0.5))) != (
+        run_fingerprint(tiny_model, PAIR, trajectory)
+    )
+    later = {"latents", "latent_pool", "trajectory_window", "teacher_weight"}  # hashed only away from their defaults
+    hashed = set(FinetuneConfig.__dataclass_fields__) - {"rank", "energy", "check_samples"} - later
     written_before = {"steps", "learning_rate", "batch_size", "lambda_sep", "lambda_en", "prior_weight", "seed",
                       "grad_mode", "max_grad_norm", "weight_decay", "adam_betas", "adam_epsilon", "latent_size",
                       "maps", "compile"}  # fmt: skip

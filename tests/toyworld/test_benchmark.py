@@ -74,6 +74,7 @@ def test_methods_three_finetune_seeds_ablations_and_a_selection():
     assert names == [
         "base",
         *(f"sepen-per-pair-s{s}" for s in range(3)),
+        *(f"sepen-per-pair-excite-s{s}" for s in range(3)),
         *(f"sepen-pairs-s{s}" for s in range(3)),
         *(f"sepen-large-s{s}" for s in range(3)),
         "attend-excite",
@@ -84,6 +85,20 @@ def test_methods_three_finetune_seeds_ablations_and_a_selection():
     assert [m.name for m in methods(BenchmarkConfig(only_methods=("attend-excite",)))] == ["base", "attend-excite"]
     with pytest.raises(ValueError, match="sepen-huge"):
         methods(BenchmarkConfig(only_methods=("sepen-huge",)))
+
+
+def test_per_pair_pools_both_caption_orders_and_names_the_worst_pair():
+    from toyworld.benchmark import per_pair
+
+    prompts = ["a / b", "b / a", "c / d", "d / c"]  # 8 items: 2 per prompt
+    base = [True, False, True, False, False, False, True, True]
+    runs = [[True, True, True, True, False, False, False, False]]  # a + b gains 2 of 4, c + d loses 2 of 4
+    numbers = per_pair(prompts, 8, base, runs)
+    assert numbers["pairs"]["a + b"] == {"n": 4, "base": 0.5, "difference": 0.5, "significant_loss": False}
+    assert numbers["worst"] == "c + d" and numbers["best"] == "a + b"
+    assert numbers["pairs"]["c + d"]["difference"] == -0.5 and (numbers["hurt"], numbers["count"]) == (1, 2)
+    two_seeds = per_pair(prompts, 8, base, [runs[0], base])  # the mean over seeds, per pair
+    assert two_seeds["pairs"]["c + d"]["difference"] == -0.25
 
 
 def test_paired_statistics():
@@ -112,8 +127,8 @@ def test_reduced_benchmark_end_to_end(tmp_path):
     )
     world, model = load_world(BUNDLED_MODEL_DIR / "world.json"), load_base_model(BUNDLED_MODEL_DIR)
     report = run(model, world, config, tmp_path, log=lambda line: None)
-    names = ["base", "sepen-per-pair-s0", "sepen-pairs-s0", "sepen-large-s0", "attend-excite"]
-    assert list(report["methods"]) == names
+    names = ["base", "sepen-per-pair-s0", "sepen-per-pair-excite-s0", "sepen-pairs-s0", "sepen-large-s0"]
+    assert list(report["methods"]) == [*names, "attend-excite"]
     assert report["groups"] == list(V2_GROUPS) and tuple(report["config"]["groups"]) == V2_GROUPS
     for method in report["methods"].values():
         for group in V2_GROUPS:
@@ -151,4 +166,12 @@ def test_reduced_benchmark_end_to_end(tmp_path):
     assert all(label in table for label in labels)
     assert "Objects missing from pair images" in table and "by kind: absent / wrong_shape / fused / twice" in table
     assert all((tmp_path / f"grid-{g}.png").exists() for g in V2_GROUPS)
-    assert len((tmp_path / "methods.jsonl").read_text().splitlines()) == 5
+    assert len((tmp_path / "methods.jsonl").read_text().splitlines()) == 6
+    # Per pair, for every method: both caption orders pooled, the worst and best pair named in the table.
+    excite = report["methods"]["sepen-per-pair-excite-s0"]
+    assert excite["finetune"]["adapters"] == 3  # its own adapters, sampled with Attend-and-Excite on top
+    for name in names[1:]:
+        for group in V2_GROUPS[1:]:
+            numbers = report["methods"][name]["per_pair"][group]
+            assert numbers["count"] == 1 and numbers["pairs"][numbers["worst"]]["n"] == 2
+    assert "### Per pair" in table and "worst " in table
