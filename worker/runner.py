@@ -2,7 +2,8 @@
 the job process, stop it on cancel or time limit, record how each job ended.
 
 Every failure inside a job ends that job (failed, with the code its error class declares and its message)
-and leaves the worker serving; a job whose claim was taken over by another worker is dropped without
+and leaves the worker serving, as does an error of the worker's own side of the run (internal_error: a job left
+running would be sent again and again); a job whose claim was taken over by another worker is dropped without
 writing. While the database is unreachable the worker waits (holding the one message it took) instead of
 failing the job or taking more messages.
 """
@@ -97,7 +98,11 @@ class Runtime:
                 for c in claims
             ]
             watched = [self.metrics.watch(kind, r) for r in reporters]
-            outcomes = self.jobs.run(kind, claims, watched, self.time_limit_s(kind))
+            try:
+                outcomes = self.jobs.run(kind, claims, watched, self.time_limit_s(kind))
+            except Exception:  # a bug on the worker's side of the run: the jobs end failed, never left running
+                log.exception("job %s (%s): its run failed on an error of the worker; failing it", job_id, kind)
+                outcomes = [Outcome.internal_error()] * len(claims)
         statuses = []
         for c, reporter, outcome in zip(claims, reporters, outcomes, strict=True):
             if reporter.lost:
@@ -173,25 +178,29 @@ class Runtime:
         self, kind: str, claim: Claim, outcome: Outcome, claimed_at: float, *, progress: dict | None = None
     ) -> str | None:
         """Record how the job ended (with `progress`, its last report if that was not stored yet), unless the claim
-        was lost; waits out a database outage."""
+        was lost; waits out a database outage. An end the database does not take for another reason is recorded
+        without that report, and failing that as an internal error: a job is never left running (it would be sent
+        again and again). A finished finetune's checkpoint is deleted; failing that is logged (retention deletes it)."""
         outcome = result_checked(kind, claim, outcome)
-
-        def record(session: Session) -> bool:
-            finished = finish_job(
-                session,
-                claim,
-                outcome.status,
-                result=outcome.result,
-                error_code=outcome.code,
-                error_message=outcome.message,
-                progress=progress,
-            )
-            if finished and kind == "finetune" and outcome.code != COMPUTE_QUOTA_EXCEEDED:
-                delete_checkpoint(session, claim.job_id)
-            return finished
-
-        if not self.with_database(record):
+        fallbacks = [(outcome, None)] if progress is not None else []
+        fallbacks.append((replace(Outcome.internal_error(), stats=outcome.stats), None))
+        while True:
+            try:
+                record = functools.partial(_record, claim=claim, outcome=outcome, progress=progress)
+                finished = self.with_database(record)
+                break
+            except Exception:
+                if not fallbacks:
+                    raise
+                log.exception("job %s: its end (%s) could not be recorded", claim.job_id, outcome.status)
+                outcome, progress = fallbacks.pop(0)
+        if not finished:
             return None
+        if kind == "finetune" and outcome.code != COMPUTE_QUOTA_EXCEEDED:
+            try:
+                self.with_database(lambda session: delete_checkpoint(session, claim.job_id))
+            except Exception:
+                log.warning("job %s: its checkpoint was not deleted; retention will", claim.job_id, exc_info=True)
         seconds = time.monotonic() - claimed_at
         log.info("job %s %s after %.1f s", claim.job_id, outcome.status, seconds)
         self.metrics.job_finished(kind, outcome, seconds)
@@ -208,6 +217,18 @@ class Runtime:
 
     def close(self) -> None:
         self.jobs.close()
+
+
+def _record(session: Session, claim: Claim, outcome: Outcome, progress: dict | None) -> bool:
+    return finish_job(
+        session,
+        claim,
+        outcome.status,
+        result=outcome.result,
+        error_code=outcome.code,
+        error_message=outcome.message,
+        progress=progress,
+    )
 
 
 def result_checked(kind: str, claim: Claim, outcome: Outcome) -> Outcome:

@@ -3,6 +3,7 @@ bad request ends that job with a clear error code and the runtime goes on servin
 A1111's parameters."""
 
 import io
+import logging
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from sepen_store.settings import WorkerSettings
 from tests.interop import parse_a1111, publish_adapter, spectral_adapter
 from worker import reporting
 from worker import work as work_module
+from worker.engine import ProtocolError
+from worker.protocol import Outcome
 from worker.runner import Runtime
 
 
@@ -83,6 +86,52 @@ def test_unexpected_crash_is_an_internal_error_logged_with_its_traceback(runtime
     assert "ZeroDivisionError" not in row.error_message
     logged = [r for r in caplog.records if r.getMessage().startswith(f"job {job_id} failed (internal_error)")]
     assert logged and logged[0].exc_info[0] is ZeroDivisionError
+
+
+class FailingRun:
+    """Where the work runs, failing on the worker's side of the run (as a ProtocolError from the job process, or a
+    progress write that raised, did): the job must still end."""
+
+    def run(self, kind, claims, reporters, time_limit_s):
+        raise ProtocolError("batch 0 ended with the outcomes of jobs ()")
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_error_on_the_workers_side_of_a_run_fails_the_job_as_an_internal_error(runtime, caplog):
+    """Left running, the job would be sent again when its lease lapsed, and fail again, for ever."""
+    runtime.jobs = FailingRun()
+    job_id = submit(runtime, "generate", generate_request())
+    with caplog.at_level(logging.ERROR, logger="worker.runner"):
+        assert runtime.run("generate", job_id) == "failed"
+    row = job_row(runtime, job_id)
+    assert row.error_code == "internal_error" and "ProtocolError" not in row.error_message
+    (line,) = [r for r in caplog.records if job_id in r.getMessage()]
+    assert line.exc_info is not None and isinstance(line.exc_info[1], ProtocolError)
+
+
+class ReportsThenStops:
+    """Where the work runs: two progress reports, the second (throttled, so still unsaved at the end) one that no
+    JSON holds, then the job ends canceled."""
+
+    def run(self, kind, claims, reporters, time_limit_s):
+        reporters[0].progress({"step": 1, "total": 2})
+        reporters[0].progress({"step": 2, "total": 2, "raw": b"bytes are no JSON"})
+        return [Outcome("canceled")]
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_end_whose_last_progress_cannot_be_stored_is_recorded_without_it(tmp_path):
+    settings = WorkerSettings(data_dir=tmp_path, progress_interval_s=600.0)
+    upgrade_database(settings.database_url)
+    runtime = Runtime(settings, session_factory(make_engine(settings.database_url)), ReportsThenStops())
+    job_id = submit(runtime, "generate", generate_request())
+    assert runtime.run("generate", job_id) == "canceled"
+    row = job_row(runtime, job_id)
+    assert row.status == "canceled" and row.progress == {"step": 1, "total": 2}
 
 
 def test_bad_concepts_fail_with_a_named_error(runtime):
