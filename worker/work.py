@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -21,11 +22,12 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sepen_core.adapters import KeyProjectionAdapter
+from sepen_core.checkpoints import read_checkpoint_state
 from sepen_core.config import FinetuneConfig
 from sepen_core.diagnostics import diagnose
 from sepen_core.errors import Canceled, SepenError
 from sepen_core.evaluation import EvaluationConfig, EvaluationPrompt, evaluate_adapter, load_judge
-from sepen_core.finetuning import Checkpoints, StepReport, finetune
+from sepen_core.finetuning import Checkpoints, StepReport, finetune, run_fingerprint
 from sepen_core.harm_check import HarmCheckConfig, check_adapter
 from sepen_core.images import png_bytes
 from sepen_core.model_card import model_card
@@ -167,7 +169,8 @@ class Work:
         probes = probe_prompts(concepts)
         before = probe(model, probes, config)
         with tempfile.TemporaryDirectory(prefix=f"sepen-{job.id[:8]}-") as directory:
-            resumed_from, predecessor = self._restore_checkpoint(job, Path(directory), resumed)
+            run = run_fingerprint(model, concepts, config)
+            resumed_from, predecessor = self._restore_checkpoint(job, Path(directory), resumed, run)
             checkpoints = Checkpoints(
                 directory,
                 every=self.settings.checkpoint_every,
@@ -201,8 +204,21 @@ class Work:
         )
         finished = self._publish(job, request, result.adapter, summary)
         if predecessor is not None:  # this job carried the stopped one's training to its end
-            self.stored(lambda session: delete_checkpoint(session, predecessor))
+            self._drop_predecessor_checkpoint(job.id, predecessor)
         return finished
+
+    def _drop_predecessor_checkpoint(self, job_id: str, predecessor: str) -> None:
+        """Delete the checkpoint this job resumed from, which the job that the compute quota stopped left; a failure
+        is logged, never the job's (the adapter is published; retention deletes the checkpoint later)."""
+        try:
+            self.stored(lambda session: delete_checkpoint(session, predecessor))
+        except Exception:  # noqa: BLE001
+            log.warning(
+                "job %s: could not delete the checkpoint of job %s, which it resumed from; retention will",
+                job_id,
+                predecessor,
+                exc_info=True,
+            )
 
     def _harm_check(
         self,
@@ -264,9 +280,11 @@ class Work:
             # A checkpoint is insurance: train on through an outage, the next one may get through.
             log.warning("job %s: its checkpoint at step %d was not stored: %s", job_id, step, exc)
 
-    def _restore_checkpoint(self, job: Job, directory: Path, resumed: bool) -> tuple[int, str | None]:
+    def _restore_checkpoint(self, job: Job, directory: Path, resumed: bool, run: str) -> tuple[int, str | None]:
         """Lay the checkpoint to resume from in `directory`: the job's own (an earlier attempt's), else that of the same
-        request stopped by the compute quota. Returns its step (0: none) and, for the latter, that job's id."""
+        request stopped by the compute quota, if it was written by this run (`run`: its fingerprint; the model's
+        defaults or weights may have changed since); one of another run is left alone and the job starts at step 0.
+        Returns its step (0: none) and, for the latter, that job's id."""
         own = self.stored(lambda session: load_checkpoint(session, job.id)) if resumed else None
         predecessor = None if own else self.stored(lambda session: quota_stopped_predecessor(session, job))
         stored = own or (self.stored(lambda session: load_checkpoint(session, predecessor)) if predecessor else None)
@@ -275,6 +293,16 @@ class Work:
         step, data = stored
         with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
             tar.extractall(directory, filter="data")
+        if not own and (read_checkpoint_state(directory) or {}).get("run") != run:
+            log.warning(
+                "job %s: the checkpoint of job %s (stopped by the compute quota, same request) belongs to another run "
+                "(other model defaults or weights); starting from step 0",
+                job.id,
+                predecessor,
+            )
+            for path in directory.iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            return 0, None
         origin = f"job {predecessor}'s checkpoint (stopped by the compute quota)" if predecessor else "its checkpoint"
         log.info("job %s resumes from %s at step %d", job.id, origin, step)
         return step, predecessor

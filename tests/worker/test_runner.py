@@ -4,19 +4,26 @@ A1111's parameters."""
 
 import io
 import logging
+import tarfile
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from sepen_core.adapters import KeyProjectionAdapter
+from sepen_core.checkpoints import write_checkpoint
 from sepen_core.config import FinetuneConfig, SampleConfig
+from sepen_core.finetuning import run_fingerprint
 from sepen_core.models import build_tiny_model
 from sepen_core.prompts import ConceptSet
 from sepen_store.contract import GenerateResult
 from sepen_store.database import make_engine, session_factory, upgrade_database
-from sepen_store.job_outputs import get_image, load_checkpoint
-from sepen_store.jobs import create_job, get_job
+from sepen_store.errors import StoreError
+from sepen_store.job_outputs import get_image, load_checkpoint, save_checkpoint
+from sepen_store.jobs import claim_job, create_job, finish_job, get_job
+from sepen_store.quotas import COMPUTE_QUOTA_EXCEEDED
 from sepen_store.registry import resolve, version_bytes
 from sepen_store.retention import apply_retention
 from sepen_store.settings import WorkerSettings
@@ -225,6 +232,66 @@ def test_a_finetune_that_crosses_the_daily_compute_budget_stops_and_the_same_req
     assert done.result["summary"]["resumed_from_step"] == kept_step and done.result["adapter"] == "budget@1"
     with sessions() as session:
         assert load_checkpoint(session, stopped) is None and load_checkpoint(session, again) is None
+
+
+SHORT_FINETUNE = {
+    "adapter": "again",
+    "model": "sepen-tiny",
+    "concepts": ConceptSet.pairs(("cat", "dog")).to_dict(),
+    "recipe": {"steps": 4, "batch_size": 1},
+}
+
+
+def quota_stopped(runtime, request: dict, checkpoint_state: dict) -> str:
+    """A finetune of `request` that the compute quota stopped, leaving a checkpoint at step 2 of the sepen-tiny keys
+    with this JSON state."""
+    job_id = submit(runtime, "finetune", request)
+    model = runtime.jobs.work.models.get("sepen-tiny")
+    params = {name: torch.nn.Parameter(weight.detach().clone()) for name, weight in model.base_keys.items()}
+    buffer = io.BytesIO()
+    with tempfile.TemporaryDirectory() as directory:
+        write_checkpoint(Path(directory), 2, params, torch.optim.AdamW(params.values()), checkpoint_state)
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for path in sorted(Path(directory).iterdir()):
+                tar.add(path, arcname=path.name)
+    with runtime.sessions() as session:
+        claim = claim_job(session, job_id, "worker-0", lease_s=60)
+        finish_job(session, claim, "failed", error_code=COMPUTE_QUOTA_EXCEEDED, error_message="stopped by the quota")
+        save_checkpoint(session, job_id, 2, buffer.getvalue())
+    return job_id
+
+
+def test_a_stopped_predecessors_checkpoint_of_another_run_is_left_and_the_finetune_starts_at_step_0(runtime, caplog):
+    """The same request stopped by the quota under other model defaults left a checkpoint of another run: resuming
+    from it would fail the request with checkpoint_mismatch each time it is sent. The job starts at step 0 instead."""
+    stopped = quota_stopped(runtime, SHORT_FINETUNE, {"run": "0" * 64, "history": []})
+    again = submit(runtime, "finetune", SHORT_FINETUNE)
+    with caplog.at_level(logging.WARNING, logger="worker.work"):
+        assert runtime.run("finetune", again) == "succeeded", job_row(runtime, again).error_message
+    assert job_row(runtime, again).result["summary"]["resumed_from_step"] == 0
+    assert any(stopped in r.getMessage() and "starting from step 0" in r.getMessage() for r in caplog.records)
+    with runtime.sessions() as session:
+        assert load_checkpoint(session, stopped) is not None  # not this run's to delete
+
+
+def test_a_checkpoint_of_a_stopped_predecessor_that_cannot_be_deleted_fails_nothing(runtime, monkeypatch, caplog):
+    """The job resumes from the predecessor's checkpoint and publishes; the delete of that checkpoint afterwards fails
+    (here: the store refuses it): the job succeeds all the same, and the log says so."""
+    model = runtime.jobs.work.models.get("sepen-tiny")
+    concepts = ConceptSet.from_dict(SHORT_FINETUNE["concepts"])
+    config = model.defaults.finetune_config(concepts.mode, SHORT_FINETUNE["recipe"])
+    stopped = quota_stopped(runtime, SHORT_FINETUNE, {"run": run_fingerprint(model, concepts, config), "history": []})
+
+    def refused(session, job_id):
+        raise StoreError(f"the store refused to delete the checkpoint of job {job_id}")
+
+    monkeypatch.setattr(work_module, "delete_checkpoint", refused)
+    again = submit(runtime, "finetune", SHORT_FINETUNE)
+    with caplog.at_level(logging.WARNING, logger="worker.work"):
+        assert runtime.run("finetune", again) == "succeeded", job_row(runtime, again).error_message
+    assert job_row(runtime, again).result["summary"]["resumed_from_step"] == 2
+    (line,) = [r for r in caplog.records if "could not delete the checkpoint" in r.getMessage()]
+    assert stopped in line.getMessage() and isinstance(line.exc_info[1], StoreError)
 
 
 def test_every_finetune_ends_with_its_do_no_harm_check(runtime):
