@@ -175,6 +175,8 @@ def cmd_finetune(args) -> int:
             "seed": args.seed,
             "latents": args.latents,
             "latent_pool": args.latent_pool,
+            "trajectory_window": tuple(args.trajectory_window) if args.trajectory_window else None,
+            "teacher_weight": args.teacher_weight,
             "rank": args.rank,
             "energy": args.energy,
             "check_samples": args.check_samples,
@@ -483,9 +485,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--latents",
         choices=LATENT_SOURCES,
-        help="training x0: pseudo (Gaussian, the paper; default) or generated (the model's own samples)",
+        help="training latents: pseudo (Gaussian, the paper; default), generated (the model's own samples), "
+        "trajectory (the model's own sampling trajectories at --trajectory-window), attend-excite (Attend-and-Excite's "
+        "samples; with --teacher-weight, A&E is the teacher)",
     )
-    p.add_argument("--latent-pool", type=int, help="with --latents generated: how many samples to make (default 64)")
+    p.add_argument("--latent-pool", type=int, help="with --latents other than pseudo: samples to make (default 64)")
+    p.add_argument(
+        "--trajectory-window",
+        type=float,
+        nargs=2,
+        metavar=("START", "END"),
+        help="with --latents trajectory or attend-excite: the share of sampling steps trained on (default 0.35 0.7)",
+    )
+    p.add_argument(
+        "--teacher-weight",
+        type=float,
+        help="with --latents attend-excite: weight of the denoising loss towards A&E's samples (default 0: none)",
+    )
     p.add_argument(
         "--compile",
         action="store_true",

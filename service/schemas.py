@@ -207,9 +207,23 @@ class RecipeIn(RequestBody):
     grad_mode: Literal[GRAD_MODES] | None = None  # type: ignore[valid-type]
     normalization: Normalization | None = None
     latents: Literal[LATENT_SOURCES] | None = Field(  # type: ignore[valid-type]
-        None, description="training x0: 'pseudo' (Gaussian, the paper) or 'generated' (the model's own samples)"
+        None,
+        description="training latents: 'pseudo' (Gaussian, the paper), 'generated' (the model's own samples), "
+        "'trajectory' (the model's own sampling trajectories at trajectory_window) or 'attend-excite' "
+        "(Attend-and-Excite's samples; with teacher_weight, A&E is the teacher)",
     )
     latent_pool: json_int(ge=1, le=Limits.max_latent_pool) | None = None
+    trajectory_window: tuple[StrictFloat | StrictInt, StrictFloat | StrictInt] | None = Field(
+        None,
+        description="the share of the sampling steps the trajectory sources train on, [start, end] with "
+        "0 <= start < end <= 1 (default [0.35, 0.7])",
+    )
+    teacher_weight: StrictFloat | StrictInt | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="with latents 'attend-excite': weight of the denoising loss towards A&E's samples (default 0)",
+    )
     map_downsample: json_int(ge=1, le=32) | None = Field(None, description="a power of two from 1 to 32")
     rank: json_int(ge=1, le=MAX_EXPORT_RANK) | None = Field(
         None, description="store the adapter as a rank-r factorisation of each layer (small SDXL adapters)"

@@ -253,12 +253,19 @@ def item_record(world: World, nouns: tuple[str, ...], pixels, scores, early_min_
 
 
 def run_method(
-    model: BaseModel, world: World, method: Method, items: dict, config: BenchmarkConfig
+    model: BaseModel,
+    world: World,
+    method: Method,
+    items: dict,
+    config: BenchmarkConfig,
+    made: dict | None = None,
 ) -> tuple[dict, dict, KeyProjectionAdapter | None]:
     """-> (numbers, {group: preview images}, the SepEn adapter or None: per-pair methods return their first).
     Per item: success, exact, missing objects and their kinds, the weakest raw peak (over the first quarter of the
-    denoising steps and at the end) and the IoU while sampling."""
+    denoising steps and at the end) and the IoU while sampling. `made` keeps per-pair adapters across methods: a
+    method with the same recipe and seed (SepEn per pair with A&E on top) samples with the same adapters."""
     adapter, numbers, per_pair, per_pair_runs = None, {}, {}, []
+    made = {} if made is None else made
     if method.kind == "sepen" and method.concepts != "per_pair":
         adapter, numbers["finetune"] = finetune_adapter(model, sepen_concepts(world, method.concepts), method)
     excite = AttendExciteConfig() if method.attend_excite else None
@@ -272,7 +279,10 @@ def run_method(
             if method.concepts == "per_pair" and len(nouns) == 2:  # single objects keep the base model
                 key = frozenset(nouns)
                 if key not in per_pair:
-                    per_pair[key], stats = finetune_adapter(model, sepen_concepts(world, "per_pair", nouns), method)
+                    made_key = (key, method.seed, json.dumps(method.recipe, sort_keys=True))
+                    if made_key not in made:
+                        made[made_key] = finetune_adapter(model, sepen_concepts(world, "per_pair", nouns), method)
+                    per_pair[key], stats = made[made_key]
                     per_pair_runs.append(stats)
                 item_adapter = per_pair[key]
             result = sample_items(model, nouns, seeds, item_adapter, excite)
@@ -517,10 +527,10 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
     (out / "methods.jsonl").unlink(missing_ok=True)
     config = dataclasses.replace(config, groups=config.groups or world_groups(world))
     items = {g: group_items(world, g, config.items_per_group, config.seed) for g in config.groups}
-    results, previews, adapters = {}, {}, {}
+    results, previews, adapters, made = {}, {}, {}, {}
     for method in methods(config):
         start = time.perf_counter()
-        numbers, previews[method.name], adapter = run_method(model, world, method, items, config)
+        numbers, previews[method.name], adapter = run_method(model, world, method, items, config, made)
         if adapter is not None and method.name in GRID_METHODS:  # the grids' methods are the ones timed
             adapters[method.name] = adapter
         results[method.name] = {"label": method.label, **numbers}

@@ -81,6 +81,17 @@ def test_collection_gets_the_large_scale_recipe_with_overrides(client, auth):
     assert request["concepts"]["held_out"] == ["owl"] and request["concepts"]["templates"] == ["a {A} next to a {B}"]
 
 
+def test_trajectory_and_teacher_recipes_are_stored_as_given(client, auth):
+    body = {"adapter": "cat-dog", "model": "sd15", "concepts": {"pairs": [["cat", "dog"]]}}
+    recipe = {"latents": "attend-excite", "teacher_weight": 1, "trajectory_window": [0, 0.7]}
+    response = client.post("/finetune", json={**body, "recipe": recipe}, headers=auth)
+    assert response.status_code == 202, response.text
+    stored = response.json()["job"]["request"]["recipe"]
+    assert stored == {"latents": "attend-excite", "teacher_weight": 1, "trajectory_window": [0, 0.7], "maps": {}}
+    resolved = ModelDefaults().finetune_config("groups", stored)
+    assert resolved.teacher_weight == 1 and resolved.trajectory_window == (0, 0.7)
+
+
 def test_large_scale_collection(client, auth):
     response = client.post(
         "/finetune", json={"adapter": "big", "concepts": {"collection": "large-scale"}}, headers=auth
@@ -122,6 +133,11 @@ INVALID = [
     ("recipe.map_downsample", 3, "recipe.map_downsample"),
     ("recipe.latents", "images", "recipe.latents"),
     ("recipe.latent_pool", 5000, "recipe.latent_pool"),
+    ("recipe.teacher_weight", 1.0, "recipe.teacher_weight"),  # a teacher needs latents "attend-excite"
+    ("recipe.teacher_weight", -1, "recipe.teacher_weight"),
+    ("recipe.trajectory_window", [0.7, 0.3], "recipe.trajectory_window"),
+    ("recipe.trajectory_window", [0.1], "recipe.trajectory_window.1"),
+    ("recipe.trajectory_window", [0, 1.5], "recipe.trajectory_window"),
     ("recipe.rank", 0, "recipe.rank"),
     ("recipe.rank", 2.5, "recipe.rank"),
     ("recipe.rank", 70_000, "recipe.rank"),
