@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -121,8 +121,8 @@ def resolve(session: Session, tenant: str, ref: str) -> AdapterVersion:
     return version
 
 
-def list_adapters(session: Session, tenant: str) -> list[tuple[Adapter, int, int | None]]:
-    """(adapter, number of versions, latest version) per adapter of the tenant, by name."""
+def list_adapters(session: Session, tenant: str) -> list[tuple[Adapter, int, AdapterVersion | None]]:
+    """(adapter, number of versions, its latest version or None) per adapter of the tenant, by name."""
     rows = session.execute(
         select(Adapter, func.count(AdapterVersion.id), func.max(AdapterVersion.version))
         .outerjoin(AdapterVersion, AdapterVersion.adapter_id == Adapter.id)
@@ -130,7 +130,16 @@ def list_adapters(session: Session, tenant: str) -> list[tuple[Adapter, int, int
         .group_by(Adapter.id)
         .order_by(Adapter.name)
     ).all()
-    return [(a, n, latest) for a, n, latest in rows]
+    newest = [(a.id, latest) for a, _, latest in rows if latest is not None]
+    versions = (
+        session.scalars(
+            select(AdapterVersion).where(tuple_(AdapterVersion.adapter_id, AdapterVersion.version).in_(newest))
+        )
+        if newest
+        else []
+    )
+    latest_of = {v.adapter_id: v for v in versions}
+    return [(a, n, latest_of.get(a.id)) for a, n, _ in rows]
 
 
 def get_adapter(session: Session, tenant: str, name: str) -> Adapter:

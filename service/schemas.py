@@ -595,6 +595,11 @@ class AdapterSummary(BaseModel):
     name: str
     versions: int
     latest: int | None = Field(description="the newest version number; null when every version was deleted")
+    verdict: Literal["helps", "no clear effect", "hurts", "not judged"] | None = Field(
+        None,
+        description="the newest version's do-no-harm verdict (GET /adapters/{name} has the numbers); null when its "
+        "finetune ran no check",
+    )
     created_at: datetime
 
 

@@ -28,7 +28,7 @@ from service.deps import SessionDep, TenantDep
 from service.errors import ApiError, invalid_setting
 from service.openapi import AUTHENTICATED, ETAG, RATE_LIMITED, errors, success
 from service.routes.jobs import REDIRECTED, IfNoneMatch, Redirect, redirect_response
-from service.schemas import AdapterOut, AdapterSummary
+from service.schemas import AdapterOut, AdapterSummary, harm_check_of
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -78,10 +78,19 @@ Energy = Annotated[
     operation_id="listAdapters",
 )
 def list_tenant_adapters(tenant: TenantDep, session: SessionDep) -> list[AdapterSummary]:
-    return [
-        AdapterSummary(name=adapter.name, versions=count, latest=latest, created_at=adapter.created_at)
-        for adapter, count, latest in list_adapters(session, tenant)
-    ]
+    summaries = []
+    for adapter, count, latest in list_adapters(session, tenant):
+        check = None if latest is None else harm_check_of(latest)
+        summaries.append(
+            AdapterSummary(
+                name=adapter.name,
+                versions=count,
+                latest=None if latest is None else latest.version,
+                verdict=None if check is None else check.verdict,
+                created_at=adapter.created_at,
+            )
+        )
+    return summaries
 
 
 @router.get(

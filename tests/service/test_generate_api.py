@@ -240,3 +240,5 @@ def test_sampling_with_an_adapter_its_check_found_hurting_warns_without_refusing
     assert client.post("/generate", json={"prompt": PROMPT}, headers=auth).json()["warnings"] == []
     (version,) = client.get("/adapters/hurts", headers=auth).json()["versions"]
     assert version["check"]["verdict"] == "hurts" and version["check"]["pairs"][0]["paired"]["lost"] == 14
+    listed = {a["name"]: a["verdict"] for a in client.get("/adapters", headers=auth).json()}
+    assert listed == {"hurts": "hurts", "fine": "no clear effect"}  # the newest version's verdict, in the list

@@ -177,7 +177,7 @@ def test_versions_are_immutable_and_one_per_job(sessions):
         delete_version(s, "acme", "cat-dog", 2)
         v3 = publish("job-3", b"three")
         assert v3.version == 3  # numbers are never reused
-        assert [(a.name, n, latest) for a, n, latest in list_adapters(s, "acme")] == [("cat-dog", 2, 3)]
+        assert [(a.name, n, latest.version) for a, n, latest in list_adapters(s, "acme")] == [("cat-dog", 2, 3)]
 
 
 def test_adapter_refs():
