@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, event, select
 from sqlalchemy.orm import Session
 
-from sepen_store.errors import NotFound, StorageUnavailable
+from sepen_store.errors import NotFound, StorageRefused, StorageUnavailable
 from sepen_store.tables import Blob, new_id
 
 if TYPE_CHECKING:
@@ -151,5 +151,5 @@ def _delete_objects(session: Session, keys: list[str] | None) -> None:
         return
     try:
         store.delete(keys)
-    except StorageUnavailable as exc:  # the rows are settled; an object left behind costs space, not correctness
+    except (StorageUnavailable, StorageRefused) as exc:  # the rows are settled: an object left costs space, not truth
         log.warning("%d object(s) no row refers to are left in the bucket: %s", len(keys), exc)

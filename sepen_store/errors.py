@@ -6,7 +6,9 @@ StoreError
 │   └── IllegalTransition   a job cannot move from its status to the one asked for
 ├── Unauthorized        missing, unknown or revoked API key (401)
 ├── QuotaExceeded       a tenant is at a cap: queued jobs, or compute seconds today (429)
-└── StorageUnavailable  the object store holding blobs did not answer, or refused (503)
+├── StorageUnavailable  the object store holding blobs did not answer or is overloaded (503)
+└── StorageRefused      the object store answered with a refusal (a 4xx: credentials, permissions, no such bucket):
+                        the service's settings need fixing, waiting does not help (500, logged)
 """
 
 
@@ -57,7 +59,15 @@ class QuotaExceeded(StoreError):
 
 
 class StorageUnavailable(StoreError):
-    """The object store holding blobs (SEPEN_BLOB_BACKEND=s3) did not answer or refused; the message says what failed
-    where (credentials, a missing bucket, a server that is down)."""
+    """The object store holding blobs (SEPEN_BLOB_BACKEND=s3) did not answer, timed out, or answered that it is
+    overloaded or failing (5xx, SlowDown): an outage, worth waiting out. The message says what failed where."""
 
     code = "storage_unavailable"
+
+
+class StorageRefused(StoreError):
+    """The object store answered with a permanent refusal (a 4xx such as AccessDenied, InvalidAccessKeyId or
+    NoSuchBucket, or no credentials at all): not an outage, so nothing waits for it; the message says what was
+    refused where and which settings to check."""
+
+    code = "storage_refused"

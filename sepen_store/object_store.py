@@ -1,5 +1,10 @@
 """An S3-compatible bucket holding the bytes of blobs (SEPEN_BLOB_BACKEND=s3): AWS S3, or a server of one's own such as
-SeaweedFS or MinIO. sepen_store.blobs decides what goes where; this module only moves bytes and signs URLs."""
+SeaweedFS or MinIO. sepen_store.blobs decides what goes where; this module only moves bytes and signs URLs.
+
+What fails is told apart: a store that does not answer, times out or answers that it is failing or overloaded (5xx,
+SlowDown, throttling) is an outage (StorageUnavailable, waited out); one that answers with a refusal (any other 4xx:
+AccessDenied, InvalidAccessKeyId, NoSuchBucket..., or no credentials) is a problem of the settings (StorageRefused,
+raised at once: waiting would not mend it)."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from sepen_store.errors import NotFound, StorageUnavailable
+from sepen_store.errors import NotFound, StorageRefused, StorageUnavailable
 from sepen_store.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,36 @@ TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64
 DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
 # How long what the last operation or probe said of the store is believed: a busy gateway probes at most this often.
 HEALTH_TTL_S = 5.0
+# Error codes of answers that say the store is busy or failing for now, whatever their HTTP status.
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+        "RequestLimitExceeded",
+    }
+)
+SETTINGS_HINT = "check the object store's settings (SEPEN_S3_*: endpoint, bucket, credentials and their permissions)"
+
+
+def is_outage(exc: Exception) -> bool:
+    """Whether a boto3 error means the store is away or overloaded (worth waiting out) rather than refusing: no
+    connection, a timeout, a connection cut mid-answer, a 5xx or 429, or a code of TRANSIENT_CODES."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+        code = str(error.get("Code", ""))
+        status = meta.get("HTTPStatusCode") or (int(code) if code.isdigit() else 0)
+        return status >= 500 or status == 429 or code in TRANSIENT_CODES
+    return isinstance(
+        exc,
+        botocore.exceptions.ConnectionError
+        | botocore.exceptions.HTTPClientError
+        | botocore.exceptions.IncompleteReadError,
+    )
 
 
 def _config(settings: Settings) -> Config:
@@ -63,7 +98,9 @@ class ObjectStore:
         # Probes answer quickly or not at all: short timeouts, no retries (readiness must answer within its own).
         quick = config.merge(Config(connect_timeout=2, read_timeout=2, retries={"max_attempts": 1}))
         self.prober = session.client("s3", endpoint_url=settings.s3_endpoint_url or None, config=quick)
-        self._health = (True, float("-inf"))  # (answered, when: time.monotonic()) of the last operation or probe
+        # (what the store last said, when: time.monotonic()) of the last operation or probe: True (it answered), False
+        # (an outage), or the message of its refusal.
+        self._health: tuple[bool | str, float] = (True, float("-inf"))
         # Presigned URLs are for clients, which may reach the store under another name than the services do. Signing
         # is local: this client never connects.
         public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
@@ -117,19 +154,25 @@ class ObjectStore:
         return names
 
     def reachable(self) -> bool:
-        """Whether the bucket answers: what the last operation or probe found if under HEALTH_TTL_S old, else a HEAD of
-        the bucket now (2 s at most)."""
-        answered, when = self._health
-        if time.monotonic() - when < HEALTH_TTL_S:
-            return answered
-        try:
-            self.prober.head_bucket(Bucket=self.bucket)
-            answered = True
-        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            log.warning("object store: %s does not answer: %s", self.where, exc)
-            answered = False
-        self._health = (answered, time.monotonic())
-        return answered
+        """Whether the bucket answers (False: an outage): what the last operation or probe found if under HEALTH_TTL_S
+        old, else a HEAD of the bucket now (2 s at most). A bucket that answers with a refusal (a 4xx: credentials,
+        permissions, no such bucket) raises StorageRefused: not an outage to wait out, but settings to fix."""
+        said, when = self._health
+        if time.monotonic() - when >= HEALTH_TTL_S:
+            try:
+                self.prober.head_bucket(Bucket=self.bucket)
+                said = True
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                if is_outage(exc):
+                    log.warning("object store: %s does not answer: %s", self.where, exc)
+                    said = False
+                else:
+                    said = f"object store: {self.where} refuses access to the bucket: {exc}; {SETTINGS_HINT}"
+                    log.error("%s", said)
+            self._health = (said, time.monotonic())
+        if isinstance(said, str):
+            raise StorageRefused(said)
+        return said
 
     def ensure_bucket(self, wait_s: float = 0.0) -> bool:
         """Create the bucket unless it exists; True when it was created (`sepen-admin migrate` calls this). A server
@@ -139,11 +182,12 @@ class ObjectStore:
             try:
                 self.client.head_bucket(Bucket=self.bucket)
                 return False
-            except botocore.exceptions.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-                    raise StorageUnavailable(f"object store: cannot use {self.where}: {exc}") from exc
-                break
-            except botocore.exceptions.BotoCoreError as exc:
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+                code = exc.response.get("Error", {}).get("Code") if hasattr(exc, "response") else None
+                if code in ("404", "NoSuchBucket", "NotFound"):
+                    break
+                if not is_outage(exc):
+                    raise StorageRefused(f"object store: cannot use {self.where}: {exc}; {SETTINGS_HINT}") from exc
                 if time.monotonic() >= deadline:
                     raise StorageUnavailable(f"object store: cannot reach {self.where}: {exc}") from exc
                 time.sleep(1.0)
@@ -154,19 +198,22 @@ class ObjectStore:
 
     @contextmanager
     def _failure(self, action: str, key: str) -> Iterator[None]:
-        """boto3's errors as StorageUnavailable, saying what failed where; a missing object as NotFound. Either way
-        the store answered or not, which reachable() remembers."""
+        """boto3's errors saying what failed where: a missing object as NotFound, an outage as StorageUnavailable, a
+        refusal as StorageRefused. Whether the store answered or not, reachable() remembers."""
         try:
             yield
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            code = exc.response.get("Error", {}).get("Code") if hasattr(exc, "response") else None
+            if code in ("NoSuchKey", "404"):
                 self._health = (True, time.monotonic())
                 raise NotFound("stored object", key) from exc
-            self._health = (False, time.monotonic())
-            raise StorageUnavailable(f"object store: could not {action} {key!r} in {self.where}: {exc}") from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            self._health = (False, time.monotonic())
-            raise StorageUnavailable(f"object store: could not {action} {key!r} in {self.where}: {exc}") from exc
+            if is_outage(exc):
+                self._health = (False, time.monotonic())
+                raise StorageUnavailable(f"object store: could not {action} {key!r} in {self.where}: {exc}") from exc
+            # A refusal says nothing of whether the store is up: reachable() keeps what it knew, or asks the bucket.
+            raise StorageRefused(
+                f"object store: {self.where} refused to {action} {key!r}: {exc}; {SETTINGS_HINT}"
+            ) from exc
         self._health = (True, time.monotonic())
 
     def close(self) -> None:

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     require("sepen-admin", "api", part="store")  # before the imports the store extra brings
     from sepen_store.auth import create_api_key, list_api_keys, revoke_api_key
     from sepen_store.database import make_engine, schema_status, session_factory, upgrade_database
-    from sepen_store.errors import StorageUnavailable
+    from sepen_store.errors import StorageRefused, StorageUnavailable
     from sepen_store.object_store import object_store_for
     from sepen_store.retention import apply_retention
     from sepen_store.settings import Settings, WorkerSettings
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if blobs is not None:
             try:
                 created = blobs.ensure_bucket(wait_s=60.0)
-            except StorageUnavailable as exc:
+            except (StorageUnavailable, StorageRefused) as exc:
                 print(f"sepen-admin: {exc}", file=sys.stderr)
                 return 2
             print(f"object store: {blobs.where} {'created' if created else 'is there'}", file=sys.stderr)

@@ -53,7 +53,7 @@ from sepen_store.contract import (
     ProbeDiagnosis,
     parse_request,
 )
-from sepen_store.errors import StoreError
+from sepen_store.errors import StorageRefused, StoreError
 from sepen_store.job_outputs import (
     delete_checkpoint,
     load_checkpoint,
@@ -103,6 +103,12 @@ def failure_of(exc: BaseException) -> JobFailure:
         return JobFailure(
             f"{dependency}_unavailable",
             f"the service's {WHAT_IS_DOWN[dependency]} did not answer; submit the job again",
+        )
+    if isinstance(exc, StorageRefused):  # its text names the endpoint and the bucket: for the log
+        return JobFailure(
+            exc.code,
+            "the service's object store refused to store or read this job's data: its storage settings need fixing "
+            "(the worker's log says what was refused); submitting again will not help until they are",
         )
     if isinstance(exc, (SepenError, StoreError)):
         return JobFailure(exc.code, str(exc))

@@ -12,9 +12,10 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
+from sepen_store.availability import outage_of
 from sepen_store.blobs import blob_bytes, download_url, get_blob, put_blob
 from sepen_store.database import session_factory
-from sepen_store.errors import NotFound, StorageUnavailable
+from sepen_store.errors import NotFound, StorageRefused, StorageUnavailable
 from sepen_store.job_outputs import (
     delete_checkpoint,
     get_image,
@@ -28,6 +29,7 @@ from sepen_store.registry import delete_version, publish_version, version_blob, 
 from sepen_store.retention import apply_retention
 from sepen_store.settings import Settings
 from sepen_store.tables import Blob, Checkpoint, Job, utcnow
+from worker.outages import through_outages
 
 ADAPTER = b"safetensors bytes " * 1000
 
@@ -222,15 +224,28 @@ def _claim(session, job):
     return Claim(job.id, attempt=1, resumed=False)
 
 
-def test_a_store_that_is_down_or_refuses_is_storage_unavailable(sessions, s3_server, s3_bucket):
-    wrong_secret = ObjectStore(Settings(**s3_server.settings(s3_bucket, s3_secret_access_key="not-the-secret")))
+def test_a_store_that_is_down_is_unavailable_and_one_that_refuses_is_refused(sessions, s3_server, s3_bucket):
+    """No answer is an outage (StorageUnavailable, waited out); a 4xx answer (here a wrong secret: 403) is a refusal
+    (StorageRefused), which no outage handling waits for, naming what was refused where and the settings to check."""
     nobody = ObjectStore(Settings(**s3_server.settings(s3_bucket, s3_endpoint_url="http://127.0.0.1:9")))
-    for store in (wrong_secret, nobody):
-        with session_factory(sessions.kw["bind"], blobs=store)() as session:
-            with pytest.raises(StorageUnavailable, match=f"could not store 'misc/x' in bucket '{s3_bucket}'"):
-                put_blob(session, b"x", "text/plain", "misc/x")
-        store.close()
-    with session_factory(sessions.kw["bind"])() as session:  # a process without the bucket cannot read its blobs
+    with session_factory(sessions.kw["bind"], blobs=nobody)() as session:
+        with pytest.raises(StorageUnavailable, match=f"could not store 'misc/x' in bucket '{s3_bucket}'"):
+            put_blob(session, b"x", "text/plain", "misc/x")
+    nobody.close()
+    store = ObjectStore(Settings(**s3_server.settings(s3_bucket, s3_secret_access_key="not-the-secret")))
+    with session_factory(sessions.kw["bind"], blobs=store)() as session:
+        with pytest.raises(StorageRefused, match=f"{store.where} refused to store 'misc/x'") as refused:
+            put_blob(session, b"x", "text/plain", "misc/x")
+    assert "SignatureDoesNotMatch" in str(refused.value) and "SEPEN_S3_" in str(refused.value)
+    assert outage_of(refused.value) is None
+    with pytest.raises(StorageRefused, match="refused to read 'misc/x'"):
+        store.get("misc/x")
+    store.close()
+
+
+def test_a_process_without_the_bucket_cannot_read_its_blobs(sessions, s3_server, s3_bucket):
+    """It is told which settings it lacks; an object gone from the bucket is NotFound."""
+    with session_factory(sessions.kw["bind"])() as session:
         store = ObjectStore(Settings(**s3_server.settings(s3_bucket)))
         with session_factory(sessions.kw["bind"], blobs=store)() as writer:
             blob = put_blob(writer, b"in the bucket", "text/plain", "misc/y")
@@ -312,6 +327,27 @@ def test_migration_0005_keeps_the_blobs_stored_before_it(backend, tmp_path):
         with engine.connect() as connection:
             assert connection.execute(text("SELECT data FROM blobs WHERE id = 'b1'")).scalar() == b"old"
         engine.dispose()
+
+
+def test_a_refusal_is_no_outage_to_wait_out(s3_server, s3_bucket):
+    """A job's step that meets a refusal fails at once instead of waiting SEPEN_OUTAGE_GRACE_S for an answer that
+    will not change; the readiness probe and a download's link raise it too, and none of it reads as a store that
+    is down."""
+    store = ObjectStore(Settings(**s3_server.settings(s3_bucket, s3_secret_access_key="not-the-secret")))
+    started = time.monotonic()
+    with pytest.raises(StorageRefused):
+        through_outages(lambda: store.put("misc/z", b"z", "text/plain"), grace_s=60, sleep=time.sleep)
+    assert time.monotonic() - started < 10
+    for _ in range(2):  # probed, then what the probe found, remembered for HEALTH_TTL_S
+        with pytest.raises(StorageRefused, match="refuses access to the bucket"):
+            store.reachable()
+    with pytest.raises(StorageRefused):
+        store.presigned_url("misc/z", content_type="text/plain")
+    store.close()
+    missing = ObjectStore(Settings(**s3_server.settings(f"{s3_bucket}-not-there")))  # HEAD: 404
+    with pytest.raises(StorageRefused, match="SEPEN_S3_"):
+        missing.reachable()
+    missing.close()
 
 
 def test_no_presigned_url_to_a_store_that_does_not_answer(s3_server, s3_bucket):

@@ -5,12 +5,13 @@ back-off while a dependency is away, up to a grace for a job's work; any other e
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from sepen_store.errors import StorageUnavailable
+from sepen_store.errors import StorageRefused, StorageUnavailable
 from worker.outages import OutageTooLong, through_outages
 from worker.work import failure_of
 
 DATABASE_DOWN = OperationalError("SELECT 1", {}, Exception('connection to server at "10.1.2.3", port 5432 failed'))
 STORE_DOWN = StorageUnavailable("object store: could not put 'a/b' in bucket 'sepen' at http://10.1.2.3:8333: refused")
+STORE_REFUSES = StorageRefused("object store: bucket 'sepen' at http://10.1.2.3:8333 refused to store 'a/b': 403")
 
 
 class Flaky:
@@ -50,6 +51,10 @@ def test_other_errors_and_other_dependencies_are_not_retried():
     store = Flaky(STORE_DOWN, 1)
     with pytest.raises(StorageUnavailable):  # the worker's own database steps wait only for the database
         through_outages(store, dependencies=("database",), sleep=lambda s: None)
+    refused = Flaky(STORE_REFUSES, 1)
+    with pytest.raises(StorageRefused):  # a refusal will not change by waiting
+        through_outages(refused, sleep=lambda s: None)
+    assert refused.calls == 1
 
 
 @pytest.mark.parametrize(
@@ -57,6 +62,7 @@ def test_other_errors_and_other_dependencies_are_not_retried():
     [
         (DATABASE_DOWN, "database_unavailable"),
         (STORE_DOWN, "storage_unavailable"),
+        (STORE_REFUSES, "storage_refused"),
         (OutageTooLong("database", 301, 300), "database_unavailable"),
         (KeyError("/srv/models/secret-path"), "internal_error"),
     ],
