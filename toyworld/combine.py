@@ -2,6 +2,7 @@
 finetune seeds.
 
     python -m toyworld.combine RUN_DIR [RUN_DIR ...] --out DIR   # each RUN_DIR: a toyworld.benchmark results.json
+    python -m toyworld.combine main new:TAG --out DIR   # new's methods are named NAME-TAG (before a seed suffix)
 
 A full benchmark (every method, 3 finetune seeds, 400 items per group) is hours of one CPU core, more than a
 session has beside its other work; run it in parts (a method family or a seed per run, `--methods`) and combine
@@ -167,12 +168,32 @@ def markdown(combined: dict) -> str:
     return "".join(out)
 
 
+def tagged(report: dict, tag: str) -> dict:
+    """The report with every method but the base model renamed NAME-TAG (sepen-per-pair-s0 -> sepen-per-pair-TAG-s0,
+    so seeds still group) and labelled "LABEL [TAG]": runs of one method under other code or recipes side by side."""
+    methods = {}
+    for name, row in report["methods"].items():
+        if name == "base":
+            methods[name] = row
+            continue
+        match = SEED_SUFFIX.search(name)
+        renamed = f"{name[: match.start()]}-{tag}{match.group(0)}" if match else f"{name}-{tag}"
+        methods[renamed] = {**row, "label": f"{row['label']} [{tag}]"}
+    return {**report, "methods": methods}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="directories of toyworld.benchmark runs (their results.json)")
+    parser.add_argument(
+        "runs", nargs="+", help="directories of toyworld.benchmark runs (their results.json), each DIR or DIR:TAG"
+    )
     parser.add_argument("--out", required=True, help="directory for combined.json and combined.md")
     args = parser.parse_args(argv)
-    reports = [json.loads((Path(run) / "results.json").read_text()) for run in args.runs]
+    reports = []
+    for run in args.runs:
+        directory, _, tag = run.partition(":")
+        report = json.loads((Path(directory) / "results.json").read_text())
+        reports.append(tagged(report, tag) if tag else report)
     try:
         combined = combine(reports, [str(run) for run in args.runs])
     except CombineError as exc:

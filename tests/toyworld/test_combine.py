@@ -86,3 +86,24 @@ def test_paired_mean_difference_averages_each_item_over_the_runs():
     assert paired_mean_difference(base, [base, base])["p"] == 1.0
     with pytest.raises(ValueError):
         paired_mean_difference(base, [])
+
+
+def test_a_tagged_run_sits_beside_a_run_of_the_same_methods_and_pairs_are_reported():
+    from toyworld.combine import tagged
+
+    prompts = {"test_seen_seen": ["a / b", "b / a"]}  # 10 items: 5 per caption order, one pair
+    old = {**report({"attend-excite": method_row("Attend-and-Excite", {"test_seen_seen": "1111111111"})})}
+    new = report(
+        {
+            "attend-excite": method_row("Attend-and-Excite", {"test_seen_seen": "0000000000"}),
+            "sepen-per-pair-s0": method_row("SepEn, per pair (seed 0)", {"test_seen_seen": "1100110011"}),
+        }
+    )
+    with pytest.raises(CombineError, match="attend-excite"):
+        combine([old, new], ["old", "new"])
+    combined = combine([{**old, "prompts": prompts}, {**tagged(new, "ref"), "prompts": prompts}], ["old", "new"])
+    assert list(combined["methods"]) == ["base", "attend-excite", "attend-excite-ref", "sepen-per-pair-ref-s0"]
+    assert combined["methods"]["attend-excite-ref"]["label"] == "Attend-and-Excite [ref]"
+    pairs = combined["methods"]["attend-excite-ref"]["per_pair"]["test_seen_seen"]
+    assert pairs["worst"] == "a + b" and pairs["pairs"]["a + b"]["difference"] == pytest.approx(-0.6)
+    assert "worst a + b -60.0 (n 10)" in markdown(combined)
