@@ -8,7 +8,8 @@ A full benchmark (every method, 3 finetune seeds, 400 items per group) is hours 
 session has beside its other work; run it in parts (a method family or a seed per run, `--methods`) and combine
 them here. Runs combine only when they sampled the same items: the same model, items per group and item seed, and
 for every group they share, the same base-model outcome on every item (the base model is deterministic, so this
-checks the seeds and the code alike). Writes combined.json and combined.md into DIR.
+checks the seeds and the code alike). A method may come from several runs when each ran it on other groups (a long
+method split by group over two processes). Writes combined.json and combined.md into DIR.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ def combine(reports: list[dict], sources: list[str]) -> dict:
             base.setdefault(group, (outcomes, source))
         for name, row in report["methods"].items():
             if name in methods and name != "base":
-                raise CombineError(f"{source}: method {name} is also in {methods[name]['source']}")
+                earlier = methods[name]
+                if set(row["outcomes"]) & set(earlier["outcomes"]):
+                    raise CombineError(f"{source}: method {name} is also in {earlier['source']} on the same groups")
+                for key in ("outcomes", "summary", "vs_base"):  # a run of the method on other groups: its other part
+                    earlier[key] = {**earlier.get(key, {}), **row.get(key, {})}
+                earlier["source"] = f"{earlier['source']} + {source}"
             methods.setdefault(name, {**row, "source": source})
     methods["base"] = {**methods["base"], "outcomes": {g: o for g, (o, _) in base.items()}}
     for report in reports:  # the base row's summaries, from whichever run had each group

@@ -107,3 +107,13 @@ def test_a_tagged_run_sits_beside_a_run_of_the_same_methods_and_pairs_are_report
     pairs = combined["methods"]["attend-excite-ref"]["per_pair"]["test_seen_seen"]
     assert pairs["worst"] == "a + b" and pairs["pairs"]["a + b"]["difference"] == pytest.approx(-0.6)
     assert "worst a + b -60.0 (n 10)" in markdown(combined)
+
+
+def test_a_method_run_in_parts_on_other_groups_is_one_row():
+    groups = ("test_seen_seen", "test_unseen_unseen")
+    first = report({"sepen-per-pair-s0": method_row("SepEn", {"test_seen_seen": "1111110011"})}, groups=groups[:1])
+    second = report({"sepen-per-pair-s0": method_row("SepEn", {"test_unseen_unseen": "0000000000"})}, groups=groups[1:])
+    combined = combine([first, second], ["a", "b"])
+    row = combined["methods"]["sepen-per-pair-s0"]
+    assert row["outcomes"] == {"test_seen_seen": "1111110011", "test_unseen_unseen": "0000000000"}
+    assert set(row["summary"]) == set(groups) and row["source"] == "a + b" and combined["groups"] == list(groups)
