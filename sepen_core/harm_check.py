@@ -4,12 +4,19 @@ their nouns alone still draw what it names?
 The base model and the model with the adapter sample, from the same seeds, each of the adapter's own pairs in both
 orders (its first template) and each of their nouns alone (the prior template), on seeds no finetune and no benchmark
 of this project draws from (HELD_OUT_SEED onward). With the model's judge, each pair and each noun gets the paired
-difference in success (both orders pooled), its 95% interval and McNemar's p, and a verdict: `helps` when the
-interval lies above 0, `hurts` when it lies below, else `no clear effect`; the adapter's verdict is `hurts` when any
-pair or noun is hurt, `helps` when none is and the pairs pooled gain, else `no clear effect`; each side's weakest
-attention peak and overlap come with it. A model without a judge samples nothing here: its verdict is `not judged`,
-and what speaks for the adapter is the finetune's attention diagnostics of its pairs, before and after (at no extra
-cost: sampling images no one can read would cost more than the finetune on such a model).
+difference in success (both orders pooled), its 95% interval and McNemar's exact p, and a verdict.
+
+One check tests up to MAX_PAIRS pairs and each of their nouns (up to 24 tests), and at 0.05 each, some would come out
+`hurts` by chance alone. The verdicts therefore control the family-wise error of the whole check: McNemar's
+p of every pair and noun is adjusted by Holm's step-down method across them (`p_holm` beside the raw `p_mcnemar`),
+and a pair or noun `helps` or `hurts` (by the sign of its difference) when its adjusted p is under ALPHA, else it has
+`no clear effect`; its 95% interval is the unadjusted one, for reading the size of the change. The adapter's verdict
+is `hurts` when any pair or noun is hurt, `helps` when none is and the pairs pooled (one more test) gain at McNemar's
+p under ALPHA, else `no clear effect`; each side's weakest attention peak and overlap come with it.
+
+A model without a judge samples nothing here: its verdict is `not judged`, and what speaks for the adapter is the
+finetune's attention diagnostics of its pairs, before and after (at no extra cost: sampling images no one can read
+would cost more than the finetune on such a model).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from sepen_core.stats import difference_of_counts
 HELD_OUT_SEED = 900_000_000  # far above the seeds sepen's finetunes, benchmarks and default evaluations use
 MAX_PAIRS = 8  # a collection is checked on its first pairs (its probe pairs), not on every pair it could make
 VERDICTS = ("helps", "no clear effect", "hurts", "not judged")
+ALPHA = 0.05  # the family-wise error rate of one check's verdicts
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ def check_adapter(
     rows = report["prompts"]
     pair_rows = [_combined(p, [r for r in rows if sorted(r["concepts"]) == sorted(p)], config.samples) for p in pairs]
     noun_rows = [_combined((noun,), [r for r in rows if r["concepts"] == [noun]], config.samples) for noun in nouns]
+    _judge_together(pair_rows + noun_rows)
     return {
         "verdict": _overall(pair_rows, noun_rows, config.samples),
         "pairs": pair_rows,
@@ -105,11 +114,37 @@ def _combined(concepts: tuple[str, ...], rows: list[dict], samples: int) -> dict
     return {"concepts": list(concepts), **sides, "paired": paired, "verdict": verdict_of(paired)}
 
 
-def verdict_of(paired: dict | None) -> str:
+def _judge_together(rows: list[dict]) -> None:
+    """The verdicts of one check's pairs and nouns as one family of tests: each judged row's paired difference gets
+    its Holm-adjusted p (`p_holm`), and its verdict is decided on that."""
+    judged = [row for row in rows if row["paired"] is not None]
+    for row, adjusted in zip(judged, holm([row["paired"]["p_mcnemar"] for row in judged]), strict=True):
+        row["paired"]["p_holm"] = adjusted
+        row["verdict"] = verdict_of(row["paired"], adjusted)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest of m is multiplied by m - i (i from
+    0), each kept at least as large as the one before it and at most 1. Rejecting where it is under alpha keeps the
+    chance of any false rejection among the m tests under alpha."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def verdict_of(paired: dict | None, p: float | None = None) -> str:
+    """`helps` or `hurts` (the sign of the difference) when `p` (default: the difference's own McNemar p) is under
+    ALPHA, else `no clear effect`; `not judged` without a difference."""
     if paired is None:
         return "not judged"
-    low, high = paired["ci95"]
-    return "helps" if low > 0 else "hurts" if high < 0 else "no clear effect"
+    p = paired["p_mcnemar"] if p is None else p
+    if p >= ALPHA or paired["difference"] == 0:
+        return "no clear effect"
+    return "helps" if paired["difference"] > 0 else "hurts"
 
 
 def _overall(pairs: list[dict], nouns: list[dict], samples: int) -> str:

@@ -207,6 +207,13 @@ class PairedDifference(Contract):
     p_mcnemar: float
 
 
+class CheckedDifference(PairedDifference):
+    """A paired difference of the do-no-harm check, with McNemar's p adjusted by Holm's method across the check's pairs
+    and nouns: what its verdict is decided on (p_mcnemar is the test's own p). None in checks recorded before it."""
+
+    p_holm: float | None = None
+
+
 class CheckedConcepts(Contract):
     """One pair (both orders pooled) or one noun alone in the do-no-harm check: each side's success (with a judge),
     weakest peak and overlap, the paired difference, and its verdict."""
@@ -214,7 +221,7 @@ class CheckedConcepts(Contract):
     concepts: list[str]
     base: dict[str, float]
     adapter: dict[str, float]
-    paired: PairedDifference | None
+    paired: CheckedDifference | None
     verdict: Literal["helps", "no clear effect", "hurts", "not judged"]
 
 
