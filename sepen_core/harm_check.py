@@ -29,7 +29,7 @@ from sepen_core.config import SampleConfig
 from sepen_core.evaluation import EvaluationConfig, EvaluationPrompt, Judge, evaluate_adapter
 from sepen_core.models import BaseModel
 from sepen_core.prompts import ConceptSet, fill_template
-from sepen_core.stats import difference_of_counts
+from sepen_core.stats import difference_of_counts, holm
 
 HELD_OUT_SEED = 900_000_000  # far above the seeds sepen's finetunes, benchmarks and default evaluations use
 MAX_PAIRS = 8  # a collection is checked on its first pairs (its probe pairs), not on every pair it could make
@@ -121,19 +121,6 @@ def _judge_together(rows: list[dict]) -> None:
     for row, adjusted in zip(judged, holm([row["paired"]["p_mcnemar"] for row in judged]), strict=True):
         row["paired"]["p_holm"] = adjusted
         row["verdict"] = verdict_of(row["paired"], adjusted)
-
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values, in the order given: the i-th smallest of m is multiplied by m - i (i from
-    0), each kept at least as large as the one before it and at most 1. Rejecting where it is under alpha keeps the
-    chance of any false rejection among the m tests under alpha."""
-    order = sorted(range(len(p_values)), key=p_values.__getitem__)
-    adjusted = [1.0] * len(p_values)
-    running = 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
-        adjusted[index] = running
-    return adjusted
 
 
 def verdict_of(paired: dict | None, p: float | None = None) -> str:

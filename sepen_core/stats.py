@@ -1,6 +1,6 @@
 """The statistics of paired success counts (torch-free): Wilson intervals of a rate, the paired difference of two
-methods on the same items with its interval and McNemar's exact test, and the paired difference of a method run
-several times (finetune seeds) from a base, averaged per item."""
+methods on the same items with its interval and McNemar's exact test, the paired difference of a method run
+several times (finetune seeds) from a base, averaged per item, and Holm's correction for a family of tests."""
 
 from __future__ import annotations
 
@@ -67,3 +67,16 @@ def paired_mean_difference(base: list[bool], runs: list[list[bool]]) -> dict:
         "runs": k,
         "by_run": [sum(run) / n - sum(base) / n for run in runs],
     }
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest of m is multiplied by m - i (i from
+    0), each kept at least as large as the one before it and at most 1. Rejecting where it is under alpha keeps the
+    chance of any false rejection among the m tests under alpha."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted = [1.0] * len(p_values)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted

@@ -28,6 +28,7 @@ import torch
 from sepen_core.finetuning import finetune
 from sepen_core.models import BaseModel, load_base_model
 from sepen_core.prompts import ConceptSet
+from sepen_core.stats import holm
 from toyworld.benchmark import PRIOR_TEMPLATE, paired_difference, sample_items, sepen_concepts
 from toyworld.detector import detect, object_success
 from toyworld.evaluate import spread
@@ -150,16 +151,6 @@ def summarised(report: dict) -> dict:
         report["against_reference"] = comparisons
         report["choice"] = choose(report)
     return report
-
-
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error over the tests), in the order given."""
-    order = sorted(range(len(p_values)), key=p_values.__getitem__)
-    adjusted, running = [0.0] * len(p_values), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def _interval(comparison: dict, tests: int) -> list[float]:

@@ -10,11 +10,11 @@ from sepen_core.adapters import KeyProjectionAdapter
 from sepen_core.config import FinetuneConfig
 from sepen_core.errors import ConfigError
 from sepen_core.evaluation import load_judge
-from sepen_core.harm_check import HELD_OUT_SEED, HarmCheckConfig, check_adapter, checked_pairs, holm
+from sepen_core.harm_check import HELD_OUT_SEED, HarmCheckConfig, check_adapter, checked_pairs
 from sepen_core.model_card import model_card
 from sepen_core.models import load_model
 from sepen_core.prompts import ConceptSet
-from sepen_core.stats import mcnemar_p, paired_difference
+from sepen_core.stats import holm, mcnemar_p, paired_difference
 from sepen_store.contract import HarmCheck
 
 

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from sepen_core.models import BUNDLED_MODEL_DIR
-from toyworld.recipes import choose, chosen_pairs, holm, join, main
+from sepen_core.stats import holm
+from toyworld.recipes import choose, chosen_pairs, join, main
 from toyworld.world import load_world
 
 MODEL = BUNDLED_MODEL_DIR  # world v2's base model
