@@ -157,15 +157,26 @@ class Losses(Contract):
     prior: float | None = None
 
 
+FINETUNE_PHASES = ("loading", "training", "checking")
+
+
 class FinetuneProgress(Contract):
+    """A finetune's progress report. `phase`: `loading` before the first step (the model, the probe prompts' maps, the
+    training latents: step 0, no ETA, losses or maps yet), `training` after each step, `checking` after the last one
+    (the probes again and the do-no-harm check: the last step's numbers). Reports stored before phases existed are
+    training reports; a loading report leaves out what no step has measured yet."""
+
+    phase: Literal[FINETUNE_PHASES] = "training"  # type: ignore[valid-type]
     step: int
     total: int
-    eta_s: float
-    elapsed_s: float
-    losses: Losses
-    min_peak: float = Field(description="the weakest object's mean attention peak in this step's batch")
-    overlap: float = Field(description="the objects' maps' mean soft IoU in this step's batch")
-    peaks: dict[str, float] = Field(description="each concept of the batch: its mean smoothed attention peak")
+    eta_s: float | None = Field(None, description="seconds to the last step at this run's pace; null while loading")
+    elapsed_s: float = Field(description="seconds since this phase began (training: since this run or its resume)")
+    losses: Losses | None = None
+    min_peak: float | None = Field(None, description="the weakest object's mean attention peak in this step's batch")
+    overlap: float | None = Field(None, description="the objects' maps' mean soft IoU in this step's batch")
+    peaks: dict[str, float] = Field(
+        default_factory=dict, description="each concept of the batch: its mean smoothed attention peak"
+    )
 
 
 class GenerateProgress(Contract):

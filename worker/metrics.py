@@ -91,8 +91,8 @@ class WorkerMetrics:
 
 class StepTimer:
     """Passes a finetune's progress on to its reporter and observes each step's time on the way: the difference
-    of elapsed_s (seconds since this run or its resume began) between reports; a run's first report times its
-    first step."""
+    of elapsed_s (seconds since this run or its resume began) between training reports; a run's first report times
+    its first step. Reports of the phases without steps (loading, checking) are passed on untimed."""
 
     def __init__(self, reporter, histogram: Histogram):
         self.reporter = reporter
@@ -101,7 +101,8 @@ class StepTimer:
 
     def progress(self, progress: dict, *, force: bool = False) -> None:
         step, elapsed = progress.get("step"), progress.get("elapsed_s")
-        if isinstance(step, int) and isinstance(elapsed, int | float):
+        training = progress.get("phase", "training") == "training"
+        if training and isinstance(step, int) and isinstance(elapsed, int | float):
             last_step, last_elapsed = self.last or (step - 1, 0.0)
             if step > last_step:
                 seconds = max(0.0, elapsed - last_elapsed) / (step - last_step)

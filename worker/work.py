@@ -1,7 +1,8 @@
-"""What a claimed job does, the heavy part: finetune (load, probe, train, publish), generate (load, sample in batches,
-store) and evaluate (load, sample base and adapter on the same seeds, score). It runs inside the worker's job process
-(worker/engine.py) or, for tests, in the worker itself; it writes outputs through the store, reports progress and
-reads the cancel flag through a JobControl, and never changes the job row's status (worker/runner.py does).
+"""What a claimed job does, the heavy part: finetune (load, probe, train, check, publish; each phase reported),
+generate (load, sample in batches, store) and evaluate (load, sample base and adapter on the same seeds, score). It
+runs inside the worker's job process (worker/engine.py) or, for tests, in the worker itself; it writes outputs through
+the store, reports progress and reads the cancel flag through a JobControl, and never changes the job row's status
+(worker/runner.py does).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from sepen_store.settings import WorkerSettings
 from sepen_store.tables import AdapterVersion, Job
 from worker.caches import AdapterCache, ModelCache
 from worker.outages import WHAT_IS_DOWN, OutageTooLong, through_outages
+from worker.phases import FinetunePhases, planned_steps
 from worker.protocol import INTERNAL_ERROR, INTERNAL_ERROR_MESSAGE
 
 log = logging.getLogger(__name__)
@@ -168,8 +170,21 @@ class Work:
         published = self.stored(lambda session: version_of_job(session, job.id))
         if published is not None:  # an earlier attempt published and died before finishing the job
             return finetune_result(request.adapter, published)
-        model = self.models.get(request.model)
         concepts = ConceptSet.from_dict(request.concepts)
+        total = planned_steps(self.settings.models.get(request.model), concepts.mode, request.recipe)
+        with FinetunePhases(control, total) as phases:  # loading, training, checking: worker/phases.py
+            return self._finetune(job, request, concepts, resumed, control, phases)
+
+    def _finetune(
+        self,
+        job: Job,
+        request: FinetuneRequest,
+        concepts: ConceptSet,
+        resumed: bool,
+        control: JobControl,
+        phases: FinetunePhases,
+    ) -> FinetuneResult:
+        model = self.models.get(request.model)
         compiled = {"compile": True} if self.settings.compile else {}  # SEPEN_COMPILE: the worker's hardware
         config = model.defaults.finetune_config(concepts.mode, {**request.recipe, **compiled})
         probes = probe_prompts(concepts)
@@ -188,9 +203,7 @@ class Work:
                 config,
                 should_cancel=control.should_cancel,
                 checkpoint_dir=checkpoints,
-                on_step=lambda report: control.progress(
-                    step_progress(report).model_dump(), force=report.step == report.total_steps
-                ),
+                on_step=lambda report: phases.step(step_progress(report), force=report.step == report.total_steps),
                 adapter_metadata={
                     "name": request.adapter,
                     "job_id": job.id,
@@ -198,6 +211,7 @@ class Work:
                     "model": request.model,
                 },
             )
+        phases.checking(step_progress(result.history[-1]))
         after = probe(model, probes, config, result.adapter)
         summary = FinetuneSummary(
             loss_curve=loss_curve(result.history),
