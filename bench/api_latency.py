@@ -236,7 +236,8 @@ def seed_jobs(side: Side, per_client: int) -> None:
         for _ in range(per_client):
             answer = httpx.post(f"http://127.0.0.1:{side.port}/generate", content=GENERATE, headers=headers)
             answer.raise_for_status()
-            ids.append(answer.json()["job"]["id"])
+            body = answer.json()
+            ids.append(body["job"]["id"] if "job" in body else body["id"])  # {"job": {...}} before one job shape
         side.job_ids.append(ids)
 
 

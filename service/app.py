@@ -28,8 +28,9 @@ DESCRIPTION = """\
 SepEn compositional finetuning of Stable-Diffusion-style models, as jobs.
 
 `POST /finetune` queues a finetune that publishes the next version `name@N` of an adapter;
-`POST /generate` queues sampling, optionally with an adapter and per-concept heatmaps. Both answer
-202 with the job; poll `GET /jobs/{id}`. Send `Authorization: Bearer <key>` (keys come from
+`POST /generate` queues sampling, optionally with an adapter and per-concept heatmaps; `POST /evaluate` compares
+an adapter with its base model. Each answers 202 with the job as `GET /jobs/{id}` answers it (its links inside, in
+`links`), plus `warnings`; follow `links.self` or `links.events`. Send `Authorization: Bearer <key>` (keys come from
 `sepen-admin create-key`). Every error has the shape `{"error": {"code", "message", "field"}}`.
 
 Limits: each API key may send a number of requests per minute (429 `rate_limited` past it, with

@@ -478,7 +478,8 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     progress: FinetuneProgress | GenerateProgress | EvaluateProgress | None = Field(
         description="what the worker last reported: step and total (an evaluation: prompts), and for a finetune its "
-        "ETA, losses and maps"
+        "phase (loading before the first step, training, checking after the last), the phase's elapsed seconds, ETA, "
+        "losses and maps"
     )
     result: FinetuneResultOut | GenerateResultOut | EvaluateResult | None
     error: JobError | None
@@ -521,13 +522,14 @@ class JobOut(BaseModel):
         )
 
 
-class SubmittedJob(BaseModel):
-    job: JobOut
-    url: str = Field(examples=["/jobs/0f3c2a..."])
+class SubmittedJob(JobOut):
+    """What POST /finetune, /generate and /evaluate answer: the job as GET /jobs/{id} answers it (its links inside),
+    plus the submission's warnings."""
+
     warnings: list[str] = Field(
         default_factory=list,
         description="what the service thinks you should know and did not refuse you for: an adapter whose "
-        "do-no-harm check found it hurts its own pairs",
+        "do-no-harm check found it hurts its own pairs (only in the answer to the POST, never in GET /jobs/{id})",
     )
 
 
@@ -731,6 +733,18 @@ class ModelOut(BaseModel):
         False,
         description="the model has a judge (a detector of what its images hold): POST /evaluate measures success on "
         "it, and may leave out prompts to use the model's own",
+    )
+    note: str | None = Field(
+        None,
+        description="what to know before choosing it, e.g. that a tiny random model's images are noise",
+        examples=["a tiny random model: its images are noise; it runs the Stable Diffusion code paths in seconds"],
+    )
+    resolved: dict[str, Any] | None = Field(
+        None,
+        description="what a request that sets nothing gets, in full (`defaults` laid over the paper's settings): "
+        "`sample` (with its `maps`), the finetune recipes `finetune` (pairs) and `large_scale` (a collection), and "
+        "`templates`, the prompt templates of a finetune that gives none (`pairs`, `collection`); null when the "
+        "gateway cannot read the model's files",
     )
 
 

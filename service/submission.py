@@ -20,7 +20,7 @@ from sepen_store.tables import AdapterVersion, Job
 from sepen_store.webhooks import url_problem
 from service.errors import ApiError
 from service.openapi import AUTHENTICATED, LOCATION, RATE_LIMITED, WITH_BODY, errors, success
-from service.schemas import JobOut, SubmittedJob, WebhookIn, harm_check_of, json_response
+from service.schemas import SubmittedJob, WebhookIn, harm_check_of, json_response
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,14 @@ REPLAYED = {
     "Idempotent-Replayed": {"description": "true: the job an earlier try created", "schema": {"type": "string"}}
 }
 
-# The OpenAPI answers of POST /finetune and POST /generate.
+# The OpenAPI answers of POST /finetune, /generate and /evaluate.
 SUBMIT_RESPONSES = {
-    **success(202, LOCATION, RATE_LIMITED, description="queued: the job, and its URL in `url` and Location"),
+    **success(
+        202,
+        LOCATION,
+        RATE_LIMITED,
+        description="queued: the job as GET /jobs/{id} answers it (its URL: `links.self`, Location), and `warnings`",
+    ),
     200: {
         "model": SubmittedJob,
         "description": "an Idempotency-Key replay: the job the first try created; nothing new is queued",
@@ -131,7 +136,7 @@ def submitted(job: Job, created: bool, warnings: list[str] | None = None) -> Res
     headers = {"Location": url}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    body = SubmittedJob(job=JobOut.of(job), url=url, warnings=warnings or [])
+    body = SubmittedJob.of(job).model_copy(update={"warnings": warnings or []})
     return json_response(body, 202 if created else 200, headers)
 
 

@@ -303,7 +303,7 @@ def test_compose_services_run_from_the_installed_wheel(wheel, tmp_path, request)
             "/generate", json={"prompt": "a photo of a cat and a dog", "model": "sepen-tiny", "steps": 2, "seed": 3}
         )
         assert submitted.status_code == 202, submitted.text
-        job_url = submitted.json()["url"]
+        job_url = submitted.json()["links"]["self"]
         assert client.get(job_url).json()["status"] == "queued"
 
         # worker: completes the queued job.

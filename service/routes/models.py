@@ -10,9 +10,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from sepen_core.config import ModelDefaults
+from sepen_core.config import ModelDefaults, tiny_source
 from sepen_core.errors import ConfigError, ModelLoadError
 from sepen_core.model_card import ModelCard, model_card
+from sepen_core.prompts import COLLECTION_TEMPLATES, default_group_template
 from sepen_store.contract import Limits
 from sepen_store.settings import Settings
 from service.deps import SettingsDep, TenantDep
@@ -48,10 +49,11 @@ def resolve_model(settings: Settings, name: str | None) -> str:
 
 @router.get("/models", responses={**success(200, RATE_LIMITED), **errors(*AUTHENTICATED)}, operation_id="listModels")
 def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
-    """The models, each with its native size, its defaults, what one request may ask of it and, for a toy-world
-    model, its nouns: its closed vocabulary. The sources are server paths, no business of the client's."""
+    """The models, the default first, each with its native size, its defaults (and what they resolve to), what one
+    request may ask of it and, for a toy-world model, its nouns: its closed vocabulary. The sources are server paths,
+    no business of the client's."""
     models = []
-    for name, source in settings.models.items():
+    for name, source in sorted(settings.models.items(), key=lambda item: item[0] != settings.default_model):
         card = card_of(source)
         models.append(
             ModelOut(
@@ -65,9 +67,27 @@ def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
                 nouns=list(card.nouns) if card else [],
                 vocabulary=list(card.vocabulary) if card and card.vocabulary else None,
                 judged=card is not None and card.judge is not None,
+                note=TINY_NOTE if tiny_source(source) else None,
+                resolved=resolved_settings(card.defaults) if card else None,
             )
         )
     return models
+
+
+TINY_NOTE = (
+    "a tiny random model: its images are noise; it runs the Stable Diffusion code paths (VAE, 16 key layers) in "
+    "seconds, for trying the service"
+)
+
+
+def resolved_settings(defaults: ModelDefaults) -> dict[str, Any]:
+    """What a request that sets nothing gets from a model with these defaults (GET /models, `resolved`)."""
+    recipes = {
+        name: {k: v for k, v in defaults.finetune_config(mode).to_dict().items() if k != "compile"}
+        for name, mode in (("finetune", "groups"), ("large_scale", "collection"))
+    }
+    templates = {"pairs": [default_group_template(2)], "collection": list(COLLECTION_TEMPLATES)}
+    return {"sample": defaults.sample_config().to_dict(), **recipes, "templates": templates}
 
 
 @lru_cache(maxsize=64)

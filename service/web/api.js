@@ -134,7 +134,6 @@ export function mergeEvent(job, event) {
     return job;
   }
   if (!data || typeof data !== "object") return job;
-  if (data.job && typeof data.job === "object") data = data.job;
   if (data.id === job.id && "status" in data && "kind" in data) return data;
   const next = { ...job };
   if (data.progress && typeof data.progress === "object") next.progress = data.progress;

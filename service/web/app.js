@@ -370,7 +370,7 @@ async function submitFinetune(event) {
   button.disabled = true;
   try {
     const submitted = await api("/finetune", { method: "POST", body: finetuneBody(form) });
-    watchFinetune(submitted.job);
+    watchFinetune(submitted); // the job, as GET /jobs/{id} answers it
     $("#ft-job-title").focus();
   } catch (exc) {
     showError(form, exc);
@@ -605,7 +605,7 @@ async function submitGenerate(event) {
     const warnings = [];
     for (const run of [...runs].reverse()) {
       const submitted = await api("/generate", { method: "POST", body: run.body });
-      run.job = submitted.job;
+      run.job = submitted; // the job, as GET /jobs/{id} answers it, with the submission's warnings
       warnings.push(...(submitted.warnings ?? []));
     }
     showGallery(runs, warnings);
@@ -793,7 +793,7 @@ async function evaluateVersion(version, groups) {
     body.prompts = groups.slice(0, 16).map((g) => ({ prompt: `a ${g.join(" and a ")}`, concepts: g }));
   }
   try {
-    const { job } = await api("/evaluate", { method: "POST", body });
+    const job = await api("/evaluate", { method: "POST", body });
     setStatus(status, `evaluating ${version.ref}: job ${shortId(job.id)} (Refresh when it has finished)`);
   } catch (exc) {
     if (exc.status === 401) return signOut(exc.message);

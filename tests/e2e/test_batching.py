@@ -53,7 +53,7 @@ def submit_all(client) -> list[str]:
         body = {"prompt": "a cat and a dog", "model": "sepen-tiny", "steps": 3, **extra}
         response = client.post("/generate", json=body)
         assert response.status_code == 202, response.text
-        ids.append(response.json()["job"]["id"])
+        ids.append(response.json()["id"])
     return ids
 
 
@@ -79,7 +79,7 @@ def test_queued_jobs_with_different_adapters_run_as_one_batch(servers, key):
         for name in ("red", "blue"):
             recipe = {**RECIPE, "seed": len(name)}  # two different adapters
             body = {"adapter": name, "model": "sepen-tiny", "concepts": {"pairs": [["cat", "dog"]]}, "recipe": recipe}
-            job = client.post("/finetune", json=body).json()["job"]
+            job = client.post("/finetune", json=body).json()
             assert wait_for_job(client, job["id"])["status"] == "succeeded"
 
         batched_ids = submit_all(client)

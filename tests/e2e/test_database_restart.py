@@ -45,7 +45,7 @@ def deployment(tmp_path_factory):
 def submit(client: httpx.Client, path: str, body: dict) -> str:
     response = client.post(path, json=body)
     assert response.status_code == 202, response.text
-    return response.json()["job"]["id"]
+    return response.json()["id"]
 
 
 def generate(prompt: str, seed: int, **more) -> dict:

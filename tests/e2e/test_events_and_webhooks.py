@@ -116,7 +116,7 @@ def test_a_worker_run_streams_its_events_and_its_webhook_survives_a_failing_rece
             body = {"prompt": "a photo of a cat and a dog", "model": "sepen-tiny", "steps": 12, "seed": 3}
             response = client.post("/generate", json={**body, "webhook": webhook})
             assert response.status_code == 202, response.text
-            job_id = response.json()["job"]["id"]
+            job_id = response.json()["id"]
             events = follow(client, job_id)
 
             # The stream: the job as it was when the client came, then what the worker did, then the end.
@@ -175,7 +175,7 @@ def test_a_receiver_that_never_answers_is_given_up_on_after_the_last_attempt(dep
         body = {"prompt": "a cat", "model": "sepen-tiny", "steps": 2, "webhook": {"url": closed}}
         response = client.post("/generate", json=body)
         assert response.status_code == 202, response.text
-        job = wait_for_job(client, response.json()["job"]["id"])
+        job = wait_for_job(client, response.json()["id"])
 
         def given_up():
             deliveries = client.get(job["links"]["deliveries"]).json()["deliveries"]
@@ -193,9 +193,7 @@ def test_another_tenant_sees_neither_the_stream_nor_the_deliveries(deployment, t
     key, _ = tenant_key
     other = deployment.admin("create-key", "--tenant", "globex").split()[-1]
     with deployment.client(key) as client:
-        job_id = client.post("/generate", json={"prompt": "a dog", "model": "sepen-tiny", "steps": 2}).json()["job"][
-            "id"
-        ]
+        job_id = client.post("/generate", json={"prompt": "a dog", "model": "sepen-tiny", "steps": 2}).json()["id"]
     with deployment.client(other) as client:
         for path in ("events", "deliveries"):
             response = client.get(f"/jobs/{job_id}/{path}")

@@ -55,14 +55,14 @@ def test_generate_finetune_and_downloads_with_the_s3_backend(s3_deployment, s3_s
             },
         )
         assert response.status_code == 202, response.text
-        finetune = wait_for_job(client, response.json()["job"]["id"])
+        finetune = wait_for_job(client, response.json()["id"])
         assert finetune["status"] == "succeeded", finetune
         response = client.post(
             "/generate",
             json={"prompt": "a photo of a cat and a dog", "model": "sepen-tiny", "adapter": "cat-dog@1", "seed": 3},
         )
         assert response.status_code == 202, response.text
-        generate = wait_for_job(client, response.json()["job"]["id"])
+        generate = wait_for_job(client, response.json()["id"])
         assert generate["status"] == "succeeded", generate
         job_id = generate["id"]
 

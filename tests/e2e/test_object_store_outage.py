@@ -44,7 +44,7 @@ def test_a_store_outage_at_publish_keeps_the_finished_finetune(deployment):
     dep, store, key = deployment
     log = dep.logs / "worker-0.log"
     with dep.client(key) as client:
-        image = client.post("/generate", json={"prompt": "a cat", "model": "sepen-tiny", "steps": 2}).json()["job"]
+        image = client.post("/generate", json={"prompt": "a cat", "model": "sepen-tiny", "steps": 2}).json()
         assert wait_for_job(client, image["id"])["status"] == "succeeded"
         image_url = f"/jobs/{image['id']}/images/0"
         assert client.get(image_url, params={"redirect": "true"}).status_code == 307  # while the store answers
@@ -52,7 +52,7 @@ def test_a_store_outage_at_publish_keeps_the_finished_finetune(deployment):
         body = {"adapter": "kept", "model": "sepen-tiny", "concepts": {"pairs": [["cat", "dog"]]}}
         response = client.post("/finetune", json={**body, "recipe": {"steps": 12}})
         assert response.status_code == 202, response.text
-        job_id = response.json()["job"]["id"]
+        job_id = response.json()["id"]
 
         def trained_to(step):
             progress = client.get(f"/jobs/{job_id}").json()["progress"]

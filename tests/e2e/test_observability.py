@@ -96,7 +96,7 @@ def test_gateway_and_worker_metrics_follow_a_job_and_logs_are_json(observed):
         json={"prompt": "a cat and a dog", "model": "sepen-tiny", "steps": 2, "images": 1, "seed": 3},
     )
     assert submitted.status_code == 202, submitted.text
-    job_id = submitted.json()["job"]["id"]
+    job_id = submitted.json()["id"]
     for _ in range(2):
         assert client.get(f"/jobs/{job_id}").status_code == 200
     queued = scrape(metrics_url)

@@ -30,7 +30,7 @@ def submit_finetune(client, name, steps=8, **extra):
     }
     response = client.post("/finetune", json=body)
     assert response.status_code == 202, response.text
-    return response.json()["job"]
+    return response.json()
 
 
 def test_finetune_then_generate_with_the_new_version(deployment, api_key):
@@ -41,7 +41,7 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
             json={"adapter": "cherry-brick", "concepts": {"pairs": [["cherry", "brick"]]}, "recipe": {"steps": 8}},
         )
         assert response.status_code == 202, response.text
-        job = response.json()["job"]
+        job = response.json()
         assert job["status"] == "queued" and job["kind"] == "finetune"
         done = wait_for_job(client, job["id"])
         assert done["status"] == "succeeded", done
@@ -69,7 +69,7 @@ def test_finetune_then_generate_with_the_new_version(deployment, api_key):
             },
         )
         assert response.status_code == 202, response.text
-        gen = wait_for_job(client, response.json()["job"]["id"])
+        gen = wait_for_job(client, response.json()["id"])
         assert gen["status"] == "succeeded", gen
         assert [i["seed"] for i in gen["result"]["images"]] == [11, 12]
         sample = gen["result"]["sample"]  # the toy model's own settings filled what the request left out
@@ -157,7 +157,7 @@ def test_broker_restart_loses_no_queued_job_and_re_sends_each_lost_message_once(
         def submit(seed):
             response = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 12, "seed": seed})
             assert response.status_code == 202, response.text
-            return response.json()["job"]["id"]
+            return response.json()["id"]
 
         in_broker = [submit(seed) for seed in range(16)]
         deployment.redis.stop()
@@ -184,7 +184,7 @@ def test_client_errors(deployment, api_key, other_key):
         deployment.client("sk_sepen_wrong") as stranger,
     ):
         assert stranger.get("/jobs").status_code == 401
-        job = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 2}).json()["job"]
+        job = client.post("/generate", json={"prompt": "a photo of a cat", "steps": 2}).json()
         assert other.get(f"/jobs/{job['id']}").status_code == 404
         assert other.get("/adapters/cat-dog").status_code == 404
         bad = client.post("/generate", json={"prompt": "a cat", "steps": 0})
@@ -207,7 +207,7 @@ def test_the_default_model_draws_what_the_prompt_names(deployment, api_key):
     with deployment.client(api_key) as client:
         response = client.post("/generate", json={"prompt": "a cherry", "images": 2, "seed": 3})
         assert response.status_code == 202, response.text
-        job = wait_for_job(client, response.json()["job"]["id"])
+        job = wait_for_job(client, response.json()["id"])
         assert job["status"] == "succeeded", job
         images = [Image.open(io.BytesIO(client.get(f"/jobs/{job['id']}/images/{i}").content)) for i in range(2)]
         assert (
@@ -223,11 +223,11 @@ def test_evaluate_an_adapter_against_the_base_model(deployment, api_key):
     with deployment.client(api_key) as client:
         finetune = client.post("/finetune", json={"adapter": "evaluated", "concepts": {"pairs": [["cherry", "sofa"]]},
                                                   "recipe": {"steps": 4, "check_samples": 0}})  # fmt: skip
-        assert wait_for_job(client, finetune.json()["job"]["id"])["status"] == "succeeded"
+        assert wait_for_job(client, finetune.json()["id"])["status"] == "succeeded"
         prompts = [{"prompt": "a cherry and a sofa", "concepts": ["cherry", "sofa"]}]
         response = client.post("/evaluate", json={"adapter": "evaluated", "prompts": prompts, "samples": 3, "steps": 4})
         assert response.status_code == 202, response.text
-        job = wait_for_job(client, response.json()["job"]["id"])
+        job = wait_for_job(client, response.json()["id"])
         assert job["status"] == "succeeded", job
         result = job["result"]
         assert result["adapter"] == "evaluated@1" and result["judged"] is True and result["samples_per_prompt"] == 3
@@ -237,7 +237,7 @@ def test_evaluate_an_adapter_against_the_base_model(deployment, api_key):
         assert job["progress"] == {"step": 1, "total": 1}
 
         own = client.post("/evaluate", json={"adapter": "evaluated", "samples": 1, "steps": 2})
-        own_job = wait_for_job(client, own.json()["job"]["id"])
+        own_job = wait_for_job(client, own.json()["id"])
         assert own_job["status"] == "succeeded", own_job
         assert len(own_job["result"]["prompts"]) == 60  # the toy world's test pairs
         version = client.get("/adapters/evaluated").json()["versions"][0]
@@ -256,7 +256,7 @@ def test_an_sdxl_directory_is_served_finetuned_generated_and_exported(deployment
                   "recipe": {"steps": 3, "learning_rate": 0.01, "rank": 2}},
         )  # fmt: skip
         assert response.status_code == 202, response.text
-        done = wait_for_job(client, response.json()["job"]["id"])
+        done = wait_for_job(client, response.json()["id"])
         assert done["status"] == "succeeded", done
         adapter = KeyProjectionAdapter.from_bytes(client.get("/adapters/xl-pair/1/weights").content)
         assert adapter.base_architecture == "sdxl" and adapter.metadata["storage"]["rank"] == 2
@@ -266,7 +266,7 @@ def test_an_sdxl_directory_is_served_finetuned_generated_and_exported(deployment
             "/generate", json={"model": "tiny-xl", "prompt": "a cat and a dog", "adapter": "xl-pair@1", "steps": 3}
         )
         assert response.status_code == 202, response.text
-        job = wait_for_job(client, response.json()["job"]["id"])
+        job = wait_for_job(client, response.json()["id"])
         assert job["status"] == "succeeded", job
         image = Image.open(io.BytesIO(client.get(f"/jobs/{job['id']}/images/0").content))
         assert image.size == (64, 64) and image.text["model"] == "tiny-xl" and image.text["adapter"] == "xl-pair@1"

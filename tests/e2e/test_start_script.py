@@ -29,8 +29,8 @@ def test_start_serves_the_embedded_default_and_stops_cleanly(tmp_path):
         wait_until(lambda: httpx.get(f"{base}/readyz", timeout=1).status_code == 200, 240, "scripts/start to serve")
         key = (tmp_path / "var" / "api-key").read_text().strip()
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
-            assert [m["name"] for m in client.get("/models").json()] == ["sepen-tiny", "sepen-toy"]
-            job = client.post("/generate", json={"prompt": "a photo of a cat and a dog", "steps": 3}).json()["job"]
+            assert [m["name"] for m in client.get("/models").json()] == ["sepen-toy", "sepen-tiny"]  # the default first
+            job = client.post("/generate", json={"prompt": "a cherry and a sofa", "steps": 3}).json()
             assert wait_for_job(client, job["id"], timeout=120)["status"] == "succeeded"
         children = psutil.Process(script.pid).children(recursive=True)
         assert len(children) >= 2  # gateway and worker

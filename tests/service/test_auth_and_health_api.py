@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
+from sepen_core.config import FinetuneConfig, SampleConfig
 from sepen_store.auth import revoke_api_key
 from service.app import create_app
 
@@ -78,7 +81,21 @@ def test_models(client, auth):
     # Image-steps: 8 images of 200 steps at the native size; finetunes: twice the paper's large-scale recipe's samples.
     wide = {"max_height": 2048, "max_width": 2048, "size_multiple": 8, "max_images": 8, "max_steps": 200}
     wide |= {"max_image_steps": 1600, "max_finetune_work": 2 * 10_000 * 4}
-    assert client.get("/models", headers=auth).json() == [
+    models = client.get("/models", headers=auth).json()
+    tiny = models[0]
+    # What an empty request gets from the tiny model: the paper's settings, and the service's own templates.
+    resolved = {
+        "sample": SampleConfig().to_dict(),
+        "finetune": {k: v for k, v in FinetuneConfig().to_dict().items() if k != "compile"},
+        "large_scale": {k: v for k, v in FinetuneConfig.large_scale().to_dict().items() if k != "compile"},
+        "templates": {
+            "pairs": ["a photo of a {A} and a {B}"],
+            "collection": ["a photo of a {A} and a {B}", "a photo of a {A} with a {B}"],
+        },
+    }
+    assert tiny.pop("resolved") == json.loads(json.dumps(resolved))  # tuples as JSON's lists
+    assert tiny.pop("note").startswith("a tiny random model: its images are noise")
+    assert models == [
         {
             "name": "sepen-tiny",
             "default": True,
@@ -103,6 +120,8 @@ def test_models(client, auth):
             "nouns": [],
             "vocabulary": None,  # open: any word
             "judged": False,
+            "note": None,
+            "resolved": None,
         },
     ]
 

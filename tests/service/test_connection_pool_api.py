@@ -18,7 +18,7 @@ def test_a_burst_of_requests_shares_the_fixed_pool(service_settings, auth):
     with TestClient(app) as client:
         answer = client.post("/generate", json={"prompt": "a cat and a dog"}, headers=auth)
         assert answer.status_code == 202
-        job_url = answer.json()["url"]
+        job_url = answer.json()["links"]["self"]
         engine = autocommit_engine(app)
         opened = []
         event.listen(engine.pool, "connect", lambda *_: opened.append(1))

@@ -135,11 +135,11 @@ def test_integral_floats_are_integers_as_the_schema_says(client, auth, db):
     """JSON Schema's "integer" includes 5.0: the schema allows it, so the service takes it, as 5."""
     response = client.post("/generate", json={**GENERATE, "images": 5.0, "steps": 4.0, "seed": 7.0}, headers=auth)
     assert response.status_code == 202, response.text
-    sample = db.get(Job, response.json()["job"]["id"]).request["sample"]
+    sample = db.get(Job, response.json()["id"]).request["sample"]
     assert sample["num_images"] == 5 and sample["num_inference_steps"] == 4 and sample["seed"] == 7
     assert all(type(sample[k]) is int for k in ("num_images", "num_inference_steps", "seed"))
     finetune = client.post("/finetune", json={**FINETUNE, "recipe": {"steps": 30.0}}, headers=auth)
-    assert finetune.status_code == 202 and finetune.json()["job"]["request"]["recipe"]["steps"] == 30
+    assert finetune.status_code == 202 and finetune.json()["request"]["recipe"]["steps"] == 30
 
 
 BAD_TEMPLATES = [

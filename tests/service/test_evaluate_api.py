@@ -18,7 +18,7 @@ def test_prompts_are_stored_with_the_pinned_version_and_a_seed(client, auth, ten
     before = redis_client.llen("sepen.evaluate")
     response = client.post("/evaluate", json={"adapter": "cat-dog", "prompts": PROMPTS, "steps": 4}, headers=auth)
     assert response.status_code == 202, response.text
-    job = response.json()["job"]
+    job = response.json()
     request = job["request"]
     assert job["kind"] == "evaluate" and job["status"] == "queued"
     assert request["adapter"] == "cat-dog@2" and request["model"] == "sepen-tiny"
@@ -41,7 +41,7 @@ def test_a_model_without_a_judge_needs_prompts_and_one_with_a_judge_has_its_own(
     publish(tenant, "toy-one", base_model="sepen-toy")
     response = toy_client.post("/evaluate", json={"adapter": "toy-one", "samples": 2, "seed": 5}, headers=auth)
     assert response.status_code == 202, response.text
-    request = response.json()["job"]["request"]
+    request = response.json()["request"]
     assert request["prompts"] == [] and request["model"] == "sepen-toy" and request["seed"] == 5
 
 
@@ -106,7 +106,7 @@ def evaluation_result(ref: str) -> dict:
 def test_the_adapter_shows_its_latest_evaluation(client, auth, tenant, publish, db):
     publish(tenant, "shown")
     assert client.get("/adapters/shown", headers=auth).json()["versions"][0]["evaluation"] is None
-    job_id = client.post("/evaluate", json={"adapter": "shown", "prompts": PROMPTS}, headers=auth).json()["job"]["id"]
+    job_id = client.post("/evaluate", json={"adapter": "shown", "prompts": PROMPTS}, headers=auth).json()["id"]
     claim = claim_job(db, job_id, "test-worker", 60)
     assert finish_job(db, claim, "succeeded", result=evaluation_result("shown@1"))
     version = client.get("/adapters/shown", headers=auth).json()["versions"][0]

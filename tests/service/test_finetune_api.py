@@ -25,11 +25,14 @@ def test_pairs_get_the_papers_pair_recipe_and_are_enqueued(client, auth, db, red
     before = redis_client.llen("sepen.finetune")
     response = client.post("/finetune", json=PAIRS, headers=auth)
     assert response.status_code == 202, response.text
-    body = response.json()
-    job = body["job"]
-    assert body["url"] == f"/jobs/{job['id']}" == response.headers["location"]
+    job = response.json()
+    url = f"/jobs/{job['id']}"
+    assert job["links"]["self"] == url == response.headers["location"]
     assert job["kind"] == "finetune" and job["status"] == "queued"
-    assert job["links"]["self"] == body["url"] and job["links"]["cancel"] == f"{body['url']}/cancel"
+    assert job["links"]["cancel"] == f"{url}/cancel" and job["warnings"] == []
+    # One job shape: the answer to the POST is the job as GET /jobs/{id} answers it, plus the POST's warnings.
+    read = client.get(url, headers=auth).json()
+    assert {k: v for k, v in job.items() if k != "warnings"} == read and "warnings" not in read
     assert job["request"] == {
         "adapter": "cat-dog",
         "model": "sepen-tiny",
@@ -60,7 +63,7 @@ def test_collection_gets_the_large_scale_recipe_with_overrides(client, auth):
     }
     response = client.post("/finetune", json=body, headers=auth)
     assert response.status_code == 202, response.text
-    request = response.json()["job"]["request"]
+    request = response.json()["request"]
     assert request["recipe"] == {
         "steps": 50,
         "grad_mode": "local",
@@ -86,7 +89,7 @@ def test_trajectory_and_teacher_recipes_are_stored_as_given(client, auth):
     recipe = {"latents": "attend-excite", "teacher_weight": 1, "trajectory_window": [0, 0.7]}
     response = client.post("/finetune", json={**body, "recipe": recipe}, headers=auth)
     assert response.status_code == 202, response.text
-    stored = response.json()["job"]["request"]["recipe"]
+    stored = response.json()["request"]["recipe"]
     assert stored == {"latents": "attend-excite", "teacher_weight": 1, "trajectory_window": [0, 0.7], "maps": {}}
     resolved = ModelDefaults().finetune_config("groups", stored)
     assert resolved.teacher_weight == 1 and resolved.trajectory_window == (0, 0.7)
@@ -97,7 +100,7 @@ def test_large_scale_collection(client, auth):
         "/finetune", json={"adapter": "big", "concepts": {"collection": "large-scale"}}, headers=auth
     )
     assert response.status_code == 202, response.text
-    request = response.json()["job"]["request"]
+    request = response.json()["request"]
     assert request["concepts"] == _json(ConceptSet.large_scale().to_dict())
     assert ModelDefaults().finetune_config("collection", request["recipe"]).steps == 10_000
 
@@ -243,7 +246,7 @@ def test_idempotency_key_returns_the_same_job_and_enqueues_once(client, auth, re
     again = client.post("/finetune", json=PAIRS, headers=headers)
     assert first.status_code == 202 and again.status_code == 200
     assert again.headers["idempotent-replayed"] == "true"
-    assert first.json()["job"]["id"] == again.json()["job"]["id"]
+    assert first.json()["id"] == again.json()["id"]
     assert first.json() == again.json()
     assert redis_client.llen("sepen.finetune") == before + 1
 
@@ -257,7 +260,7 @@ def test_idempotency_keys_are_per_tenant(client, auth, other_auth):
     first = client.post("/finetune", json=PAIRS, headers={**auth, "Idempotency-Key": "shared"})
     second = client.post("/finetune", json=PAIRS, headers={**other_auth, "Idempotency-Key": "shared"})
     assert first.status_code == second.status_code == 202
-    assert first.json()["job"]["id"] != second.json()["job"]["id"]
+    assert first.json()["id"] != second.json()["id"]
 
 
 def test_idempotency_key_over_128_characters_is_422(client, auth, error_of):
@@ -269,7 +272,7 @@ def test_idempotency_key_over_128_characters_is_422(client, auth, error_of):
 def test_broker_down_still_accepts_the_job(down_client, api_key, db):
     response = down_client.post("/finetune", json=PAIRS, headers={"Authorization": f"Bearer {api_key}"})
     assert response.status_code == 202, response.text
-    job = db.get(Job, response.json()["job"]["id"])
+    job = db.get(Job, response.json()["id"])
     assert job.status == "queued" and job.enqueued_at is None  # the reconciler will send it
 
 
@@ -280,7 +283,7 @@ def test_rank_and_energy_together_are_422_naming_energy_and_either_alone_is_stor
     for recipe in ({"rank": 8}, {"energy": 0.99}):
         response = client.post("/finetune", json=_with("recipe", recipe), headers=auth)
         assert response.status_code == 202, response.text
-        assert response.json()["job"]["request"]["recipe"] == {**recipe, "maps": {}}
+        assert response.json()["request"]["recipe"] == {**recipe, "maps": {}}
 
 
 @pytest.mark.parametrize("recipe", [{"steps": 100_000, "batch_size": 64}, {"batch_size": 64, "steps": 1251}])

@@ -14,7 +14,7 @@ def test_defaults_and_a_stored_random_seed(client, auth, db, redis_client):
     before = redis_client.llen("sepen.generate")
     response = client.post("/generate", json={"prompt": PROMPT}, headers=auth)
     assert response.status_code == 202, response.text
-    job = response.json()["job"]
+    job = response.json()
     request = job["request"]
     seed = request["sample"]["seed"]
     assert isinstance(seed, int) and 0 <= seed < 2**31
@@ -48,7 +48,7 @@ def test_every_setting_reaches_the_sample_config(client, auth):
     }
     response = client.post("/generate", json=body, headers=auth)
     assert response.status_code == 202, response.text
-    request = response.json()["job"]["request"]
+    request = response.json()["request"]
     assert request["model"] == "sd15" and request["concepts"] == ["cat", "dog"]
     resolved = ModelDefaults(sample={"guidance_scale": 1.0}, maps={"map_downsample": 4}).sample_config(
         request["sample"]
@@ -71,16 +71,16 @@ def test_adapter_is_pinned_to_a_version(client, auth, tenant, publish, db):
     latest = client.post("/generate", json={"prompt": PROMPT, "adapter": "cat-dog"}, headers=auth)
     pinned = client.post("/generate", json={"prompt": PROMPT, "adapter": "cat-dog@1"}, headers=auth)
     assert latest.status_code == pinned.status_code == 202
-    assert latest.json()["job"]["request"]["adapter"] == "cat-dog@2"
-    assert pinned.json()["job"]["request"]["adapter"] == "cat-dog@1"
-    assert db.get(Job, latest.json()["job"]["id"]).adapter_version_id == second.id
-    assert db.get(Job, pinned.json()["job"]["id"]).adapter_version_id == first.id
+    assert latest.json()["request"]["adapter"] == "cat-dog@2"
+    assert pinned.json()["request"]["adapter"] == "cat-dog@1"
+    assert db.get(Job, latest.json()["id"]).adapter_version_id == second.id
+    assert db.get(Job, pinned.json()["id"]).adapter_version_id == first.id
 
 
 def test_model_follows_the_adapters_base_model(client, auth, tenant, publish, error_of):
     publish(tenant, "sd-style", base_model="sd15")
     response = client.post("/generate", json={"prompt": PROMPT, "adapter": "sd-style"}, headers=auth)
-    assert response.status_code == 202 and response.json()["job"]["request"]["model"] == "sd15"
+    assert response.status_code == 202 and response.json()["request"]["model"] == "sd15"
     mismatch = client.post(
         "/generate", json={"prompt": PROMPT, "adapter": "sd-style", "model": "sepen-tiny"}, headers=auth
     )
@@ -178,7 +178,7 @@ def test_idempotent_retry_without_a_seed_is_the_same_job(client, auth, redis_cli
 def test_broker_down_still_accepts_the_job(down_client, api_key, db):
     response = down_client.post("/generate", json={"prompt": PROMPT}, headers={"Authorization": f"Bearer {api_key}"})
     assert response.status_code == 202, response.text
-    job = db.get(Job, response.json()["job"]["id"])
+    job = db.get(Job, response.json()["id"])
     assert job.status == "queued" and job.enqueued_at is None
 
 

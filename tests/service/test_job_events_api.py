@@ -346,7 +346,7 @@ def test_a_job_with_a_webhook_stores_it_and_lists_its_deliveries(hooks_client, a
         headers=auth,
     )
     assert response.status_code == 202, response.text
-    job = response.json()["job"]
+    job = response.json()
     assert job["request"]["webhook"] == {
         "url": "https://hooks.example.com:8443/a",
         "events": ["succeeded", "failed", "canceled"],
@@ -362,7 +362,7 @@ def test_a_job_with_a_webhook_stores_it_and_lists_its_deliveries(hooks_client, a
     assert deliveries[0]["url"] == "https://hooks.example.com:8443/a" and deliveries[0]["next_attempt_at"]
     assert hooks_client.get(job["links"]["deliveries"], headers=other_auth).status_code == 404
 
-    plain = hooks_client.post("/generate", json=GENERATE, headers=auth).json()["job"]
+    plain = hooks_client.post("/generate", json=GENERATE, headers=auth).json()
     assert "webhook" not in plain["request"] and plain["links"]["deliveries"] is None
     assert hooks_client.get(f"/jobs/{plain['id']}/deliveries", headers=auth).json() == {"deliveries": []}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sepen_store.blobs import put_blob
-from sepen_store.jobs import claim_job, finish_job
+from sepen_store.jobs import claim_job, finish_job, heartbeat
 from sepen_store.tables import Job, JobImage
 
 FINETUNE = {"adapter": "cat-dog", "concepts": {"pairs": [["cat", "dog"]]}}
@@ -15,7 +15,7 @@ PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"pixels"
 def _submit(client, auth, adapter="cat-dog") -> str:
     response = client.post("/finetune", json={**FINETUNE, "adapter": adapter}, headers=auth)
     assert response.status_code == 202, response.text
-    return response.json()["job"]["id"]
+    return response.json()["id"]
 
 
 def test_read_a_job(client, auth):
@@ -63,6 +63,25 @@ def test_cancel_a_queued_job(client, auth):
     assert again.status_code == 202 and again.json()["status"] == "canceled"
 
 
+def test_a_finetune_loading_before_its_first_step_shows_its_phase_and_elapsed_time(client, auth, db):
+    job_id = _submit(client, auth)
+    claim = claim_job(db, job_id, "test-worker", lease_s=60)
+    heartbeat(db, claim, {"phase": "loading", "step": 0, "total": 150, "elapsed_s": 12.5})
+    job = client.get(f"/jobs/{job_id}", headers=auth).json()
+    assert job["status"] == "running"
+    assert job["progress"] == {
+        "phase": "loading",
+        "step": 0,
+        "total": 150,
+        "eta_s": None,
+        "elapsed_s": 12.5,
+        "losses": None,
+        "min_peak": None,
+        "overlap": None,
+        "peaks": {},
+    }
+
+
 def test_cancel_a_running_job_then_a_finished_one(client, auth, db, error_of):
     job_id = _submit(client, auth)
     claim = claim_job(db, job_id, "test-worker", lease_s=60)
@@ -92,7 +111,8 @@ def test_cancel_a_running_job_then_a_finished_one(client, auth, db, error_of):
     assert done.status_code == 409
     assert error_of(done)["code"] == "illegal_transition"
     finished = client.get(f"/jobs/{other_id}", headers=auth).json()
-    assert finished["status"] == "succeeded" and finished["progress"] == progress
+    # A report stored before finetune phases existed reads as a training report.
+    assert finished["status"] == "succeeded" and finished["progress"] == {**progress, "phase": "training"}
     assert finished["links"]["adapter"] == "/adapters/cat-dog/1/weights"
     assert claim.attempt == 1
 

@@ -142,8 +142,8 @@ def test_queued_jobs_beyond_the_cap_are_429_naming_it(capped, auth, tenant, db, 
     assert len(list_jobs(db, tenant)[0]) == 2  # the refused one stored nothing
     # A retry of a job already stored creates nothing, so the cap does not refuse it.
     replay = capped.post("/finetune", json=FINETUNE, headers={**auth, "Idempotency-Key": "first"})
-    assert replay.status_code == 200 and replay.json()["job"]["id"] == first.json()["job"]["id"]
-    capped.post(f"/jobs/{first.json()['job']['id']}/cancel", headers=auth)
+    assert replay.status_code == 200 and replay.json()["id"] == first.json()["id"]
+    capped.post(f"/jobs/{first.json()['id']}/cancel", headers=auth)
     assert capped.post("/finetune", json=FINETUNE, headers=auth).status_code == 202  # room again
 
 

@@ -1,13 +1,16 @@
 """A model with a closed vocabulary (the bundled toy model: its world's nouns) refuses the concepts it cannot draw,
 in POST /finetune, /generate and /evaluate, with a 422 naming the concept's field and listing its nouns; GET /models
-lists each model's vocabulary (null: open, any word goes, as on the tiny model)."""
+lists each model's vocabulary (null: open, any word goes, as on the tiny model), the default model first."""
 
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 
 from sepen_core.model_card import model_card
 from sepen_core.prompts import ConceptSet
+from service.app import create_app
+from tests.service.conftest import MODELS
 
 TOY_NOUNS = list(model_card("toy").nouns)
 
@@ -17,6 +20,23 @@ def test_models_list_the_toy_models_vocabulary_and_null_for_open_ones(toy_client
     assert models["sepen-toy"]["vocabulary"] == TOY_NOUNS == models["sepen-toy"]["nouns"]
     assert len(TOY_NOUNS) == 24 and "cherry" in TOY_NOUNS and "giraffe" not in TOY_NOUNS
     assert models["sepen-tiny"]["vocabulary"] is None and models["sd15"]["vocabulary"] is None  # sd15: no card here
+
+
+def test_the_default_model_comes_first_with_what_an_empty_request_gets_and_the_tiny_model_has_a_note(
+    service_settings, auth
+):
+    settings = service_settings.with_(models={**MODELS, "sepen-toy": "toy"}, default_model="sepen-toy")
+    with TestClient(create_app(settings)) as client:
+        models = client.get("/models", headers=auth).json()
+    assert [(m["name"], m["default"]) for m in models] == [("sepen-toy", True), ("sepen-tiny", False), ("sd15", False)]
+    toy, tiny, sd15 = models
+    assert toy["note"] is None and "its images are noise" in tiny["note"] and sd15["note"] is None
+    # The toy model's own recipe over the paper's: the page's placeholders show these (seed 0 is the paper's).
+    pairs = toy["resolved"]["finetune"]
+    assert (pairs["steps"], pairs["learning_rate"], pairs["batch_size"], pairs["seed"]) == (150, 1e-4, 8, 0)
+    assert pairs["maps"]["map_downsample"] == 2 and toy["resolved"]["sample"]["num_inference_steps"] == 20
+    assert toy["resolved"]["templates"]["pairs"] == ["a photo of a {A} and a {B}"]
+    assert sd15["resolved"] is None  # no card here
 
 
 def assert_refuses(response, error_of, field: str, noun: str) -> None:
