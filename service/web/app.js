@@ -1,5 +1,6 @@
 // The web page's behaviour: sign-in, the sections behind the hash (#models, #finetune, ...), the forms with the API's
-// errors beside the fields they name, a finetune's live progress and plots, the base-vs-adapter gallery, the lists.
+// errors beside the fields they name and the chosen model's defaults as placeholders, a finetune's phases, live
+// progress and plots, the base-vs-adapter gallery with its status line, the lists.
 
 import { api, ApiError, apiKey, blobUrl, download, forgetBlobs, TERMINAL, watchJob } from "./api.js";
 import { formatNumber, lineChart } from "./plots.js";
@@ -33,6 +34,9 @@ function el(tag, attributes = {}, ...children) {
 const shortId = (id) => id.slice(0, 8);
 const when = (iso) => (iso ? new Date(iso).toLocaleString(undefined, { dateStyle: "short", timeStyle: "short" }) : "–");
 const seconds = (s) => (s >= 90 ? `${Math.round(s / 60)} min` : `${Math.round(s)} s`);
+/** Seconds from a job's submission to its end, on the service's clock; null while it runs. */
+const took = (job) =>
+  job?.finished_at && job?.created_at ? (Date.parse(job.finished_at) - Date.parse(job.created_at)) / 1000 : null;
 const bytes = (n) => (n >= 1e6 ? `${(n / 1e6).toFixed(1)} MB` : `${(n / 1e3).toFixed(1)} kB`);
 const splitList = (text) =>
   text
@@ -184,11 +188,16 @@ async function enter() {
   const key = apiKey.get();
   $("#key-prefix").textContent = `key ${key.slice(0, 15)}…`;
   if (!state.models.length) {
+    const list = $("#model-list");
+    list.setAttribute("aria-busy", "true");
+    list.replaceChildren(el("p", { class: "loading", text: "Loading the models…" }));
     try {
       state.models = await api("/models");
     } catch (exc) {
       signOut(exc.status === 401 ? exc.message : `could not list the models: ${exc.message}`);
       return;
+    } finally {
+      list.removeAttribute("aria-busy");
     }
   }
   renderModels();
@@ -228,7 +237,7 @@ function defaultsText(section) {
 }
 
 function renderModels() {
-  const cards = state.models.map((model) => {
+  const cards = modelsInOrder().map((model) => {
     const d = model.defaults ?? {};
     const layouts = { sd: "Stable Diffusion 1.x / 2.x", sdxl: "SDXL" };
     const rows = [
@@ -254,6 +263,7 @@ function renderModels() {
         model.name,
         model.default ? el("span", { class: "badge", text: "default" }) : null,
       ),
+      model.note ? el("p", { class: "note", text: `Note: ${model.note}.` }) : null,
       el("dl", {}, ...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })])),
       nouns.length
         ? el(
@@ -299,40 +309,56 @@ function modelNamed(name) {
   return state.models.find((m) => m.name === name) ?? state.models.find((m) => m.default) ?? state.models[0];
 }
 
+/** The default first (GET /models lists it so too), then the others as the service lists them. */
+const modelsInOrder = () => [...state.models].sort((a, b) => Number(b.default) - Number(a.default));
+
 function fillModelSelects() {
   for (const select of $$(".model-select")) {
     const chosen = select.value;
-    select.replaceChildren(
-      ...state.models.map((m) => el("option", { value: m.name, text: m.default ? `${m.name} (default)` : m.name })),
-    );
+    const label = (m) => (m.default ? `${m.name} (default)` : m.note ? `${m.name} (noise)` : m.name);
+    select.replaceChildren(...modelsInOrder().map((m) => el("option", { value: m.name, text: label(m) })));
     select.value = state.models.some((m) => m.name === chosen) ? chosen : modelNamed().name;
   }
   showFinetuneDefaults();
   showSampleDefaults();
 }
 
-/** The model's defaults as the recipe fields' placeholders: what an empty field will get. */
+/** The chosen model's note (a tiny random model's images are noise) under its select. */
+function showModelNote(select) {
+  const note = $(`#${select.id}-note`);
+  const model = modelNamed(select.value);
+  note.textContent = model?.note ? `Note: ${model.note}.` : "";
+  note.hidden = !model?.note;
+}
+
+/** What an empty field will get from the chosen model (GET /models `resolved`), as the recipe fields' placeholders,
+ * and the templates the service uses where none are given. */
 function showFinetuneDefaults() {
   const model = modelNamed($("#ft-model").value);
   if (!model) return;
+  showModelNote($("#ft-model"));
   const mode = $("#finetune-form").elements.mode.value;
-  const recipe = (mode === "collection" ? model.defaults.large_scale : model.defaults.finetune) ?? {};
-  const maps = model.defaults.maps ?? {};
+  const resolved = model.resolved;
+  const recipe = resolved ? resolved[mode === "collection" ? "large_scale" : "finetune"] : {};
   for (const input of $$("[data-recipe]", $("#finetune-form"))) {
     const name = input.dataset.recipe;
-    const value = "maps" in input.dataset ? maps[name] : recipe[name];
-    if (input.tagName === "SELECT")
-      input.options[0].textContent = value === undefined ? "model's default" : `${value} (default)`;
-    else input.placeholder = value === undefined ? "paper's default" : String(value);
+    const value = "maps" in input.dataset ? recipe.maps?.[name] : recipe[name];
+    const shown = value === undefined || value === null ? undefined : String(value);
+    if (input.tagName === "SELECT") input.options[0].textContent = shown ? `${shown} (default)` : "model's default";
+    else input.placeholder = shown ?? "model's default";
   }
+  const templates = resolved?.templates?.[mode === "collection" ? "collection" : "pairs"];
+  $("#ft-templates").placeholder = templates?.length ? templates.join("\n") : "";
 }
 
 function showSampleDefaults() {
   const model = modelNamed($("#gen-model").value);
   if (!model) return;
+  showModelNote($("#gen-model"));
+  const sample = model.resolved?.sample ?? {};
   for (const input of $$("[data-sample]", $("#generate-form"))) {
-    const value = (model.defaults.sample ?? {})[input.dataset.sample];
-    input.placeholder = value === undefined ? "paper's default" : String(value);
+    const value = sample[input.dataset.sample];
+    input.placeholder = value === undefined || value === null ? "model's default" : String(value);
   }
   $("#gen-height").placeholder = model.native_height ?? "";
   $("#gen-width").placeholder = model.native_width ?? "";
@@ -396,35 +422,74 @@ function watchFinetune(job) {
   });
 }
 
+// What a finetune does in each phase of its progress (GET /jobs/{id}: progress.phase), as its status line says it.
+const PHASES = {
+  loading: "loading the model and the probe prompts",
+  checking: "checking the adapter against the base model",
+};
+
+/** The phase a job is in: "queued", "starting" (running, nothing reported yet), a finetune's phase, or "done". */
+function phaseOf(job) {
+  if (TERMINAL.has(job.status)) return "done";
+  if (job.status === "queued") return "queued";
+  if (!job.progress) return "starting";
+  return job.progress.phase ?? "training";
+}
+
+/** A finetune's status line: its phase while it runs, its end with the time it took. */
+function finetuneText(job) {
+  const progress = job.progress;
+  const phase = phaseOf(job);
+  if (phase === "done") {
+    const spent = took(job);
+    let text = spent === null ? job.status : `${job.status} in ${seconds(spent)}`;
+    if (job.status === "succeeded") {
+      text += ` · published ${job.result.adapter}`;
+      const verdict = job.result.summary?.check?.verdict;
+      if (verdict) text += ` · do-no-harm check: ${verdict}`;
+    }
+    if (job.error) text += ` · ${job.error.code}: ${job.error.message}`;
+    return text;
+  }
+  if (phase === "queued") return "queued · waiting for a worker";
+  if (phase === "starting") return `${job.status} · starting`;
+  if (phase === "training") {
+    let text = `${job.status} · step ${progress.step} of ${progress.total}`;
+    if (typeof progress.eta_s === "number") text += ` · about ${seconds(progress.eta_s)} left`;
+    return text;
+  }
+  return `${job.status} · ${PHASES[phase] ?? phase} · ${seconds(progress.elapsed_s ?? 0)}`;
+}
+
 function renderFinetune(job, history) {
   const progress = job.progress;
-  if (progress && typeof progress.step === "number") history.set(progress.step, progress);
+  const phase = phaseOf(job);
+  if (phase === "training" && typeof progress.step === "number") history.set(progress.step, progress);
   const request = job.request ?? {};
   $("#ft-job-title").textContent = `Finetune ${request.adapter ?? ""} · job ${shortId(job.id)}`;
-  let text = job.status;
-  if (progress && !TERMINAL.has(job.status)) {
-    text += ` · step ${progress.step} of ${progress.total}`;
-    if (progress.eta_s !== undefined) text += ` · about ${seconds(progress.eta_s)} left`;
-  }
-  if (job.status === "succeeded") text += ` · published ${job.result.adapter}`;
-  if (job.error) text += ` · ${job.error.code}: ${job.error.message}`;
-  setStatus($("#ft-status"), text, job.status);
+  setStatus($("#ft-status"), finetuneText(job), job.status);
   $("#ft-job").dataset.status = job.status;
+  $("#ft-job").dataset.phase = phase;
+  $("#ft-job").setAttribute("aria-busy", String(phase === "starting" || phase === "loading"));
   const bar = $("#ft-progress");
-  bar.max = progress?.total ?? 1;
-  bar.value = job.status === "succeeded" ? bar.max : (progress?.step ?? 0);
+  bar.max = progress?.total || request.recipe?.steps || 1;
+  if (phase === "starting" || phase === "loading") bar.removeAttribute("value"); // indeterminate: no step yet
+  else bar.value = job.status === "succeeded" || phase === "checking" ? bar.max : (progress?.step ?? 0);
 
-  const numbers = progress
-    ? [
-        ["step", `${progress.step} / ${progress.total}`],
-        ["loss", formatNumber(progress.losses.total)],
-        ["separate", formatNumber(progress.losses.separate)],
-        ["enhance", formatNumber(progress.losses.enhance)],
-        ...Object.entries(progress.peaks ?? {}).map(([name, peak]) => [`peak ${name}`, formatNumber(peak)]),
-        ["overlap", formatNumber(progress.overlap)],
-        ["elapsed", seconds(progress.elapsed_s)],
-      ]
-    : [];
+  let numbers = [];
+  if (progress?.losses) {
+    numbers = [
+      ["step", `${progress.step} / ${progress.total}`],
+      ["loss", formatNumber(progress.losses.total)],
+      ["separate", formatNumber(progress.losses.separate)],
+      ["enhance", formatNumber(progress.losses.enhance)],
+      ...Object.entries(progress.peaks ?? {}).map(([name, peak]) => [`peak ${name}`, formatNumber(peak)]),
+      ["overlap", formatNumber(progress.overlap)],
+      [progress.phase === "checking" ? "checking" : "elapsed", seconds(progress.elapsed_s)],
+    ];
+  } else if (progress) {
+    numbers = [[phase, seconds(progress.elapsed_s ?? 0)]];
+  }
   $("#ft-numbers").replaceChildren(
     ...numbers.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: v }))),
   );
@@ -453,6 +518,7 @@ function renderFinetune(job, history) {
     name: "overlap",
     points: curve.length ? curve.map((p) => [p.step, p.overlap]) : seen.map((p) => [p.step, p.overlap]),
   });
+  $("#ft-plots-note").hidden = Boolean(seen.length || curve.length);
   $("#ft-loss-plot").replaceChildren(lineChart({ title: "Losses", series: losses }));
   $("#ft-maps-plot").replaceChildren(lineChart({ title: "Attention peaks and overlap", series: maps, yRange: [0, 1] }));
 
@@ -616,8 +682,9 @@ async function submitGenerate(event) {
   }
 }
 
-/** Base and adapter side by side, one row per seed; each image with its heatmap and scores, filled in as jobs end;
- * the service's warnings (an adapter whose check says it hurts) in the status line. */
+/** Base and adapter side by side, one row per seed; each image with its heatmaps and scores, filled in as jobs end.
+ * The status line follows the comparison (each job's phase) and ends in done or failed with the time taken; the
+ * service's warnings (an adapter whose check says it hurts) have a line of their own. */
 function showGallery(runs, warnings = []) {
   for (const watch of state.generateWatches) watch.stop();
   const gallery = $("#gallery");
@@ -628,7 +695,7 @@ function showGallery(runs, warnings = []) {
     const cells = runs.map((run) =>
       el(
         "figure",
-        { class: "shot", "data-run": run.label },
+        { class: "shot", "data-run": run.label, "aria-busy": "true" },
         el("figcaption", { text: run.label }),
         el("p", { class: "pending", text: "queued" }),
       ),
@@ -644,30 +711,78 @@ function showGallery(runs, warnings = []) {
     runs.forEach((run, r) => ((run.cells ??= [])[i] = cells[r]));
   }
   $("#gallery-rows").replaceChildren(...rows);
-  const prompt = runs[0].job.request.prompt;
-  setStatus(
-    $("#gen-status"),
-    [`“${prompt}”: ${runs.map((run) => `${run.label} job ${shortId(run.job.id)}`).join(", ")}`, ...warnings].join(". "),
-    warnings.length ? "warn" : "",
-  );
+  const comparison = { runs, prompt: runs[0].job.request.prompt };
+  for (const run of runs) run.latest = run.job;
+  renderComparison(comparison);
+  $("#gen-warnings").textContent = warnings.join(" ");
+  $("#gen-warnings").hidden = !warnings.length;
   state.generateWatches = runs.map((run) =>
-    watchJob(run.job.id, (job) => renderRun(run, job), {
-      onError: (exc) =>
-        exc.status === 401 ? signOut(exc.message) : setStatus($("#gen-status"), `${run.label}: ${exc.message}`, "warn"),
-    }),
+    watchJob(
+      run.job.id,
+      (job) => {
+        run.latest = job;
+        renderRun(run, job);
+        renderComparison(comparison);
+      },
+      {
+        onError: (exc) =>
+          exc.status === 401
+            ? signOut(exc.message)
+            : setStatus($("#gen-status"), `${run.label}: ${exc.message}; retrying`, "warn"),
+      },
+    ),
   );
+}
+
+/** Where a generate job is, in a few words: queued, loading the model (running, no step yet), step k of n, or how it
+ * ended. */
+function runState(job) {
+  const phase = phaseOf(job);
+  if (phase === "starting") return "loading the model";
+  if (phase === "done" || phase === "queued") return job.status;
+  return `step ${job.progress.step} of ${job.progress.total}`;
+}
+
+/** The comparison's status line: each job's state while any runs; then done, or failed (or canceled), with the time
+ * from the first submission to the last end (the service's clock) and the jobs' ids. */
+function renderComparison({ runs, prompt }) {
+  const jobs = runs.map((run) => run.latest);
+  const line = $("#gen-status");
+  if (!jobs.every((job) => TERMINAL.has(job.status))) {
+    setStatus(line, `“${prompt}”: ${runs.map((run, i) => `${run.label} ${runState(jobs[i])}`).join(" · ")}`);
+    $("#gallery").setAttribute("aria-busy", "true");
+    return;
+  }
+  $("#gallery").setAttribute("aria-busy", "false");
+  const began = Math.min(...jobs.map((job) => Date.parse(job.created_at)));
+  const ended = Math.max(...jobs.map((job) => Date.parse(job.finished_at ?? job.created_at)));
+  const time = Number.isFinite(began) && Number.isFinite(ended) ? ` in ${seconds((ended - began) / 1000)}` : "";
+  const ids = runs.map((run) => `${run.label} job ${shortId(run.job.id)}`).join(", ");
+  const unfinished = runs.filter((_, i) => jobs[i].status !== "succeeded");
+  if (!unfinished.length) {
+    setStatus(line, `“${prompt}”: done${time} (${ids})`, "succeeded");
+    return;
+  }
+  const outcome = jobs.some((job) => job.status === "failed") ? "failed" : "canceled";
+  const why = unfinished
+    .map((run) => {
+      const { status, error } = run.latest;
+      return `${run.label} ${status}${error ? ` (${error.code}: ${error.message})` : ""}`;
+    })
+    .join("; ");
+  setStatus(line, `“${prompt}”: ${outcome}${time}: ${why} (${ids})`, outcome);
 }
 
 function renderRun(run, job) {
   if (run.shown) return;
   if (job.status !== "succeeded") {
-    let text = job.status;
-    if (job.progress && !TERMINAL.has(job.status)) text += ` · step ${job.progress.step} of ${job.progress.total}`;
+    let text = runState(job);
     if (job.error) text = `${job.status} · ${job.error.code}: ${job.error.message}`;
     for (const cell of run.cells) {
       const pending = $(".pending", cell) ?? cell.appendChild(el("p", { class: "pending" }));
       pending.textContent = text;
       cell.dataset.status = job.status;
+      cell.setAttribute("aria-busy", String(!TERMINAL.has(job.status)));
       if (job.links?.cancel && !$("button", cell)) {
         cell.append(
           el("button", {
@@ -685,37 +800,56 @@ function renderRun(run, job) {
   job.result.images.forEach((image, i) => fillShot(run.cells[i], run, job, image));
 }
 
+/** An image element once its blob: URL has been read (its natural size known). */
+function loaded(src) {
+  const image = new Image();
+  image.src = src;
+  return image.decode().then(() => image);
+}
+
+/** Each object's heatmap, cut from the service's heatmap strip (the image, then one panel per object, under a label
+ * row), on a canvas under a caption the page writes itself: the image is shown once, and the labels stay readable at
+ * any width. */
+async function heatmapPanels(image, job, photo) {
+  const concepts = job.result.concepts ?? [];
+  const strip = await loaded(await blobUrl(image.heatmap_url));
+  const width = Math.floor(strip.naturalWidth / (concepts.length + 1));
+  const height = Math.round(photo.naturalHeight * (width / photo.naturalWidth));
+  const top = strip.naturalHeight - height; // below the strip's own label row
+  return concepts.map((concept, k) => {
+    const peak = image.scores?.peaks?.[concept];
+    const score = peak === undefined ? null : `peak ${formatNumber(peak)}`;
+    const label = [concept, score].filter(Boolean).join(", ");
+    const canvas = el("canvas", { class: "heatmap", width, height, role: "img", "aria-label": `heatmap of ${label}` });
+    canvas.getContext("2d").drawImage(strip, (k + 1) * width, top, width, height, 0, 0, width, height);
+    const caption = el("figcaption", {}, el("span", { class: "concept", text: concept }));
+    if (score) caption.append(" ", el("span", { text: score }));
+    return el("figure", { class: "map" }, canvas, caption);
+  });
+}
+
 async function fillShot(cell, run, job, image) {
   cell.dataset.status = "succeeded";
+  cell.setAttribute("aria-busy", "false");
   const name = `${run.label.replace(/[^\w@.-]+/g, "-")}-seed${image.seed}`;
   const parts = [el("figcaption", { text: `${run.label} · seed ${image.seed}` })];
   try {
     const src = await blobUrl(image.url);
     parts.push(el("img", { class: "image", src, alt: `${job.request.prompt}, ${run.label}, seed ${image.seed}` }));
     if (image.heatmap_url) {
-      const heat = await blobUrl(image.heatmap_url);
-      parts.push(
-        el("img", {
-          class: "heatmap",
-          src: heat,
-          alt: `attention heatmaps of ${(job.result.concepts ?? []).join(" and ")}`,
-        }),
-      );
+      const panels = await heatmapPanels(image, job, await loaded(src));
+      parts.push(el("div", { class: "maps", role: "group", "aria-label": "attention heatmaps" }, ...panels));
     }
   } catch (exc) {
     parts.push(el("p", { class: "error", text: `could not load the image: ${exc.message}` }));
   }
-  const scores = image.scores;
-  if (scores) {
-    const entries = [
-      ...Object.entries(scores.peaks ?? {}).map(([k, v]) => [`peak ${k}`, v]),
-      ...Object.entries(scores.overlaps ?? {}).map(([k, v]) => [`overlap ${k}`, v]),
-    ];
+  const overlaps = Object.entries(image.scores?.overlaps ?? {});
+  if (overlaps.length) {
     parts.push(
       el(
         "dl",
         { class: "scores" },
-        ...entries.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: formatNumber(v) })]),
+        ...overlaps.flatMap(([k, v]) => [el("dt", { text: `overlap ${k}` }), el("dd", { text: formatNumber(v) })]),
       ),
     );
   }
@@ -736,8 +870,8 @@ async function fillShot(cell, run, job, image) {
         type: "button",
         class: "quiet",
         onclick: () => download(image.heatmap_url, `${name}-heatmap.png`),
-        text: "heatmap",
-        "aria-label": `Download the heatmap (${what})`,
+        text: "heatmaps",
+        "aria-label": `Download the heatmaps (${what})`,
       }),
     );
   }
@@ -806,17 +940,27 @@ async function evaluateVersion(version, groups) {
 async function refreshAdapters(message = "") {
   const status = $("#adapters-status");
   const mine = ++state.adaptersRefresh;
+  const table = $("#adapters-table");
+  table.setAttribute("aria-busy", "true");
+  if (!state.adapters.length) setStatus(status, "Loading the adapters…");
   let adapters;
   try {
     const summaries = await api("/adapters");
-    adapters = await Promise.all(summaries.map((a) => api(`/adapters/${encodeURIComponent(a.name)}`)));
+    adapters = await Promise.all(
+      summaries.map(async (summary) => ({
+        ...(await api(`/adapters/${encodeURIComponent(summary.name)}`)),
+        verdict: summary.verdict, // the newest version's do-no-harm verdict (GET /adapters)
+      })),
+    );
   } catch (exc) {
     if (mine !== state.adaptersRefresh) return;
+    table.removeAttribute("aria-busy");
     if (exc.status === 401) return signOut(exc.message);
     setStatus(status, `could not list the adapters: ${exc.message}`, "failed");
     return;
   }
   if (mine !== state.adaptersRefresh) return;
+  table.removeAttribute("aria-busy");
   state.adapters = adapters;
   setStatus(status, message || (adapters.length ? "" : "No adapters yet: finetune one."));
   renderAdapters();
@@ -889,16 +1033,31 @@ function renderAdapters() {
   labelCells($("#adapters-table"));
 }
 
+/** The versions, newest first, each with its do-no-harm verdict (the newest's from GET /adapters `verdict`), which
+ * the line under the picker shows for the chosen one. */
 function fillAdapterPicker() {
   const select = $("#gen-adapter");
   const chosen = select.value;
   const options = [el("option", { value: "", text: "none: the base model only" })];
   for (const adapter of state.adapters) {
-    for (const v of [...adapter.versions].reverse())
-      options.push(el("option", { value: v.ref, text: `${v.ref} (${v.base_model})`, "data-base": v.base_model }));
+    [...adapter.versions].reverse().forEach((v, i) => {
+      const verdict = i === 0 ? adapter.verdict : v.check?.verdict;
+      options.push(
+        el("option", { value: v.ref, text: v.ref, "data-base": v.base_model, "data-verdict": verdict ?? undefined }),
+      );
+    });
   }
   select.replaceChildren(...options);
   select.value = options.some((o) => o.value === chosen) ? chosen : "";
+  showAdapterVerdict();
+}
+
+function showAdapterVerdict() {
+  const option = $("#gen-adapter").selectedOptions[0];
+  const verdict = option?.dataset.verdict;
+  const line = $("#gen-adapter-verdict");
+  line.textContent = verdict ? `Its do-no-harm check: ${verdict}.` : option?.value ? "It ran no do-no-harm check." : "";
+  line.dataset.kind = verdict === "hurts" ? "warn" : "";
 }
 
 async function deleteVersion(name, version) {
@@ -921,6 +1080,9 @@ async function refreshJobs(more = false) {
   const query = new URLSearchParams({ limit: "20" });
   if ($("#jobs-status-filter").value) query.set("status", $("#jobs-status-filter").value);
   if (more && state.jobsCursor) query.set("cursor", state.jobsCursor);
+  const table = $("#jobs-table");
+  table.setAttribute("aria-busy", "true");
+  if (!$("#jobs-table tbody").children.length) setStatus(status, "Loading the jobs…");
   let page;
   try {
     page = await api(`/jobs?${query}`);
@@ -928,6 +1090,8 @@ async function refreshJobs(more = false) {
     if (exc.status === 401) return signOut(exc.message);
     setStatus(status, `could not list the jobs: ${exc.message}`, "failed");
     return;
+  } finally {
+    table.removeAttribute("aria-busy");
   }
   state.jobsCursor = page.next_cursor;
   $("#jobs-more").hidden = !page.next_cursor;
@@ -946,7 +1110,9 @@ async function refreshJobs(more = false) {
             }`
           : `“${r.prompt}”${r.adapter ? ` with ${r.adapter}` : ""}, seed ${sampleOf(r).seed ?? "random"}`;
     let shown = job.status;
-    if (job.progress && !TERMINAL.has(job.status)) shown += ` ${job.progress.step}/${job.progress.total}`;
+    const phase = phaseOf(job);
+    if (phase === "training") shown += ` ${job.progress.step}/${job.progress.total}`;
+    else if (phase === "loading" || phase === "checking") shown += ` (${phase})`;
     if (job.error) shown += ` (${job.error.code})`;
     return el(
       "tr",
@@ -1020,6 +1186,7 @@ function start() {
   $("#ft-model").addEventListener("change", showFinetuneDefaults);
   $("#gen-model").addEventListener("change", showSampleDefaults);
   $("#gen-adapter").addEventListener("change", () => {
+    showAdapterVerdict();
     const base = $("#gen-adapter").selectedOptions[0]?.dataset.base;
     if (base && state.models.some((m) => m.name === base)) {
       $("#gen-model").value = base; // an adapter runs on the model it was made for

@@ -1,4 +1,5 @@
-// Line charts as inline SVG (no chart library): named series over a shared x axis, with a legend and a text summary.
+// Line charts as inline SVG (no chart library): named series over a shared x axis, round ticks, a legend and a text
+// summary.
 
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 480;
@@ -19,6 +20,19 @@ export function formatNumber(value) {
   return Number(value.toPrecision(3)).toString();
 }
 
+/** About `count` round ticks (1, 2 or 5 times a power of ten apart) that cover [lo, hi], and their step. */
+export function niceTicks(lo, hi, count = 4) {
+  const raw = Math.max(hi - lo, 1e-12) / count;
+  const power = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+  const first = Math.floor(lo / step + 1e-9);
+  const last = Math.ceil(hi / step - 1e-9);
+  const decimals = Math.max(0, -Math.floor(Math.log10(step) + 1e-9));
+  const ticks = [];
+  for (let i = first; i <= last; i++) ticks.push(Number((i * step).toFixed(decimals)));
+  return { ticks, step, decimals };
+}
+
 /**
  * A <figure> with one chart. series: [{name, points: [[x, y], ...]}]; each series gets the colour of its place
  * (CSS classes series-0, series-1, ...). yRange: [min, max] to fix the axis (e.g. [0, 1]), else it fits the data.
@@ -32,8 +46,12 @@ export function lineChart({ title, series, xLabel = "step", yRange }) {
   let [y0, y1] = yRange ?? [Math.min(...ys), Math.max(...ys)];
   if (!ys.length) [y0, y1] = [0, 1];
   if (y0 === y1) [y0, y1] = [y0 - 0.5, y1 + 0.5];
+  // Round ticks; the axis runs from the first to the last, so that every point lies between two labelled lines.
+  const yTicks = niceTicks(y0, y1, 5);
+  [y0, y1] = [yTicks.ticks[0], yTicks.ticks.at(-1)];
   const x0 = xs.length ? Math.min(...xs) : 0;
   const x1 = xs.length ? Math.max(...xs, x0 + 1) : 1;
+  const xTicks = niceTicks(x0, x1, 4).ticks.filter((x) => x >= x0 && x <= x1 && Number.isInteger(x));
   const px = (x) => PAD.left + ((x - x0) / (x1 - x0)) * (WIDTH - PAD.left - PAD.right);
   const py = (y) => HEIGHT - PAD.bottom - ((y - y0) / (y1 - y0)) * (HEIGHT - PAD.top - PAD.bottom);
 
@@ -53,21 +71,15 @@ export function lineChart({ title, series, xLabel = "step", yRange }) {
       height: HEIGHT - PAD.top - PAD.bottom,
     }),
   );
-  for (const y of [y0, (y0 + y1) / 2, y1]) {
+  for (const y of yTicks.ticks) {
+    const label = y.toFixed(yTicks.decimals);
     chart.append(svg("line", { class: "grid-line", x1: PAD.left, x2: WIDTH - PAD.right, y1: py(y), y2: py(y) }));
-    chart.append(svg("text", { class: "tick", x: PAD.left - 4, y: py(y) + 4, "text-anchor": "end" }, formatNumber(y)));
+    chart.append(svg("text", { class: "tick y-tick", x: PAD.left - 4, y: py(y) + 4, "text-anchor": "end" }, label));
   }
-  for (const [x, anchor] of [
-    [x0, "start"],
-    [x1, "end"],
-  ]) {
-    chart.append(
-      svg(
-        "text",
-        { class: "tick", x: px(x), y: HEIGHT - PAD.bottom + 14, "text-anchor": anchor },
-        String(Math.round(x)),
-      ),
-    );
+  for (const x of xTicks) {
+    const anchor = x === x0 ? "start" : x === x1 ? "end" : "middle";
+    const at = { class: "tick x-tick", x: px(x), y: HEIGHT - PAD.bottom + 14, "text-anchor": anchor };
+    chart.append(svg("text", at, String(x)));
   }
   chart.append(
     svg(
