@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 from sepen_core.adapters import KeyProjectionAdapter
 from sepen_core.attend_excite import AttendExciteConfig
 from sepen_core.finetuning import finetune
+from sepen_core.harm_check import HarmCheckConfig, check_adapter
 from sepen_core.models import BUNDLED_MODEL_DIR, BaseModel, load_base_model
 from sepen_core.prompts import ConceptSet
 from sepen_core.sampling import generate
@@ -49,6 +50,7 @@ from sepen_core.stats import mcnemar_p, paired_difference, wilson_interval  # no
 from toyworld.detector import detections, exact_success, find_candidates, object_success
 from toyworld.evaluate import group_prompts, spread
 from toyworld.failures import KINDS, failure_kinds
+from toyworld.judge import WorldJudge
 from toyworld.world import World, caption, load_world
 
 V1_GROUPS = ("single", "seen_pairs", "heldout_seen_seen", "unseen_concept")
@@ -83,6 +85,9 @@ class BenchmarkConfig:
     timing_images: int = 8
     grid_columns: int = 8
     only_methods: tuple[str, ...] = ()  # run these besides the base model (default: all)
+    # The do-no-harm check (sepen_core.harm_check) of every per-pair adapter, with this many images per prompt and
+    # side on its held-out seeds: does its verdict say what the benchmark's own items then show? 0: not run.
+    check_samples: int = 0
     groups: tuple[str, ...] = ()  # () : the world's own (world_groups)
 
     def to_dict(self) -> dict:
@@ -224,13 +229,16 @@ def finetune_adapter(model: BaseModel, concepts: ConceptSet, method: Method) -> 
 
 
 def merged_finetunes(runs: list[dict]) -> dict:
-    """Per-pair adapters: their count and total seconds, the mean of their maps' numbers."""
-    return {
+    """Per-pair adapters: their count and total seconds, the mean of their maps' numbers, each one's check."""
+    merged = {
         **runs[0],
         "adapters": len(runs),
         "seconds": sum(r["seconds"] for r in runs),
         **{key: [statistics.fmean(r[key][i] for r in runs) for i in (0, 1)] for key in ("min_peak", "overlap", "loss")},
     }
+    if any("check" in r for r in runs):
+        merged["check"] = {pair: c for r in runs for pair, c in r.get("check", {}).items()}
+    return merged
 
 
 def item_record(world: World, nouns: tuple[str, ...], pixels, scores, early_min_peak: float | None) -> dict:
@@ -250,6 +258,19 @@ def item_record(world: World, nouns: tuple[str, ...], pixels, scores, early_min_
         "early_min_peak": early_min_peak,
         "iou": scores.overlap,
     }
+
+
+def checked_adapter(
+    model: BaseModel, world: World, method: Method, pair: tuple[str, ...], config: BenchmarkConfig
+) -> tuple[KeyProjectionAdapter, dict]:
+    """A per-pair adapter and its finetune's numbers, with its do-no-harm check when the config asks for one."""
+    concepts = sepen_concepts(world, "per_pair", pair)
+    adapter, stats = finetune_adapter(model, concepts, method)
+    if config.check_samples:
+        check = HarmCheckConfig(config.check_samples, model.defaults.sample_config())
+        report = check_adapter(model, adapter, concepts, check, judge=WorldJudge(world))
+        stats["check"] = {" + ".join(sorted(pair)): {"verdict": report["verdict"], "pairs": report["pairs"]}}
+    return adapter, stats
 
 
 def run_method(
@@ -281,7 +302,7 @@ def run_method(
                 if key not in per_pair:
                     made_key = (key, method.seed, json.dumps(method.recipe, sort_keys=True))
                     if made_key not in made:
-                        made[made_key] = finetune_adapter(model, sepen_concepts(world, "per_pair", nouns), method)
+                        made[made_key] = checked_adapter(model, world, method, nouns, config)
                     per_pair[key], stats = made[made_key]
                     per_pair_runs.append(stats)
                 item_adapter = per_pair[key]
@@ -367,7 +388,8 @@ def per_pair(prompts: list[str], items: int, base: list[bool], runs: list[list[b
     spans: dict[str, list[int]] = {}
     start = 0
     for prompt, count in zip(prompts, spread(items, len(prompts)), strict=True):
-        spans.setdefault(" + ".join(sorted(prompt.split(" / "))), []).extend(range(start, start + count))
+        if count:  # a short run samples only the first prompts of a group
+            spans.setdefault(" + ".join(sorted(prompt.split(" / "))), []).extend(range(start, start + count))
         start += count
     pairs = {}
     for pair, rows in spans.items():
@@ -378,6 +400,7 @@ def per_pair(prompts: list[str], items: int, base: list[bool], runs: list[list[b
             "base": sum(before) / len(rows),
             "difference": statistics.fmean(d["difference"] for d in each),
             "significant_loss": all(d["difference"] < 0 and d["p_mcnemar"] < 0.05 for d in each),
+            "significant_gain": all(d["difference"] > 0 and d["p_mcnemar"] < 0.05 for d in each),
         }
     ranked = sorted(pairs, key=lambda k: pairs[k]["difference"])
     return {
@@ -387,6 +410,32 @@ def per_pair(prompts: list[str], items: int, base: list[bool], runs: list[list[b
         "hurt": sum(pairs[k]["difference"] < 0 for k in ranked),
         "hurt_significantly": sum(pairs[k]["significant_loss"] for k in ranked),
         "count": len(ranked),
+    }
+
+
+def check_agreement(per_pair_groups: dict[str, dict], checks: dict[str, dict]) -> dict:
+    """How the do-no-harm check's verdict on each adapter's own pair (its held-out seeds) compares with what the
+    benchmark's items show for that pair: on the pairs whose difference there is significant (McNemar p < 0.05), how
+    many verdicts say the same sign; and how many of the pairs it calls `hurts` lose there, and the reverse."""
+    rows = [
+        (numbers, checks[pair]["pairs"][0]["verdict"])
+        for group in per_pair_groups.values()
+        for pair, numbers in group["pairs"].items()
+        if pair in checks
+    ]
+    significant = [(n, v) for n, v in rows if n["significant_loss"] or n["significant_gain"]]
+    same = sum(
+        (v == "hurts" and n["significant_loss"]) or (v == "helps" and n["significant_gain"]) for n, v in significant
+    )
+    flagged = [n for n, v in rows if v == "hurts"]
+    return {
+        "pairs": len(rows),
+        "significant": len(significant),
+        "same_sign": same,
+        "verdicts": {v: sum(verdict == v for _, verdict in rows) for v in ("helps", "no clear effect", "hurts")},
+        "hurts_and_lose": sum(n["difference"] < 0 for n in flagged),
+        "significant_losses": sum(n["significant_loss"] for n, _ in rows),
+        "significant_losses_flagged": sum(n["significant_loss"] and v == "hurts" for n, v in rows),
     }
 
 
@@ -448,6 +497,20 @@ def markdown(report: dict) -> str:
             if name != "base":
                 cells = [per_pair_cell(r["per_pair"][g]) for g in pair_groups]
                 out.append(f"| {r['label']} | " + " | ".join(cells) + " |\n")
+    checked = {name: r["check_agreement"] for name, r in rows.items() if "check_agreement" in r}
+    if checked:
+        out += [
+            "\n### The do-no-harm check of each per-pair adapter (its own held-out seeds) against these items\n",
+            "| method | pairs | verdicts helps / no clear effect / hurts | significant here: same sign | "
+            "called hurts: lose here | significant losses here: called hurts |\n|---|---:|---|---|---|---|\n",
+        ]
+        for name, a in checked.items():
+            v = a["verdicts"]
+            out.append(
+                f"| {rows[name]['label']} | {a['pairs']} | {v['helps']} / {v['no clear effect']} / {v['hurts']} | "
+                f"{a['same_sign']} of {a['significant']} | {a['hurts_and_lose']} of {v['hurts']} | "
+                f"{a['significant_losses_flagged']} of {a['significant_losses']} |\n"
+            )
     out += [
         "\n### Attention while sampling (raw maps, the paper's): mean weakest-object peak over the first quarter "
         "of the steps / at the end / mean IoU\n",
@@ -557,6 +620,8 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
                 for g, o in r["outcomes"].items()
                 if g != "single"
             }
+        if "check" in r.get("finetune", {}):
+            r["check_agreement"] = check_agreement(r["per_pair"], r["finetune"]["check"])
     report = {
         "config": config.to_dict(),
         "model": model.model_id,
@@ -593,6 +658,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--groups", nargs="+", default=[], choices=GROUPS, help="default: the world's own groups")
     parser.add_argument(
+        "--check-samples",
+        type=int,
+        default=0,
+        help="run the do-no-harm check of every per-pair adapter with this many images per prompt and side",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="4 items per group, one finetune seed of 2 steps, no ablations (CI)"
     )
     parser.add_argument("--device", default="cpu")
@@ -617,6 +688,7 @@ def main(argv: list[str] | None = None) -> None:
             ablations=not args.no_ablations,
             only_methods=tuple(args.methods),
             groups=tuple(args.groups),
+            check_samples=args.check_samples,
         )
     model = load_base_model(args.model, device=args.device)
     world_file = Path(args.model) / "world.json"

@@ -94,11 +94,36 @@ def test_per_pair_pools_both_caption_orders_and_names_the_worst_pair():
     base = [True, False, True, False, False, False, True, True]
     runs = [[True, True, True, True, False, False, False, False]]  # a + b gains 2 of 4, c + d loses 2 of 4
     numbers = per_pair(prompts, 8, base, runs)
-    assert numbers["pairs"]["a + b"] == {"n": 4, "base": 0.5, "difference": 0.5, "significant_loss": False}
+    assert numbers["pairs"]["a + b"] == {
+        "n": 4,
+        "base": 0.5,
+        "difference": 0.5,
+        "significant_loss": False,
+        "significant_gain": False,
+    }
     assert numbers["worst"] == "c + d" and numbers["best"] == "a + b"
     assert numbers["pairs"]["c + d"]["difference"] == -0.5 and (numbers["hurt"], numbers["count"]) == (1, 2)
     two_seeds = per_pair(prompts, 8, base, [runs[0], base])  # the mean over seeds, per pair
     assert two_seeds["pairs"]["c + d"]["difference"] == -0.25
+
+
+def test_the_checks_verdicts_are_compared_with_the_pairs_significant_differences():
+    from toyworld.benchmark import check_agreement
+
+    def numbers(difference, loss=False, gain=False):
+        return {"difference": difference, "significant_loss": loss, "significant_gain": gain}
+
+    pairs = {"a + b": numbers(-0.5, loss=True), "c + d": numbers(0.4, gain=True), "e + f": numbers(0.1)}
+    groups = {"g": {"pairs": pairs}}
+    checks = {
+        "a + b": {"pairs": [{"verdict": "hurts"}]},
+        "c + d": {"pairs": [{"verdict": "no clear effect"}]},
+        "e + f": {"pairs": [{"verdict": "hurts"}]},
+    }
+    agreement = check_agreement(groups, checks)
+    assert (agreement["significant"], agreement["same_sign"]) == (2, 1)  # c + d's gain went unseen by the check
+    assert agreement["verdicts"] == {"helps": 0, "no clear effect": 1, "hurts": 2}
+    assert (agreement["hurts_and_lose"], agreement["significant_losses_flagged"]) == (1, 1)
 
 
 def test_paired_statistics():
@@ -124,6 +149,7 @@ def test_reduced_benchmark_end_to_end(tmp_path):
         timing_repeats=1,
         timing_images=1,
         grid_columns=2,
+        check_samples=1,
     )
     world, model = load_world(BUNDLED_MODEL_DIR / "world.json"), load_base_model(BUNDLED_MODEL_DIR)
     report = run(model, world, config, tmp_path, log=lambda line: None)
@@ -175,3 +201,8 @@ def test_reduced_benchmark_end_to_end(tmp_path):
             numbers = report["methods"][name]["per_pair"][group]
             assert numbers["count"] == 1 and numbers["pairs"][numbers["worst"]]["n"] == 2
     assert "### Per pair" in table and "worst " in table
+    # Every per-pair adapter's do-no-harm check, compared with what the benchmark's own items show.
+    checks = per_pair["finetune"]["check"]
+    assert set(checks) == {" + ".join(sorted(p)) for p in sampled}
+    assert all(c["verdict"] in ("helps", "no clear effect", "hurts") for c in checks.values())
+    assert per_pair["check_agreement"]["pairs"] == 3 and "do-no-harm check of each per-pair adapter" in table
