@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sepen_core.attention import MapTargets, capture_maps
+from sepen_core.config import AE_MAX_REFINEMENT_STEPS, AE_REFINEMENT, AE_STEPS_TO_ALTER, SampleConfig
 from sepen_core.errors import ConfigError
 from sepen_core.losses import peak_activation
 from sepen_core.models import TextConditioning
@@ -34,12 +35,12 @@ REFERENCE_SMOOTHING_SIGMA = 0.5 * math.sqrt(2)
 class AttendExciteConfig:
     """Published defaults for 50 steps; indices scale with the number of sampling steps."""
 
-    steps_to_alter: float = 0.5  # fraction of the sampling steps that update the latents (25 of 50)
+    steps_to_alter: float = AE_STEPS_TO_ALTER  # fraction of the sampling steps that update the latents (25 of 50)
     scale_factor: float = 20.0  # step size alpha_t = scale_factor * sqrt(linspace(1.0, 0.5)[i])
     scale_range: tuple[float, float] = (1.0, 0.5)
     # Refinement at fractions of the schedule (steps 0, 10, 20 of 50): until every object's peak >= threshold.
-    refinement: dict[float, float] = field(default_factory=lambda: {0.0: 0.05, 0.2: 0.5, 0.4: 0.8})
-    max_refinement_steps: int = 20
+    refinement: dict[float, float] = field(default_factory=lambda: dict(AE_REFINEMENT))
+    max_refinement_steps: int = AE_MAX_REFINEMENT_STEPS
     temperature: float = 100.0
     smoothing_sigma: float = REFERENCE_SMOOTHING_SIGMA
     # "all": tokens 1 .. T-2 (end and padding tokens included), as diffusers and the authors' SD 1.x runs;
@@ -49,6 +50,14 @@ class AttendExciteConfig:
     def __post_init__(self) -> None:
         if self.token_softmax not in TOKEN_SOFTMAXES:
             raise ConfigError("token_softmax", f"must be one of {TOKEN_SOFTMAXES}, not {self.token_softmax!r}")
+
+
+def attend_excite_config(config: SampleConfig) -> AttendExciteConfig | None:
+    """The A&E settings a sampling config asks for (guidance_method "attend-excite": the published schedule with its
+    excite_scale as step size), or None."""
+    if config.guidance_method != "attend-excite":
+        return None
+    return AttendExciteConfig(scale_factor=float(config.excite_scale))
 
 
 class AttendExcite:

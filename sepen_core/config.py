@@ -22,6 +22,22 @@ BUNDLED_SOURCE = "toy"
 TINY_SOURCE = "tiny"
 TINY_XL_SOURCE = "tiny-xl"  # the tiny random model in SDXL's layout
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+# How sampling steers the latents beyond the prompt (SampleConfig.guidance_method): "none", or Attend-and-Excite
+# (sepen_core.attend_excite), which lifts the weakest named object's attention during the first steps at test time.
+GUIDANCE_METHODS = ("none", "attend-excite")
+# A&E's step size (scale_factor; published: 20): what is meaningful (a random tiny model's maps need 2000 to react);
+# the service allows less (sepen_store.contract.Limits.max_excite_scale).
+MAX_EXCITE_SCALE = 10_000.0
+# Attend-and-Excite's published schedule, AttendExciteConfig's defaults, here so that the gateway bounds its cost
+# without torch: latent updates at the first AE_STEPS_TO_ALTER of the steps, and at the steps at these fractions of the
+# schedule up to AE_MAX_REFINEMENT_STEPS more, until each object's peak reaches the threshold.
+AE_STEPS_TO_ALTER = 0.5
+AE_REFINEMENT = {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
+AE_MAX_REFINEMENT_STEPS = 20
+# What one A&E gradient evaluation (a forward to the last map layer and its backward, the conditional rows only) costs,
+# at most, in plain denoising steps of the same image: measured 1.3-1.7 on the toy and tiny models on one CPU thread
+# (bench/attend_excite_cost.py, docs/benchmarks.md "Attend-and-Excite's cost"); a backward costs about two forwards.
+AE_UPDATE_COST = 3.0
 
 
 def tiny_source(spec: str) -> tuple[str, int] | None:
@@ -33,6 +49,25 @@ def tiny_source(spec: str) -> tuple[str, int] | None:
             _check(seed.isdecimal(), "model", f"{spec!r}: the tiny model's seed must be a whole number, as in {name}:3")
             return architecture, int(seed)
     return None
+
+
+def attend_excite_evaluations(steps: int) -> int:
+    """The most gradient evaluations Attend-and-Excite's published schedule makes in `steps` sampling steps: one at
+    each of the first AE_STEPS_TO_ALTER of them, and up to AE_MAX_REFINEMENT_STEPS more at each refinement step among
+    them (sepen_core.attend_excite.AttendExcite.update)."""
+    altered = round(AE_STEPS_TO_ALTER * steps)
+    refining = {round(f * steps) for f in AE_REFINEMENT if round(f * steps) < altered}
+    return altered + AE_MAX_REFINEMENT_STEPS * len(refining)
+
+
+def guidance_cost(method: str, steps: int) -> float:
+    """What an image of `steps` sampling steps costs with guidance `method`, in images of plain sampling, at most:
+    1 for "none"; for "attend-excite", 1 + AE_UPDATE_COST x its most gradient evaluations / steps (a bound from its
+    schedule: an image whose objects pass the thresholds early costs less, docs/benchmarks.md)."""
+    _check(method in GUIDANCE_METHODS, "guidance_method", f"must be one of {GUIDANCE_METHODS}")
+    if method == "none":
+        return 1.0
+    return 1.0 + AE_UPDATE_COST * attend_excite_evaluations(steps) / steps
 
 
 def _check(ok: bool, name: str, message: str) -> None:
@@ -216,8 +251,24 @@ class SampleConfig(_Serializable):
     seed: int = 0  # image i uses seed + i, so each image is reproducible on its own
     negative_prompt: str = ""
     maps: MapConfig = field(default_factory=MapConfig)
+    # GUIDANCE_METHODS: "attend-excite" runs Attend-and-Excite on the request's concepts (which it needs), one request
+    # per sampling batch, with step size excite_scale (its scale_factor); it costs guidance_cost() images per image.
+    guidance_method: str = "none"
+    excite_scale: float = 20.0
 
     def __post_init__(self):
+        _check(
+            self.guidance_method in GUIDANCE_METHODS,
+            "guidance_method",
+            f"{self.guidance_method!r} is not one of {', '.join(GUIDANCE_METHODS)}",
+        )
+        _check(
+            isinstance(self.excite_scale, int | float)
+            and not isinstance(self.excite_scale, bool)
+            and 0 < self.excite_scale <= MAX_EXCITE_SCALE,
+            "excite_scale",
+            f"must be a number in (0, {MAX_EXCITE_SCALE:g}]: Attend-and-Excite's step size (published: 20)",
+        )
         _check(
             isinstance(self.num_inference_steps, int) and 1 <= self.num_inference_steps <= 1000,
             "num_inference_steps",

@@ -1,7 +1,8 @@
 """PNG files of generated images with the text metadata that says how each was made (prompt, seed, model...).
 
-Beside sepen's own chunks (`prompt`, `seed`, `model`, `adapter`, `steps`, `guidance_scale`) each image carries a
-`parameters` chunk in the AUTOMATIC1111 web UI's form, which its PNG Info tab reads (docs/interop.md):
+Beside sepen's own chunks (`prompt`, `seed`, `model`, `adapter`, `steps`, `guidance_scale`, `guidance_method` and,
+for Attend-and-Excite, `excite_scale`) each image carries a `parameters` chunk in the AUTOMATIC1111 web UI's form,
+which its PNG Info tab reads (docs/interop.md):
 
     a photo of a cat and a dog
     Negative prompt: blurry
@@ -60,7 +61,9 @@ def a1111_parameters(
     adapter: str | None,
 ) -> str:
     """The A1111 'parameters' text: the prompt, 'Negative prompt: ...' when there is one, then one line of
-    'Key: value' fields (Steps, Sampler, CFG scale, Seed, Size as WxH, Model, SepEn adapter)."""
+    'Key: value' fields (Steps, Sampler, CFG scale, Seed, Size as WxH, Model, SepEn adapter, and for
+    Attend-and-Excite its scale)."""
+    excited = config.guidance_method == "attend-excite"
     fields = {
         "Steps": config.num_inference_steps,
         "Sampler": sampler,
@@ -69,6 +72,7 @@ def a1111_parameters(
         "Size": f"{size[0]}x{size[1]}",
         "Model": model,
         "SepEn adapter": adapter or None,
+        "Attend-and-Excite scale": config.excite_scale if excited else None,
     }
     line = ", ".join(f"{key}: {_infotext_value(value)}" for key, value in fields.items() if value is not None)
     negative = f"\nNegative prompt: {config.negative_prompt}" if config.negative_prompt else ""
@@ -88,7 +92,8 @@ def sample_metadata(
     **extra: str,
 ) -> dict[str, str]:
     """What it takes to make an image again: prompt, seed, model, adapter ("" for none), any extra entries (the
-    service's job id), the sampling steps and guidance scale, then A1111's `parameters` (image `size` as (width,
+    service's job id), the sampling steps, guidance scale and guidance method (with Attend-and-Excite's scale), then
+    A1111's `parameters` (image `size` as (width,
     height), `sampler` as sampler_name gives it, the adapter by `adapter_name` if given, else as `adapter`)."""
     return {
         "prompt": prompt,
@@ -98,6 +103,8 @@ def sample_metadata(
         **extra,
         "steps": str(config.num_inference_steps),
         "guidance_scale": str(config.guidance_scale),
+        "guidance_method": config.guidance_method,
+        **({"excite_scale": str(config.excite_scale)} if config.guidance_method == "attend-excite" else {}),
         "parameters": a1111_parameters(
             prompt, seed, config, model=model, size=size, sampler=sampler, adapter=adapter_name or adapter
         ),

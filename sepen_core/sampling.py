@@ -7,6 +7,7 @@ the same), so an adapter behaves here exactly as it does in a plain diffusers pi
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,7 +19,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from sepen_core.adapters import KeyProjectionAdapter
-from sepen_core.attend_excite import AttendExcite, AttendExciteConfig
+from sepen_core.attend_excite import AttendExcite, AttendExciteConfig, attend_excite_config
 from sepen_core.attention import (
     CrossAttentionProcessor,
     MapRecorder,
@@ -126,13 +127,15 @@ class GenerationRequest:
 def batch_key(model: BaseModel, request: GenerationRequest) -> tuple:
     """Requests with equal keys can share one UNet batch: the same latent size and number of steps, guidance on
     or off for all, and (where objects are recorded) the same map settings. Everything else may differ per
-    request: prompt, negative prompt, guidance scale, seeds, adapter, objects."""
+    request: prompt, negative prompt, guidance scale, seeds, adapter, objects. A request with Attend-and-Excite
+    (guidance_method) has a key of its own: it is sampled alone."""
     config = request.config
     return (
         _latent_size(model, config),
         config.num_inference_steps,
         config.guidance_scale > 1.0,
         config.maps if request.concepts else None,
+        None if config.guidance_method == "none" else (config.guidance_method, id(request)),
     )
 
 
@@ -258,7 +261,8 @@ def generate(
 
     With an adapter, its keys are applied for this call only (the unconditional branch uses them
     too, as in the paper). With concepts, their maps and scores are recorded (conditional branch).
-    With attend_excite (needs concepts), the latents are optimised at test time (the A&E baseline).
+    Attend-and-Excite (config.guidance_method "attend-excite", needs concepts) optimises the latents at test time;
+    attend_excite gives all of its settings instead (the published schedule otherwise; the result's config says so).
     record_steps: the (0-based) steps whose latents the result's `trajectory` keeps (what finetuning on the model's
     own trajectories trains on). on_step(i, total) is called after each step; should_cancel() is polled before each.
     """
@@ -290,16 +294,28 @@ def generate_batch(
     Requests with different adapters share the batch through their keys: a prompt's keys do not change while
     it is denoised, so each request's keys are computed once, with its adapter, and every step uses them. With
     one adapter (or none) for all, the adapter is applied to the weights instead, as generate() always did.
-    attend_excite takes a single request. record_steps, on_step and should_cancel are the batch's (see generate()).
+    Attend-and-Excite (a request's guidance_method, or attend_excite) takes a single request. record_steps, on_step
+    and should_cancel are the batch's (see generate()).
     """
     if not requests:
         return []
+    if len(requests) > 1 and (attend_excite is not None or any(r.config.guidance_method != "none" for r in requests)):
+        raise ConfigError("guidance_method", "Attend-and-Excite samples one request per batch: sample them one by one")
     if len({batch_key(model, r) for r in requests}) > 1:
         raise ConfigError("requests", "requests of one batch need the same size, steps, guidance on/off and maps")
     concepts = [list(r.concepts) for r in requests for _ in range(r.config.num_images)]
     recording = bool(requests[0].concepts)  # the same for every request (batch_key)
-    if attend_excite is not None and (len(requests) > 1 or not recording):
-        raise ConfigError("concepts", "Attend-and-Excite needs the concepts whose attention it excites, one request")
+    if attend_excite is not None:  # its settings given: the result's config says A&E with its step size
+        config = dataclasses.replace(
+            requests[0].config, guidance_method="attend-excite", excite_scale=attend_excite.scale_factor
+        )
+        requests = [dataclasses.replace(requests[0], config=config)]
+    excite_settings = attend_excite or attend_excite_config(requests[0].config)
+    if excite_settings is not None and not recording:
+        raise ConfigError(
+            "concepts",
+            "Attend-and-Excite needs the objects whose attention it excites: name the prompt's objects as concepts",
+        )
     first = requests[0].config
     latent_size = _latent_size(model, first)
     conds = [model.encode_prompts([r.prompt] * r.config.num_images, latent_size) for r in requests]
@@ -313,8 +329,8 @@ def generate_batch(
     keys = None if len(adapters) == 1 else _keys_per_row(model, requests, denoiser)
     processors = _processors(model, targets, recorder, keys)
     excite = None
-    if attend_excite is not None:
-        excite = AttendExcite(attend_excite, model.unet, cond, targets, first.num_inference_steps)
+    if excite_settings is not None:
+        excite = AttendExcite(excite_settings, model.unet, cond, targets, first.num_inference_steps)
 
     step_scores = None
     if recorder is not None:

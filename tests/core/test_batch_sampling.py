@@ -1,5 +1,6 @@
 """Batched sampling: requests with different adapters, prompts, seeds and guidance share one UNet batch and each
-gets the images it gets alone; requests that cannot share a batch are refused by name."""
+gets the images it gets alone; requests that cannot share a batch (Attend-and-Excite's among them) are refused by
+name."""
 
 import dataclasses
 
@@ -125,3 +126,17 @@ def test_attend_and_excite_takes_one_request(tiny_model):
     with pytest.raises(ConfigError):
         generate_batch(tiny_model, requests, attend_excite=AttendExciteConfig())
     assert generate_batch(tiny_model, []) == []
+
+
+def test_attend_and_excite_requests_are_sampled_alone(tiny_model):
+    """A request with guidance_method attend-excite has a batch key of its own: never batched with another A&E request
+    or a plain one, and generate_batch refuses such a batch by the field's name."""
+    plain = GenerationRequest("a cat and a dog", SampleConfig(num_inference_steps=3), None, ("cat", "dog"))
+    excited = dataclasses.replace(plain, config=SampleConfig(num_inference_steps=3, guidance_method="attend-excite"))
+    other = dataclasses.replace(excited, prompt="a dog and a cat")
+    keys = {batch_key(tiny_model, r) for r in (plain, excited, other)}
+    assert len(keys) == 3 and batch_key(tiny_model, excited) == batch_key(tiny_model, excited)
+    for pair in ([plain, excited], [excited, other]):
+        with pytest.raises(ConfigError) as caught:
+            generate_batch(tiny_model, pair)
+        assert caught.value.field == "guidance_method"

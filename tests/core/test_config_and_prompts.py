@@ -22,6 +22,10 @@ from sepen_core.prompts import ConceptSet, default_group_template
         (SampleConfig, "height", 100),
         (SampleConfig, "num_images", 65),
         (SampleConfig, "guidance_scale", 99.0),
+        (SampleConfig, "guidance_method", "excite"),
+        (SampleConfig, "excite_scale", 0.0),
+        (SampleConfig, "excite_scale", 20_000.0),
+        (SampleConfig, "excite_scale", True),
         (MapConfig, "normalization", "softmax"),
         (MapConfig, "map_downsample", 3),
     ],
@@ -113,3 +117,17 @@ def test_model_defaults_are_checked_when_made(section, value, field):
     with pytest.raises(ConfigError) as caught:
         ModelDefaults(**{section: value})
     assert caught.value.field == field
+
+
+def test_attend_and_excite_cost_bound_follows_its_schedule():
+    from sepen_core.config import AE_UPDATE_COST, attend_excite_evaluations, guidance_cost
+
+    # 50 steps: 25 updated steps, refinement at steps 0, 10 and 20 (up to 20 evaluations each); 20 steps: 10; 0, 4, 8
+    assert attend_excite_evaluations(50) == 25 + 3 * 20 and attend_excite_evaluations(20) == 10 + 3 * 20
+    assert attend_excite_evaluations(3) == 2 + 2 * 20  # steps 0 and 1 updated (round half to even), both refined
+    assert attend_excite_evaluations(1) == 0  # round(0.5) is 0, as AttendExcite rounds: no update
+    assert guidance_cost("none", 20) == 1.0
+    assert guidance_cost("attend-excite", 50) == pytest.approx(1 + AE_UPDATE_COST * 85 / 50)
+    with pytest.raises(ConfigError) as info:
+        guidance_cost("excite", 20)
+    assert info.value.field == "guidance_method"

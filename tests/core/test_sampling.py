@@ -1,4 +1,7 @@
-"""Sampling matches diffusers' pipeline, is seeded per image, records per-object maps, and cancels."""
+"""Sampling matches diffusers' pipeline, is seeded per image, records per-object maps, and cancels; Attend-and-Excite
+runs the same from a config's guidance_method as from its settings given, within its schedule's cost bound."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -123,3 +126,45 @@ def test_attend_and_excite_lifts_the_weakest_object_at_test_time(tiny_model):
     assert after > before and excite.updates == 1
     with pytest.raises(ConfigError, match="concepts"):
         generate(tiny_model, PROMPT, config, attend_excite=strong)
+
+
+def test_attend_and_excite_by_config_is_attend_and_excite_by_argument(tiny_model):
+    """guidance_method "attend-excite" with excite_scale runs the same A&E as the explicit AttendExciteConfig argument
+    (published schedule, that scale factor); both results' configs and PNG metadata say so; it needs concepts."""
+    from sepen_core.attend_excite import AttendExciteConfig
+
+    plain = SampleConfig(num_inference_steps=4, num_images=2, maps=MapConfig(normalization="content"))
+    by_config = dataclasses.replace(plain, guidance_method="attend-excite", excite_scale=2000.0)
+    configured = generate(tiny_model, PROMPT, by_config, concepts=["cat", "dog"])
+    argued = generate(
+        tiny_model, PROMPT, plain, concepts=["cat", "dog"], attend_excite=AttendExciteConfig(scale_factor=2000.0)
+    )
+    base = generate(tiny_model, PROMPT, plain, concepts=["cat", "dog"])
+    assert torch.equal(configured.pixels, argued.pixels)
+    assert (configured.pixels - base.pixels).abs().max() > 1e-3
+    assert configured.config == argued.config == by_config
+    metadata = configured.image_metadata(0)
+    assert metadata["guidance_method"] == "attend-excite" and metadata["excite_scale"] == "2000.0"
+    assert "Attend-and-Excite scale: 2000.0" in metadata["parameters"]
+    assert base.image_metadata(0)["guidance_method"] == "none" and "excite_scale" not in base.image_metadata(0)
+    with pytest.raises(ConfigError) as info:
+        generate(tiny_model, PROMPT, by_config)
+    assert info.value.field == "concepts" and "concepts" in str(info.value)
+
+
+def test_attend_and_excite_stays_within_its_cost_bound(tiny_model, monkeypatch):
+    """The gradient evaluations a run makes never pass the schedule's bound that GET /models' cost rests on."""
+    from sepen_core import sampling
+    from sepen_core.config import attend_excite_evaluations
+
+    made = []
+
+    class Counting(sampling.AttendExcite):
+        def _loss_gradient(self, latents, t, rows=None):
+            made.append(1)
+            return super()._loss_gradient(latents, t, rows)
+
+    monkeypatch.setattr(sampling, "AttendExcite", Counting)
+    config = SampleConfig(num_inference_steps=5, guidance_method="attend-excite", excite_scale=50.0)
+    generate(tiny_model, PROMPT, config, concepts=["cat", "dog"])
+    assert 2 <= len(made) <= attend_excite_evaluations(5)  # one at each of the 2 altered steps, at least
