@@ -72,11 +72,14 @@ class ModelCard:
     def max_width(self) -> int:
         return self.native_width * MAX_SIDE_FACTOR
 
-    def batch_signature(self, sample: dict[str, Any], recorded: bool) -> tuple:
+    def batch_signature(self, sample: dict[str, Any], recorded: bool) -> tuple | None:
         """What sepen_core.sampling.batch_key compares, from a request's sample settings and this card alone
         (recorded: the request names objects whose maps it records). Requests for this model with equal
-        signatures can share one UNet batch. Raises ConfigError for settings no SampleConfig takes."""
+        signatures can share one UNet batch; None for a request sampled alone (Attend-and-Excite). Raises
+        ConfigError for settings no SampleConfig takes."""
         config = self.defaults.sample_config(sample)
+        if config.guidance_method != "none":
+            return None
         return (
             config.height or self.native_height,
             config.width or self.native_width,

@@ -31,6 +31,7 @@ class Limits:
     max_images = 8
     max_sample_steps = 200
     max_guidance = 30.0
+    max_excite_scale = 100.0  # Attend-and-Excite's step size (published: 20)
     min_side, max_side = 8, 2048  # any model; each model's own maximum is tighter (GET /models)
     size_multiple = 8  # any model (a latent pixel of a model without a VAE); most need more (GET /models)
     max_prompt = 1_000
@@ -97,6 +98,7 @@ class GenerateRequest(Contract):
                 "num_images": Limits.max_images,
                 "num_inference_steps": Limits.max_sample_steps,
                 "guidance_scale": Limits.max_guidance,
+                "excite_scale": Limits.max_excite_scale,
                 "height": Limits.max_side,
                 "width": Limits.max_side,
             },

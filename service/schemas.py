@@ -23,7 +23,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
-from sepen_core.config import GRAD_MODES, LATENT_SOURCES, MAX_EXPORT_RANK, NORMALIZATIONS
+from sepen_core.config import GRAD_MODES, GUIDANCE_METHODS, LATENT_SOURCES, MAX_EXPORT_RANK, NORMALIZATIONS
 from sepen_core.errors import ConfigError
 from sepen_core.prompts import template_slots
 from sepen_store.contract import (
@@ -106,6 +106,7 @@ ModelName = Annotated[str, StringConstraints(min_length=1, max_length=128), Afte
 
 
 Normalization = Literal[NORMALIZATIONS]  # type: ignore[valid-type]
+GuidanceMethod = Literal[GUIDANCE_METHODS]  # type: ignore[valid-type]
 
 
 class RequestBody(BaseModel):
@@ -341,6 +342,19 @@ class GenerateIn(RequestBody):
     map_downsample: json_int(ge=1, le=32) | None = Field(
         None,
         description="heatmaps read attention at image size / this (1, 2, 4 ... 32); default: the model's",
+    )
+    guidance_method: GuidanceMethod | None = Field(
+        None,
+        description="'attend-excite': Attend-and-Excite lifts the weakest of the request's `concepts` (which it needs) "
+        "at test time, with or without an adapter; its cost per image is in GET /models (guidance_methods) and counts "
+        "against limits.max_image_steps; default 'none'",
+    )
+    excite_scale: StrictFloat | StrictInt | None = Field(
+        None,
+        gt=0,
+        le=Limits.max_excite_scale,
+        description="Attend-and-Excite's step size (its scale_factor), with guidance_method 'attend-excite' only; "
+        "default 20, the published one",
     )
     webhook: WebhookIn | None = Field(None, description="POST the job's events to this URL (signed)")
 
@@ -702,6 +716,17 @@ class ModelLimits(BaseModel):
     max_finetune_work: int = Field(description="recipe steps x batch_size of one POST /finetune")
 
 
+class GuidanceMethodOut(BaseModel):
+    name: GuidanceMethod = Field(description="a POST /generate guidance_method")
+    relative_cost: float = Field(
+        description="what one image costs with it, in images of plain sampling, at the model's default steps: a bound "
+        "derived from the method's schedule (Attend-and-Excite: its most gradient evaluations, each at most 3 plain "
+        "steps), not a measurement; a request's image-steps are weighed by it at its own steps against "
+        "limits.max_image_steps. Measured medians are lower (docs/benchmarks.md)",
+        examples=[11.5],
+    )
+
+
 class ModelOut(BaseModel):
     name: str
     default: bool
@@ -745,6 +770,11 @@ class ModelOut(BaseModel):
         "`sample` (with its `maps`), the finetune recipes `finetune` (pairs) and `large_scale` (a collection), and "
         "`templates`, the prompt templates of a finetune that gives none (`pairs`, `collection`); null when the "
         "gateway cannot read the model's files",
+    )
+    guidance_methods: list[GuidanceMethodOut] = Field(
+        default_factory=list,
+        description="the POST /generate guidance methods and what an image costs with each on this model",
+        examples=[[{"name": "none", "relative_cost": 1.0}, {"name": "attend-excite", "relative_cost": 11.5}]],
     )
 
 

@@ -155,14 +155,15 @@ class Runtime:
 
     def _batch_signature(self, request: GenerateRequest) -> tuple | None:
         """Equal for generate requests that can share a UNet batch (from the model's card, without loading it);
-        None for a request that runs alone (an unknown model, settings no SampleConfig takes)."""
+        None for a request that runs alone (an unknown model, settings no SampleConfig takes, Attend-and-Excite)."""
         source = self.settings.models.get(request.model)
         if source is None:
             return None
         try:
-            return request.model, _card(source).batch_signature(request.sample, bool(request.concepts))
+            signature = _card(source).batch_signature(request.sample, bool(request.concepts))
         except SepenError:
             return None
+        return None if signature is None else (request.model, signature)
 
     def _stopped_by_quota(self, kind: str) -> Outcome:
         """How a job ends that was stopped because its tenant crossed the daily compute budget."""

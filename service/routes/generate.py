@@ -32,6 +32,8 @@ SAMPLE_FIELDS = {
     "maps": "normalization",
     "normalization": "normalization",
     "map_downsample": "map_downsample",
+    "guidance_method": "guidance_method",
+    "excite_scale": "excite_scale",
 }
 SEED_RANGE = 2**31
 
@@ -42,6 +44,28 @@ def check_sample(sample: dict) -> None:
         SampleConfig.from_dict(sample)
     except ConfigError as exc:
         raise invalid_setting(exc, SAMPLE_FIELDS.get(exc.field, exc.field)) from exc
+
+
+def check_guidance(body: GenerateIn) -> None:
+    """422 naming the field when the guidance method's settings do not fit: Attend-and-Excite needs the request's
+    concepts (the objects whose attention it lifts); excite_scale applies to it alone."""
+    excited = body.guidance_method == "attend-excite"
+    if excited and not body.concepts:
+        raise ApiError(
+            422,
+            "validation_error",
+            "concepts: guidance_method 'attend-excite' lifts the attention of the objects the request names; give "
+            'two or more of the prompt\'s objects as concepts, e.g. ["cat", "dog"]',
+            field="concepts",
+        )
+    if body.excite_scale is not None and not excited:
+        raise ApiError(
+            422,
+            "validation_error",
+            "excite_scale: Attend-and-Excite's step size applies with guidance_method 'attend-excite' only; set it, "
+            "or leave excite_scale out",
+            field="excite_scale",
+        )
 
 
 def pick_seed(tenant: str, idempotency_key: str | None) -> int:
@@ -97,6 +121,7 @@ def _submit(
     model = pick_model(settings, body.model, version, ref)
     check_size(settings, model, body.height, body.width)
     check_vocabulary(settings, model, [(f"concepts.{i}", c) for i, c in enumerate(body.concepts or [])])
+    check_guidance(body)
     seed = body.seed if body.seed is not None else pick_seed(tenant, idempotency_key)
     # Only what the request gives is stored: the worker fills the rest from the model's defaults.
     given = {
@@ -104,6 +129,8 @@ def _submit(
         "guidance_scale": body.guidance,
         "height": body.height,
         "width": body.width,
+        "guidance_method": body.guidance_method,
+        "excite_scale": body.excite_scale,
     }
     sample = {
         **{k: v for k, v in given.items() if v is not None},

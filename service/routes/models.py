@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from sepen_core.config import ModelDefaults, tiny_source
+from sepen_core.config import GUIDANCE_METHODS, ModelDefaults, guidance_cost, tiny_source
 from sepen_core.errors import ConfigError, ModelLoadError
 from sepen_core.model_card import ModelCard, model_card
 from sepen_core.prompts import COLLECTION_TEMPLATES, default_group_template
@@ -19,14 +19,16 @@ from sepen_store.settings import Settings
 from service.deps import SettingsDep, TenantDep
 from service.errors import ApiError
 from service.openapi import AUTHENTICATED, RATE_LIMITED, errors, success
-from service.schemas import ModelLimits, ModelOut
+from service.schemas import GuidanceMethodOut, ModelLimits, ModelOut
 
 log = logging.getLogger(__name__)
 # What one request may ask of a model, in units of the model's own size and recipes (so one table serves a toy model
 # on a CPU and SDXL on a GPU): a sample request at most max_images images of max_steps steps at the native size, an
 # image-step at another size weighing the square of its area's ratio to the native one (self-attention's cost grows
 # with the square of the latent's pixels: twice the side cost 9.8x the time per image-step on sepen-tiny,
-# bench/generate_limits.py); a finetune at most twice the samples (steps x batch) of its largest recipe.
+# bench/generate_limits.py), and an image with a guidance method weighing its cost in plain images at its steps (at
+# most, from the method's schedule: sepen_core.config.guidance_cost); a finetune at most twice the samples (steps x
+# batch) of its largest recipe.
 MAX_IMAGE_STEPS = Limits.max_images * Limits.max_sample_steps
 FINETUNE_WORK_FACTOR = 2
 
@@ -69,6 +71,7 @@ def list_models(settings: SettingsDep, tenant: TenantDep) -> list[ModelOut]:
                 judged=card is not None and card.judge is not None,
                 note=TINY_NOTE if tiny_source(source) else None,
                 resolved=resolved_settings(card.defaults) if card else None,
+                guidance_methods=guidance_methods(card.defaults if card else ModelDefaults()),
             )
         )
     return models
@@ -78,6 +81,12 @@ TINY_NOTE = (
     "a tiny random model: its images are noise; it runs the Stable Diffusion code paths (VAE, 16 key layers) in "
     "seconds, for trying the service"
 )
+
+
+def guidance_methods(defaults: ModelDefaults) -> list[GuidanceMethodOut]:
+    """Each guidance method with what an image costs with it at the model's default steps (GET /models)."""
+    steps = defaults.sample_config().num_inference_steps
+    return [GuidanceMethodOut(name=m, relative_cost=round(guidance_cost(m, steps), 2)) for m in GUIDANCE_METHODS]
 
 
 def resolved_settings(defaults: ModelDefaults) -> dict[str, Any]:
@@ -142,24 +151,29 @@ def check_size(settings: Settings, name: str, height: int | None, width: int | N
 
 
 def check_image_steps(settings: Settings, name: str, sample: dict[str, Any], fields: dict[str, str]) -> None:
-    """422 when a sample request's images x steps x (its area / the model's native area)^2 passes the model's
-    max_image_steps: such a request could not finish within a generate job's time limit. `fields`: SampleConfig
-    names -> the request's; the field named is the steps if the request gave them, else the images."""
+    """422 when a sample request's images x steps x (its area / the model's native area)^2, times its guidance
+    method's cost per image (sepen_core.config.guidance_cost), passes the model's max_image_steps: such a request could
+    not finish within a generate job's time limit. `fields`: SampleConfig names -> the request's; the field named is
+    the steps if the request gave them, else the images."""
     card = card_of(settings.models[name])
     if card is None:
         return  # sizes unknown here: the worker's time limit bounds it
     config = card.defaults.sample_config(sample)
     area = (config.height or card.native_height) * (config.width or card.native_width)
     work = config.num_images * config.num_inference_steps * (area / (card.native_height * card.native_width)) ** 2
+    cost = guidance_cost(config.guidance_method, config.num_inference_steps)
+    work *= cost
     if work > MAX_IMAGE_STEPS:
         field = fields["num_inference_steps"] if "num_inference_steps" in sample else fields["num_images"]
         raise ApiError(
             422,
             "validation_error",
             f"{field}: {config.num_images} image(s) x {config.num_inference_steps} steps at "
-            f"{config.height or card.native_height}x{config.width or card.native_width} is {work:g} image-steps at "
+            f"{config.height or card.native_height}x{config.width or card.native_width}"
+            + (f" with {config.guidance_method} ({cost:.3g}x a plain image's cost)" if cost != 1 else "")
+            + f" is {work:g} image-steps at "
             f"model {name!r}'s native size, more than its {MAX_IMAGE_STEPS} (GET /models, limits.max_image_steps); "
-            "ask for fewer images or steps, or a smaller size",
+            "ask for fewer images or steps, or a smaller size" + (", or no guidance_method" if cost != 1 else ""),
             field=field,
         )
 

@@ -144,10 +144,20 @@ INVALID = [
     ({"adapter": "cat-dog@0"}, "adapter"),
     ({"adapter": "cat-dog@x"}, "adapter"),
     ({"sampler": "ddim"}, "sampler"),
+    ({"guidance_method": "excite"}, "guidance_method"),
+    ({"guidance_method": 1}, "guidance_method"),
+    ({"guidance_method": "attend-excite"}, "concepts"),  # A&E lifts the named objects: it needs them
+    ({"guidance_method": "attend-excite", "concepts": ["cat", "dog"], "excite_scale": 0}, "excite_scale"),
+    ({"guidance_method": "attend-excite", "concepts": ["cat", "dog"], "excite_scale": 100.5}, "excite_scale"),
+    ({"guidance_method": "attend-excite", "concepts": ["cat", "dog"], "excite_scale": "20"}, "excite_scale"),
+    ({"excite_scale": 20}, "excite_scale"),  # A&E's alone
+    ({"guidance_method": "none", "concepts": ["cat", "dog"], "excite_scale": 20}, "excite_scale"),
 ]
 
 
-@pytest.mark.parametrize("change, field", INVALID, ids=[f"{k}={v!r:.20}" for c, _ in INVALID for k, v in c.items()])
+@pytest.mark.parametrize(
+    "change, field", INVALID, ids=[",".join(f"{k}={v!r:.20}" for k, v in c.items()) for c, _ in INVALID]
+)
 def test_invalid_fields_are_422_naming_the_field(client, auth, error_of, change, field):
     response = client.post("/generate", json={"prompt": PROMPT, **change}, headers=auth)
     assert response.status_code == 422, response.text
@@ -242,3 +252,24 @@ def test_sampling_with_an_adapter_its_check_found_hurting_warns_without_refusing
     assert version["check"]["verdict"] == "hurts" and version["check"]["pairs"][0]["paired"]["lost"] == 14
     listed = {a["name"]: a["verdict"] for a in client.get("/adapters", headers=auth).json()}
     assert listed == {"hurts": "hurts", "fine": "no clear effect"}  # the newest version's verdict, in the list
+
+
+def test_attend_and_excite_is_stored_and_weighs_its_cost(client, auth, error_of):
+    """guidance_method and excite_scale reach the stored sample settings; an A&E image-step weighs A&E's cost bound at
+    its steps (sepen_core.config.guidance_cost): 50 steps cost 6.1 plain images, so 5 images pass 1600 image-steps
+    (1525) and 6 do not (1830), naming the images; the plain request of 6 images passes."""
+    body = {"prompt": PROMPT, "concepts": ["cat", "dog"], "guidance_method": "attend-excite", "excite_scale": 30}
+    response = client.post("/generate", json={**body, "images": 5}, headers=auth)
+    assert response.status_code == 202, response.text
+    sample = response.json()["request"]["sample"]
+    assert sample["guidance_method"] == "attend-excite" and sample["excite_scale"] == 30
+    config = ModelDefaults().sample_config(sample)
+    assert config.guidance_method == "attend-excite" and config.excite_scale == 30
+    refused = client.post("/generate", json={**body, "images": 6}, headers=auth)
+    assert refused.status_code == 422 and error_of(refused)["field"] == "images"
+    assert "attend-excite" in error_of(refused)["message"] and "1830 image-steps" in error_of(refused)["message"]
+    plain = {"prompt": PROMPT, "concepts": ["cat", "dog"], "images": 6}
+    assert client.post("/generate", json=plain, headers=auth).status_code == 202
+    published = {"prompt": PROMPT, "concepts": ["cat", "dog"], "guidance_method": "attend-excite"}
+    response = client.post("/generate", json=published, headers=auth)
+    assert response.status_code == 202 and "excite_scale" not in response.json()["request"]["sample"]

@@ -1,6 +1,7 @@
 """Mixed-adapter batches in the worker (in-process, embedded database): running one generate job claims the queued
 jobs that can share its UNet batch, each with its own adapter, and each gets the images it gets when run alone;
-jobs with other settings, jobs past the image limit and canceled jobs stay out; a bad job fails alone."""
+jobs with other settings, jobs past the image limit and canceled jobs stay out; a bad job fails alone; an
+Attend-and-Excite job runs alone."""
 
 import io
 
@@ -153,3 +154,31 @@ def test_a_job_canceled_in_its_batch_ends_canceled_and_the_others_keep_their_res
     everyone = [Control(True) for _ in jobs]
     assert all(isinstance(o, Canceled) for o in work.generate_batch(jobs, everyone))
     assert all(c.steps == [] for c in everyone)  # the batch stopped before its first step
+
+
+def test_attend_and_excite_jobs_run_alone_and_say_so_in_their_images(tmp_path):
+    """A generate job with guidance_method attend-excite (with an adapter) succeeds end to end, claims no companions
+    and joins no plain job's batch; its result and PNG metadata say the guidance method; the work's own grouping
+    samples an A&E job and a plain one handed to it together as separate batches."""
+    runtime = make_runtime(tmp_path, generate_batch_jobs=8)
+    versions = {"red": publish(runtime, "red", 1)}
+    excite = {"concepts": ("cat", "dog"), "guidance_method": "attend-excite", "excite_scale": 100.0}
+    first = submit(runtime, versions, "red", **excite)
+    plain = submit(runtime, versions, "red", concepts=("cat", "dog"))
+    second = submit(runtime, versions, None, seed=3, **excite)
+    assert runtime.run("generate", first) == "succeeded"
+    assert row(runtime, plain).status == row(runtime, second).status == "queued"
+    assert runtime.run("generate", plain) == "succeeded"
+    assert row(runtime, second).status == "queued"
+    assert runtime.run("generate", second) == "succeeded"
+    result = row(runtime, first).result
+    assert result["sample"]["guidance_method"] == "attend-excite" and result["sample"]["excite_scale"] == 100.0
+    assert result["images"][0]["heatmap"] is True and row(runtime, plain).result["sample"]["guidance_method"] == "none"
+    with runtime.sessions() as session:
+        text = Image.open(io.BytesIO(get_image(session, first, "image", 0).data)).text
+    assert text["guidance_method"] == "attend-excite" and "Attend-and-Excite scale: 100.0" in text["parameters"]
+    assert np.abs(pixels(runtime, first) - pixels(runtime, plain)).max() > 0  # A&E moved the same seed's latents
+
+    together = [submit(runtime, versions, "red", seed=5, **excite), submit(runtime, versions, "red", seed=5)]
+    outcomes = runtime.jobs.work.generate_batch(together, [Control(False), Control(False)])
+    assert [o.sample["guidance_method"] for o in outcomes] == ["attend-excite", "none"]
