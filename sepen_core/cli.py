@@ -3,6 +3,7 @@ the base model, export an adapter for other tools, export the tiny model.
 
     sepen finetune --model tiny --pair cat dog --steps 200 --out cat-dog.safetensors
     sepen generate "a photo of a cat and a dog" --adapter cat-dog.safetensors --concepts cat dog --out out/
+    sepen generate "a photo of a cat and a dog" --concepts cat dog --guidance-method attend-excite --out out/
     sepen inspect "a photo of a cat and a dog" --concepts cat dog --adapter cat-dog.safetensors
     sepen evaluate cat-dog.safetensors --prompt "a photo of a cat and a dog" --concepts cat dog --samples 16
     sepen export cat-dog.safetensors --format kohya --rank 8 --out cat-dog-kohya.safetensors
@@ -32,7 +33,9 @@ from sepen_core.config import (
     EXPORT_DTYPE_NAMES,
     EXPORT_FORMATS,
     GRAD_MODES,
+    GUIDANCE_METHODS,
     LATENT_SOURCES,
+    MAX_EXCITE_SCALE,
     ModelDefaults,
     SampleConfig,
 )
@@ -273,6 +276,8 @@ def cmd_generate(args) -> int:
                 "guidance_scale": args.guidance,
                 "height": args.height,
                 "width": args.width,
+                "guidance_method": args.guidance_method,
+                "excite_scale": args.excite_scale,
             }
         ),
         "num_images": args.images,
@@ -280,7 +285,12 @@ def cmd_generate(args) -> int:
         "negative_prompt": args.negative_prompt,
         "maps": _given_maps(args),
     }
-    SampleConfig.from_dict(given)  # bad settings fail before the model loads
+    try:  # bad settings fail before the model loads, naming the option
+        SampleConfig.from_dict(given)
+    except ConfigError as exc:
+        option = SAMPLE_OPTIONS.get(exc.field, exc.field.replace("_", "-"))
+        raise SepenError(f"argument --{option}: {exc.message}") from exc
+    check_guidance(args)
     check_vocabulary(model_card_of(args), args, "--concepts", args.concepts or ())
     check_writable(args.out, "--out", directory=True)
     from sepen_core.sampling import generate  # torch: after what fails fast
@@ -305,6 +315,23 @@ def cmd_generate(args) -> int:
     if result.scores is not None:
         (out / "scores.json").write_text(json.dumps([s.to_dict() for s in result.scores], indent=2) + "\n")
     return 0
+
+
+# SampleConfig's field names -> sepen generate's options.
+SAMPLE_OPTIONS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images": "images"}
+
+
+def check_guidance(args: argparse.Namespace) -> None:
+    """SepenError naming the option when the guidance method's options do not fit: Attend-and-Excite needs
+    --concepts (the objects whose attention it lifts); --excite-scale applies to it alone."""
+    excited = args.guidance_method == "attend-excite"
+    if excited and not args.concepts:
+        raise SepenError(
+            "argument --concepts: --guidance-method attend-excite lifts the attention of the objects you name; "
+            "give the prompt's objects, e.g. --concepts cat dog"
+        )
+    if args.excite_scale is not None and not excited:
+        raise SepenError("argument --excite-scale: applies with --guidance-method attend-excite only")
 
 
 def cmd_inspect(args) -> int:
@@ -543,6 +570,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's native size)")
     p.add_argument("--negative-prompt", default="", help="what guidance steers away from")
+    p.add_argument(
+        "--guidance-method",
+        choices=GUIDANCE_METHODS,
+        help="attend-excite: Attend-and-Excite lifts the weakest of --concepts (needed) at test time, with or without "
+        'an adapter; each image costs several plain ones (docs/benchmarks.md, "Attend-and-Excite\'s cost"); '
+        "default none",
+    )
+    p.add_argument(
+        "--excite-scale",
+        type=float,
+        help=f"Attend-and-Excite's step size, in (0, {MAX_EXCITE_SCALE:g}] (default 20, the published one)",
+    )
     p.add_argument("--out", default="out", help="output directory")
     p.set_defaults(run=cmd_generate)
 

@@ -35,9 +35,10 @@ AE_STEPS_TO_ALTER = 0.5
 AE_REFINEMENT = {0.0: 0.05, 0.2: 0.5, 0.4: 0.8}
 AE_MAX_REFINEMENT_STEPS = 20
 # What one A&E gradient evaluation (a forward to the last map layer and its backward, the conditional rows only) costs,
-# at most, in plain denoising steps of the same image: measured 1.3-1.7 on the toy and tiny models on one CPU thread
-# (bench/attend_excite_cost.py, docs/benchmarks.md "Attend-and-Excite's cost"); a backward costs about two forwards.
-AE_UPDATE_COST = 3.0
+# at most, in plain denoising steps of the same image: measured medians 1.71 (toy model, no classifier-free guidance)
+# and 0.75 (tiny model, guided: a plain step there runs two rows), the highest single run 3.51, when the machine's load
+# rose during its A&E half (bench/attend_excite_cost.py, docs/benchmarks.md "Attend-and-Excite's cost").
+AE_UPDATE_COST = 4.0
 
 
 def tiny_source(spec: str) -> tuple[str, int] | None:

@@ -719,11 +719,11 @@ class ModelLimits(BaseModel):
 class GuidanceMethodOut(BaseModel):
     name: GuidanceMethod = Field(description="a POST /generate guidance_method")
     relative_cost: float = Field(
-        description="what one image costs with it, in images of plain sampling, at the model's default steps: a bound "
-        "derived from the method's schedule (Attend-and-Excite: its most gradient evaluations, each at most 3 plain "
-        "steps), not a measurement; a request's image-steps are weighed by it at its own steps against "
-        "limits.max_image_steps. Measured medians are lower (docs/benchmarks.md)",
-        examples=[11.5],
+        description="what one image costs with it, in images of plain sampling, at the model's default steps: a "
+        "bound derived from the method's schedule (Attend-and-Excite: its most gradient evaluations, each counted as 4 "
+        "plain steps, above every run measured), not a measurement; a request's image-steps are weighed by it at its "
+        "own steps against limits.max_image_steps. Measured medians are lower: 2.3-2.5 (docs/benchmarks.md)",
+        examples=[15.0],
     )
 
 
@@ -774,7 +774,7 @@ class ModelOut(BaseModel):
     guidance_methods: list[GuidanceMethodOut] = Field(
         default_factory=list,
         description="the POST /generate guidance methods and what an image costs with each on this model",
-        examples=[[{"name": "none", "relative_cost": 1.0}, {"name": "attend-excite", "relative_cost": 11.5}]],
+        examples=[[{"name": "none", "relative_cost": 1.0}, {"name": "attend-excite", "relative_cost": 15.0}]],
     )
 
 

@@ -1,6 +1,7 @@
 """The `sepen` CLI end to end: finetune, generate (PNG metadata with A1111's parameters), inspect on the tiny model;
-the toy model by default; clear errors, and those that can come before the work (output paths, model names, nouns
-the model cannot draw) before it; an adapter that cannot be saved where asked is saved beside.
+the toy model by default; generate with Attend-and-Excite; clear errors, and those that can come before the work
+(output paths, model names, nouns the model cannot draw) before it; an adapter that cannot be saved where asked is
+saved beside.
 `sepen export`: tests/core/test_export.py."""
 
 import json
@@ -287,3 +288,25 @@ def test_an_sdxl_directory_through_the_cli(tmp_path):
     assert run.returncode == 0, run.stderr
     header = json.loads(kohya_path.read_bytes()[8 : 8 + int.from_bytes(kohya_path.read_bytes()[:8], "little")])
     assert "lora_unet_output_blocks_2_1_transformer_blocks_1_attn2_to_k.lora_up.weight" in header
+
+
+def test_generate_with_attend_and_excite(tmp_path):
+    """--guidance-method attend-excite samples with A&E (its images say so); it needs --concepts, and --excite-scale
+    is checked and applies to it alone: each a one-line error naming the option, before the work."""
+    out = tmp_path / "out"
+    args = ["generate", "a cherry and a sofa", "--steps", "4", "--out", str(out)]
+    run = sepen(*args, "--concepts", "cherry", "sofa", "--guidance-method", "attend-excite", "--excite-scale", "30",
+                cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    image = Image.open(out / "image-0.png")
+    assert image.text["guidance_method"] == "attend-excite" and image.text["excite_scale"] == "30.0"
+    assert "Attend-and-Excite scale: 30.0" in image.text["parameters"] and (out / "heatmap-0.png").exists()
+    refusals = [
+        (["--guidance-method", "attend-excite"], "argument --concepts: --guidance-method attend-excite lifts"),
+        (["--concepts", "cherry", "sofa", "--excite-scale", "30"], "argument --excite-scale: applies with"),
+        (["--guidance-method", "attend-excite", "--concepts", "cherry", "sofa", "--excite-scale", "0"],
+         "argument --excite-scale: must be a number in (0, 10000]"),
+    ]  # fmt: skip
+    for extra, message in refusals:
+        assert message in one_line_error(sepen(*args[:-2], *extra, "--out", str(tmp_path / "none"), cwd=tmp_path))
+    assert not (tmp_path / "none").exists()

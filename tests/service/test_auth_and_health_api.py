@@ -96,8 +96,8 @@ def test_models(client, auth):
     assert tiny.pop("resolved") == json.loads(json.dumps(resolved))  # tuples as JSON's lists
     assert tiny.pop("note").startswith("a tiny random model: its images are noise")
     # What an image costs with each guidance method at the model's default steps (50): Attend-and-Excite's bound, from
-    # its schedule (25 updated steps and 3 refinements of up to 20 evaluations, each at most 3 plain steps).
-    costs = [{"name": "none", "relative_cost": 1.0}, {"name": "attend-excite", "relative_cost": 6.1}]
+    # its schedule (25 updated steps and 3 refinements of up to 20 evaluations, each counted as 4 plain steps).
+    costs = [{"name": "none", "relative_cost": 1.0}, {"name": "attend-excite", "relative_cost": 7.8}]
     assert [m.pop("guidance_methods") for m in models] == [costs, costs]
     assert models == [
         {

@@ -256,19 +256,19 @@ def test_sampling_with_an_adapter_its_check_found_hurting_warns_without_refusing
 
 def test_attend_and_excite_is_stored_and_weighs_its_cost(client, auth, error_of):
     """guidance_method and excite_scale reach the stored sample settings; an A&E image-step weighs A&E's cost bound at
-    its steps (sepen_core.config.guidance_cost): 50 steps cost 6.1 plain images, so 5 images pass 1600 image-steps
-    (1525) and 6 do not (1830), naming the images; the plain request of 6 images passes."""
+    its steps (sepen_core.config.guidance_cost): 50 steps cost 7.8 plain images, so 4 images pass 1600 image-steps
+    (1560) and 5 do not (1950), naming the images; the plain request of 5 images passes."""
     body = {"prompt": PROMPT, "concepts": ["cat", "dog"], "guidance_method": "attend-excite", "excite_scale": 30}
-    response = client.post("/generate", json={**body, "images": 5}, headers=auth)
+    response = client.post("/generate", json={**body, "images": 4}, headers=auth)
     assert response.status_code == 202, response.text
     sample = response.json()["request"]["sample"]
     assert sample["guidance_method"] == "attend-excite" and sample["excite_scale"] == 30
     config = ModelDefaults().sample_config(sample)
     assert config.guidance_method == "attend-excite" and config.excite_scale == 30
-    refused = client.post("/generate", json={**body, "images": 6}, headers=auth)
+    refused = client.post("/generate", json={**body, "images": 5}, headers=auth)
     assert refused.status_code == 422 and error_of(refused)["field"] == "images"
-    assert "attend-excite" in error_of(refused)["message"] and "1830 image-steps" in error_of(refused)["message"]
-    plain = {"prompt": PROMPT, "concepts": ["cat", "dog"], "images": 6}
+    assert "attend-excite" in error_of(refused)["message"] and "1950 image-steps" in error_of(refused)["message"]
+    plain = {"prompt": PROMPT, "concepts": ["cat", "dog"], "images": 5}
     assert client.post("/generate", json=plain, headers=auth).status_code == 202
     published = {"prompt": PROMPT, "concepts": ["cat", "dog"], "guidance_method": "attend-excite"}
     response = client.post("/generate", json=published, headers=auth)
