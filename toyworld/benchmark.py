@@ -613,6 +613,7 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
         }
         r["outcomes"] = {g: "".join("1" if x["success"] else "0" for x in rec) for g, rec in r.pop("groups").items()}
     prompts = {g: [" / ".join(p) for p in group_pairs(world, g)] for g in config.groups}
+    sampled_with_excite = {m.name: m.attend_excite for m in methods(config)}
     for name, r in results.items():
         if name != "base":
             r["per_pair"] = {
@@ -620,7 +621,7 @@ def run(model: BaseModel, world: World, config: BenchmarkConfig, out: Path, log=
                 for g, o in r["outcomes"].items()
                 if g != "single"
             }
-        if "check" in r.get("finetune", {}):
+        if "check" in r.get("finetune", {}) and not sampled_with_excite[name]:  # the check judges the plain adapter
             r["check_agreement"] = check_agreement(r["per_pair"], r["finetune"]["check"])
     report = {
         "config": config.to_dict(),
