@@ -46,7 +46,7 @@ def submit_finetune(runtime, name):
 
 
 class Watch:
-    """A JobControl that looks in the bucket after every step, and stops the run after `stop_after` steps."""
+    """A JobControl that looks in the bucket after every training step, and stops the run after `stop_after` steps."""
 
     def __init__(self, s3_server, bucket, stop_after=None):
         self.s3_server, self.bucket, self.stop_after = s3_server, bucket, stop_after
@@ -54,6 +54,8 @@ class Watch:
         self.seen: list[tuple[int, list[str], str | None]] = []  # (step, checkpoint keys, the object's ETag)
 
     def progress(self, progress, *, force=False):
+        if progress.get("phase", "training") != "training":  # loading (step 0) and checking report no new step
+            return
         self.steps = progress["step"]
         keys = self.s3_server.keys(self.bucket, "checkpoints/")
         etag = None
