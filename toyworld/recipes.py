@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 import torch
 
@@ -155,18 +155,10 @@ def summarised(report: dict) -> dict:
 
 def _interval(comparison: dict, tests: int) -> list[float]:
     """The difference's two-sided interval at the Bonferroni level 0.05 / tests (normal, paired)."""
-    z = _normal_quantile(1 - 0.025 / max(tests, 1))
+    z = NormalDist().inv_cdf(1 - 0.025 / max(tests, 1))
     diff, (low, _) = comparison["difference"], comparison["ci95"]
     half = (diff - low) / 1.96 * z
     return [diff - half, diff + half]
-
-
-def _normal_quantile(q: float) -> float:
-    low, high = 0.0, 10.0  # bisection on the normal CDF: a few dozen steps are plenty for an interval
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if 0.5 * math.erfc(-mid / math.sqrt(2)) < q else (low, mid)
-    return (low + high) / 2
 
 
 def choose(report: dict) -> dict:
